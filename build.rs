@@ -1,0 +1,4 @@
+// Migrations are embedded with include_dir; editing one must rebuild.
+fn main() {
+    println!("cargo:rerun-if-changed=migrations");
+}

@@ -1,0 +1,93 @@
+//! When to try a URL again: exponential backoff with full jitter, and the
+//! server's own `Retry-After`.
+//!
+//! The schedule is stored in the database (attempts and next_attempt_at), so
+//! all that is needed is the delay for a given attempt count; a retry-loop
+//! crate would own state that belongs in the row.
+
+use std::time::{Duration, SystemTime};
+
+/// The longest `Retry-After` honoured: a server asking for more would stall
+/// the run for longer than anyone watching it expects.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The delay after `failed` attempts (1 for the first failure): a random
+    /// time between zero and `base * 2^(failed-1)`, capped at `max`.
+    pub fn delay(&self, failed: u32) -> Duration {
+        let doublings = failed.saturating_sub(1).min(32);
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << doublings.min(31))
+            .min(self.max);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// Parses a `Retry-After` value: delay-seconds or an HTTP date. Dates in the
+/// past mean "now"; anything else unparseable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = if let Ok(seconds) = value.parse::<u64>() {
+        Duration::from_secs(seconds)
+    } else {
+        let date = httpdate::parse_http_date(value).ok()?;
+        date.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_stay_under_a_doubling_ceiling() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for failed in 1..40 {
+            let ceiling = Duration::from_millis(100 << (failed - 1).min(4)).min(backoff.max);
+            for _ in 0..50 {
+                assert!(backoff.delay(failed) <= ceiling, "attempt {failed}");
+            }
+        }
+    }
+
+    #[test]
+    fn delays_are_jittered() {
+        let backoff = Backoff {
+            base: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+        };
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff.delay(1)).collect();
+        assert!(delays.len() > 10);
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("99999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-1", now), None);
+    }
+}

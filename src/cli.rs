@@ -1,0 +1,249 @@
+//! The command line as the user types it: clap definitions and the parsers
+//! that turn single option values into checked types. Nothing here touches
+//! the database or the network; `commands` turns these into work.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::rate::Rate;
+
+/// Fetch long lists of HTTP URLs into files, crash-safe and resumable.
+///
+/// The list lives in a SQLite state database: `import` loads it, `run` fetches
+/// every URL into its own file (kill it at any time and run it again), and
+/// `report` says where the job stands.
+#[derive(Debug, Parser)]
+#[command(name = "jobrun", version, propagate_version = true)]
+pub struct Cli {
+    /// The state database.
+    #[arg(long, global = true, env = "JOBRUN_DB", default_value = "jobrun.db")]
+    pub db: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add URLs to the database, one per line (`-` reads standard input).
+    Import(ImportArgs),
+    /// Fetch every due URL into its file, with retries, until none is left.
+    Run(RunArgs),
+    /// Say where the job stands: states, HTTP statuses, errors, the last run.
+    Report(ReportArgs),
+    /// Write one record per URL (state, file, status, size, sha256, error).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// A file with one http or https URL per line, or `-` for standard input.
+    /// Blank lines and lines starting with `#` are skipped.
+    pub file: PathBuf,
+
+    /// Extension of the output file names (`json`, `.html`, or `""` for none).
+    #[arg(long, default_value = "json", value_parser = parse_extension)]
+    pub ext: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Folder for the output files [default: `out` beside the database].
+    /// Recorded on the first run; later runs must use the same folder.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+
+    /// Requests in flight at once.
+    #[arg(long, default_value = "20", value_parser = parse_workers)]
+    pub workers: usize,
+
+    /// Requests per second for the whole run: `50`, `50/s`, `600/m`, `1000/h`.
+    /// Unlimited when not given.
+    #[arg(long, value_parser = Rate::parse)]
+    pub rate: Option<Rate>,
+
+    /// Attempts per URL before it is marked failed.
+    #[arg(long, default_value = "5", value_parser = parse_max_attempts)]
+    pub max_attempts: u32,
+
+    /// Time limit for one request, body included: `500ms`, `30s`, `2m`.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// A header sent with every request, `Name: value`; repeat for more.
+    /// Values are never written to the database or to messages.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+
+    /// First retry delay; each later attempt doubles it, with full jitter.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub backoff_base: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "jsonl")]
+    pub format: ExportFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+    Csv,
+}
+
+fn parse_workers(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) if n > 100_000 => Err(format!("{n} is more than the limit of 100000")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+fn parse_max_attempts(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a whole number")),
+    }
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 500ms, 30s or 2m ({e})"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+/// Parses the `--header` values. They are taken as plain strings by clap and
+/// checked here, because clap quotes a rejected value in its message and a
+/// header value is often a secret: these messages name the header only.
+pub fn parse_headers(raw: &[String]) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    for (index, text) in raw.iter().enumerate() {
+        let position = index + 1;
+        let Some((name, value)) = text.split_once(':') else {
+            return Err(format!(
+                "--header #{position} is not of the form `Name: value` (its text is not shown, \
+                 as it may hold a secret)"
+            ));
+        };
+        let name = name.trim();
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("--header #{position}: {name:?} is not a valid header name"))?;
+        let mut value = HeaderValue::from_str(value.trim()).map_err(|_| {
+            format!(
+                "--header #{position}: the value of {name:?} has characters a header cannot carry"
+            )
+        })?;
+        value.set_sensitive(true);
+        headers.append(header, value);
+    }
+    Ok(headers)
+}
+
+fn parse_extension(text: &str) -> Result<String, String> {
+    let ext = text.trim().trim_start_matches('.');
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if ext.len() > 16 || !ext.chars().all(allowed) || ext.ends_with('.') {
+        return Err(format!(
+            "{text:?} is not a file extension (up to 16 letters, digits, `_`, `-` or `.`)"
+        ));
+    }
+    Ok(ext.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("jobrun").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn db_is_accepted_before_and_after_the_subcommand() {
+        let before = parse(&["--db", "a.db", "report"]).unwrap();
+        let after = parse(&["report", "--db", "b.db"]).unwrap();
+        assert_eq!(before.db, PathBuf::from("a.db"));
+        assert_eq!(after.db, PathBuf::from("b.db"));
+    }
+
+    #[test]
+    fn run_options_parse_into_checked_values() {
+        let cli = parse(&[
+            "run",
+            "--workers",
+            "7",
+            "--rate",
+            "600/m",
+            "--timeout",
+            "500ms",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.workers, 7);
+        assert_eq!(run.rate, Some(Rate::parse("10/s").unwrap()));
+        assert_eq!(run.timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_a_reason() {
+        for (args, reason) in [
+            (&["run", "--workers", "0"][..], "at least 1"),
+            (&["run", "--workers", "many"][..], "not a whole number"),
+            (&["run", "--timeout", "soon"][..], "not a duration"),
+            (&["run", "--timeout", "0s"][..], "longer than zero"),
+            (&["run", "--rate", "fast"][..], "not a rate"),
+            (&["run", "--max-attempts", "0"][..], "at least 1"),
+            (&["import", "x", "--ext", "a/b"][..], "not a file extension"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(reason), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn headers_parse_and_are_marked_sensitive() {
+        let headers = parse_headers(&["Authorization: Bearer x".into(), "X-A:b".into()]).unwrap();
+        assert_eq!(headers["authorization"], "Bearer x");
+        assert!(headers["authorization"].is_sensitive());
+        assert_eq!(headers["x-a"], "b");
+    }
+
+    #[test]
+    fn header_values_stay_out_of_error_messages() {
+        for bad in ["NoColon s3cret", "X Bad: s3cret", "X-Key: s3cret\u{1}"] {
+            let err = parse_headers(&["A: b".into(), bad.into()]).unwrap_err();
+            assert!(err.contains("--header #2"), "{err}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn extensions_are_normalised() {
+        assert_eq!(parse_extension(".json").unwrap(), "json");
+        assert_eq!(parse_extension("").unwrap(), "");
+        assert_eq!(parse_extension("tar.gz").unwrap(), "tar.gz");
+    }
+}

@@ -1,0 +1,42 @@
+//! `jobrun export`: one record per URL, as JSON Lines or CSV, on standard
+//! output. `path` is the absolute path of the URL's file.
+
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::cli::{ExportArgs, ExportFormat};
+use crate::commands::Status;
+use crate::commands::run::{OUT_DIR_KEY, absolute};
+use crate::store::{Open, Store};
+
+pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
+    let store = Store::open(db, Open::MustExist)?;
+    let out_dir = match store.setting(OUT_DIR_KEY)? {
+        Some(dir) => PathBuf::from(dir),
+        None => absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))?,
+    };
+    let stdout = io::stdout().lock();
+    match args.format {
+        ExportFormat::Jsonl => {
+            let mut writer = BufWriter::new(stdout);
+            store.export(|mut row| {
+                row.path = out_dir.join(&row.path).display().to_string();
+                serde_json::to_writer(&mut writer, &row)?;
+                writer.write_all(b"\n")?;
+                Ok(())
+            })?;
+            writer.flush()?;
+        }
+        ExportFormat::Csv => {
+            let mut writer = csv::Writer::from_writer(stdout);
+            store.export(|mut row| {
+                row.path = out_dir.join(&row.path).display().to_string();
+                Ok(writer.serialize(row)?)
+            })?;
+            writer.flush()?;
+        }
+    }
+    Ok(Status::Success)
+}

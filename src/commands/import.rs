@@ -1,0 +1,110 @@
+//! `jobrun import FILE`: streams a URL list into the database, in batches,
+//! giving each new URL its output file name (a time-ordered UUID plus the
+//! extension) once and for all.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use uuid::Uuid;
+
+use crate::cli::ImportArgs;
+use crate::commands::{Status, thousands};
+use crate::store::{InsertResult, Open, Store};
+use crate::urlfile::{self, Line};
+
+/// URLs per transaction: big enough to be fast, small enough that a run
+/// working on the same database is not held up.
+const BATCH: usize = 10_000;
+/// Rejected lines shown one by one; the rest are only counted.
+const MAX_SHOWN: u64 = 100;
+
+#[derive(Debug, Default)]
+struct Counts {
+    imported: u64,
+    duplicate: u64,
+    rejected: u64,
+}
+
+pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
+    let from_stdin = args.file.as_os_str() == "-";
+    let name = if from_stdin {
+        "<stdin>".to_string()
+    } else {
+        args.file.display().to_string()
+    };
+    let reader: Box<dyn BufRead> = if from_stdin {
+        Box::new(io::stdin().lock())
+    } else {
+        let file = File::open(&args.file).with_context(|| format!("cannot open {name}"))?;
+        Box::new(BufReader::with_capacity(256 * 1024, file))
+    };
+    let suffix = if args.ext.is_empty() {
+        String::new()
+    } else {
+        format!(".{}", args.ext)
+    };
+    let mut store = Store::open(db, Open::CreateIfMissing)?;
+    let counts = import(&mut store, reader, &name, &suffix)?;
+    if counts.rejected > MAX_SHOWN {
+        eprintln!(
+            "{name}: {} more rejected lines not shown",
+            thousands(counts.rejected - MAX_SHOWN)
+        );
+    }
+    eprintln!(
+        "{}: {} imported, {} duplicate, {} rejected",
+        db.display(),
+        thousands(counts.imported),
+        thousands(counts.duplicate),
+        thousands(counts.rejected)
+    );
+    Ok(if counts.rejected > 0 {
+        Status::Partial
+    } else {
+        Status::Success
+    })
+}
+
+fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str) -> Result<Counts> {
+    let mut counts = Counts::default();
+    let mut buf = Vec::new();
+    let mut line_number = 0u64;
+    let mut batch = store.import_batch()?;
+    let mut in_batch = 0;
+    while let Some(complete) =
+        urlfile::read_line(&mut reader, &mut buf).with_context(|| format!("cannot read {name}"))?
+    {
+        line_number += 1;
+        let line = if complete {
+            urlfile::parse_line(&buf, line_number == 1)
+        } else {
+            Line::Reject(format!("line longer than {} bytes", urlfile::MAX_LINE))
+        };
+        match line {
+            Line::Skip => {}
+            Line::Reject(reason) => {
+                counts.rejected += 1;
+                if counts.rejected <= MAX_SHOWN {
+                    eprintln!("{name}:{line_number}: {reason}");
+                }
+            }
+            Line::Url(url) => {
+                let path = format!("{}{suffix}", Uuid::now_v7());
+                match batch.insert(url.as_str(), &path)? {
+                    InsertResult::Inserted => counts.imported += 1,
+                    InsertResult::Duplicate => counts.duplicate += 1,
+                }
+                in_batch += 1;
+                if in_batch == BATCH {
+                    batch.commit()?;
+                    batch = store.import_batch()?;
+                    in_batch = 0;
+                }
+            }
+        }
+    }
+    batch.commit()?;
+    Ok(counts)
+}

@@ -1,0 +1,91 @@
+//! Request rates: the `--rate` syntax and the limiter that enforces it.
+//!
+//! A rate is kept as the interval between two requests. The limiter is a
+//! governor GCRA with a burst of about 50 ms worth of requests: enough that a
+//! worker waking late from its timer does not lose its slot, small enough that
+//! the server never sees more than the rate over any window it can notice.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+/// How much time a burst may cover.
+const BURST_WINDOW: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Time between two requests.
+    interval: Duration,
+}
+
+impl Rate {
+    /// Parses `50`, `50/s`, `600/m`, `1000/h` or `0.5/s`.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let invalid = || format!("{text:?} is not a rate like 50, 50/s, 600/m or 1000/h");
+        let (count, unit) = match text.trim().split_once('/') {
+            Some((count, unit)) => (count.trim(), unit.trim()),
+            None => (text.trim(), "s"),
+        };
+        let unit = match unit {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            _ => return Err(invalid()),
+        };
+        let count: f64 = count.parse().map_err(|_| invalid())?;
+        if !count.is_finite() || count <= 0.0 {
+            return Err(format!("{text:?}: the rate must be above zero"));
+        }
+        let interval = Duration::try_from_secs_f64(unit / count).map_err(|_| invalid())?;
+        if interval < Duration::from_micros(1) {
+            return Err(format!("{text:?}: more than 1,000,000 requests per second"));
+        }
+        Ok(Rate { interval })
+    }
+
+    pub fn per_second(self) -> f64 {
+        1.0 / self.interval.as_secs_f64()
+    }
+
+    /// A limiter that lets requests through at this rate.
+    pub fn limiter(self) -> DefaultDirectRateLimiter {
+        let burst = (BURST_WINDOW.as_secs_f64() / self.interval.as_secs_f64()).floor() as u32;
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        // with_period is None only for a zero interval, which parse rules out.
+        let quota = Quota::with_period(self.interval)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(burst);
+        RateLimiter::direct(quota)
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/s", self.per_second())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units_give_the_same_interval() {
+        let ten = Rate::parse("10").unwrap();
+        assert_eq!(Rate::parse("10/s").unwrap(), ten);
+        assert_eq!(Rate::parse("600/m").unwrap(), ten);
+        assert_eq!(Rate::parse("36000/h").unwrap(), ten);
+        assert_eq!(
+            Rate::parse(" 0.5/s ").unwrap().interval,
+            Duration::from_secs(2)
+        );
+    }
+
+    #[test]
+    fn nonsense_is_rejected() {
+        for text in ["", "fast", "10/d", "0", "-5/s", "NaN", "inf", "1e9/s", "5/"] {
+            assert!(Rate::parse(text).is_err(), "{text}");
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! A run: the database owner on its own thread, N workers on a tokio
+//! runtime, and a supervisor that watches for Ctrl-C and for the workers to
+//! finish.
+//!
+//! Shutdown: the first Ctrl-C (or SIGTERM) stops claiming; workers finish
+//! what they hold for a short grace period and are then cut off; every row
+//! not done goes back to pending. A second Ctrl-C exits at once, which is
+//! safe too: the next run takes this one's rows back.
+
+mod owner;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::fetch::{FetchOptions, Fetcher};
+use crate::output::{OutputDir, Staged};
+use crate::process;
+use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
+
+use owner::{Owner, OwnerChannels};
+
+/// How long in-flight requests may go on after a stop.
+const GRACE: Duration = Duration::from_millis(1500);
+
+/// A claimed row on its way to a worker.
+#[derive(Debug)]
+pub struct Job {
+    pub claim: Claim,
+    pub temp: PathBuf,
+    pub target: PathBuf,
+}
+
+/// What reaches the database owner.
+pub enum Event {
+    /// A worker finished an attempt; a done body comes with its temp file.
+    Finished {
+        completion: Completion,
+        staged: Option<Staged>,
+    },
+    /// A worker could not write its file: the run stops.
+    Fatal(anyhow::Error),
+    /// Ctrl-C: stop claiming.
+    Shutdown,
+    /// Every worker has stopped.
+    WorkersGone,
+}
+
+/// What a run is asked to do.
+pub struct RunPlan {
+    pub out_dir: PathBuf,
+    pub workers: usize,
+    pub fetch: FetchOptions,
+    /// The command line, secrets removed, recorded with the run.
+    pub command: String,
+}
+
+/// What one run did.
+#[derive(Debug, Default)]
+pub struct RunTotals {
+    pub run: i64,
+    pub done: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub interrupted: u64,
+    pub bytes: u64,
+    /// Rows taken back from runs found dead at the start.
+    pub reclaimed: usize,
+    pub elapsed: Duration,
+    pub end: Option<RunEnd>,
+}
+
+pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
+    let started_at = Instant::now();
+    let me = process::this_process(plan.command.clone());
+    let now = now_ms();
+    let started = store.start_run(&me, |run| process::liveness(run, &me, now))?;
+    for (id, state) in &started.dead {
+        tracing_dead_run(*id, *state);
+    }
+    if started.reclaimed > 0 {
+        eprintln!(
+            "jobrun: took back {} URLs from runs that were cut short",
+            started.reclaimed
+        );
+    }
+    let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
+    let out = match OutputDir::open(&plan.out_dir, started.id, &live) {
+        Ok(out) => out,
+        Err(error) => {
+            store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
+            return Err(error);
+        }
+    };
+    let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
+
+    let capacity = (plan.workers * 2).max(16);
+    let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
+    let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
+    let stopping = Arc::new(Notify::new());
+    let owner = Owner::new(
+        store,
+        out,
+        started.id,
+        OwnerChannels {
+            jobs: jobs_tx,
+            queued: jobs_rx.clone(),
+            events: events_rx,
+            stopping_signal: stopping.clone(),
+        },
+    );
+    let owner = std::thread::Builder::new()
+        .name("jobrun-db".into())
+        .spawn(move || owner.run())
+        .context("cannot start the database thread")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(supervise(
+        plan.workers,
+        fetcher,
+        jobs_rx,
+        events_tx,
+        stopping,
+    ))?;
+    drop(runtime);
+
+    let mut totals = owner
+        .join()
+        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
+    totals.run = started.id;
+    totals.reclaimed = started.reclaimed;
+    totals.elapsed = started_at.elapsed();
+    Ok(totals)
+}
+
+fn tracing_dead_run(id: i64, state: crate::store::Liveness) {
+    let how = match state {
+        crate::store::Liveness::Rebooted => "the machine restarted",
+        _ => "its process is gone",
+    };
+    eprintln!("jobrun: run #{id} was cut short ({how})");
+}
+
+/// Runs the workers until they are done, handling Ctrl-C and SIGTERM.
+async fn supervise(
+    workers: usize,
+    fetcher: Arc<Fetcher>,
+    jobs: flume::Receiver<Job>,
+    events: flume::Sender<Event>,
+    stopping: Arc<Notify>,
+) -> Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut set = JoinSet::new();
+    for _ in 0..workers {
+        set.spawn(worker::work(fetcher.clone(), jobs.clone(), events.clone()));
+    }
+    drop(jobs);
+    let mut interrupted = false;
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => {
+                if interrupted {
+                    eprintln!("jobrun: stopped at once; the next run takes the unfinished URLs back");
+                    std::process::exit(130);
+                }
+                interrupted = true;
+                eprintln!("jobrun: stopping: finishing requests in flight (Ctrl-C again to stop at once)");
+                let _ = events.send_async(Event::Shutdown).await;
+                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
+            }
+            _ = terminate.recv() => {
+                interrupted = true;
+                let _ = events.send_async(Event::Shutdown).await;
+                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
+            }
+            _ = stopping.notified() => {
+                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
+            }
+            _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                set.abort_all();
+                grace = None;
+            }
+            joined = set.join_next() => {
+                if joined.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = events.send_async(Event::WorkersGone).await;
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! A worker: takes jobs from the queue one at a time, makes one attempt at
+//! each and reports the outcome to the database owner. It stops when the
+//! queue is closed and empty.
+
+use std::sync::Arc;
+
+use crate::fetch::{Attempt, Fetcher, LocalError};
+use crate::output::Staged;
+use crate::store::Completion;
+
+use super::{Event, Job};
+
+pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flume::Sender<Event>) {
+    while let Ok(job) = jobs.recv_async().await {
+        let event = match fetcher.attempt(&job.claim, &job.temp).await {
+            Ok(Attempt::Body(body)) => Event::Finished {
+                completion: Completion::Done {
+                    id: job.claim.id,
+                    status: body.status,
+                    bytes: body.bytes,
+                    sha256: body.sha256,
+                },
+                staged: Some(Staged {
+                    temp: job.temp,
+                    target: job.target,
+                }),
+            },
+            Ok(Attempt::Failed(completion)) => Event::Finished {
+                completion,
+                staged: None,
+            },
+            Err(LocalError(error)) => Event::Fatal(error),
+        };
+        if events.send_async(event).await.is_err() {
+            return;
+        }
+    }
+}
