@@ -149,6 +149,10 @@ impl Owner {
         self.batch.push(completion);
         self.staged.extend(staged);
         self.batch_since.get_or_insert_with(Instant::now);
+        if self.in_flight.is_empty() {
+            // Idle now: look for due rows, or find that none are left.
+            self.next_claim_at = Instant::now();
+        }
     }
 
     /// When the loop must wake up even if no event comes.

@@ -1,0 +1,108 @@
+//! Stopping and resuming: kill -9, Ctrl-C, and two runs on one database.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+#[test]
+fn kill_9_mid_run_then_resume_gets_every_file_right() {
+    let server = item_server(Duration::from_millis(10));
+    let job = Job::new();
+    let urls = item_urls(&server, 400);
+    job.import(&urls);
+    let mut child = job.spawn_run(&["--workers", "8"]);
+    wait_for(Duration::from_secs(30), "100 requests", || server.hit_count() >= 100);
+    signal(&child, libc::SIGKILL);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), None, "killed by a signal");
+    let killed_at = server.hit_count();
+    assert!(killed_at < 400, "the run finished before the kill");
+    let report = job.report_json();
+    assert_eq!(report["last_run"]["state"], "killed", "{report}");
+    assert!(report["last_run"]["resume"].as_str().unwrap().contains(" run"), "{report}");
+
+    let resumed_at = Instant::now();
+    let before = server.hit_count();
+    let child = job.spawn_run(&["--workers", "8"]);
+    wait_for(Duration::from_secs(10), "the resumed run's first request", || {
+        server.hit_count() > before
+    });
+    let first_request = resumed_at.elapsed();
+    let output = child.wait_with_output().unwrap();
+    assert_success(&output, "resumed run");
+    assert!(first_request < Duration::from_secs(2), "first request after {first_request:?}");
+    job.assert_all_files_right(&server, &urls);
+    // Only the requests cut short by the kill were repeated.
+    let repeated: usize = server.hits_per_path().values().map(|n| n - 1).sum();
+    assert!(repeated <= 8 + 2 * 16, "{repeated} URLs fetched twice");
+    assert_eq!(job.report_json()["last_run"]["state"], "finished");
+    for row in job.export().values() {
+        assert_eq!(row["attempts"], 1, "a kill costs no attempt: {row}");
+    }
+}
+
+#[test]
+fn ctrl_c_exits_130_with_nothing_left_running_and_resume_finishes() {
+    let server = item_server(Duration::from_millis(200));
+    let job = Job::new();
+    let urls = item_urls(&server, 60);
+    job.import(&urls);
+    let child = job.spawn_run(&["--workers", "4"]);
+    wait_for(Duration::from_secs(30), "some requests", || server.hit_count() >= 6);
+    let interrupted_at = Instant::now();
+    signal(&child, libc::SIGINT);
+    let output = child.wait_with_output().unwrap();
+    let took = interrupted_at.elapsed();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    assert!(took < Duration::from_secs(4), "shutdown took {took:?}");
+    let report = job.report_json();
+    assert_eq!(report["running"], 0, "{report}");
+    assert_eq!(report["last_run"]["state"], "interrupted");
+    assert!(report["done"].as_u64().unwrap() >= 4, "in-flight requests were finished: {report}");
+    assert!(job.files().iter().all(|f| !f.to_string_lossy().contains(".jobrun-tmp")));
+
+    assert_success(&job.run(&["--workers", "8"]), "resumed run");
+    job.assert_all_files_right(&server, &urls);
+}
+
+#[test]
+fn a_second_ctrl_c_exits_at_once() {
+    let server = Server::start(|_| Reply::Stall(Duration::from_secs(20)));
+    let job = Job::new();
+    job.import(&item_urls(&server, 4));
+    let mut child = job.spawn_run(&["--workers", "4", "--timeout", "60s"]);
+    let lines = stderr_lines(&mut child);
+    wait_for(Duration::from_secs(30), "requests", || server.hit_count() >= 4);
+    signal(&child, libc::SIGINT);
+    lines.recv_timeout(Duration::from_secs(5)).expect("the first Ctrl-C is acknowledged");
+    let start = Instant::now();
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    // The grace period for in-flight requests is 1.5 s; this must not wait for it.
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    // The rows left running are taken back by the next run.
+    let report = job.report_json();
+    assert_eq!(report["last_run"]["state"], "killed", "{report}");
+    assert_eq!(report["running"], 4);
+}
+
+#[test]
+fn two_runs_on_one_database_never_fetch_a_url_twice() {
+    let server = item_server(Duration::from_millis(2));
+    let job = Job::new();
+    let urls = item_urls(&server, 600);
+    job.import(&urls);
+    let first = job.spawn_run(&["--workers", "6"]);
+    let second = job.spawn_run(&["--workers", "6"]);
+    let first = first.wait_with_output().unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert_success(&first, "first run");
+    assert_success(&second, "second run");
+    let twice: Vec<_> = server.hits_per_path().into_iter().filter(|(_, n)| *n > 1).collect();
+    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
+    assert_eq!(server.hit_count(), 600);
+    job.assert_all_files_right(&server, &urls);
+}

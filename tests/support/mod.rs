@@ -1,0 +1,194 @@
+//! Shared test helpers: a job folder with its database, the real jobrun
+//! binary run inside it, and checks of the output folder against what the
+//! server sent.
+#![allow(dead_code)]
+
+pub mod server;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[allow(unused_imports)]
+pub use server::{Reply, Request, Server, item_body, item_of};
+
+/// A fresh folder holding one job: `jobrun.db` and the `out` folder.
+pub struct Job {
+    dir: tempfile::TempDir,
+}
+
+impl Job {
+    pub fn new() -> Job {
+        Job { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir().join("jobrun.db")
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.dir().join("out")
+    }
+
+    /// The jobrun binary, run in the job folder against its database, with
+    /// no proxy settings from the environment.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobrun"));
+        command.current_dir(self.dir()).arg("--db").arg(self.db());
+        for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "JOBRUN_DB"] {
+            command.env_remove(var);
+        }
+        command
+    }
+
+    pub fn jobrun(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run jobrun")
+    }
+
+    /// Starts `jobrun run ARGS` without waiting for it.
+    pub fn spawn_run(&self, args: &[&str]) -> Child {
+        self.command()
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jobrun run")
+    }
+
+    /// Writes `lines` to urls.txt and imports it.
+    pub fn import(&self, lines: &[String]) -> Output {
+        let file = self.dir().join("urls.txt");
+        std::fs::write(&file, lines.join("\n") + "\n").expect("write urls.txt");
+        let output = self.jobrun(&["import", "urls.txt"]);
+        assert_success(&output, "import");
+        output
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["run"];
+        all.extend_from_slice(args);
+        self.jobrun(&all)
+    }
+
+    pub fn report_json(&self) -> Value {
+        let output = self.jobrun(&["report", "--json"]);
+        assert_success(&output, "report --json");
+        serde_json::from_slice(&output.stdout).expect("report --json is JSON")
+    }
+
+    /// `export` as JSON values, keyed by URL.
+    pub fn export(&self) -> HashMap<String, Value> {
+        let output = self.jobrun(&["export"]);
+        assert_success(&output, "export");
+        String::from_utf8(output.stdout)
+            .expect("export is UTF-8")
+            .lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).expect("export line is JSON");
+                (row["url"].as_str().expect("url").to_string(), row)
+            })
+            .collect()
+    }
+
+    /// Every file under the output folder, temp area included.
+    pub fn files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() { walk(&path, found) } else { found.push(path) }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.out(), &mut found);
+        found
+    }
+
+    /// The central promise: every URL is done, its file holds exactly what
+    /// the server sent, there is one file per URL and nothing else.
+    pub fn assert_all_files_right(&self, server: &Server, urls: &[String]) {
+        let rows = self.export();
+        assert_eq!(rows.len(), urls.len(), "export has one row per URL");
+        let mut expected_files = HashSet::new();
+        for url in urls {
+            let row = &rows[url];
+            assert_eq!(row["state"], "done", "{url}: {row}");
+            let path = PathBuf::from(row["path"].as_str().expect("path"));
+            let item = item_of(url.strip_prefix(&server.url("")).expect("url on server"))
+                .expect("item url");
+            let body = std::fs::read(&path).unwrap_or_else(|e| panic!("{url}: {}: {e}", path.display()));
+            assert!(body == item_body(item), "{url}: {} differs from what was served", path.display());
+            assert_eq!(row["bytes"].as_u64(), Some(body.len() as u64), "{url}");
+            assert!(expected_files.insert(path), "{url}: a path shared by two URLs");
+        }
+        let found: HashSet<PathBuf> = self.files().into_iter().collect();
+        let extra: Vec<_> = found.difference(&expected_files).collect();
+        assert!(extra.is_empty(), "files that are not a done URL's: {extra:?}");
+    }
+}
+
+/// `count` item URLs on `server`.
+pub fn item_urls(server: &Server, count: u64) -> Vec<String> {
+    (0..count).map(|i| server.url(&format!("/items/{i}.json"))).collect()
+}
+
+/// A server that serves every item, after `delay`.
+pub fn item_server(delay: Duration) -> Server {
+    Server::start(move |request| match item_of(&request.path) {
+        Some(i) => Reply::ok(item_body(i)).delayed(delay),
+        None => Reply::status(404),
+    })
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        stderr(output)
+    );
+}
+
+/// Waits for `condition`, polling; panics after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The child's stderr, line by line, as it comes.
+pub fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Sends `signal` to a child process.
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill with a pid we own.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+    assert_eq!(rc, 0, "kill failed");
+}
