@@ -53,8 +53,8 @@ pub enum FetchError {
     Timeout(Duration),
     #[error("{0}")]
     Network(String),
-    #[error("body cut short after {bytes} bytes: {reason}")]
-    Truncated { bytes: u64, reason: String },
+    #[error("body cut short: {0}")]
+    Truncated(String),
     #[error("{0}")]
     Redirect(String),
     #[error("invalid URL: {0}")]
@@ -159,7 +159,7 @@ impl Fetcher {
             .get(url)
             .send()
             .await
-            .map_err(|e| self.describe(e, None))?;
+            .map_err(|e| self.describe(e, false))?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -188,7 +188,7 @@ impl Fetcher {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
-                Err(e) => return Err(self.describe(e, Some(bytes))),
+                Err(e) => return Err(self.describe(e, true)),
             };
             hasher.update(&chunk);
             file.write_all(&chunk)
@@ -232,22 +232,27 @@ impl Fetcher {
         }
     }
 
-    /// A short account of a reqwest error, without the URL (the row has it).
-    fn describe(&self, error: reqwest::Error, body_bytes: Option<u64>) -> Fetch {
+    /// A short account of a reqwest error: its kind and its root cause,
+    /// without the URL (the row has it), so that equal failures read the
+    /// same and group together in the report.
+    fn describe(&self, error: reqwest::Error, in_body: bool) -> Fetch {
         if error.is_timeout() {
             return FetchError::Timeout(self.timeout).into();
         }
+        let cause = root_cause(&error);
         if error.is_redirect() {
-            return FetchError::Redirect(chain(&error.without_url())).into();
+            return FetchError::Redirect(cause).into();
         }
         if error.is_builder() {
-            return FetchError::InvalidUrl(chain(&error.without_url())).into();
+            return FetchError::InvalidUrl(cause).into();
         }
-        let reason = chain(&error.without_url());
-        match body_bytes {
-            Some(bytes) => FetchError::Truncated { bytes, reason }.into(),
-            None => FetchError::Network(reason).into(),
+        if in_body {
+            return FetchError::Truncated(cause).into();
         }
+        if error.is_connect() {
+            return FetchError::Network(format!("cannot connect: {cause}")).into();
+        }
+        FetchError::Network(format!("request failed: {cause}")).into()
     }
 }
 
@@ -269,18 +274,14 @@ impl From<FetchError> for Fetch {
     }
 }
 
-/// An error and its causes on one line, without repeats.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = vec![error.to_string()];
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
+/// The innermost cause of an error: the part that says what happened
+/// (`Connection reset by peer`), not the layers that passed it on.
+fn root_cause(error: &dyn std::error::Error) -> String {
+    let mut innermost = error;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
     }
-    parts.join(": ")
+    innermost.to_string()
 }
 
 async fn drain(response: &mut reqwest::Response) {

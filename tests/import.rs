@@ -30,13 +30,27 @@ fn bad_lines_are_reported_by_line_and_good_ones_imported() {
     let output = job.jobrun(&["import", "urls.txt"]);
     assert_eq!(output.status.code(), Some(1), "rejected lines give exit 1");
     let message = stderr(&output);
-    assert!(message.contains("urls.txt:5: unsupported scheme \"ftp\""), "{message}");
+    assert!(
+        message.contains("urls.txt:5: unsupported scheme \"ftp\""),
+        "{message}"
+    );
     assert!(message.contains("urls.txt:6: not a URL"), "{message}");
-    assert!(message.contains("urls.txt:9: unsupported scheme \"mailto\""), "{message}");
-    assert!(message.contains("4 imported, 2 duplicate, 3 rejected"), "{message}");
+    assert!(
+        message.contains("urls.txt:9: unsupported scheme \"mailto\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("4 imported, 2 duplicate, 3 rejected"),
+        "{message}"
+    );
     let rows = job.export();
     assert_eq!(rows.len(), 4);
-    for url in ["http://a.test/1", "https://a.test/2", "http://a.test/3?q=1", "http://a.test/3?q=2"] {
+    for url in [
+        "http://a.test/1",
+        "https://a.test/2",
+        "http://a.test/3?q=1",
+        "http://a.test/3?q=2",
+    ] {
         assert!(rows.contains_key(url), "{url} missing: {:?}", rows.keys());
     }
 }
@@ -44,10 +58,20 @@ fn bad_lines_are_reported_by_line_and_good_ones_imported() {
 #[test]
 fn urls_that_differ_only_in_their_query_get_their_own_files() {
     let job = Job::new();
-    write(&job, "urls.txt", b"http://a.test/x?page=1\nhttp://a.test/x?page=2\n");
-    assert_success(&job.jobrun(&["import", "urls.txt", "--ext", ".csv"]), "import");
-    let paths: Vec<String> =
-        job.export().values().map(|r| r["path"].as_str().unwrap().to_string()).collect();
+    write(
+        &job,
+        "urls.txt",
+        b"http://a.test/x?page=1\nhttp://a.test/x?page=2\n",
+    );
+    assert_success(
+        &job.jobrun(&["import", "urls.txt", "--ext", ".csv"]),
+        "import",
+    );
+    let paths: Vec<String> = job
+        .export()
+        .values()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(paths.len(), 2);
     assert_ne!(paths[0], paths[1]);
     assert!(paths.iter().all(|p| p.ends_with(".csv")), "{paths:?}");
@@ -63,7 +87,11 @@ fn importing_again_counts_duplicates_and_keeps_state() {
     let mut more = urls.clone();
     more.push(server.url("/items/3.json"));
     let output = job.import(&more);
-    assert!(stderr(&output).contains("1 imported, 3 duplicate, 0 rejected"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("1 imported, 3 duplicate, 0 rejected"),
+        "{}",
+        stderr(&output)
+    );
     let report = job.report_json();
     assert_eq!(report["done"], 3);
     assert_eq!(report["pending"], 1);
@@ -79,9 +107,18 @@ fn standard_input_works_and_is_named_in_messages() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"http://a.test/1\ngopher://a.test/\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"http://a.test/1\ngopher://a.test/\n")
+        .unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(stderr(&output).contains("<stdin>:2: unsupported scheme \"gopher\""), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("<stdin>:2: unsupported scheme \"gopher\""),
+        "{}",
+        stderr(&output)
+    );
     assert_eq!(job.report_json()["total"], 1);
 }
 
@@ -95,7 +132,10 @@ fn binary_and_overlong_lines_are_rejected_without_harm() {
     let output = job.jobrun(&["import", "urls.txt"]);
     let message = stderr(&output);
     assert!(message.contains("urls.txt:2: not valid UTF-8"), "{message}");
-    assert!(message.contains("urls.txt:3: line longer than 65536 bytes"), "{message}");
+    assert!(
+        message.contains("urls.txt:3: line longer than 65536 bytes"),
+        "{message}"
+    );
     assert!(message.contains("2 imported"), "{message}");
 }
 
@@ -104,7 +144,11 @@ fn a_missing_file_says_which() {
     let job = Job::new();
     let output = job.jobrun(&["import", "nope.txt"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("cannot open nope.txt"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot open nope.txt"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -114,9 +158,15 @@ fn commands_on_a_missing_database_say_what_to_do() {
         let output = job.jobrun(args);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         let message = stderr(&output);
-        assert!(message.contains("there is no database at") && message.contains("import"), "{message}");
+        assert!(
+            message.contains("there is no database at") && message.contains("import"),
+            "{message}"
+        );
     }
-    assert!(!job.db().exists(), "a read-only command created the database");
+    assert!(
+        !job.db().exists(),
+        "a read-only command created the database"
+    );
 }
 
 #[test]
@@ -131,7 +181,11 @@ fn bad_run_options_are_usage_errors() {
     ] {
         let output = job.jobrun(args);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(expected),
+            "{args:?}: {}",
+            stderr(&output)
+        );
     }
     assert_eq!(job.report_json()["pending"], 1, "nothing recorded was lost");
 }
@@ -139,11 +193,19 @@ fn bad_run_options_are_usage_errors() {
 #[test]
 fn a_file_that_is_not_a_database_is_refused_untouched() {
     let job = Job::new();
-    write(&job, "jobrun.db", b"this is a text file, not SQLite, and long enough to have a header....");
+    write(
+        &job,
+        "jobrun.db",
+        b"this is a text file, not SQLite, and long enough to have a header....",
+    );
     let before = std::fs::read(job.db()).unwrap();
     let output = job.jobrun(&["report"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("is not a SQLite database"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("is not a SQLite database"),
+        "{}",
+        stderr(&output)
+    );
     assert_eq!(std::fs::read(job.db()).unwrap(), before);
 }
 
@@ -161,7 +223,11 @@ fn a_database_from_the_first_schema_still_opens() {
     // tests/fixtures/v1.db was written by the first migration: three URLs,
     // one done, one failed, one pending, and one finished run.
     let job = Job::new();
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.db"), job.db()).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.db"),
+        job.db(),
+    )
+    .unwrap();
     let report = job.report_json();
     assert_eq!(report["total"], 3, "{report}");
     assert_eq!(report["done"], 1);
@@ -170,5 +236,8 @@ fn a_database_from_the_first_schema_still_opens() {
     assert_eq!(report["last_run"]["state"], "finished");
     let rows = job.export();
     assert_eq!(rows["http://fixture.test/done"]["http_status"], 200);
-    assert_eq!(rows["http://fixture.test/failed"]["error"], "HTTP 404 Not Found");
+    assert_eq!(
+        rows["http://fixture.test/failed"]["error"],
+        "HTTP 404 Not Found"
+    );
 }

@@ -13,7 +13,9 @@ fn kill_9_mid_run_then_resume_gets_every_file_right() {
     let urls = item_urls(&server, 400);
     job.import(&urls);
     let mut child = job.spawn_run(&["--workers", "8"]);
-    wait_for(Duration::from_secs(30), "100 requests", || server.hit_count() >= 100);
+    wait_for(Duration::from_secs(30), "100 requests", || {
+        server.hit_count() >= 100
+    });
     signal(&child, libc::SIGKILL);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
@@ -21,18 +23,29 @@ fn kill_9_mid_run_then_resume_gets_every_file_right() {
     assert!(killed_at < 400, "the run finished before the kill");
     let report = job.report_json();
     assert_eq!(report["last_run"]["state"], "killed", "{report}");
-    assert!(report["last_run"]["resume"].as_str().unwrap().contains(" run"), "{report}");
+    assert!(
+        report["last_run"]["resume"]
+            .as_str()
+            .unwrap()
+            .contains(" run"),
+        "{report}"
+    );
 
     let resumed_at = Instant::now();
     let before = server.hit_count();
     let child = job.spawn_run(&["--workers", "8"]);
-    wait_for(Duration::from_secs(10), "the resumed run's first request", || {
-        server.hit_count() > before
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "the resumed run's first request",
+        || server.hit_count() > before,
+    );
     let first_request = resumed_at.elapsed();
     let output = child.wait_with_output().unwrap();
     assert_success(&output, "resumed run");
-    assert!(first_request < Duration::from_secs(2), "first request after {first_request:?}");
+    assert!(
+        first_request < Duration::from_secs(2),
+        "first request after {first_request:?}"
+    );
     job.assert_all_files_right(&server, &urls);
     // Only the requests cut short by the kill were repeated.
     let repeated: usize = server.hits_per_path().values().map(|n| n - 1).sum();
@@ -50,7 +63,9 @@ fn ctrl_c_exits_130_with_nothing_left_running_and_resume_finishes() {
     let urls = item_urls(&server, 60);
     job.import(&urls);
     let child = job.spawn_run(&["--workers", "4"]);
-    wait_for(Duration::from_secs(30), "some requests", || server.hit_count() >= 6);
+    wait_for(Duration::from_secs(30), "some requests", || {
+        server.hit_count() >= 6
+    });
     let interrupted_at = Instant::now();
     signal(&child, libc::SIGINT);
     let output = child.wait_with_output().unwrap();
@@ -60,8 +75,15 @@ fn ctrl_c_exits_130_with_nothing_left_running_and_resume_finishes() {
     let report = job.report_json();
     assert_eq!(report["running"], 0, "{report}");
     assert_eq!(report["last_run"]["state"], "interrupted");
-    assert!(report["done"].as_u64().unwrap() >= 4, "in-flight requests were finished: {report}");
-    assert!(job.files().iter().all(|f| !f.to_string_lossy().contains(".jobrun-tmp")));
+    assert!(
+        report["done"].as_u64().unwrap() >= 4,
+        "in-flight requests were finished: {report}"
+    );
+    assert!(
+        job.files()
+            .iter()
+            .all(|f| !f.to_string_lossy().contains(".jobrun-tmp"))
+    );
 
     assert_success(&job.run(&["--workers", "8"]), "resumed run");
     job.assert_all_files_right(&server, &urls);
@@ -74,15 +96,23 @@ fn a_second_ctrl_c_exits_at_once() {
     job.import(&item_urls(&server, 4));
     let mut child = job.spawn_run(&["--workers", "4", "--timeout", "60s"]);
     let lines = stderr_lines(&mut child);
-    wait_for(Duration::from_secs(30), "requests", || server.hit_count() >= 4);
+    wait_for(Duration::from_secs(30), "requests", || {
+        server.hit_count() >= 4
+    });
     signal(&child, libc::SIGINT);
-    lines.recv_timeout(Duration::from_secs(5)).expect("the first Ctrl-C is acknowledged");
+    lines
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the first Ctrl-C is acknowledged");
     let start = Instant::now();
     signal(&child, libc::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     // The grace period for in-flight requests is 1.5 s; this must not wait for it.
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
     // The rows left running are taken back by the next run.
     let report = job.report_json();
     assert_eq!(report["last_run"]["state"], "killed", "{report}");
@@ -101,7 +131,11 @@ fn two_runs_on_one_database_never_fetch_a_url_twice() {
     let second = second.wait_with_output().unwrap();
     assert_success(&first, "first run");
     assert_success(&second, "second run");
-    let twice: Vec<_> = server.hits_per_path().into_iter().filter(|(_, n)| *n > 1).collect();
+    let twice: Vec<_> = server
+        .hits_per_path()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
     assert!(twice.is_empty(), "fetched more than once: {twice:?}");
     assert_eq!(server.hit_count(), 600);
     job.assert_all_files_right(&server, &urls);

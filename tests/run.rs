@@ -55,14 +55,22 @@ fn a_404_fails_at_once_without_retry_or_file() {
     let urls = item_urls(&server, 3);
     job.import(&urls);
     let output = job.run(&["--backoff-base", "10ms"]);
-    assert_eq!(output.status.code(), Some(1), "some URLs failed: exit 1\n{}", stderr(&output));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "some URLs failed: exit 1\n{}",
+        stderr(&output)
+    );
     let rows = job.export();
     let failed = &rows[&urls[0]];
     assert_eq!(failed["state"], "failed");
     assert_eq!(failed["attempts"], 1);
     assert_eq!(failed["http_status"], 404);
     assert_eq!(failed["error"], "HTTP 404 Not Found");
-    assert!(!std::path::Path::new(failed["path"].as_str().unwrap()).exists(), "no error-page file");
+    assert!(
+        !std::path::Path::new(failed["path"].as_str().unwrap()).exists(),
+        "no error-page file"
+    );
     assert_eq!(server.hits_per_path()["/items/0.json"], 1);
     assert_eq!(job.files().len(), 2);
     let report = job.report_json();
@@ -81,7 +89,10 @@ fn retries_stop_at_max_attempts() {
         assert_eq!(row["state"], "failed");
         assert_eq!(row["attempts"], 3);
         let error = row["error"].as_str().unwrap();
-        assert!(error.contains("503") && error.contains("gave up after 3 attempts"), "{error}");
+        assert!(
+            error.contains("503") && error.contains("gave up after 3 attempts"),
+            "{error}"
+        );
     }
     assert!(server.hits_per_path().values().all(|&n| n == 3));
     assert!(job.files().is_empty());
@@ -99,14 +110,21 @@ fn retry_after_in_seconds_delays_the_retry_and_pauses_the_host() {
     let job = Job::new();
     let urls = item_urls(&server, 2);
     job.import(&urls);
-    assert_success(&job.run(&["--workers", "1", "--backoff-base", "1ms"]), "run");
+    assert_success(
+        &job.run(&["--workers", "1", "--backoff-base", "1ms"]),
+        "run",
+    );
     job.assert_all_files_right(&server, &urls);
     let first = server.times_of("/items/0.json");
     assert_eq!(first.len(), 2);
     let wait = first[1] - first[0];
     assert!(wait >= Duration::from_millis(950), "retried after {wait:?}");
     let other = server.times_of("/items/1.json")[0];
-    assert!(other - first[0] >= Duration::from_millis(950), "host not paused: {:?}", other - first[0]);
+    assert!(
+        other - first[0] >= Duration::from_millis(950),
+        "host not paused: {:?}",
+        other - first[0]
+    );
 }
 
 #[test]
@@ -125,7 +143,11 @@ fn retry_after_as_an_http_date_is_honoured() {
     assert_success(&job.run(&["--backoff-base", "1ms"]), "run");
     let times = server.times_of("/items/0.json");
     // The date has whole seconds: 2 s ahead is at least 1 s ahead.
-    assert!(times[1] - times[0] >= Duration::from_millis(950), "{:?}", times[1] - times[0]);
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(950),
+        "{:?}",
+        times[1] - times[0]
+    );
     job.assert_all_files_right(&server, &urls);
 }
 
@@ -176,7 +198,10 @@ fn a_stalled_request_times_out_and_is_retried() {
     let job = Job::new();
     let urls = item_urls(&server, 2);
     job.import(&urls);
-    assert_success(&job.run(&["--timeout", "300ms", "--backoff-base", "1ms"]), "run");
+    assert_success(
+        &job.run(&["--timeout", "300ms", "--backoff-base", "1ms"]),
+        "run",
+    );
     job.assert_all_files_right(&server, &urls);
 }
 
@@ -191,10 +216,16 @@ fn rate_holds_at_the_server() {
     assert_eq!(times.len(), 40);
     // 20/s: 40 requests need 39 intervals of 50 ms, less one burst slot.
     let span = *times.last().unwrap() - times[0];
-    assert!(span >= Duration::from_millis(1850), "40 requests in {span:?}");
+    assert!(
+        span >= Duration::from_millis(1850),
+        "40 requests in {span:?}"
+    );
     // No one-second window holds more than the rate, plus the burst.
     for (i, start) in times.iter().enumerate() {
-        let in_window = times[i..].iter().take_while(|t| **t - *start < Duration::from_secs(1)).count();
+        let in_window = times[i..]
+            .iter()
+            .take_while(|t| **t - *start < Duration::from_secs(1))
+            .count();
         assert!(in_window <= 21, "{in_window} requests within one second");
     }
 }
@@ -205,16 +236,27 @@ fn headers_are_sent_and_never_stored() {
     let job = Job::new();
     let urls = item_urls(&server, 3);
     job.import(&urls);
-    let output = job.run(&["--header", "Authorization: Bearer s3cret-token", "--header", "X-Extra: 1"]);
+    let output = job.run(&[
+        "--header",
+        "Authorization: Bearer s3cret-token",
+        "--header",
+        "X-Extra: 1",
+    ]);
     assert_success(&output, "run");
     for hit in server.hits() {
-        let auth = hit.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("authorization"));
+        let auth = hit
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("authorization"));
         assert_eq!(auth.map(|(_, v)| v.as_str()), Some("Bearer s3cret-token"));
     }
     let db = std::fs::read(job.db()).unwrap();
     let wal = std::fs::read(job.dir().join("jobrun.db-wal")).unwrap_or_default();
     for bytes in [db, wal] {
-        assert!(!bytes.windows(12).any(|w| w == b"s3cret-token"), "the header value was stored");
+        assert!(
+            !bytes.windows(12).any(|w| w == b"s3cret-token"),
+            "the header value was stored"
+        );
     }
     assert!(!stderr(&output).contains("s3cret"));
 }
@@ -231,7 +273,10 @@ fn the_output_folder_is_fixed_on_first_use() {
     let output = job.run(&["--out", "elsewhere"]);
     assert_eq!(output.status.code(), Some(2));
     let message = stderr(&output);
-    assert!(message.contains("recorded on its first run") && message.contains("files"), "{message}");
+    assert!(
+        message.contains("recorded on its first run") && message.contains("files"),
+        "{message}"
+    );
     assert!(!job.dir().join("elsewhere").exists());
     assert_success(&job.run(&[]), "run with the recorded folder");
     assert_eq!(job.report_json()["done"], 3);
@@ -246,7 +291,16 @@ fn export_gives_every_field_as_jsonl_and_csv() {
     assert_success(&job.run(&[]), "run");
     let rows = job.export();
     let row = &rows[&urls[1]];
-    for field in ["url", "state", "path", "http_status", "attempts", "bytes", "sha256", "error"] {
+    for field in [
+        "url",
+        "state",
+        "path",
+        "http_status",
+        "attempts",
+        "bytes",
+        "sha256",
+        "error",
+    ] {
         assert!(row.get(field).is_some(), "no {field} in {row}");
     }
     let body = item_body(1);
@@ -259,7 +313,10 @@ fn export_gives_every_field_as_jsonl_and_csv() {
     assert_success(&csv, "export csv");
     let text = String::from_utf8(csv.stdout).unwrap();
     let mut lines = text.lines();
-    assert_eq!(lines.next(), Some("url,state,path,http_status,attempts,bytes,sha256,error"));
+    assert_eq!(
+        lines.next(),
+        Some("url,state,path,http_status,attempts,bytes,sha256,error")
+    );
     assert_eq!(lines.count(), 2);
     assert!(text.contains(&sha));
 }

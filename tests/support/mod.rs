@@ -22,7 +22,9 @@ pub struct Job {
 
 impl Job {
     pub fn new() -> Job {
-        Job { dir: tempfile::tempdir().expect("temp dir") }
+        Job {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -42,7 +44,15 @@ impl Job {
     pub fn command(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_jobrun"));
         command.current_dir(self.dir()).arg("--db").arg(self.db());
-        for var in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy", "JOBRUN_DB"] {
+        for var in [
+            "http_proxy",
+            "https_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "all_proxy",
+            "JOBRUN_DB",
+        ] {
             command.env_remove(var);
         }
         command
@@ -101,10 +111,16 @@ impl Job {
     /// Every file under the output folder, temp area included.
     pub fn files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else { return };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
             for entry in entries.flatten() {
                 let path = entry.path();
-                if path.is_dir() { walk(&path, found) } else { found.push(path) }
+                if path.is_dir() {
+                    walk(&path, found)
+                } else {
+                    found.push(path)
+                }
             }
         }
         let mut found = Vec::new();
@@ -124,20 +140,33 @@ impl Job {
             let path = PathBuf::from(row["path"].as_str().expect("path"));
             let item = item_of(url.strip_prefix(&server.url("")).expect("url on server"))
                 .expect("item url");
-            let body = std::fs::read(&path).unwrap_or_else(|e| panic!("{url}: {}: {e}", path.display()));
-            assert!(body == item_body(item), "{url}: {} differs from what was served", path.display());
+            let body =
+                std::fs::read(&path).unwrap_or_else(|e| panic!("{url}: {}: {e}", path.display()));
+            assert!(
+                body == item_body(item),
+                "{url}: {} differs from what was served",
+                path.display()
+            );
             assert_eq!(row["bytes"].as_u64(), Some(body.len() as u64), "{url}");
-            assert!(expected_files.insert(path), "{url}: a path shared by two URLs");
+            assert!(
+                expected_files.insert(path),
+                "{url}: a path shared by two URLs"
+            );
         }
         let found: HashSet<PathBuf> = self.files().into_iter().collect();
         let extra: Vec<_> = found.difference(&expected_files).collect();
-        assert!(extra.is_empty(), "files that are not a done URL's: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "files that are not a done URL's: {extra:?}"
+        );
     }
 }
 
 /// `count` item URLs on `server`.
 pub fn item_urls(server: &Server, count: u64) -> Vec<String> {
-    (0..count).map(|i| server.url(&format!("/items/{i}.json"))).collect()
+    (0..count)
+        .map(|i| server.url(&format!("/items/{i}.json")))
+        .collect()
 }
 
 /// A server that serves every item, after `delay`.
@@ -177,7 +206,10 @@ pub fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 break;
             }

@@ -26,7 +26,10 @@ pub struct Request {
 
 impl Request {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -42,7 +45,11 @@ pub struct Hit {
 #[derive(Debug, Clone)]
 pub enum Reply {
     /// A complete response.
-    Full { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    Full {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     /// Wait, then answer.
     Delayed(Duration, Box<Reply>),
     /// Headers with the full Content-Length, `sent` bytes of the body, then
@@ -58,19 +65,35 @@ pub enum Reply {
 
 impl Reply {
     pub fn ok(body: Vec<u8>) -> Reply {
-        Reply::Full { status: 200, headers: Vec::new(), body }
+        Reply::Full {
+            status: 200,
+            headers: Vec::new(),
+            body,
+        }
     }
 
     pub fn status(status: u16) -> Reply {
         let body = format!("{{\"error\": \"status {status}\"}}").into_bytes();
-        Reply::Full { status, headers: Vec::new(), body }
+        Reply::Full {
+            status,
+            headers: Vec::new(),
+            body,
+        }
     }
 
     pub fn with_header(self, name: &str, value: &str) -> Reply {
         match self {
-            Reply::Full { status, mut headers, body } => {
+            Reply::Full {
+                status,
+                mut headers,
+                body,
+            } => {
                 headers.push((name.to_string(), value.to_string()));
-                Reply::Full { status, headers, body }
+                Reply::Full {
+                    status,
+                    headers,
+                    body,
+                }
             }
             other => other,
         }
@@ -81,7 +104,11 @@ impl Reply {
     }
 
     pub fn delayed(self, delay: Duration) -> Reply {
-        if delay.is_zero() { self } else { Reply::Delayed(delay, Box::new(self)) }
+        if delay.is_zero() {
+            self
+        } else {
+            Reply::Delayed(delay, Box::new(self))
+        }
     }
 }
 
@@ -154,7 +181,13 @@ impl Server {
 
     /// The times at which `path` was asked for.
     pub fn times_of(&self, path: &str) -> Vec<Instant> {
-        self.log.lock().unwrap().iter().filter(|h| h.path == path).map(|h| h.at).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.path == path)
+            .map(|h| h.at)
+            .collect()
     }
 }
 
@@ -175,13 +208,17 @@ fn serve(
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     loop {
-        let Some(request) = read_request(&mut reader, counts)? else { return Ok(()) };
+        let Some(request) = read_request(&mut reader, counts)? else {
+            return Ok(());
+        };
         log.lock().unwrap().push(Hit {
             path: request.path.clone(),
             at: Instant::now(),
             headers: request.headers.clone(),
         });
-        let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let close = request
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         if !answer(&mut writer, handler(&request), close)? {
             return Ok(());
         }
@@ -197,7 +234,9 @@ fn read_request(
         return Ok(None);
     }
     let mut parts = line.split_whitespace();
-    let (Some(method), Some(target)) = (parts.next(), parts.next()) else { return Ok(None) };
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Ok(None);
+    };
     let (method, path) = (method.to_string(), target.to_string());
     let mut headers = Vec::new();
     loop {
@@ -226,15 +265,27 @@ fn read_request(
         *count += 1;
         *count - 1
     };
-    Ok(Some(Request { method, path, headers, body, previous }))
+    Ok(Some(Request {
+        method,
+        path,
+        headers,
+        body,
+        previous,
+    }))
 }
 
 fn head(status: u16, headers: &[(String, String)], length: usize, close: bool) -> Vec<u8> {
-    let mut text = format!("HTTP/1.1 {status} {}\r\nContent-Length: {length}\r\n", reason(status));
+    let mut text = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Length: {length}\r\n",
+        reason(status)
+    );
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("content-type")) {
+    if !headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+    {
         text.push_str("Content-Type: application/json\r\n");
     }
     if close {
@@ -247,7 +298,11 @@ fn head(status: u16, headers: &[(String, String)], length: usize, close: bool) -
 /// Writes the reply; false when the connection must end.
 fn answer(stream: &mut TcpStream, reply: Reply, close: bool) -> io::Result<bool> {
     match reply {
-        Reply::Full { status, headers, body } => {
+        Reply::Full {
+            status,
+            headers,
+            body,
+        } => {
             let mut bytes = head(status, &headers, body.len(), close);
             bytes.extend_from_slice(&body);
             stream.write_all(&bytes)?;
@@ -289,7 +344,10 @@ fn answer(stream: &mut TcpStream, reply: Reply, close: bool) -> io::Result<bool>
 /// Closes with a TCP reset (SO_LINGER of zero) instead of a clean FIN.
 fn reset(stream: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: a valid socket and a correctly sized option value.
     unsafe {
         libc::setsockopt(
@@ -319,9 +377,13 @@ fn reason(status: u16) -> &'static str {
 /// The body the demo and the tests serve for item `i`: JSON of 200 bytes to
 /// about 30 KB, the same on every call, different for every item.
 pub fn item_body(i: u64) -> Vec<u8> {
-    let mut state = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = i
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         state >> 33
     };
     let size = 200 + (next() % 30_000) as usize;
@@ -336,5 +398,8 @@ pub fn item_body(i: u64) -> Vec<u8> {
 
 /// The item number of a path like `/items/17.json`.
 pub fn item_of(path: &str) -> Option<u64> {
-    path.strip_prefix("/items/")?.strip_suffix(".json")?.parse().ok()
+    path.strip_prefix("/items/")?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
 }
