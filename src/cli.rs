@@ -22,8 +22,28 @@ pub struct Cli {
     #[arg(long, global = true, env = "JOBRUN_DB", default_value = "jobrun.db")]
     pub db: PathBuf,
 
+    /// More detail: -v logs every retry and failure, -vv every request.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Only warnings and errors: no progress display, no summaries.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    /// How messages are written to standard error.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people; a live progress bar on a terminal.
+    Text,
+    /// One JSON object per line, progress included, for log collectors.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +56,37 @@ pub enum Command {
     Report(ReportArgs),
     /// Write one record per URL (state, file, status, size, sha256, error).
     Export(ExportArgs),
+    /// Send failed URLs back to pending with a fresh retry budget.
+    Retry(RetryArgs),
+    /// Check every done file against its recorded size and sha256.
+    Verify(VerifyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), e.g. `jobrun man > jobrun.1`.
+    Man,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// Only URLs whose last HTTP status was CODE.
+    #[arg(long, value_name = "CODE")]
+    pub status: Option<u16>,
+
+    /// Only URLs whose last error contains TEXT.
+    #[arg(long, value_name = "TEXT")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Send missing and damaged files' URLs back to pending to fetch again.
+    #[arg(long)]
+    pub requeue: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -45,8 +96,22 @@ pub struct ImportArgs {
     pub file: PathBuf,
 
     /// Extension of the output file names (`json`, `.html`, or `""` for none).
+    /// Names given in JSON Lines are kept as they are.
     #[arg(long, default_value = "json", value_parser = parse_extension)]
     pub ext: String,
+
+    /// How the list is written: one URL per line, or JSON Lines with
+    /// `url`, `method`, `headers`, `body` and `name`. `auto` looks at the
+    /// first entry.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: ImportFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImportFormat {
+    Auto,
+    Lines,
+    Jsonl,
 }
 
 #[derive(Debug, Args)]
@@ -85,6 +150,23 @@ pub struct RunArgs {
     /// Longest retry delay.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub backoff_max: Duration,
+
+    /// Requests per second to any one host (same syntax as --rate).
+    #[arg(long, value_parser = Rate::parse)]
+    pub per_host_rate: Option<Rate>,
+
+    /// Requests in flight to any one host.
+    #[arg(long, value_parser = parse_workers)]
+    pub per_host_workers: Option<usize>,
+
+    /// Turn off adaptive throttling (halving a host's rate on 429 and 503,
+    /// raising it again while its answers are healthy).
+    #[arg(long)]
+    pub no_adaptive: bool,
+
+    /// The User-Agent header [default: jobrun/VERSION].
+    #[arg(long)]
+    pub user_agent: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +174,10 @@ pub struct ReportArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+
+    /// List the failed URLs with their last error instead.
+    #[arg(long)]
+    pub failed: bool,
 }
 
 #[derive(Debug, Args)]

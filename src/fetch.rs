@@ -3,11 +3,10 @@
 //! say what happened. Which failures are worth a retry is decided here, in
 //! `FetchError::is_permanent`.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -17,6 +16,8 @@ use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
+use crate::hosts::{Hosts, Politeness};
+use crate::request::RequestSpec;
 use crate::store::{Claim, Completion, unix_ms};
 
 /// How much of an error response is read, so the connection can be reused.
@@ -26,7 +27,7 @@ const ERROR_BODY_DRAIN: usize = 64 * 1024;
 pub struct Fetcher {
     client: Client,
     limiter: Option<DefaultDirectRateLimiter>,
-    pauses: HostPauses,
+    hosts: Arc<Hosts>,
     backoff: Backoff,
     max_attempts: u32,
     timeout: Duration,
@@ -39,6 +40,9 @@ pub struct FetchOptions {
     pub limiter: Option<DefaultDirectRateLimiter>,
     pub backoff: Backoff,
     pub max_attempts: u32,
+    pub politeness: Politeness,
+    /// Replaces jobrun's own User-Agent.
+    pub user_agent: Option<String>,
 }
 
 /// A failed attempt, as the server or the network caused it.
@@ -59,6 +63,8 @@ pub enum FetchError {
     Redirect(String),
     #[error("invalid URL: {0}")]
     InvalidUrl(String),
+    #[error("{0}")]
+    InvalidRequest(String),
 }
 
 impl FetchError {
@@ -69,7 +75,9 @@ impl FetchError {
                 !matches!(status.as_u16(), 408 | 425 | 429 | 500 | 502 | 503 | 504)
             }
             FetchError::Timeout(_) | FetchError::Network(_) | FetchError::Truncated { .. } => false,
-            FetchError::Redirect(_) | FetchError::InvalidUrl(_) => true,
+            FetchError::Redirect(_) | FetchError::InvalidUrl(_) | FetchError::InvalidRequest(_) => {
+                true
+            }
         }
     }
 
@@ -101,6 +109,8 @@ pub struct Body {
     pub status: u16,
     pub bytes: u64,
     pub sha256: [u8; 32],
+    /// From sending the request to the end of the body.
+    pub millis: u32,
 }
 
 /// The attempt could not write its file: a problem of this machine (disk
@@ -114,7 +124,11 @@ impl Fetcher {
         // slow C build); ring must be installed before the first client.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::builder()
-            .user_agent(concat!("jobrun/", env!("CARGO_PKG_VERSION")))
+            .user_agent(
+                options
+                    .user_agent
+                    .unwrap_or_else(|| concat!("jobrun/", env!("CARGO_PKG_VERSION")).to_string()),
+            )
             .default_headers(options.headers)
             .timeout(options.timeout)
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
@@ -125,20 +139,32 @@ impl Fetcher {
         Ok(Fetcher {
             client,
             limiter: options.limiter,
-            pauses: HostPauses::default(),
+            hosts: Arc::new(Hosts::new(options.politeness)),
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
         })
     }
 
+    /// The hosts' politeness state, for the progress display.
+    pub fn hosts(&self) -> Arc<Hosts> {
+        self.hosts.clone()
+    }
+
     /// Makes one attempt at `claim`, writing a 2xx body to `temp`, and says
     /// what the database should record.
     pub async fn attempt(&self, claim: &Claim, temp: &Path) -> Result<Attempt, LocalError> {
-        let result = self.fetch_into(&claim.url, temp).await;
+        let mut sent_at = None;
+        let result = self.fetch_into(claim, temp, &mut sent_at).await;
+        let millis = sent_at.map_or(0, |at: Instant| {
+            at.elapsed().as_millis().min(u32::MAX as u128) as u32
+        });
         let settled = match result {
-            Ok(body) => Attempt::Body(body),
-            Err(Fetch::Failed(error)) => Attempt::Failed(self.settle(claim, &error)),
+            Ok(mut body) => {
+                body.millis = millis;
+                Attempt::Body(body)
+            }
+            Err(Fetch::Failed(error)) => Attempt::Failed(self.settle(claim, &error, millis)),
             Err(Fetch::Local(error)) => return Err(error),
         };
         if matches!(settled, Attempt::Failed(_)) {
@@ -147,20 +173,40 @@ impl Fetcher {
         Ok(settled)
     }
 
-    async fn fetch_into(&self, url: &str, temp: &Path) -> Result<Body, Fetch> {
-        let url = Url::parse(url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
+    fn build_request(&self, claim: &Claim, url: Url) -> Result<reqwest::RequestBuilder, Fetch> {
+        let Some(json) = &claim.request else {
+            return Ok(self.client.get(url));
+        };
+        let spec = RequestSpec::from_json(json).map_err(FetchError::InvalidRequest)?;
+        let mut request = self.client.request(spec.method(), url);
+        for (name, value) in &spec.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        if let Some(body) = spec.body {
+            request = request.body(body);
+        }
+        Ok(request)
+    }
+
+    async fn fetch_into(
+        &self,
+        claim: &Claim,
+        temp: &Path,
+        sent_at: &mut Option<Instant>,
+    ) -> Result<Body, Fetch> {
+        let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         let host = host_key(&url);
-        self.pauses.wait(&host).await;
+        let request = self.build_request(claim, url)?;
+        let _permit = self.hosts.acquire(&host).await;
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
-        let mut response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| self.describe(e, false))?;
+        *sent_at = Some(Instant::now());
+        let mut response = request.send().await.map_err(|e| self.describe(e, false))?;
         let status = response.status();
+        if matches!(status.as_u16(), 429 | 503) {
+            self.hosts.throttled(&host);
+        }
         if !status.is_success() {
             let retry_after = response
                 .headers()
@@ -170,7 +216,7 @@ impl Fetcher {
             if let Some(delay) = retry_after
                 && matches!(status.as_u16(), 429 | 503)
             {
-                self.pauses.pause(&host, Instant::now() + delay);
+                self.hosts.pause(&host, Instant::now() + delay);
             }
             drain(&mut response).await;
             return Err(FetchError::Status {
@@ -179,6 +225,7 @@ impl Fetcher {
             }
             .into());
         }
+        self.hosts.healthy(&host);
         let mut file = File::create(temp)
             .with_context(|| format!("cannot create {}", temp.display()))
             .map_err(|e| Fetch::Local(LocalError(e)))?;
@@ -200,11 +247,12 @@ impl Fetcher {
             status: status.as_u16(),
             bytes,
             sha256: hasher.finalize().into(),
+            millis: 0,
         })
     }
 
     /// Turns a failed attempt into a retry (with its time) or a failure.
-    fn settle(&self, claim: &Claim, error: &FetchError) -> Completion {
+    fn settle(&self, claim: &Claim, error: &FetchError, millis: u32) -> Completion {
         let attempts = claim.attempts + 1;
         let status = error.status();
         let message = error.to_string();
@@ -218,6 +266,7 @@ impl Fetcher {
                 id: claim.id,
                 status,
                 error,
+                millis,
             };
         }
         let delay = self
@@ -229,6 +278,7 @@ impl Fetcher {
             status,
             error: message,
             next_attempt_at: unix_ms(SystemTime::now() + delay),
+            millis,
         }
     }
 
@@ -294,44 +344,13 @@ async fn drain(response: &mut reqwest::Response) {
     }
 }
 
-/// The key a host is paused under: host and port.
+/// The key politeness is kept under: host and port.
 fn host_key(url: &Url) -> String {
     format!(
         "{}:{}",
         url.host_str().unwrap_or(""),
         url.port_or_known_default().unwrap_or(0)
     )
-}
-
-/// Hosts that asked, with Retry-After, not to be called before a time.
-/// Every worker waits on it before calling that host.
-#[derive(Debug, Clone, Default)]
-pub struct HostPauses(Arc<Mutex<HashMap<String, Instant>>>);
-
-impl HostPauses {
-    pub fn pause(&self, host: &str, until: Instant) {
-        let mut pauses = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = pauses.entry(host.to_string()).or_insert(until);
-        *entry = (*entry).max(until);
-    }
-
-    /// Sleeps until `host` is no longer paused.
-    pub async fn wait(&self, host: &str) {
-        loop {
-            let until = {
-                let mut pauses = self.0.lock().unwrap_or_else(|e| e.into_inner());
-                match pauses.get(host) {
-                    Some(&until) if until > Instant::now() => until,
-                    Some(_) => {
-                        pauses.remove(host);
-                        return;
-                    }
-                    None => return,
-                }
-            };
-            tokio::time::sleep_until(until.into()).await;
-        }
-    }
 }
 
 #[cfg(test)]

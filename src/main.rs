@@ -6,9 +6,13 @@ mod backoff;
 mod cli;
 mod commands;
 mod fetch;
+mod hosts;
+mod log;
 mod output;
 mod process;
+mod progress;
 mod rate;
+mod request;
 mod runner;
 mod store;
 mod urlfile;
@@ -21,11 +25,12 @@ use commands::Status;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    log::init(cli.verbose, cli.quiet, cli.log_format);
     match commands::dispatch(cli) {
         Ok(status) => status.into(),
         Err(error) if is_broken_pipe(&error) => Status::Success.into(),
         Err(error) => {
-            eprintln!("jobrun: error: {error:#}");
+            tracing::error!("{error:#}");
             Status::Fatal.into()
         }
     }

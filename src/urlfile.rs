@@ -1,10 +1,15 @@
-//! Reading a URL list: one URL per line, streamed, so memory does not grow
-//! with the file. Each line is either skipped (blank, `#` comment), a URL,
-//! or rejected with a reason the user can act on.
+//! Reading a URL list, streamed so that memory does not grow with the
+//! file: either one URL per line, or JSON Lines with a request and a file
+//! name per line. Each line is skipped (blank, `#` comment), an entry, or
+//! rejected with a reason the user can act on.
 
+use std::collections::BTreeMap;
 use std::io::{self, BufRead};
 
 use reqwest::Url;
+use serde::Deserialize;
+
+use crate::request::{RequestSpec, check_name};
 
 /// Lines longer than this are rejected rather than read into memory.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -14,8 +19,55 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 #[derive(Debug, PartialEq, Eq)]
 pub enum Line {
     Skip,
-    Url(Url),
+    Entry(Entry),
     Reject(String),
+}
+
+/// One job from the list.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub url: Url,
+    /// What to send when it is not a plain GET.
+    pub request: Option<RequestSpec>,
+    /// The output file name, relative to the output folder, when given.
+    pub name: Option<String>,
+}
+
+/// How the lines of a list are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One URL per line.
+    Lines,
+    /// One JSON object per line: `{"url": ..., "method": ..., "headers": ...,
+    /// "body": ..., "name": ...}`.
+    JsonLines,
+}
+
+impl Format {
+    /// Guesses the format from the first line that is not blank or a comment.
+    pub fn detect(raw: &[u8]) -> Option<Format> {
+        let raw = raw.strip_prefix(BOM).unwrap_or(raw);
+        let text = String::from_utf8_lossy(raw);
+        let text = text.trim();
+        if text.is_empty() || text.starts_with('#') {
+            None
+        } else if text.starts_with('{') {
+            Some(Format::JsonLines)
+        } else {
+            Some(Format::Lines)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonLine {
+    url: String,
+    method: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    body: Option<serde_json::Value>,
+    name: Option<String>,
 }
 
 /// Reads the next line into `buf` (without its end), reading at most
@@ -51,7 +103,7 @@ pub fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Opt
 }
 
 /// Classifies one line (without its line end). `first` strips a UTF-8 BOM.
-pub fn parse_line(raw: &[u8], first: bool) -> Line {
+pub fn parse_line(raw: &[u8], first: bool, format: Format) -> Line {
     let raw = if first {
         raw.strip_prefix(BOM).unwrap_or(raw)
     } else {
@@ -64,22 +116,68 @@ pub fn parse_line(raw: &[u8], first: bool) -> Line {
     if text.is_empty() || text.starts_with('#') {
         return Line::Skip;
     }
-    let url = match Url::parse(text) {
-        Ok(url) => url,
-        Err(e) => return Line::Reject(format!("not a URL: {e}")),
+    let entry = match format {
+        Format::Lines => parse_url(text).map(|url| Entry {
+            url,
+            request: None,
+            name: None,
+        }),
+        Format::JsonLines => parse_json(text),
     };
+    match entry {
+        Ok(entry) => Line::Entry(entry),
+        Err(reason) => Line::Reject(reason),
+    }
+}
+
+fn parse_json(text: &str) -> Result<Entry, String> {
+    let line: JsonLine =
+        serde_json::from_str(text).map_err(|e| format!("not a JSON request: {e}"))?;
+    let url = parse_url(line.url.trim())?;
+    let body = line.body.map(|body| match body {
+        serde_json::Value::String(text) => text,
+        other => other.to_string(),
+    });
+    let request = RequestSpec {
+        method: line.method,
+        headers: line.headers,
+        body,
+    };
+    request.check()?;
+    if let Some(name) = &line.name {
+        check_name(name)?;
+    }
+    let request = (!request.is_plain_get()).then_some(request);
+    Ok(Entry {
+        url,
+        request,
+        name: line.name,
+    })
+}
+
+fn parse_url(text: &str) -> Result<Url, String> {
+    let url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {}
         other => {
-            return Line::Reject(format!(
+            return Err(format!(
                 "unsupported scheme \"{other}\" (only http and https URLs are fetched)"
             ));
         }
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Line::Reject("the URL has no host".into());
+        return Err("the URL has no host".into());
     }
-    Line::Url(url)
+    Ok(url)
+}
+
+/// The host of a URL as it is written, with its port if one is given.
+pub fn host_of(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -87,7 +185,75 @@ mod tests {
     use super::*;
 
     fn url(text: &str) -> Line {
-        Line::Url(Url::parse(text).unwrap())
+        Line::Entry(Entry {
+            url: Url::parse(text).unwrap(),
+            request: None,
+            name: None,
+        })
+    }
+
+    fn parse_line(raw: &[u8], first: bool) -> Line {
+        super::parse_line(raw, first, Format::Lines)
+    }
+
+    fn json(raw: &str) -> Result<Entry, String> {
+        match super::parse_line(raw.as_bytes(), false, Format::JsonLines) {
+            Line::Entry(entry) => Ok(entry),
+            Line::Reject(reason) => Err(reason),
+            Line::Skip => Err("skipped".into()),
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_a_request_and_a_name() {
+        let entry = json(
+            r#"{"url": "https://a.test/orders", "method": "POST", "headers": {"X-K": "v"},
+                "body": {"id": 17}, "name": "orders/17.json"}"#,
+        )
+        .unwrap();
+        let request = entry.request.unwrap();
+        assert_eq!(request.method.as_deref(), Some("POST"));
+        assert_eq!(request.body.as_deref(), Some(r#"{"id":17}"#));
+        assert_eq!(request.headers["X-K"], "v");
+        assert_eq!(entry.name.as_deref(), Some("orders/17.json"));
+        let plain = json(r#"{"url": "http://a.test/x", "body": "raw text"}"#).unwrap();
+        assert_eq!(plain.request.unwrap().body.as_deref(), Some("raw text"));
+        assert_eq!(json(r#"{"url": "http://a.test/x"}"#).unwrap().request, None);
+    }
+
+    #[test]
+    fn bad_json_lines_say_why() {
+        for (line, reason) in [
+            ("{", "not a JSON request"),
+            (r#"{"method": "GET"}"#, "missing field `url`"),
+            (
+                r#"{"url": "http://a.test/", "extra": 1}"#,
+                "unknown field `extra`",
+            ),
+            (r#"{"url": "ftp://a.test/"}"#, "unsupported scheme"),
+            (
+                r#"{"url": "http://a.test/", "name": "../x"}"#,
+                "stay inside the output folder",
+            ),
+            (
+                r#"{"url": "http://a.test/", "method": "G T"}"#,
+                "not an HTTP method",
+            ),
+        ] {
+            let error = json(line).unwrap_err();
+            assert!(error.contains(reason), "{line}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_format_is_detected_from_the_first_entry() {
+        assert_eq!(Format::detect(b"  # comment"), None);
+        assert_eq!(Format::detect(b""), None);
+        assert_eq!(
+            Format::detect(b"\xEF\xBB\xBF{\"url\": 1}"),
+            Some(Format::JsonLines)
+        );
+        assert_eq!(Format::detect(b"http://a.test/"), Some(Format::Lines));
     }
 
     #[test]

@@ -2,21 +2,18 @@
 //! output. `path` is the absolute path of the URL's file.
 
 use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 
 use crate::cli::{ExportArgs, ExportFormat};
 use crate::commands::Status;
-use crate::commands::run::{OUT_DIR_KEY, absolute};
+use crate::commands::run::out_dir_of;
 use crate::store::{Open, Store};
 
 pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
     let store = Store::open(db, Open::MustExist)?;
-    let out_dir = match store.setting(OUT_DIR_KEY)? {
-        Some(dir) => PathBuf::from(dir),
-        None => absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))?,
-    };
+    let out_dir = out_dir_of(&store, db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {

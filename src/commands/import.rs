@@ -1,6 +1,7 @@
-//! `jobrun import FILE`: streams a URL list into the database, in batches,
-//! giving each new URL its output file name (a time-ordered UUID plus the
-//! extension) once and for all.
+//! `jobrun import FILE`: streams a URL list (plain or JSON Lines) into the
+//! database, in batches, giving each new URL its output file name once and
+//! for all: the name from the line, or a time-ordered UUID plus the
+//! extension.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
@@ -9,10 +10,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use uuid::Uuid;
 
-use crate::cli::ImportArgs;
+use crate::cli::{ImportArgs, ImportFormat};
 use crate::commands::{Status, thousands};
-use crate::store::{InsertResult, Open, Store};
-use crate::urlfile::{self, Line};
+use crate::store::{InsertResult, NewUrl, Open, Store};
+use crate::urlfile::{self, Entry, Format, Line};
 
 /// URLs per transaction: big enough to be fast, small enough that a run
 /// working on the same database is not held up.
@@ -46,14 +47,19 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
         format!(".{}", args.ext)
     };
     let mut store = Store::open(db, Open::CreateIfMissing)?;
-    let counts = import(&mut store, reader, &name, &suffix)?;
+    let format = match args.format {
+        ImportFormat::Auto => None,
+        ImportFormat::Lines => Some(Format::Lines),
+        ImportFormat::Jsonl => Some(Format::JsonLines),
+    };
+    let counts = import(&mut store, reader, &name, &suffix, format)?;
     if counts.rejected > MAX_SHOWN {
-        eprintln!(
+        tracing::info!(
             "{name}: {} more rejected lines not shown",
             thousands(counts.rejected - MAX_SHOWN)
         );
     }
-    eprintln!(
+    tracing::info!(
         "{}: {} imported, {} duplicate, {} rejected",
         db.display(),
         thousands(counts.imported),
@@ -67,7 +73,13 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     })
 }
 
-fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str) -> Result<Counts> {
+fn import(
+    store: &mut Store,
+    mut reader: impl BufRead,
+    name: &str,
+    suffix: &str,
+    mut format: Option<Format>,
+) -> Result<Counts> {
     let mut counts = Counts::default();
     let mut buf = Vec::new();
     let mut line_number = 0u64;
@@ -77,24 +89,28 @@ fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str)
         urlfile::read_line(&mut reader, &mut buf).with_context(|| format!("cannot read {name}"))?
     {
         line_number += 1;
+        if format.is_none() && complete {
+            format = Format::detect(&buf);
+        }
         let line = if complete {
-            urlfile::parse_line(&buf, line_number == 1)
+            urlfile::parse_line(&buf, line_number == 1, format.unwrap_or(Format::Lines))
         } else {
             Line::Reject(format!("line longer than {} bytes", urlfile::MAX_LINE))
         };
+        let mut reject = |reason: &str| {
+            counts.rejected += 1;
+            if counts.rejected <= MAX_SHOWN {
+                tracing::warn!("{name}:{line_number}: {reason}");
+            }
+        };
         match line {
             Line::Skip => {}
-            Line::Reject(reason) => {
-                counts.rejected += 1;
-                if counts.rejected <= MAX_SHOWN {
-                    eprintln!("{name}:{line_number}: {reason}");
-                }
-            }
-            Line::Url(url) => {
-                let path = format!("{}{suffix}", Uuid::now_v7());
-                match batch.insert(url.as_str(), &path)? {
+            Line::Reject(reason) => reject(&reason),
+            Line::Entry(entry) => {
+                match insert(&batch, &entry, suffix)? {
                     InsertResult::Inserted => counts.imported += 1,
                     InsertResult::Duplicate => counts.duplicate += 1,
+                    InsertResult::NameTaken(reason) => reject(&reason),
                 }
                 in_batch += 1;
                 if in_batch == BATCH {
@@ -107,4 +123,28 @@ fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str)
     }
     batch.commit()?;
     Ok(counts)
+}
+
+fn insert(
+    batch: &crate::store::ImportBatch<'_>,
+    entry: &Entry,
+    suffix: &str,
+) -> Result<InsertResult> {
+    let request = entry.request.as_ref().map(|r| r.to_json());
+    let request_key = match &entry.request {
+        Some(spec) => spec.key(entry.url.as_str()),
+        None => entry.url.as_str().to_string(),
+    };
+    let path = match &entry.name {
+        Some(name) => name.clone(),
+        None => format!("{}{suffix}", Uuid::now_v7()),
+    };
+    let new = NewUrl {
+        url: entry.url.as_str(),
+        request: request.as_deref(),
+        request_key: &request_key,
+        host: &urlfile::host_of(&entry.url),
+        path: &path,
+    };
+    batch.insert(&new, entry.name.is_some())
 }

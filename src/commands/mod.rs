@@ -5,13 +5,18 @@
 mod export;
 mod import;
 mod report;
+mod retry;
 mod run;
+mod verify;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use clap::CommandFactory;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, LogFormat};
+use crate::progress::Display;
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,11 +43,34 @@ impl From<Status> for ExitCode {
 }
 
 pub fn dispatch(cli: Cli) -> Result<Status> {
+    let display = progress_display(&cli);
     match cli.command {
         Command::Import(args) => import::run(&cli.db, args),
-        Command::Run(args) => run::run(&cli.db, args),
+        Command::Run(args) => run::run(&cli.db, args, display),
         Command::Report(args) => report::run(&cli.db, args),
         Command::Export(args) => export::run(&cli.db, args),
+        Command::Retry(args) => retry::run(&cli.db, args),
+        Command::Verify(args) => verify::run(&cli.db, args),
+        Command::Completions(args) => {
+            let mut command = Cli::command();
+            clap_complete::generate(args.shell, &mut command, "jobrun", &mut std::io::stdout());
+            Ok(Status::Success)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(Status::Success)
+        }
+    }
+}
+
+/// A bar on a terminal, status lines elsewhere, nothing when quiet.
+fn progress_display(cli: &Cli) -> Display {
+    if cli.quiet {
+        Display::Off
+    } else if cli.log_format == LogFormat::Text && std::io::stderr().is_terminal() {
+        Display::Bar
+    } else {
+        Display::Lines
     }
 }
 

@@ -1,6 +1,9 @@
 //! `jobrun report`: where the job stands, from the database alone, so it
-//! works during a run, after a crash or after a reboot.
+//! works during a run (it only reads, and WAL readers never block the
+//! writer), after a crash or after a reboot.
 
+use std::fmt::Write as _;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -15,6 +18,8 @@ use crate::store::{Liveness, Open, RunInfo, Store, Summary, now_ms};
 
 /// How many distinct errors the report lists.
 const TOP_ERRORS: usize = 10;
+/// How many runs the report lists.
+const RECENT_RUNS: usize = 5;
 
 #[derive(Serialize)]
 struct Report {
@@ -22,11 +27,13 @@ struct Report {
     out_dir: Option<PathBuf>,
     #[serde(flatten)]
     summary: Summary,
-    last_run: Option<LastRun>,
+    /// The newest run, also first in `runs`.
+    last_run: Option<RunView>,
+    runs: Vec<RunView>,
 }
 
-#[derive(Serialize)]
-struct LastRun {
+#[derive(Clone, Serialize)]
+struct RunView {
     id: i64,
     /// running, finished, interrupted, error, killed or rebooted.
     state: String,
@@ -34,27 +41,39 @@ struct LastRun {
     pid: u32,
     started_at: String,
     ended_at: Option<String>,
+    seconds: f64,
     done: i64,
     failed: i64,
     retried: i64,
     bytes: i64,
-    /// The command that resumes the job, when it did not finish.
+    /// URLs finished (done or failed) per second of the run.
+    urls_per_s: f64,
+    /// The command that resumes the job, on the newest run when the job is
+    /// not finished.
     resume: Option<String>,
 }
 
 pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
     let store = Store::open(db, Open::MustExist)?;
+    if args.failed {
+        return list_failed(&store, args.json);
+    }
     let summary = store.summary(TOP_ERRORS)?;
-    let last_run = store
-        .recent_runs(1)?
+    let unfinished = summary.pending + summary.running > 0;
+    let me = process::this_process(String::new());
+    let now = now_ms();
+    let runs: Vec<RunView> = store
+        .recent_runs(RECENT_RUNS)?
         .into_iter()
-        .next()
-        .map(|run| last_run(run, &summary));
+        .enumerate()
+        .map(|(i, run)| view(run, &me, now, i == 0 && unfinished))
+        .collect();
     let report = Report {
         database: db.to_path_buf(),
         out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
         summary,
-        last_run,
+        last_run: runs.first().cloned(),
+        runs,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -64,31 +83,55 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
     Ok(Status::Success)
 }
 
-fn last_run(run: RunInfo, summary: &Summary) -> LastRun {
+fn list_failed(store: &Store, json: bool) -> Result<Status> {
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    store.failed(|row| {
+        if json {
+            serde_json::to_writer(&mut out, &row)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}\t{}", row.url, row.error.as_deref().unwrap_or("-"))?;
+        }
+        Ok(())
+    })?;
+    out.flush()?;
+    Ok(Status::Success)
+}
+
+fn view(run: RunInfo, me: &crate::store::RunStart, now: i64, resumable: bool) -> RunView {
     let state = match (&run.outcome, run.ended_at) {
         (Some(outcome), Some(_)) => outcome.clone(),
-        _ => {
-            let me = process::this_process(String::new());
-            match process::liveness(&run, &me, now_ms()) {
-                Liveness::Alive => "running".into(),
-                Liveness::Gone => "killed".into(),
-                Liveness::Rebooted => "rebooted".into(),
-            }
-        }
+        _ => match process::liveness(&run, me, now) {
+            Liveness::Alive => "running".into(),
+            Liveness::Gone => "killed".into(),
+            Liveness::Rebooted => "rebooted".into(),
+        },
     };
-    let unfinished = summary.pending + summary.running > 0;
-    let resume = (state != "running" && unfinished).then(|| run.command.clone());
-    LastRun {
+    let end = match run.ended_at {
+        Some(ended) => ended,
+        None if state == "running" => now,
+        None => run.heartbeat_at,
+    };
+    let seconds = (end - run.started_at).max(0) as f64 / 1000.0;
+    let finished = (run.done + run.failed) as f64;
+    let resume = (resumable && state != "running").then(|| run.command.clone());
+    RunView {
         id: run.id,
         state,
         message: run.message,
         pid: run.pid,
         started_at: timestamp(run.started_at),
         ended_at: run.ended_at.map(timestamp),
+        seconds,
         done: run.done,
         failed: run.failed,
         retried: run.retried,
         bytes: run.bytes,
+        urls_per_s: if seconds > 0.0 {
+            (finished / seconds).round()
+        } else {
+            0.0
+        },
         resume,
     }
 }
@@ -98,8 +141,22 @@ fn timestamp(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(time).to_string()
 }
 
+fn how_it_ended(run: &RunView) -> String {
+    match run.state.as_str() {
+        "running" => format!("running now (pid {})", run.pid),
+        "finished" => "finished".into(),
+        "interrupted" => "stopped by Ctrl-C or SIGTERM".into(),
+        "error" => format!(
+            "stopped by an error: {}",
+            run.message.as_deref().unwrap_or("unknown")
+        ),
+        "killed" => format!("cut short: process {} is gone (killed or crashed)", run.pid),
+        "rebooted" => "cut short: the machine restarted".into(),
+        other => other.to_string(),
+    }
+}
+
 fn render(report: &Report) -> String {
-    use std::fmt::Write;
     let s = &report.summary;
     let mut out = String::new();
     let _ = writeln!(
@@ -147,6 +204,21 @@ fn render(report: &Report) -> String {
         let _ = writeln!(out, "Most common errors (URLs not done):");
         for error in &s.errors {
             let _ = writeln!(out, "  {:>8}  {}", thousands(error.count), error.error);
+            let _ = writeln!(out, "            e.g. {}", error.example);
+        }
+    }
+    if !s.hosts.is_empty() {
+        let _ = writeln!(out, "Hosts:");
+        let width = s.hosts.iter().map(|h| h.host.len()).max().unwrap_or(0);
+        for host in &s.hosts {
+            let _ = writeln!(
+                out,
+                "  {:<width$}  {} done, {} failed, {} to go",
+                host.host,
+                thousands(host.done),
+                thousands(host.failed),
+                thousands(host.pending)
+            );
         }
     }
     let _ = writeln!(
@@ -155,47 +227,17 @@ fn render(report: &Report) -> String {
         human_bytes(s.bytes),
         thousands(s.done)
     );
-    match &report.last_run {
-        None => {
-            let _ = writeln!(
-                out,
-                "No run yet: start one with `jobrun --db {} run`",
-                report.database.display()
-            );
-        }
-        Some(run) => {
-            let how = match run.state.as_str() {
-                "running" => format!("running now (pid {})", run.pid),
-                "finished" => "finished".into(),
-                "interrupted" => "stopped by Ctrl-C or SIGTERM".into(),
-                "error" => format!(
-                    "stopped by an error: {}",
-                    run.message.as_deref().unwrap_or("unknown")
-                ),
-                "killed" => format!("cut short: process {} is gone (killed or crashed)", run.pid),
-                "rebooted" => "cut short: the machine restarted".into(),
-                other => other.to_string(),
-            };
-            let ended = run
-                .ended_at
-                .as_deref()
-                .map(|t| format!(", ended {t}"))
-                .unwrap_or_default();
-            let _ = writeln!(out, "Last run #{}: {how}", run.id);
-            let _ = writeln!(out, "  started {}{ended}", run.started_at);
-            let _ = writeln!(
-                out,
-                "  in this run: {} done, {} failed, {} retries, {}",
-                thousands(run.done),
-                thousands(run.failed),
-                thousands(run.retried),
-                human_bytes(run.bytes)
-            );
-            if let Some(resume) = &run.resume {
-                let _ = writeln!(out, "  resume with: {resume}");
-            }
-        }
+    if let Some(d) = &s.durations {
+        let _ = writeln!(
+            out,
+            "Request times ({} requests): p50 {}, p95 {}, p99 {}",
+            thousands(d.requests),
+            millis(d.p50_ms),
+            millis(d.p95_ms),
+            millis(d.p99_ms)
+        );
     }
+    render_runs(&mut out, report);
     if s.running > 0
         && report
             .last_run
@@ -208,4 +250,58 @@ fn render(report: &Report) -> String {
         );
     }
     out
+}
+
+fn render_runs(out: &mut String, report: &Report) {
+    let Some(last) = &report.last_run else {
+        let _ = writeln!(
+            out,
+            "No run yet: start one with `jobrun --db {} run`",
+            report.database.display()
+        );
+        return;
+    };
+    let _ = writeln!(out, "Last run #{}: {}", last.id, how_it_ended(last));
+    let ended = last
+        .ended_at
+        .as_deref()
+        .map(|t| format!(", ended {t}"))
+        .unwrap_or_default();
+    let _ = writeln!(out, "  started {}{ended}", last.started_at);
+    let _ = writeln!(
+        out,
+        "  in this run: {} done, {} failed, {} retries, {}, {} URLs/s",
+        thousands(last.done),
+        thousands(last.failed),
+        thousands(last.retried),
+        human_bytes(last.bytes),
+        last.urls_per_s
+    );
+    if let Some(resume) = &last.resume {
+        let _ = writeln!(out, "  resume with: {resume}");
+    }
+    if report.runs.len() > 1 {
+        let _ = writeln!(out, "Earlier runs:");
+        for run in &report.runs[1..] {
+            let _ = writeln!(
+                out,
+                "  #{} {}: {}; {} done, {} failed in {:.0} s ({} URLs/s)",
+                run.id,
+                run.started_at,
+                how_it_ended(run),
+                thousands(run.done),
+                thousands(run.failed),
+                run.seconds,
+                run.urls_per_s
+            );
+        }
+    }
+}
+
+fn millis(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.1} s", ms / 1000.0)
+    } else {
+        format!("{ms:.0} ms")
+    }
 }

@@ -9,13 +9,15 @@ use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
 use crate::commands::{Status, human_bytes, thousands};
 use crate::fetch::FetchOptions;
+use crate::hosts::Politeness;
+use crate::progress::Display;
 use crate::runner::{self, RunPlan};
 use crate::store::{Open, RunEnd, Store};
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
 
-pub fn run(db: &Path, args: RunArgs) -> Result<Status> {
+pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
@@ -35,16 +37,23 @@ pub fn run(db: &Path, args: RunArgs) -> Result<Status> {
                 max: args.backoff_max,
             },
             max_attempts: args.max_attempts,
+            politeness: Politeness {
+                per_host_workers: args.per_host_workers,
+                per_host_rate: args.per_host_rate,
+                adaptive: !args.no_adaptive,
+            },
+            user_agent: args.user_agent,
         },
         command: resume_command(db, std::env::args().skip(1)),
+        display,
     };
     let totals = runner::execute(store, plan)?;
 
     let summary = Store::open(db, Open::MustExist)?.summary(0)?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
-    eprintln!(
-        "jobrun: run #{}: {} done, {} failed, {} retries, {} in {:.1} s ({:.0} URLs/s)",
+    tracing::info!(
+        "run #{}: {} done, {} failed, {} retries, {} in {:.1} s ({:.0} URLs/s)",
         totals.run,
         thousands(totals.done),
         thousands(totals.failed),
@@ -57,8 +66,8 @@ pub fn run(db: &Path, args: RunArgs) -> Result<Status> {
             0.0
         },
     );
-    eprintln!(
-        "jobrun: {} of {} URLs done, {} failed, {} pending; files in {}",
+    tracing::info!(
+        "{} of {} URLs done, {} failed, {} pending; files in {}",
         thousands(summary.done),
         thousands(summary.total),
         thousands(summary.failed),
@@ -67,14 +76,12 @@ pub fn run(db: &Path, args: RunArgs) -> Result<Status> {
     );
     Ok(match totals.end {
         Some(RunEnd::Interrupted) => {
-            eprintln!("jobrun: interrupted; run the same command again to resume");
+            tracing::warn!("interrupted; run the same command again to resume");
             Status::Interrupted
         }
         Some(RunEnd::Error(message)) => {
-            eprintln!("jobrun: error: {message}");
-            eprintln!(
-                "jobrun: URLs not finished went back to pending; fix the cause and run again"
-            );
+            tracing::error!("{message}");
+            tracing::info!("URLs not finished went back to pending; fix the cause and run again");
             Status::Fatal
         }
         _ if summary.failed > 0 => Status::Partial,
@@ -103,12 +110,24 @@ fn settle_out_dir(store: &Store, db: &Path, requested: Option<&Path>) -> Result<
     }
     let chosen = match requested {
         Some(dir) => dir,
-        None => absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))?,
+        None => default_out_dir(db)?,
     };
     let text = chosen
         .to_str()
         .with_context(|| format!("the output folder {} is not valid UTF-8", chosen.display()))?;
     Ok(PathBuf::from(store.setting_or_insert(OUT_DIR_KEY, text)?))
+}
+
+/// The output folder as recorded, or where the first run will put it.
+pub fn out_dir_of(store: &Store, db: &Path) -> Result<PathBuf> {
+    match store.setting(OUT_DIR_KEY)? {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => default_out_dir(db),
+    }
+}
+
+fn default_out_dir(db: &Path) -> Result<PathBuf> {
+    absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {

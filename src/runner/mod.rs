@@ -12,6 +12,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -22,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{OutputDir, Staged};
 use crate::process;
+use crate::progress::{self, Counters};
 use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
 
 use owner::{Owner, OwnerChannels};
@@ -59,6 +61,7 @@ pub struct RunPlan {
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
+    pub display: progress::Display,
 }
 
 /// What one run did.
@@ -85,8 +88,8 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         tracing_dead_run(*id, *state);
     }
     if started.reclaimed > 0 {
-        eprintln!(
-            "jobrun: took back {} URLs from runs that were cut short",
+        tracing::info!(
+            "took back {} URLs from runs that were cut short",
             started.reclaimed
         );
     }
@@ -99,6 +102,20 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         }
     };
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
+    let counts = store.state_counts()?;
+    let counters = Arc::new(Counters::default());
+    counters
+        .retry_waiting
+        .store(counts.retry_waiting, Ordering::Relaxed);
+    let view = ProgressView {
+        counters: counters.clone(),
+        start: progress::Start {
+            total: counts.total as u64,
+            done: counts.done as u64,
+            failed: counts.failed as u64,
+        },
+        display: plan.display,
+    };
 
     let capacity = (plan.workers * 2).max(16);
     let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
@@ -114,6 +131,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             events: events_rx,
             stopping_signal: stopping.clone(),
         },
+        counters,
     );
     let owner = std::thread::Builder::new()
         .name("jobrun-db".into())
@@ -130,6 +148,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         jobs_rx,
         events_tx,
         stopping,
+        view,
     ))?;
     drop(runtime);
 
@@ -142,12 +161,19 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     Ok(totals)
 }
 
+/// What the progress display needs.
+struct ProgressView {
+    counters: Arc<Counters>,
+    start: progress::Start,
+    display: progress::Display,
+}
+
 fn tracing_dead_run(id: i64, state: crate::store::Liveness) {
     let how = match state {
         crate::store::Liveness::Rebooted => "the machine restarted",
         _ => "its process is gone",
     };
-    eprintln!("jobrun: run #{id} was cut short ({how})");
+    tracing::info!("run #{id} was cut short ({how})");
 }
 
 /// Runs the workers until they are done, handling Ctrl-C and SIGTERM.
@@ -157,7 +183,14 @@ async fn supervise(
     jobs: flume::Receiver<Job>,
     events: flume::Sender<Event>,
     stopping: Arc<Notify>,
+    view: ProgressView,
 ) -> Result<()> {
+    let progress = tokio::spawn(progress::show(
+        view.counters,
+        view.start,
+        fetcher.hosts(),
+        view.display,
+    ));
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut set = JoinSet::new();
@@ -171,11 +204,11 @@ async fn supervise(
         tokio::select! {
             _ = interrupt.recv() => {
                 if interrupted {
-                    eprintln!("jobrun: stopped at once; the next run takes the unfinished URLs back");
+                    tracing::warn!("stopped at once; the next run takes the unfinished URLs back");
                     std::process::exit(130);
                 }
                 interrupted = true;
-                eprintln!("jobrun: stopping: finishing requests in flight (Ctrl-C again to stop at once)");
+                tracing::warn!("stopping: finishing requests in flight (Ctrl-C again to stop at once)");
                 let _ = events.send_async(Event::Shutdown).await;
                 grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
             }
@@ -198,6 +231,8 @@ async fn supervise(
             }
         }
     }
+    progress.abort();
+    let _ = progress.await;
     let _ = events.send_async(Event::WorkersGone).await;
     Ok(())
 }

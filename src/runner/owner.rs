@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -13,6 +14,7 @@ use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
 use crate::output::{OutputDir, Staged};
+use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
 use super::{Event, Job, RunTotals};
@@ -48,6 +50,7 @@ pub struct Owner {
     last_commit: Instant,
     stopping: Option<RunEnd>,
     totals: RunTotals,
+    counters: Arc<Counters>,
 }
 
 pub struct OwnerChannels {
@@ -63,7 +66,13 @@ enum Tick {
 }
 
 impl Owner {
-    pub fn new(store: Store, out: OutputDir, run: i64, channels: OwnerChannels) -> Owner {
+    pub fn new(
+        store: Store,
+        out: OutputDir,
+        run: i64,
+        channels: OwnerChannels,
+        counters: Arc<Counters>,
+    ) -> Owner {
         let now = Instant::now();
         Owner {
             store,
@@ -83,6 +92,7 @@ impl Owner {
             last_commit: now,
             stopping: None,
             totals: RunTotals::default(),
+            counters,
         }
     }
 
@@ -248,10 +258,33 @@ impl Owner {
         let claims = self
             .store
             .complete_and_claim(self.run, &self.batch, claim)?;
+        self.count_committed(&claims);
         self.batch.clear();
         self.batch_since = None;
         self.last_commit = Instant::now();
         Ok(claims)
+    }
+
+    /// Feeds the progress display with what was just committed.
+    fn count_committed(&self, claims: &[crate::store::Claim]) {
+        let counters = &self.counters;
+        for completion in &self.batch {
+            match completion {
+                Completion::Done { bytes, .. } => {
+                    counters.done.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                }
+                Completion::Failed { .. } => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                Completion::Retry { .. } => {
+                    counters.retry_waiting.fetch_add(1, Ordering::Relaxed);
+                }
+                Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
+            }
+        }
+        let retries = claims.iter().filter(|claim| claim.attempts > 0).count() as i64;
+        counters.retry_waiting.fetch_sub(retries, Ordering::Relaxed);
     }
 
     /// Stops claiming: unstarted jobs go back, workers finish what they hold.

@@ -19,6 +19,7 @@ pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flu
                     status: body.status,
                     bytes: body.bytes,
                     sha256: body.sha256,
+                    millis: body.millis,
                 },
                 staged: Some(Staged {
                     temp: job.temp,

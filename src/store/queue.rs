@@ -16,10 +16,24 @@ use super::{Store, now_ms};
 pub struct Claim {
     pub id: i64,
     pub url: String,
+    /// The request as JSON, when it is not a plain GET.
+    pub request: Option<String>,
     /// The output file, relative to the output folder.
     pub path: String,
     /// Attempts already made (and finished).
     pub attempts: u32,
+}
+
+/// A URL to import.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUrl<'a> {
+    pub url: &'a str,
+    /// The request as JSON, when it is not a plain GET.
+    pub request: Option<&'a str>,
+    /// What makes two imported lines the same job.
+    pub request_key: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
 }
 
 /// What became of a claimed URL.
@@ -31,6 +45,7 @@ pub enum Completion {
         status: u16,
         bytes: u64,
         sha256: [u8; 32],
+        millis: u32,
     },
     /// A retryable failure: back to pending until `next_attempt_at`.
     Retry {
@@ -38,12 +53,14 @@ pub enum Completion {
         status: Option<u16>,
         error: String,
         next_attempt_at: i64,
+        millis: u32,
     },
     /// A permanent failure, or the last attempt failed.
     Failed {
         id: i64,
         status: Option<u16>,
         error: String,
+        millis: u32,
     },
     /// The attempt was cut short by a shutdown: back to pending, budget kept.
     Interrupted { id: i64 },
@@ -52,6 +69,16 @@ pub enum Completion {
 }
 
 impl Completion {
+    /// How long the attempt took, for attempts that reached an end.
+    pub fn millis(&self) -> Option<u32> {
+        match *self {
+            Completion::Done { millis, .. }
+            | Completion::Retry { millis, .. }
+            | Completion::Failed { millis, .. } => Some(millis),
+            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
+        }
+    }
+
     pub fn id(&self) -> i64 {
         match *self {
             Completion::Done { id, .. }
@@ -63,10 +90,13 @@ impl Completion {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertResult {
     Inserted,
+    /// The same request is in the database already.
     Duplicate,
+    /// The file name is taken, or clashes with a folder of another name.
+    NameTaken(String),
 }
 
 /// URLs being imported, committed together.
@@ -75,16 +105,59 @@ pub struct ImportBatch<'a> {
 }
 
 impl ImportBatch<'_> {
-    pub fn insert(&self, url: &str, path: &str) -> Result<InsertResult> {
+    /// Adds `new` unless the same request is there already. A name given
+    /// by the user is checked against the others: the same file, or a file
+    /// where another name needs a folder, would make two URLs share a path.
+    pub fn insert(&self, new: &NewUrl<'_>, named: bool) -> Result<InsertResult> {
+        if named && let Some(clash) = self.name_clash(new.path)? {
+            return Ok(InsertResult::NameTaken(clash));
+        }
         let changed = self
             .tx
-            .prepare_cached("INSERT OR IGNORE INTO urls (url, path) VALUES (?1, ?2)")?
-            .execute(params![url, path])?;
-        Ok(if changed == 1 {
-            InsertResult::Inserted
-        } else {
-            InsertResult::Duplicate
-        })
+            .prepare_cached(
+                "INSERT INTO urls (url, request, request_key, host, path) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (request_key) DO NOTHING",
+            )?
+            .execute(params![new.url, new.request, new.request_key, new.host, new.path]);
+        match changed {
+            Ok(1) => Ok(InsertResult::Inserted),
+            Ok(_) => Ok(InsertResult::Duplicate),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                Ok(InsertResult::NameTaken(format!(
+                    "\"name\" {:?} is already used by another URL",
+                    new.path
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Another row whose path is a folder of `path`, or inside `path`.
+    fn name_clash(&self, path: &str) -> Result<Option<String>> {
+        let parts: Vec<&str> = path.split('/').collect();
+        for depth in 1..parts.len() {
+            let folder = parts[..depth].join("/");
+            let taken: Option<i64> = self
+                .tx
+                .prepare_cached("SELECT id FROM urls WHERE path = ?1")?
+                .query_row([&folder], |row| row.get(0))
+                .optional()?;
+            if taken.is_some() {
+                return Ok(Some(format!(
+                    "\"name\" {path:?} needs a folder {folder:?}, which is another URL's file"
+                )));
+            }
+        }
+        // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
+        let inside: Option<String> = self
+            .tx
+            .prepare_cached("SELECT path FROM urls WHERE path > ?1 AND path < ?2 LIMIT 1")?
+            .query_row(params![format!("{path}/"), format!("{path}0")], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        Ok(inside
+            .map(|other| format!("\"name\" {path:?} is a folder of another URL's file {other:?}")))
     }
 
     pub fn commit(self) -> Result<()> {
@@ -113,8 +186,19 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut tally = Tally::default();
+        let mut durations = std::collections::HashMap::<i64, i64>::new();
         for completion in completions {
             record(&tx, run, now, completion, &mut tally)?;
+            if let Some(millis) = completion.millis() {
+                *durations.entry(duration_bucket(millis)).or_default() += 1;
+            }
+        }
+        for (bucket, count) in durations {
+            tx.prepare_cached(
+                "INSERT INTO durations (bucket, count) VALUES (?1, ?2)
+                 ON CONFLICT (bucket) DO UPDATE SET count = count + excluded.count",
+            )?
+            .execute(params![bucket, count])?;
         }
         tx.prepare_cached(
             "UPDATE runs SET heartbeat_at = ?2, done = done + ?3, failed = failed + ?4,
@@ -136,6 +220,36 @@ impl Store {
         };
         tx.commit()?;
         Ok(claims)
+    }
+
+    /// Failed rows (all, or those with `status`, or whose error contains
+    /// `error`) go back to pending with a fresh retry budget.
+    pub fn requeue_failed(&mut self, status: Option<u16>, error: Option<&str>) -> Result<usize> {
+        Ok(self.conn.execute(
+            "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0
+             WHERE state = 'failed'
+               AND (?1 IS NULL OR http_status = ?1)
+               AND (?2 IS NULL OR instr(error, ?2) > 0)",
+            params![status, error],
+        )?)
+    }
+
+    /// Done rows whose files are missing or damaged go back to pending with
+    /// a fresh retry budget.
+    pub fn requeue_damaged(&mut self, ids: &[i64]) -> Result<()> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.prepare_cached(
+                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0,
+                     error = 'file missing or damaged (found by verify)'
+                 WHERE id = ?1 AND state = 'done'",
+            )?
+            .execute([id])?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// The earliest time a pending row becomes due, if any is pending.
@@ -175,38 +289,62 @@ fn record(
             status,
             bytes,
             sha256,
+            millis,
         } => {
             tally.done += 1;
             tally.bytes += *bytes as i64;
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'done', attempts = attempts + 1, http_status = ?3,
-                     bytes = ?4, sha256 = ?5, error = NULL, next_attempt_at = 0, updated_at = ?6
+                     bytes = ?4, sha256 = ?5, error = NULL, next_attempt_at = 0, updated_at = ?6,
+                     duration_ms = ?7
                  {GUARD}"
             ))?
-            .execute(params![id, run, status, *bytes as i64, &sha256[..], now])?
+            .execute(params![
+                id,
+                run,
+                status,
+                *bytes as i64,
+                &sha256[..],
+                now,
+                millis
+            ])?
         }
         Completion::Retry {
             id,
             status,
             error,
             next_attempt_at,
+            millis,
         } => {
             tally.retried += 1;
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'pending', attempts = attempts + 1, http_status = ?3,
-                     error = ?4, next_attempt_at = ?5, updated_at = ?6
+                     error = ?4, next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7
                  {GUARD}"
             ))?
-            .execute(params![id, run, status, error, next_attempt_at, now])?
+            .execute(params![
+                id,
+                run,
+                status,
+                error,
+                next_attempt_at,
+                now,
+                millis
+            ])?
         }
-        Completion::Failed { id, status, error } => {
+        Completion::Failed {
+            id,
+            status,
+            error,
+            millis,
+        } => {
             tally.failed += 1;
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'failed', attempts = attempts + 1, http_status = ?3,
-                     error = ?4, updated_at = ?5
+                     error = ?4, updated_at = ?5, duration_ms = ?6
                  {GUARD}"
             ))?
-            .execute(params![id, run, status, error, now])?
+            .execute(params![id, run, status, error, now, millis])?
         }
         Completion::Interrupted { id } => tx
             .prepare_cached(&format!(
@@ -222,6 +360,17 @@ fn record(
     Ok(())
 }
 
+/// The histogram bucket of a duration: quarter-octaves of milliseconds, so
+/// that any percentile read back is within about 19% of the truth.
+pub fn duration_bucket(millis: u32) -> i64 {
+    (4.0 * (f64::from(millis) + 1.0).log2()).floor() as i64
+}
+
+/// The smallest duration in a bucket, in milliseconds.
+pub fn bucket_floor(bucket: i64) -> f64 {
+    (2f64.powf(bucket as f64 / 4.0) - 1.0).max(0.0)
+}
+
 fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<Vec<Claim>> {
     // Bundled SQLite has no UPDATE ... LIMIT; the subquery does the picking.
     let mut statement = tx.prepare_cached(
@@ -229,15 +378,16 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
          WHERE id IN (SELECT id FROM urls
                       WHERE state = 'pending' AND next_attempt_at <= ?2
                       ORDER BY next_attempt_at LIMIT ?3)
-         RETURNING id, url, path, attempts",
+         RETURNING id, url, request, path, attempts",
     )?;
     let claims = statement
         .query_map(params![run, now, limit as i64], |row| {
             Ok(Claim {
                 id: row.get(0)?,
                 url: row.get(1)?,
-                path: row.get(2)?,
-                attempts: row.get(3)?,
+                request: row.get(2)?,
+                path: row.get(3)?,
+                attempts: row.get(4)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

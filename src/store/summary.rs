@@ -2,10 +2,12 @@
 //! only read, so they work while a run is writing (WAL readers never block
 //! the writer).
 
+use std::collections::BTreeMap;
+
 use anyhow::Result;
 use serde::Serialize;
 
-use super::Store;
+use super::{Store, bucket_floor};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Summary {
@@ -14,13 +16,17 @@ pub struct Summary {
     pub running: i64,
     pub done: i64,
     pub failed: i64,
-    /// Pending rows that failed before and wait for their retry.
+    /// Pending rows whose retry is scheduled.
     pub retry_waiting: i64,
     /// Bytes in the files of done rows.
     pub bytes: i64,
     pub http_statuses: Vec<StatusCount>,
     /// The most common last errors of rows not done, most frequent first.
     pub errors: Vec<ErrorCount>,
+    /// Counts per host, when there is more than one host.
+    pub hosts: Vec<HostCount>,
+    /// Request durations, from the histogram of every finished attempt.
+    pub durations: Option<Durations>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +39,59 @@ pub struct StatusCount {
 pub struct ErrorCount {
     pub error: String,
     pub count: i64,
+    /// One URL that ended with this error.
+    pub example: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostCount {
+    pub host: String,
+    pub total: i64,
+    pub done: i64,
+    pub failed: i64,
+    pub pending: i64,
+}
+
+/// Percentiles in milliseconds, each the lower edge of its histogram bucket
+/// (within about 19%).
+#[derive(Debug, Clone, Serialize)]
+pub struct Durations {
+    pub requests: i64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Rows per state, read from the state index alone.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StateCounts {
+    pub total: i64,
+    pub pending: i64,
+    pub running: i64,
+    pub done: i64,
+    pub failed: i64,
+    /// Pending rows whose retry is scheduled.
+    pub retry_waiting: i64,
+}
+
+/// A done URL's file, as recorded.
+#[derive(Debug, Clone)]
+pub struct DoneFile {
+    pub id: i64,
+    pub url: String,
+    /// Relative to the output folder.
+    pub path: String,
+    pub bytes: i64,
+    pub sha256: Vec<u8>,
+}
+
+/// A failed URL, as `report --failed` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedRow {
+    pub url: String,
+    pub http_status: Option<u16>,
+    pub attempts: u32,
+    pub error: Option<String>,
 }
 
 /// One URL, as `export` writes it.
@@ -50,34 +109,70 @@ pub struct ExportRow {
 }
 
 impl Store {
-    /// Counts by state and HTTP status, bytes and the `top_errors` most
-    /// common errors.
+    /// Counts by state; cheap even on millions of rows, since both queries
+    /// are answered by the (state, next_attempt_at) index.
+    pub fn state_counts(&self) -> Result<StateCounts> {
+        let mut counts = StateCounts::default();
+        let mut statement = self
+            .conn
+            .prepare("SELECT state, count(*) FROM urls GROUP BY state")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let count: i64 = row.get(1)?;
+            counts.total += count;
+            match row.get_ref(0)?.as_str()? {
+                "pending" => counts.pending = count,
+                "running" => counts.running = count,
+                "done" => counts.done = count,
+                _ => counts.failed += count,
+            }
+        }
+        counts.retry_waiting = self.conn.query_row(
+            "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > 0",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok(counts)
+    }
+
+    /// Counts by state, HTTP status and host, bytes, durations and the
+    /// `top_errors` most common errors.
     pub fn summary(&self, top_errors: usize) -> Result<Summary> {
-        let mut summary = Summary::default();
-        let mut statuses = std::collections::BTreeMap::<u16, i64>::new();
-        // One pass over the table for everything but the errors.
+        let counts = self.state_counts()?;
+        let mut summary = Summary {
+            total: counts.total,
+            pending: counts.pending,
+            running: counts.running,
+            done: counts.done,
+            failed: counts.failed,
+            retry_waiting: counts.retry_waiting,
+            ..Summary::default()
+        };
+        let mut statuses = BTreeMap::<u16, i64>::new();
+        let mut hosts = BTreeMap::<String, HostCount>::new();
+        // One pass over the table for statuses, hosts and bytes.
         let mut statement = self.conn.prepare(
-            "SELECT state, http_status, count(*), coalesce(sum(bytes), 0),
-                    coalesce(sum(attempts > 0), 0)
-             FROM urls GROUP BY state, http_status",
+            "SELECT state, http_status, host, count(*), coalesce(sum(bytes), 0)
+             FROM urls GROUP BY state, http_status, host",
         )?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            let state: String = row.get(0)?;
+            let state = row.get_ref(0)?.as_str()?;
             let status: Option<u16> = row.get(1)?;
-            let count: i64 = row.get(2)?;
-            summary.total += count;
-            match state.as_str() {
-                "pending" => {
-                    summary.pending += count;
-                    summary.retry_waiting += row.get::<_, i64>(4)?;
-                }
-                "running" => summary.running += count,
+            let host = row.get_ref(2)?.as_str()?;
+            let count: i64 = row.get(3)?;
+            let per_host = hosts.entry(host.to_string()).or_insert_with(|| HostCount {
+                host: host.to_string(),
+                ..HostCount::default()
+            });
+            per_host.total += count;
+            match state {
                 "done" => {
-                    summary.done += count;
-                    summary.bytes += row.get::<_, i64>(3)?;
+                    per_host.done += count;
+                    summary.bytes += row.get::<_, i64>(4)?;
                 }
-                _ => summary.failed += count,
+                "failed" => per_host.failed += count,
+                _ => per_host.pending += count,
             }
             if let Some(status) = status {
                 *statuses.entry(status).or_default() += count;
@@ -87,10 +182,13 @@ impl Store {
             .into_iter()
             .map(|(status, count)| StatusCount { status, count })
             .collect();
+        if hosts.len() > 1 {
+            summary.hosts = hosts.into_values().collect();
+        }
         summary.errors = self
             .conn
             .prepare(
-                "SELECT error, count(*) FROM urls
+                "SELECT error, count(*), min(url) FROM urls
                  WHERE state IN ('pending', 'running', 'failed') AND error IS NOT NULL
                  GROUP BY error ORDER BY count(*) DESC, error LIMIT ?1",
             )?
@@ -98,10 +196,78 @@ impl Store {
                 Ok(ErrorCount {
                     error: row.get(0)?,
                     count: row.get(1)?,
+                    example: row.get(2)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
+        summary.durations = self.durations()?;
         Ok(summary)
+    }
+
+    fn durations(&self) -> Result<Option<Durations>> {
+        let buckets = self
+            .conn
+            .prepare("SELECT bucket, count FROM durations ORDER BY bucket")?
+            .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let requests: i64 = buckets.iter().map(|(_, count)| count).sum();
+        if requests == 0 {
+            return Ok(None);
+        }
+        let percentile = |p: f64| {
+            let rank = (p * requests as f64).ceil().max(1.0) as i64;
+            let mut seen = 0;
+            for (bucket, count) in &buckets {
+                seen += count;
+                if seen >= rank {
+                    return bucket_floor(*bucket);
+                }
+            }
+            buckets
+                .last()
+                .map_or(0.0, |(bucket, _)| bucket_floor(*bucket))
+        };
+        Ok(Some(Durations {
+            requests,
+            p50_ms: percentile(0.50),
+            p95_ms: percentile(0.95),
+            p99_ms: percentile(0.99),
+        }))
+    }
+
+    /// Calls `each` with every done URL's file record, in import order.
+    pub fn done_files(&self, mut each: impl FnMut(DoneFile) -> Result<()>) -> Result<()> {
+        let mut statement = self.conn.prepare(
+            "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
+        )?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            each(DoneFile {
+                id: row.get(0)?,
+                url: row.get(1)?,
+                path: row.get(2)?,
+                bytes: row.get::<_, Option<i64>>(3)?.unwrap_or(-1),
+                sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Calls `each` with every failed URL, in import order.
+    pub fn failed(&self, mut each: impl FnMut(FailedRow) -> Result<()>) -> Result<()> {
+        let mut statement = self.conn.prepare(
+            "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
+        )?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            each(FailedRow {
+                url: row.get(0)?,
+                http_status: row.get(1)?,
+                attempts: row.get(2)?,
+                error: row.get(3)?,
+            })?;
+        }
+        Ok(())
     }
 
     /// Calls `each` with every URL in import order.

@@ -1,0 +1,80 @@
+//! `jobrun verify`: re-reads every done file and checks it against the
+//! size and sha256 recorded when it was fetched. Missing and damaged files
+//! are listed by path; `--requeue` sends their URLs back to pending.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read};
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+
+use crate::cli::VerifyArgs;
+use crate::commands::run::out_dir_of;
+use crate::commands::{Status, thousands};
+use crate::store::{Open, Store};
+
+pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
+    let mut store = Store::open(db, Open::MustExist)?;
+    let out_dir = out_dir_of(&store, db)?;
+    let mut checked = 0u64;
+    let mut bad = Vec::new();
+    store.done_files(|file| {
+        checked += 1;
+        let path = out_dir.join(&file.path);
+        if let Some(problem) = check(&path, file.bytes, &file.sha256)? {
+            println!("{problem}: {} ({})", path.display(), file.url);
+            bad.push(file.id);
+        }
+        Ok(())
+    })?;
+    tracing::info!(
+        "checked {} files: {} missing or damaged",
+        thousands(checked as i64),
+        thousands(bad.len() as i64)
+    );
+    if bad.is_empty() {
+        return Ok(Status::Success);
+    }
+    if args.requeue {
+        store.requeue_damaged(&bad)?;
+        tracing::info!(
+            "{} URLs are pending again; fetch them with `jobrun --db {} run`",
+            thousands(bad.len() as i64),
+            db.display()
+        );
+    } else {
+        tracing::info!("`jobrun verify --requeue` sends them back to pending to fetch again");
+    }
+    Ok(Status::Partial)
+}
+
+/// What is wrong with a done file, if anything.
+fn check(path: &PathBuf, bytes: i64, sha256: &[u8]) -> Result<Option<String>> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some("missing".into())),
+        Err(e) => return Ok(Some(format!("unreadable ({e})"))),
+    };
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; 256 * 1024];
+    let mut size = 0i64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                size += n as i64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Ok(Some(format!("unreadable ({e})"))),
+        }
+    }
+    if size != bytes {
+        return Ok(Some(format!("damaged: {size} bytes, {bytes} expected")));
+    }
+    if hasher.finalize().as_slice() != sha256 {
+        return Ok(Some("damaged: sha256 differs".into()));
+    }
+    Ok(None)
+}

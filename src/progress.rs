@@ -1,0 +1,237 @@
+//! The live view of a run: done out of total, failures, URLs waiting for a
+//! retry, URLs/s and MB/s over the last ten seconds, an ETA, and the hosts
+//! that are paused or throttled. On a terminal it is a progress bar; else a
+//! status line every few seconds (a JSON event with `--log-format json`).
+//!
+//! It is drawn from counters that the database owner bumps as it commits,
+//! never from polling the database.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::commands::{human_bytes, thousands};
+use crate::hosts::Hosts;
+
+/// How far back the rates look.
+const WINDOW: Duration = Duration::from_secs(10);
+/// How often a status line is written when there is no bar.
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts committed by this run.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub done: AtomicU64,
+    pub failed: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Pending URLs that failed before: the count at the start, plus
+    /// retries recorded, less retries claimed.
+    pub retry_waiting: AtomicI64,
+}
+
+/// Where the job stood when the run started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Start {
+    pub total: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Display {
+    /// A bar on a terminal.
+    Bar,
+    /// A status line every few seconds.
+    Lines,
+    Off,
+}
+
+struct Sample {
+    at: Instant,
+    finished: u64,
+    bytes: u64,
+}
+
+/// Shows progress until the task is dropped or aborted.
+pub async fn show(counters: Arc<Counters>, start: Start, hosts: Arc<Hosts>, display: Display) {
+    if display == Display::Off {
+        return;
+    }
+    let bar = (display == Display::Bar).then(|| new_bar(start.total));
+    crate::log::set_bar(bar.clone());
+    let _clear = ClearOnDrop(bar.clone());
+    let mut samples: VecDeque<Sample> = VecDeque::new();
+    let every = if bar.is_some() {
+        Duration::from_millis(200)
+    } else {
+        LINE_EVERY
+    };
+    let mut ticks = tokio::time::interval(every);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let done = counters.done.load(Ordering::Relaxed);
+        let failed = counters.failed.load(Ordering::Relaxed);
+        let bytes = counters.bytes.load(Ordering::Relaxed);
+        samples.push_back(Sample {
+            at: now,
+            finished: done + failed,
+            bytes,
+        });
+        while samples.front().is_some_and(|s| now - s.at > WINDOW) {
+            samples.pop_front();
+        }
+        let status = Status {
+            done: start.done + done,
+            failed: start.failed + failed,
+            total: start.total,
+            retry_waiting: counters.retry_waiting.load(Ordering::Relaxed).max(0) as u64,
+            rates: rates(&samples),
+            restrained: restrained(&hosts),
+        };
+        match &bar {
+            Some(bar) => {
+                bar.set_length(status.total);
+                bar.set_position(status.done + status.failed);
+                bar.set_message(status.bar_message());
+            }
+            None => status.log(),
+        }
+    }
+}
+
+fn new_bar(total: u64) -> ProgressBar {
+    let style =
+        ProgressStyle::with_template("[{elapsed_precise}] {bar:30} {pos}/{len} done · {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("##-");
+    ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr()).with_style(style)
+}
+
+struct ClearOnDrop(Option<ProgressBar>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+        crate::log::set_bar(None);
+    }
+}
+
+/// URLs and bytes per second over the samples' span.
+fn rates(samples: &VecDeque<Sample>) -> Option<(f64, f64)> {
+    let (first, last) = (samples.front()?, samples.back()?);
+    let seconds = (last.at - first.at).as_secs_f64();
+    (seconds >= 0.5).then(|| {
+        (
+            (last.finished - first.finished) as f64 / seconds,
+            (last.bytes - first.bytes) as f64 / seconds,
+        )
+    })
+}
+
+fn restrained(hosts: &Hosts) -> Vec<String> {
+    hosts
+        .restrained()
+        .into_iter()
+        .map(|view| match (view.paused_for, view.adaptive_rate) {
+            (Some(pause), _) => format!("{} paused {}s", view.host, pause.as_secs() + 1),
+            (None, Some(rate)) => format!("{} at {rate:.1}/s", view.host),
+            (None, None) => view.host,
+        })
+        .collect()
+}
+
+struct Status {
+    done: u64,
+    failed: u64,
+    total: u64,
+    retry_waiting: u64,
+    rates: Option<(f64, f64)>,
+    restrained: Vec<String>,
+}
+
+impl Status {
+    fn eta(&self) -> Option<Duration> {
+        let (urls_per_second, _) = self.rates?;
+        let left = self.total.saturating_sub(self.done + self.failed);
+        (urls_per_second > 0.0)
+            .then(|| Duration::from_secs((left as f64 / urls_per_second).ceil() as u64))
+    }
+
+    fn parts(&self) -> Vec<String> {
+        let mut parts = vec![
+            format!("{} failed", thousands(self.failed)),
+            format!("{} waiting for a retry", thousands(self.retry_waiting)),
+        ];
+        match self.rates {
+            Some((urls, bytes)) => {
+                parts.push(format!("{urls:.0} URLs/s"));
+                parts.push(format!("{}/s", human_bytes(bytes as i64)));
+            }
+            None => parts.push("measuring rate".into()),
+        }
+        parts.push(match self.eta() {
+            Some(eta) => format!("ETA {}", humantime::format_duration(eta)),
+            None => "ETA unknown".into(),
+        });
+        if !self.restrained.is_empty() {
+            parts.push(format!("hosts: {}", self.restrained.join(", ")));
+        }
+        parts
+    }
+
+    fn bar_message(&self) -> String {
+        self.parts().join(" · ")
+    }
+
+    fn log(&self) {
+        let (urls_per_s, bytes_per_s) = self.rates.unwrap_or_default();
+        tracing::info!(
+            done = self.done,
+            total = self.total,
+            failed = self.failed,
+            retry_waiting = self.retry_waiting,
+            urls_per_s = urls_per_s.round(),
+            bytes_per_s = bytes_per_s.round(),
+            eta_s = self.eta().map(|eta| eta.as_secs()),
+            "{}/{} done, {}",
+            thousands(self.done),
+            thousands(self.total),
+            self.parts().join(", ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_names_counts_rates_and_an_eta() {
+        let status = Status {
+            done: 500,
+            failed: 2,
+            total: 1502,
+            retry_waiting: 3,
+            rates: Some((100.0, 2_000_000.0)),
+            restrained: vec!["a.test paused 3s".into()],
+        };
+        let text = status.bar_message();
+        for part in [
+            "2 failed",
+            "3 waiting for a retry",
+            "100 URLs/s",
+            "2.0 MB/s",
+            "ETA 10s",
+            "a.test paused 3s",
+        ] {
+            assert!(text.contains(part), "{part} missing from {text}");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What to send for a URL when it is more than a plain GET: a method,
+//! headers and a body, as given on a JSON Lines import. Stored with the row
+//! as JSON, checked once at import so that a run never meets a request it
+//! cannot build.
+
+use std::collections::BTreeMap;
+
+use reqwest::Method;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+impl RequestSpec {
+    /// A GET without headers or body: stored as no request at all.
+    pub fn is_plain_get(&self) -> bool {
+        self.method.as_deref().is_none_or(|m| m == "GET")
+            && self.headers.is_empty()
+            && self.body.is_none()
+    }
+
+    /// Checks that the request can be sent; the message names the part
+    /// that cannot (never a header's value, which may be a secret).
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(method) = &self.method {
+            Method::from_bytes(method.as_bytes())
+                .map_err(|_| format!("\"method\": {method:?} is not an HTTP method"))?;
+        }
+        for (name, value) in &self.headers {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("\"headers\": {name:?} is not a valid header name"))?;
+            HeaderValue::from_str(value).map_err(|_| {
+                format!("\"headers\": the value of {name:?} has characters a header cannot carry")
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The method to send, GET by default.
+    pub fn method(&self) -> Method {
+        self.method
+            .as_deref()
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::GET)
+    }
+
+    pub fn to_json(&self) -> String {
+        // A struct of strings always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn from_json(text: &str) -> Result<RequestSpec, String> {
+        serde_json::from_str(text).map_err(|e| format!("stored request is damaged: {e}"))
+    }
+
+    /// What makes two imported lines the same job: the URL alone for a plain
+    /// GET, else the URL and a hash of the whole request.
+    pub fn key(&self, url: &str) -> String {
+        if self.is_plain_get() {
+            return url.to_string();
+        }
+        let digest = Sha256::digest(self.to_json().as_bytes());
+        format!("{url} {digest:x}")
+    }
+}
+
+/// Checks an output file name given on import: relative, inside the output
+/// folder, without `.` or `..` parts, and not in jobrun's temp area.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("\"name\" is empty".into());
+    }
+    if name.len() > 1024 {
+        return Err("\"name\" is longer than 1024 bytes".into());
+    }
+    if name.starts_with('/') {
+        return Err(format!(
+            "\"name\" {name:?} is absolute; names are relative to the output folder"
+        ));
+    }
+    if name.contains('\\') || name.contains('\0') {
+        return Err(format!(
+            "\"name\" {name:?} has a backslash or NUL; use / between folders"
+        ));
+    }
+    for part in name.split('/') {
+        match part {
+            "" => {
+                return Err(format!(
+                    "\"name\" {name:?} has an empty part (// or a trailing /)"
+                ));
+            }
+            "." | ".." => {
+                return Err(format!(
+                    "\"name\" {name:?} has a {part:?} part; names stay inside the output folder"
+                ));
+            }
+            _ if part.len() > 255 => {
+                return Err(format!(
+                    "\"name\" {name:?} has a part longer than 255 bytes"
+                ));
+            }
+            _ => {}
+        }
+    }
+    if name.split('/').next() == Some(crate::output::TEMP_DIR) {
+        return Err(format!("\"name\" {name:?} is inside jobrun's temp folder"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_get_keys_on_its_url_and_others_on_the_request_too() {
+        let get = RequestSpec {
+            method: Some("GET".into()),
+            ..Default::default()
+        };
+        assert!(get.is_plain_get());
+        assert_eq!(get.key("http://a.test/"), "http://a.test/");
+        let post = |body: &str| RequestSpec {
+            method: Some("POST".into()),
+            body: Some(body.into()),
+            ..Default::default()
+        };
+        assert_ne!(
+            post("1").key("http://a.test/"),
+            post("2").key("http://a.test/")
+        );
+        assert_eq!(
+            post("1").key("http://a.test/"),
+            post("1").key("http://a.test/")
+        );
+    }
+
+    #[test]
+    fn requests_round_trip_and_are_checked() {
+        let mut spec = RequestSpec {
+            method: Some("PATCH".into()),
+            ..Default::default()
+        };
+        spec.headers.insert("X-Key".into(), "v".into());
+        assert_eq!(RequestSpec::from_json(&spec.to_json()).unwrap(), spec);
+        assert!(spec.check().is_ok());
+        spec.headers.insert("bad name".into(), "v".into());
+        assert!(
+            spec.check()
+                .unwrap_err()
+                .contains("not a valid header name")
+        );
+        let bad = RequestSpec {
+            method: Some("GE T".into()),
+            ..Default::default()
+        };
+        assert!(bad.check().unwrap_err().contains("not an HTTP method"));
+    }
+
+    #[test]
+    fn names_stay_inside_the_output_folder() {
+        for good in ["a.json", "orders/17.json", "x/y/z", ".hidden"] {
+            assert!(check_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../up",
+            "a/../../b",
+            "a//b",
+            "a/",
+            "./a",
+            "a\\b",
+            ".jobrun-tmp/x",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
