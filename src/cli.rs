@@ -167,6 +167,11 @@ pub struct RunArgs {
     /// The User-Agent header [default: jobrun/VERSION].
     #[arg(long)]
     pub user_agent: Option<String>,
+
+    /// How often a status line is written when standard error is not a
+    /// terminal (on a terminal, a progress bar is shown instead).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub progress_every: Duration,
 }
 
 #[derive(Debug, Args)]

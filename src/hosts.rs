@@ -4,10 +4,11 @@
 //! - `--per-host-workers N` caps the requests in flight to one host.
 //! - `--per-host-rate R` spaces that host's requests at least 1/R apart.
 //! - A `Retry-After` on a 429 or 503 pauses every request to that host.
-//! - Adaptive throttling (AIMD): a 429 or 503 halves the host's rate, at
-//!   most once per second; every healthy response raises it again by about
-//!   5% (at least one request per second) per second, up to `--per-host-rate`.
-//!   A host that was never throttled is not limited by it.
+//! - Adaptive throttling (AIMD): repeated 429s or 503s (two within five
+//!   seconds) halve the host's rate, at most once per second; healthy
+//!   responses raise it again by about 5% (at least one request per second)
+//!   per second, up to `--per-host-rate`. A host that was never throttled is
+//!   not limited by it.
 //!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
@@ -25,6 +26,9 @@ use crate::rate::Rate;
 const MIN_RATE: f64 = 0.2;
 /// How often the rate may be halved.
 const DECREASE_EVERY: Duration = Duration::from_secs(1);
+/// Throttling starts on the second 429 or 503 within this time: a single
+/// one, with its Retry-After, only pauses the host.
+const REPEATED_WITHIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Politeness {
@@ -47,6 +51,8 @@ struct HostState {
     next_slot: Instant,
     paused_until: Option<Instant>,
     last_decrease: Option<Instant>,
+    /// When the last 429 or 503 came.
+    last_throttle: Option<Instant>,
     /// Responses since `window_start`, to know the rate a host was getting
     /// when it first pushed back.
     window_start: Instant,
@@ -93,6 +99,7 @@ impl Hosts {
                 next_slot: Instant::now(),
                 paused_until: None,
                 last_decrease: None,
+                last_throttle: None,
                 window_start: Instant::now(),
                 window_responses: 0,
                 observed_rate: 0.0,
@@ -149,10 +156,14 @@ impl Hosts {
         self.with_host(host, |state| {
             let now = Instant::now();
             state.count_response(now);
-            if state
+            let repeated = state
+                .last_throttle
+                .is_some_and(|at| now - at < REPEATED_WITHIN);
+            state.last_throttle = Some(now);
+            let halved_lately = state
                 .last_decrease
-                .is_some_and(|at| now - at < DECREASE_EVERY)
-            {
+                .is_some_and(|at| now - at < DECREASE_EVERY);
+            if !repeated || halved_lately {
                 return;
             }
             let current = state
@@ -245,9 +256,14 @@ mod tests {
         let hosts = adaptive();
         hosts.with_host("h", |s| s.rate = Some(40.0));
         hosts.throttled("h");
+        assert!(
+            hosts.restrained().is_empty(),
+            "a single 429 does not throttle"
+        );
+        hosts.throttled("h");
         hosts.throttled("h");
         let rate = |hosts: &Hosts| hosts.restrained()[0].adaptive_rate.unwrap();
-        assert_eq!(rate(&hosts), 20.0, "two 429s in a row halve once");
+        assert_eq!(rate(&hosts), 20.0, "429s in a row halve once a second");
         for _ in 0..20 {
             hosts.healthy("h");
         }
@@ -265,6 +281,7 @@ mod tests {
             per_host_rate: Some(Rate::parse("4/s").unwrap()),
             ..Default::default()
         });
+        hosts.throttled("h");
         hosts.throttled("h");
         assert_eq!(hosts.restrained()[0].adaptive_rate, Some(2.0));
         for _ in 0..10 {

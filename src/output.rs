@@ -52,14 +52,18 @@ impl OutputDir {
             }
         }
         let temp_root = root.join(TEMP_DIR);
-        remove_dead_temp_dirs(&temp_root, live_runs)?;
+        remove_dead_temp_dirs(&temp_root, run, live_runs)?;
         let temp = temp_root.join(format!("run-{run}"));
-        fs::create_dir_all(&temp).with_context(|| {
-            format!(
-                "cannot write in the output folder {display} (creating {})",
-                temp.display()
-            )
-        })?;
+        // A run ending at this moment may remove the empty temp area
+        // between the two folders' creation; once more is enough.
+        fs::create_dir_all(&temp)
+            .or_else(|_| fs::create_dir_all(&temp))
+            .with_context(|| {
+                format!(
+                    "cannot write in the output folder {display} (creating {})",
+                    temp.display()
+                )
+            })?;
         let handle =
             File::open(root).with_context(|| format!("cannot open the output folder {display}"))?;
         Ok(OutputDir {
@@ -179,7 +183,9 @@ fn rename_into_place(file: &Staged) -> Result<()> {
 }
 
 /// Removes every `run-ID` folder of the temp area whose run is not live.
-fn remove_dead_temp_dirs(temp_root: &Path, live_runs: &[i64]) -> Result<()> {
+/// Runs numbered above `run` started after it looked for live runs, so
+/// they are live too: their folders stay.
+fn remove_dead_temp_dirs(temp_root: &Path, run: i64, live_runs: &[i64]) -> Result<()> {
     let entries = match fs::read_dir(temp_root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
@@ -192,7 +198,7 @@ fn remove_dead_temp_dirs(temp_root: &Path, live_runs: &[i64]) -> Result<()> {
             .to_str()
             .and_then(|n| n.strip_prefix("run-"))
             .and_then(|id| id.parse::<i64>().ok())
-            .is_some_and(|id| live_runs.contains(&id));
+            .is_some_and(|id| id > run || live_runs.contains(&id));
         if !live {
             let path = entry.path();
             let removed = if path.is_dir() {
@@ -229,9 +235,15 @@ mod tests {
         fs::create_dir_all(&stale).unwrap();
         fs::write(stale.join("7"), b"half").unwrap();
         fs::create_dir_all(root.join(TEMP_DIR).join("run-2")).unwrap();
+        // A run that started after this one looked for live runs.
+        fs::create_dir_all(root.join(TEMP_DIR).join("run-4")).unwrap();
 
         let out = OutputDir::open(&root, 3, &[2]).unwrap();
         assert!(!stale.exists(), "a dead run's temp folder was kept");
+        assert!(
+            root.join(TEMP_DIR).join("run-4").exists(),
+            "a newer run's temp folder was removed"
+        );
         assert!(
             root.join(TEMP_DIR).join("run-2").exists(),
             "a live run's temp folder was removed"

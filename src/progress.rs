@@ -18,8 +18,8 @@ use crate::hosts::Hosts;
 
 /// How far back the rates look.
 const WINDOW: Duration = Duration::from_secs(10);
-/// How often a status line is written when there is no bar.
-const LINE_EVERY: Duration = Duration::from_secs(5);
+/// How often the bar is redrawn.
+const BAR_EVERY: Duration = Duration::from_millis(200);
 
 /// Counts committed by this run.
 #[derive(Debug, Default)]
@@ -44,8 +44,8 @@ pub struct Start {
 pub enum Display {
     /// A bar on a terminal.
     Bar,
-    /// A status line every few seconds.
-    Lines,
+    /// A status line this often.
+    Lines(Duration),
     Off,
 }
 
@@ -57,18 +57,15 @@ struct Sample {
 
 /// Shows progress until the task is dropped or aborted.
 pub async fn show(counters: Arc<Counters>, start: Start, hosts: Arc<Hosts>, display: Display) {
-    if display == Display::Off {
-        return;
-    }
+    let every = match display {
+        Display::Off => return,
+        Display::Bar => BAR_EVERY,
+        Display::Lines(every) => every,
+    };
     let bar = (display == Display::Bar).then(|| new_bar(start.total));
     crate::log::set_bar(bar.clone());
     let _clear = ClearOnDrop(bar.clone());
     let mut samples: VecDeque<Sample> = VecDeque::new();
-    let every = if bar.is_some() {
-        Duration::from_millis(200)
-    } else {
-        LINE_EVERY
-    };
     let mut ticks = tokio::time::interval(every);
     ticks.tick().await;
     loop {

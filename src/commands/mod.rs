@@ -46,7 +46,13 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
     let display = progress_display(&cli);
     match cli.command {
         Command::Import(args) => import::run(&cli.db, args),
-        Command::Run(args) => run::run(&cli.db, args, display),
+        Command::Run(args) => {
+            let display = match display {
+                Display::Lines(_) => Display::Lines(args.progress_every),
+                other => other,
+            };
+            run::run(&cli.db, args, display)
+        }
         Command::Report(args) => report::run(&cli.db, args),
         Command::Export(args) => export::run(&cli.db, args),
         Command::Retry(args) => retry::run(&cli.db, args),
@@ -70,7 +76,7 @@ fn progress_display(cli: &Cli) -> Display {
     } else if cli.log_format == LogFormat::Text && std::io::stderr().is_terminal() {
         Display::Bar
     } else {
-        Display::Lines
+        Display::Lines(std::time::Duration::from_secs(5))
     }
 }
 

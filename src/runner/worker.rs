@@ -6,34 +6,66 @@ use std::sync::Arc;
 
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Staged;
-use crate::store::Completion;
+use crate::store::{Completion, now_ms};
 
 use super::{Event, Job};
 
 pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flume::Sender<Event>) {
     while let Ok(job) = jobs.recv_async().await {
         let event = match fetcher.attempt(&job.claim, &job.temp).await {
-            Ok(Attempt::Body(body)) => Event::Finished {
-                completion: Completion::Done {
-                    id: job.claim.id,
-                    status: body.status,
-                    bytes: body.bytes,
-                    sha256: body.sha256,
-                    millis: body.millis,
-                },
-                staged: Some(Staged {
-                    temp: job.temp,
-                    target: job.target,
-                }),
-            },
-            Ok(Attempt::Failed(completion)) => Event::Finished {
-                completion,
-                staged: None,
-            },
+            Ok(Attempt::Body(body)) => {
+                tracing::trace!(
+                    "fetched {}: HTTP {}, {} bytes in {} ms",
+                    job.claim.url,
+                    body.status,
+                    body.bytes,
+                    body.millis
+                );
+                Event::Finished {
+                    completion: Completion::Done {
+                        id: job.claim.id,
+                        status: body.status,
+                        bytes: body.bytes,
+                        sha256: body.sha256,
+                        millis: body.millis,
+                    },
+                    staged: Some(Staged {
+                        temp: job.temp,
+                        target: job.target,
+                    }),
+                }
+            }
+            Ok(Attempt::Failed(completion)) => {
+                log_failure(&job.claim.url, &completion);
+                Event::Finished {
+                    completion,
+                    staged: None,
+                }
+            }
             Err(LocalError(error)) => Event::Fatal(error),
         };
         if events.send_async(event).await.is_err() {
             return;
         }
+    }
+}
+
+fn log_failure(url: &str, completion: &Completion) {
+    match completion {
+        Completion::Retry {
+            error,
+            next_attempt_at,
+            ..
+        } => {
+            let wait = std::time::Duration::from_millis(
+                next_attempt_at.saturating_sub(now_ms()).max(0) as u64,
+            );
+            tracing::debug!(
+                "retry {url} in {}: {error}",
+                humantime::format_duration(wait)
+            );
+        }
+        Completion::Failed { error, .. } => tracing::debug!("failed {url}: {error}"),
+        _ => {}
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -118,6 +118,14 @@ pub struct Server {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Hit>>>,
     stop: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Requests being answered now, and the most there ever were at once.
+#[derive(Default)]
+struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
 }
 
 impl Server {
@@ -135,8 +143,9 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let handler: Arc<Handler> = Arc::new(handler);
         let counts = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+        let in_flight = Arc::new(InFlight::default());
         {
-            let (log, stop) = (log.clone(), stop.clone());
+            let (log, stop, in_flight) = (log.clone(), stop.clone(), in_flight.clone());
             thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -144,13 +153,24 @@ impl Server {
                     }
                     let Ok(stream) = stream else { continue };
                     let (handler, log, counts) = (handler.clone(), log.clone(), counts.clone());
+                    let in_flight = in_flight.clone();
                     thread::spawn(move || {
-                        let _ = serve(stream, &*handler, &log, &counts);
+                        let _ = serve(stream, &*handler, &log, &counts, &in_flight);
                     });
                 }
             });
         }
-        Server { addr, log, stop }
+        Server {
+            addr,
+            log,
+            stop,
+            in_flight,
+        }
+    }
+
+    /// The most requests this server was answering at one time.
+    pub fn most_in_flight(&self) -> usize {
+        self.in_flight.most.load(Ordering::SeqCst)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -203,6 +223,7 @@ fn serve(
     handler: &Handler,
     log: &Mutex<Vec<Hit>>,
     counts: &Mutex<HashMap<String, usize>>,
+    in_flight: &InFlight,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -219,7 +240,11 @@ fn serve(
         let close = request
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        if !answer(&mut writer, handler(&request), close)? {
+        let now = in_flight.now.fetch_add(1, Ordering::SeqCst) + 1;
+        in_flight.most.fetch_max(now, Ordering::SeqCst);
+        let answered = answer(&mut writer, handler(&request), close);
+        in_flight.now.fetch_sub(1, Ordering::SeqCst);
+        if !answered? {
             return Ok(());
         }
     }
