@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A whole jobrun job on this machine, no internet needed: builds jobrun and a
-# local demo API (which fails some first requests with 500, 429 and resets),
-# imports its URLs, starts a run, kills it with -9 halfway, reads the report,
-# resumes, and checks every file against what the API served.
+# local demo API (which fails some first requests with 500, 429, resets and
+# 404s), imports its URLs, starts a run, kills it with -9 a third of the way
+# in, reads the report, resumes, retries the failures, and verifies every
+# file against the sha256 the API published.
 #
 #   ./demo.sh [ITEMS]        (default 2000; work folder: $DEMO_DIR or a new temp dir)
 set -euo pipefail
@@ -30,7 +31,7 @@ cut -d' ' -f1 manifest.txt > urls.txt
 echo "== jobrun import urls.txt"
 "$jobrun" import urls.txt
 
-echo "== jobrun run --workers 20, killed with -9 after about a third"
+echo "== jobrun run --workers 20, killed with -9 a third of the way in"
 "$jobrun" run --workers 20 --backoff-base 200ms &
 run_pid=$!
 while kill -0 "$run_pid" 2>/dev/null; do
@@ -44,11 +45,21 @@ wait "$run_pid" 2>/dev/null || true
 echo "== jobrun report (after the kill)"
 "$jobrun" report
 
-echo "== jobrun run --workers 20 (resumes)"
+echo "== jobrun run --workers 20 (resumes; exit 1 says some URLs failed)"
+"$jobrun" run --workers 20 --backoff-base 200ms || [ $? -eq 1 ]
+
+echo "== jobrun report --failed"
+"$jobrun" report --failed
+
+echo "== jobrun retry, then run again"
+"$jobrun" retry
 "$jobrun" run --workers 20 --backoff-base 200ms
 
 echo "== jobrun report"
 "$jobrun" report
+
+echo "== jobrun verify"
+"$jobrun" verify
 
 echo "== checking every file against the API's manifest"
 "$jobrun" export --format csv | awk -F, 'NR > 1 { print $1, $7 }' | sort > recorded.txt

@@ -1,7 +1,8 @@
 //! A local demo API for trying jobrun without the internet: serves
 //! `/items/<i>.json` (JSON of 200 bytes to 30 KB) on 127.0.0.1 with a little
 //! latency, and fails some first requests the way real APIs do: 500s, 429s
-//! with Retry-After, and connections reset mid-body.
+//! with Retry-After, connections reset mid-body, and a few 404s (which
+//! fail for good until `jobrun retry` sends them back).
 //!
 //!     cargo run --example demo_api -- --items 2000 --url-file api.url --manifest manifest.txt
 //!
@@ -78,6 +79,8 @@ fn main() {
                 let sent = body.len() / 2;
                 Reply::ResetMidBody { body, sent }
             }
+            // A 404 fails for good at once; `jobrun retry` gets it later.
+            (4, 0) if i % (every * 10) == 4 => Reply::status(404),
             _ => Reply::ok(body),
         };
         reply.delayed(latency)

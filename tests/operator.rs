@@ -377,6 +377,29 @@ fn status_lines_show_counts_rates_and_paused_hosts_when_not_on_a_terminal() {
 }
 
 #[test]
+fn report_works_while_a_run_is_going() {
+    let server = item_server(Duration::from_millis(10));
+    let job = Job::new();
+    job.import(&item_urls(&server, 400));
+    let child = job.spawn_run(&["--workers", "4"]);
+    wait_for(Duration::from_secs(30), "the run to start", || {
+        server.hit_count() > 20
+    });
+    let mut seen_running = false;
+    for _ in 0..5 {
+        let report = job.report_json();
+        let done = report["done"].as_u64().unwrap();
+        assert!(done <= 400);
+        seen_running |=
+            report["last_run"]["state"] == "running" && report["last_run"]["resume"].is_null();
+    }
+    assert!(seen_running, "the report did not see the run going");
+    let output = child.wait_with_output().unwrap();
+    assert_success(&output, "run with reports alongside");
+    assert_eq!(job.report_json()["done"], 400);
+}
+
+#[test]
 fn logging_is_verbose_json_or_quiet_on_request() {
     let server = Server::start(|request| match (item_of(&request.path), request.previous) {
         (Some(_), 0) => Reply::status(500),
@@ -441,11 +464,15 @@ fn a_terminal_shows_a_progress_bar_with_count_rate_and_eta() {
             .output()
             .expect("tmux is needed for this test (apt-get install tmux)")
     };
-    let server = item_server(Duration::from_millis(25));
+    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
+        (Some(7), 0) => Reply::status(500),
+        (Some(i), _) => Reply::ok(item_body(i)).delayed(Duration::from_millis(25)),
+        _ => Reply::status(404),
+    });
     let job = Job::new();
     job.import(&item_urls(&server, 300));
     let command = format!(
-        "env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY -u ALL_PROXY {} --db {} run --workers 2; sleep 30",
+        "env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY -u ALL_PROXY {} --db {} run -v --workers 2 --backoff-base 1ms; sleep 30",
         env!("CARGO_BIN_EXE_jobrun"),
         job.db().display()
     );
