@@ -71,10 +71,10 @@ fn main() {
             return Reply::status(404);
         };
         let body = item_body(i);
-        // A 429 pauses the whole host for its Retry-After, so it is rarer.
+        // A 429 pauses the whole host for its Retry-After, so it is rare.
         let reply = match (i % every, request.previous) {
             (1, 0) => Reply::status(500),
-            (2, 0) if i % (every * 10) == 2 => Reply::status(429).with_header("Retry-After", "1"),
+            (2, 0) if i % 10_000 == 2 => Reply::status(429).with_header("Retry-After", "1"),
             (3, 0) => {
                 let sent = body.len() / 2;
                 Reply::ResetMidBody { body, sent }

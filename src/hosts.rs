@@ -4,8 +4,9 @@
 //! - `--per-host-workers N` caps the requests in flight to one host.
 //! - `--per-host-rate R` spaces that host's requests at least 1/R apart.
 //! - A `Retry-After` on a 429 or 503 pauses every request to that host.
-//! - Adaptive throttling (AIMD): repeated 429s or 503s (two within five
-//!   seconds) halve the host's rate, at most once per second; healthy
+//! - Adaptive throttling (AIMD): repeated 429s or 503s (at least two, and
+//!   at least 5% of the host's answers over the last second or two) halve
+//!   the host's rate, at most once per second; healthy
 //!   responses raise it again by about 5% (at least one request per second)
 //!   per second, up to `--per-host-rate`. A host that was never throttled is
 //!   not limited by it.
@@ -26,9 +27,10 @@ use crate::rate::Rate;
 const MIN_RATE: f64 = 0.2;
 /// How often the rate may be halved.
 const DECREASE_EVERY: Duration = Duration::from_secs(1);
-/// Throttling starts on the second 429 or 503 within this time: a single
-/// one, with its Retry-After, only pauses the host.
-const REPEATED_WITHIN: Duration = Duration::from_secs(5);
+/// Throttling starts when, over the last second or two, at least this share
+/// of a host's answers were 429 or 503 (and at least two were). A stray one,
+/// with its Retry-After, only pauses the host.
+const THROTTLED_SHARE: f64 = 0.05;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Politeness {
@@ -51,13 +53,17 @@ struct HostState {
     next_slot: Instant,
     paused_until: Option<Instant>,
     last_decrease: Option<Instant>,
-    /// When the last 429 or 503 came.
-    last_throttle: Option<Instant>,
-    /// Responses since `window_start`, to know the rate a host was getting
-    /// when it first pushed back.
-    window_start: Instant,
-    window_responses: u32,
-    observed_rate: f64,
+    recent: Recent,
+}
+
+/// Answers and throttling answers (429, 503) in the current second and the
+/// one before.
+struct Recent {
+    start: Instant,
+    responses: u32,
+    throttles: u32,
+    last_responses: u32,
+    last_throttles: u32,
 }
 
 /// What the progress display shows of a host.
@@ -99,10 +105,13 @@ impl Hosts {
                 next_slot: Instant::now(),
                 paused_until: None,
                 last_decrease: None,
-                last_throttle: None,
-                window_start: Instant::now(),
-                window_responses: 0,
-                observed_rate: 0.0,
+                recent: Recent {
+                    start: Instant::now(),
+                    responses: 0,
+                    throttles: 0,
+                    last_responses: 0,
+                    last_throttles: 0,
+                },
             };
             hosts.insert(host.to_string(), state);
         }
@@ -155,11 +164,10 @@ impl Hosts {
         }
         self.with_host(host, |state| {
             let now = Instant::now();
-            state.count_response(now);
-            let repeated = state
-                .last_throttle
-                .is_some_and(|at| now - at < REPEATED_WITHIN);
-            state.last_throttle = Some(now);
+            state.recent.count(now, true);
+            let (responses, throttles) = state.recent.totals();
+            let repeated =
+                throttles >= 2 && f64::from(throttles) >= THROTTLED_SHARE * f64::from(responses);
             let halved_lately = state
                 .last_decrease
                 .is_some_and(|at| now - at < DECREASE_EVERY);
@@ -168,7 +176,7 @@ impl Hosts {
             }
             let current = state
                 .rate
-                .unwrap_or_else(|| state.recent_rate(now).max(1.0));
+                .unwrap_or_else(|| state.recent.rate(now).max(1.0));
             state.rate = Some((current / 2.0).max(MIN_RATE));
             state.adaptive = true;
             state.last_decrease = Some(now);
@@ -179,7 +187,7 @@ impl Hosts {
     pub fn healthy(&self, host: &str) {
         let ceiling = self.politeness.per_host_rate.map(Rate::per_second);
         self.with_host(host, |state| {
-            state.count_response(Instant::now());
+            state.recent.count(Instant::now(), false);
             let Some(rate) = state.rate.filter(|_| state.adaptive) else {
                 return;
             };
@@ -216,23 +224,41 @@ impl Hosts {
     }
 }
 
-impl HostState {
-    /// Responses per second lately: the last full second, or the current
-    /// one if it already says more.
-    fn recent_rate(&self, now: Instant) -> f64 {
-        let elapsed = (now - self.window_start).max(Duration::from_millis(100));
-        self.observed_rate
-            .max(f64::from(self.window_responses) / elapsed.as_secs_f64())
+impl Recent {
+    fn count(&mut self, now: Instant, throttled: bool) {
+        let elapsed = now - self.start;
+        if elapsed >= Duration::from_secs(2) {
+            (self.last_responses, self.last_throttles) = (0, 0);
+            (self.responses, self.throttles) = (0, 0);
+            self.start = now;
+        } else if elapsed >= Duration::from_secs(1) {
+            (self.last_responses, self.last_throttles) = (self.responses, self.throttles);
+            (self.responses, self.throttles) = (0, 0);
+            self.start += Duration::from_secs(1);
+        }
+        self.responses += 1;
+        self.throttles += u32::from(throttled);
     }
 
-    fn count_response(&mut self, now: Instant) {
-        self.window_responses += 1;
-        let elapsed = now - self.window_start;
-        if elapsed >= Duration::from_secs(1) {
-            self.observed_rate = f64::from(self.window_responses) / elapsed.as_secs_f64();
-            self.window_start = now;
-            self.window_responses = 0;
-        }
+    /// Answers and throttling answers over both seconds.
+    fn totals(&self) -> (u32, u32) {
+        (
+            self.responses + self.last_responses,
+            self.throttles + self.last_throttles,
+        )
+    }
+
+    /// Answers per second over both seconds.
+    fn rate(&self, now: Instant) -> f64 {
+        let current = (now - self.start)
+            .max(Duration::from_millis(100))
+            .as_secs_f64();
+        let span = if self.last_responses > 0 {
+            current + 1.0
+        } else {
+            current
+        };
+        f64::from(self.responses + self.last_responses) / span
     }
 }
 

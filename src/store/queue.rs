@@ -372,16 +372,26 @@ pub fn bucket_floor(bucket: i64) -> f64 {
 }
 
 fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<Vec<Claim>> {
-    // Bundled SQLite has no UPDATE ... LIMIT; the subquery does the picking.
-    let mut statement = tx.prepare_cached(
-        "UPDATE urls SET state = 'running', run_id = ?1
-         WHERE id IN (SELECT id FROM urls
-                      WHERE state = 'pending' AND next_attempt_at <= ?2
-                      ORDER BY next_attempt_at LIMIT ?3)
-         RETURNING id, url, request, path, attempts",
-    )?;
-    let claims = statement
-        .query_map(params![run, now, limit as i64], |row| {
+    // Bundled SQLite has no UPDATE ... LIMIT; the subqueries do the picking.
+    // Due retries (next_attempt_at > 0) come first, so that a retry happens
+    // about when its backoff ends, not after the whole list; then rows never
+    // tried, in import order. Both walk the (state, next_attempt_at) index.
+    const PICK_RETRIES: &str = "SELECT id FROM urls
+        WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= ?2
+        ORDER BY next_attempt_at DESC LIMIT ?3";
+    const PICK_FRESH: &str = "SELECT id FROM urls
+        WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?3";
+    let mut claims = Vec::new();
+    for pick in [PICK_RETRIES, PICK_FRESH] {
+        let wanted = limit - claims.len();
+        if wanted == 0 {
+            break;
+        }
+        let mut statement = tx.prepare_cached(&format!(
+            "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
+             RETURNING id, url, request, path, attempts"
+        ))?;
+        let picked = statement.query_map(params![run, now, wanted as i64], |row| {
             Ok(Claim {
                 id: row.get(0)?,
                 url: row.get(1)?,
@@ -389,7 +399,10 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
                 path: row.get(3)?,
                 attempts: row.get(4)?,
             })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+        })?;
+        for claim in picked {
+            claims.push(claim?);
+        }
+    }
     Ok(claims)
 }
