@@ -13,14 +13,19 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
+use crate::output::local_write_error;
 use crate::store::{Claim, Completion, unix_ms};
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
+
+/// Redirects followed for one URL before it fails for good.
+pub const MAX_REDIRECTS: usize = 10;
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
@@ -30,6 +35,7 @@ pub struct Fetcher {
     backoff: Backoff,
     max_attempts: u32,
     timeout: Duration,
+    max_bytes: u64,
 }
 
 pub struct FetchOptions {
@@ -39,6 +45,10 @@ pub struct FetchOptions {
     pub limiter: Option<DefaultDirectRateLimiter>,
     pub backoff: Backoff,
     pub max_attempts: u32,
+    /// The largest body kept, counted after decoding.
+    pub max_bytes: u64,
+    /// Accept any TLS certificate.
+    pub insecure: bool,
 }
 
 /// A failed attempt, as the server or the network caused it.
@@ -59,6 +69,10 @@ pub enum FetchError {
     Redirect(String),
     #[error("invalid URL: {0}")]
     InvalidUrl(String),
+    #[error("body larger than --max-bytes ({limit} bytes)", limit = crate::commands::thousands(*.0))]
+    TooLarge(u64),
+    #[error("TLS certificate not trusted: {0} (--insecure accepts it)")]
+    Certificate(String),
 }
 
 impl FetchError {
@@ -69,7 +83,10 @@ impl FetchError {
                 !matches!(status.as_u16(), 408 | 425 | 429 | 500 | 502 | 503 | 504)
             }
             FetchError::Timeout(_) | FetchError::Network(_) | FetchError::Truncated { .. } => false,
-            FetchError::Redirect(_) | FetchError::InvalidUrl(_) => true,
+            FetchError::Redirect(_)
+            | FetchError::InvalidUrl(_)
+            | FetchError::TooLarge(_)
+            | FetchError::Certificate(_) => true,
         }
     }
 
@@ -120,6 +137,8 @@ impl Fetcher {
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(options.workers)
             .tcp_nodelay(true)
+            .redirect(redirect_policy())
+            .tls_danger_accept_invalid_certs(options.insecure)
             .build()
             .context("cannot set up the HTTP client")?;
         Ok(Fetcher {
@@ -129,6 +148,7 @@ impl Fetcher {
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
+            max_bytes: options.max_bytes,
         })
     }
 
@@ -179,9 +199,9 @@ impl Fetcher {
             }
             .into());
         }
+        self.check_size(response.content_length().unwrap_or(0))?;
         let mut file = File::create(temp)
-            .with_context(|| format!("cannot create {}", temp.display()))
-            .map_err(|e| Fetch::Local(LocalError(e)))?;
+            .map_err(|e| Fetch::Local(LocalError(local_write_error(e, "cannot create", temp))))?;
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         loop {
@@ -190,17 +210,27 @@ impl Fetcher {
                 Ok(None) => break,
                 Err(e) => return Err(self.describe(e, true)),
             };
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .with_context(|| format!("cannot write {}", temp.display()))
-                .map_err(|e| Fetch::Local(LocalError(e)))?;
             bytes += chunk.len() as u64;
+            self.check_size(bytes)?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| {
+                Fetch::Local(LocalError(local_write_error(e, "cannot write", temp)))
+            })?;
         }
         Ok(Body {
             status: status.as_u16(),
             bytes,
             sha256: hasher.finalize().into(),
         })
+    }
+
+    /// Refuses a body once it is known to be over the size limit, before
+    /// more of it is written.
+    fn check_size(&self, bytes: u64) -> Result<(), FetchError> {
+        if bytes > self.max_bytes {
+            return Err(FetchError::TooLarge(self.max_bytes));
+        }
+        Ok(())
     }
 
     /// Turns a failed attempt into a retry (with its time) or a failure.
@@ -240,6 +270,9 @@ impl Fetcher {
             return FetchError::Timeout(self.timeout).into();
         }
         let cause = root_cause(&error);
+        if is_certificate_error(&error) {
+            return FetchError::Certificate(cause).into();
+        }
         if error.is_redirect() {
             return FetchError::Redirect(cause).into();
         }
@@ -272,6 +305,50 @@ impl From<FetchError> for Fetch {
     fn from(error: FetchError) -> Fetch {
         Fetch::Failed(error)
     }
+}
+
+/// Follows at most `MAX_REDIRECTS` redirects, never in a loop, and only to
+/// http and https URLs. The messages leave the URLs out, as `describe` does.
+fn redirect_policy() -> redirect::Policy {
+    redirect::Policy::custom(|attempt| {
+        let scheme = attempt.url().scheme();
+        if !matches!(scheme, "http" | "https") {
+            let message =
+                format!("redirected to a {scheme}: URL (only http and https are followed)");
+            return attempt.error(message);
+        }
+        if attempt.previous().contains(attempt.url()) {
+            return attempt.error("redirect loop: redirected back to a URL already visited");
+        }
+        // `previous` starts with the URL first asked for.
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        attempt.follow()
+    })
+}
+
+/// Whether the server's TLS certificate was refused: a permanent failure,
+/// unlike a handshake cut short.
+fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        // rustls errors reach here wrapped in an io::Error, whose `source`
+        // skips the wrapped error itself.
+        let tls = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .or_else(|| error.downcast_ref::<rustls::Error>());
+        if matches!(
+            tls,
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        ) {
+            return true;
+        }
+        next = error.source();
+    }
+    false
 }
 
 /// The innermost cause of an error: the part that says what happened

@@ -5,6 +5,7 @@
 mod backoff;
 mod cli;
 mod commands;
+mod crashpoint;
 mod fetch;
 mod output;
 mod process;
@@ -21,11 +22,15 @@ use commands::Status;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    let db = cli.db.clone();
     match commands::dispatch(cli) {
         Ok(status) => status.into(),
         Err(error) if is_broken_pipe(&error) => Status::Success.into(),
         Err(error) => {
             eprintln!("jobrun: error: {error:#}");
+            if let Some(hint) = store::damage_hint(&error, &db) {
+                eprintln!("jobrun: {hint}");
+            }
             Status::Fatal.into()
         }
     }

@@ -12,10 +12,12 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::io::{self, ErrorKind};
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+
+use crate::crashpoint::{self, Step};
 
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
@@ -40,26 +42,12 @@ impl OutputDir {
     /// removes the temp folders of runs not in `live_runs`.
     pub fn open(root: &Path, run: i64, live_runs: &[i64]) -> Result<OutputDir> {
         let display = root.display();
-        match fs::metadata(root) {
-            Ok(meta) if !meta.is_dir() => {
-                bail!("the output folder {display} is a file; give --out a folder")
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(root)
-                .with_context(|| format!("cannot create the output folder {display}"))?,
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot use the output folder {display}"));
-            }
-        }
+        ensure_folder(root)?;
         let temp_root = root.join(TEMP_DIR);
         remove_dead_temp_dirs(&temp_root, live_runs)?;
         let temp = temp_root.join(format!("run-{run}"));
-        fs::create_dir_all(&temp).with_context(|| {
-            format!(
-                "cannot write in the output folder {display} (creating {})",
-                temp.display()
-            )
-        })?;
+        fs::create_dir_all(&temp)
+            .map_err(|e| local_write_error(e, "cannot create the temp folder", &temp))?;
         let handle =
             File::open(root).with_context(|| format!("cannot open the output folder {display}"))?;
         Ok(OutputDir {
@@ -74,9 +62,11 @@ impl OutputDir {
         self.temp.join(id.to_string())
     }
 
-    /// The final file for a row's recorded path.
-    pub fn target_path(&self, relative: &str) -> PathBuf {
-        self.root.join(relative)
+    /// The final file for a row's recorded path, refused when the path
+    /// would lead outside the output folder or into its temp area.
+    pub fn target_path(&self, relative: &str) -> Result<PathBuf, String> {
+        check_output_name(relative)?;
+        Ok(self.root.join(relative))
     }
 
     /// Makes every staged body durable under its final name. When this
@@ -85,15 +75,20 @@ impl OutputDir {
         if staged.is_empty() {
             return Ok(());
         }
+        crashpoint::passed(Step::TempWritten);
         self.sync_data(staged)?;
+        crashpoint::passed(Step::DataSynced);
         let mut parents = HashSet::new();
         for file in staged {
             rename_into_place(file)?;
+            crashpoint::passed(Step::Renamed);
             if let Some(parent) = file.target.parent() {
                 parents.insert(parent.to_path_buf());
             }
         }
-        self.sync_names(&parents)
+        self.sync_names(&parents)?;
+        crashpoint::passed(Step::NamesSynced);
+        Ok(())
     }
 
     /// Removes a row's final file if one is there, e.g. a body renamed into
@@ -122,12 +117,8 @@ impl OutputDir {
 
     #[cfg(target_os = "linux")]
     fn sync_data(&self, _staged: &[Staged]) -> Result<()> {
-        syncfs(&self.handle).with_context(|| {
-            format!(
-                "cannot flush the output folder {} to disk",
-                self.root.display()
-            )
-        })
+        syncfs(&self.handle)
+            .map_err(|e| local_write_error(e, "cannot flush to disk the output folder", &self.root))
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -156,6 +147,66 @@ impl OutputDir {
     }
 }
 
+/// Makes sure `root` is a folder, creating it if needed.
+pub fn ensure_folder(root: &Path) -> Result<()> {
+    let display = root.display();
+    match fs::metadata(root) {
+        Ok(meta) if !meta.is_dir() => {
+            bail!("the output folder {display} is a file; give --out a folder")
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(root)
+            .map_err(|e| local_write_error(e, "cannot create the output folder", root)),
+        Err(e) => Err(e).with_context(|| format!("cannot use the output folder {display}")),
+    }
+}
+
+/// Checks that a file name recorded for a URL stays inside the output
+/// folder: plain names only, no root, no `..`, not in the temp area.
+pub fn check_output_name(relative: &str) -> Result<(), String> {
+    let mut components = Path::new(relative).components();
+    let first = components.next();
+    let plain = first.is_some()
+        && first
+            .into_iter()
+            .chain(components)
+            .all(|c| matches!(c, Component::Normal(_)));
+    if !plain {
+        return Err(format!(
+            "the output name {relative:?} would lead outside the output folder \
+             (names are relative, without `..`)"
+        ));
+    }
+    if first.is_some_and(|c| c.as_os_str() == TEMP_DIR) {
+        return Err(format!(
+            "the output name {relative:?} is inside jobrun's temp area {TEMP_DIR}"
+        ));
+    }
+    Ok(())
+}
+
+/// A failed write in the output folder, with what the user can do about the
+/// causes that belong to this machine: a full disk, a read-only or
+/// unwritable folder, a folder removed during the run.
+pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> anyhow::Error {
+    let advice = match error.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            "the disk is full: free some space on it, then run again"
+        }
+        ErrorKind::ReadOnlyFilesystem => {
+            "the output folder is on a read-only filesystem: make it writable, then run again"
+        }
+        ErrorKind::PermissionDenied => {
+            "this user may not write in the output folder: fix its permissions, then run again"
+        }
+        ErrorKind::NotFound => {
+            "the output folder is gone (removed during the run?): run again to recreate it"
+        }
+        _ => return anyhow::Error::new(error).context(format!("{what} {}", path.display())),
+    };
+    anyhow::anyhow!("{what} {}: {error}; {advice}", path.display())
+}
+
 fn rename_into_place(file: &Staged) -> Result<()> {
     let rename = || fs::rename(&file.temp, &file.target);
     match rename() {
@@ -169,12 +220,9 @@ fn rename_into_place(file: &Staged) -> Result<()> {
         }
         other => other,
     }
-    .with_context(|| {
-        format!(
-            "cannot move {} into place as {}",
-            file.temp.display(),
-            file.target.display()
-        )
+    .map_err(|e| {
+        let what = format!("cannot move {} into place as", file.temp.display());
+        local_write_error(e, &what, &file.target)
     })
 }
 
@@ -239,7 +287,7 @@ mod tests {
 
         let temp = out.temp_path(9);
         fs::write(&temp, b"body").unwrap();
-        let target = out.target_path("sub/a.json");
+        let target = out.target_path("sub/a.json").unwrap();
         out.make_durable(&[Staged {
             temp: temp.clone(),
             target: target.clone(),
@@ -249,6 +297,25 @@ mod tests {
         assert!(!temp.exists());
         out.close().unwrap();
         assert!(!root.join(TEMP_DIR).join("run-3").exists());
+    }
+
+    #[test]
+    fn output_names_stay_inside_the_folder() {
+        for good in ["a.json", "0190-uuid", "sub/a.json", "..a", "a..b"] {
+            assert_eq!(check_output_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../a.json",
+            "sub/../../a",
+            "./a",
+            ".jobrun-tmp/run-1/3",
+            "..",
+        ] {
+            let err = check_output_name(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl From<Status> for ExitCode {
 }
 
 pub fn dispatch(cli: Cli) -> Result<Status> {
+    crate::store::set_lock_wait(cli.lock_wait);
     match cli.command {
         Command::Import(args) => import::run(&cli.db, args),
         Command::Run(args) => run::run(&cli.db, args),

@@ -9,6 +9,7 @@ use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
 use crate::commands::{Status, human_bytes, thousands};
 use crate::fetch::FetchOptions;
+use crate::output;
 use crate::runner::{self, RunPlan};
 use crate::store::{Open, RunEnd, Store};
 
@@ -35,6 +36,8 @@ pub fn run(db: &Path, args: RunArgs) -> Result<Status> {
                 max: args.backoff_max,
             },
             max_attempts: args.max_attempts,
+            max_bytes: args.max_bytes,
+            insecure: args.insecure,
         },
         command: resume_command(db, std::env::args().skip(1)),
     };
@@ -105,6 +108,9 @@ fn settle_out_dir(store: &Store, db: &Path, requested: Option<&Path>) -> Result<
         Some(dir) => dir,
         None => absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))?,
     };
+    // A folder that cannot be one (a file, say) must not be recorded: the
+    // user could then never choose another.
+    output::ensure_folder(&chosen)?;
     let text = chosen
         .to_str()
         .with_context(|| format!("the output folder {} is not valid UTF-8", chosen.display()))?;

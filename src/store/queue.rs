@@ -7,7 +7,7 @@
 //! thought dead is not overwritten by it.
 
 use anyhow::Result;
-use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Store, now_ms};
 
@@ -94,9 +94,7 @@ impl ImportBatch<'_> {
 
 impl Store {
     pub fn import_batch(&mut self) -> Result<ImportBatch<'_>> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         Ok(ImportBatch { tx })
     }
 
@@ -109,9 +107,7 @@ impl Store {
         claim: usize,
     ) -> Result<Vec<Claim>> {
         let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         let mut tally = Tally::default();
         for completion in completions {
             record(&tx, run, now, completion, &mut tally)?;
