@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
 use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
@@ -181,6 +181,9 @@ impl Fetcher {
             .await
             .map_err(|e| self.describe(e, false))?;
         let status = response.status();
+        if let Some(refused) = unfollowed_redirect(&response) {
+            return Err(refused.into());
+        }
         if !status.is_success() {
             let retry_after = response
                 .headers()
@@ -311,11 +314,8 @@ impl From<FetchError> for Fetch {
 /// http and https URLs. The messages leave the URLs out, as `describe` does.
 fn redirect_policy() -> redirect::Policy {
     redirect::Policy::custom(|attempt| {
-        let scheme = attempt.url().scheme();
-        if !matches!(scheme, "http" | "https") {
-            let message =
-                format!("redirected to a {scheme}: URL (only http and https are followed)");
-            return attempt.error(message);
+        if let Some(refused) = refused_scheme(attempt.url()) {
+            return attempt.error(refused);
         }
         if attempt.previous().contains(attempt.url()) {
             return attempt.error("redirect loop: redirected back to a URL already visited");
@@ -328,25 +328,46 @@ fn redirect_policy() -> redirect::Policy {
     })
 }
 
+/// Why a redirect to `url` is not followed, if it is not http or https.
+fn refused_scheme(url: &Url) -> Option<String> {
+    let scheme = url.scheme();
+    (!matches!(scheme, "http" | "https")).then(|| {
+        format!("redirected to a URL with scheme {scheme:?} (only http and https are followed)")
+    })
+}
+
+/// A redirect the client handed back unfollowed because its Location is
+/// not a URL it could request (`file:///…`, `data:…`), said as such rather
+/// than as a bare 3xx.
+fn unfollowed_redirect(response: &reqwest::Response) -> Option<FetchError> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(LOCATION)?.to_str().ok()?;
+    let target = response.url().join(location).ok()?;
+    refused_scheme(&target).map(FetchError::Redirect)
+}
+
 /// Whether the server's TLS certificate was refused: a permanent failure,
 /// unlike a handshake cut short.
 fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(error);
-    while let Some(error) = next {
-        // rustls errors reach here wrapped in an io::Error, whose `source`
-        // skips the wrapped error itself.
-        let tls = error
+    while let Some(mut error) = next {
+        next = error.source();
+        // rustls errors arrive wrapped in io::Errors, whose `source` skips
+        // the error they wrap.
+        while let Some(inner) = error
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .or_else(|| error.downcast_ref::<rustls::Error>());
+        {
+            error = inner;
+        }
         if matches!(
-            tls,
+            error.downcast_ref::<rustls::Error>(),
             Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
         ) {
             return true;
         }
-        next = error.source();
     }
     false
 }
