@@ -164,20 +164,16 @@ pub fn ensure_folder(root: &Path) -> Result<()> {
 /// Checks that a file name recorded for a URL stays inside the output
 /// folder: plain names only, no root, no `..`, not in the temp area.
 pub fn check_output_name(relative: &str) -> Result<(), String> {
-    let mut components = Path::new(relative).components();
-    let first = components.next();
-    let plain = first.is_some()
-        && first
-            .into_iter()
-            .chain(components)
-            .all(|c| matches!(c, Component::Normal(_)));
+    let components: Vec<Component> = Path::new(relative).components().collect();
+    let plain =
+        !components.is_empty() && components.iter().all(|c| matches!(c, Component::Normal(_)));
     if !plain {
         return Err(format!(
             "the output name {relative:?} would lead outside the output folder \
              (names are relative, without `..`)"
         ));
     }
-    if first.is_some_and(|c| c.as_os_str() == TEMP_DIR) {
+    if components[0].as_os_str() == TEMP_DIR {
         return Err(format!(
             "the output name {relative:?} is inside jobrun's temp area {TEMP_DIR}"
         ));

@@ -1,6 +1,7 @@
-//! Limits against servers that send too much or send the client round in
-//! circles: --max-bytes (counted after decoding, so a gzip bomb is caught),
-//! gzip bodies, and redirects: chains, loops, other hosts, other schemes.
+//! Limits against servers that send too much, too slowly, or send the
+//! client round in circles: --max-bytes (counted after decoding, so a gzip
+//! bomb is caught), gzip bodies, a body dripping past --timeout, and
+//! redirects: chains, loops, other hosts, other schemes.
 
 mod support;
 
@@ -236,5 +237,30 @@ fn gateway_errors_are_retried() {
     job.assert_all_files_right(&server, &urls);
     for row in job.export().values() {
         assert_eq!(row["attempts"], 3, "{row}");
+    }
+}
+
+#[test]
+fn a_body_dripping_past_the_timeout_is_cut_and_retried() {
+    // 400 bytes, one every 5 ms: two seconds for a body the timeout of
+    // 300 ms covers as well as the headers.
+    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
+        (Some(i), 0) => Reply::Drip {
+            body: item_body(i)[..400].to_vec(),
+            gap: Duration::from_millis(5),
+        },
+        (Some(i), _) => Reply::ok(item_body(i)),
+        _ => Reply::status(404),
+    });
+    let job = Job::new();
+    let urls = item_urls(&server, 2);
+    job.import(&urls);
+    let output = job.run(&["--timeout", "300ms", "--backoff-base", "5ms"]);
+    assert_success(&output, "run");
+    job.assert_all_files_right(&server, &urls);
+    // Had the timeout covered only the headers, the drip would have ended
+    // in a done URL after one attempt.
+    for row in job.export().values() {
+        assert_eq!(row["attempts"], 2, "{row}");
     }
 }

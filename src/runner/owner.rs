@@ -201,12 +201,8 @@ impl Owner {
                 let target = match self.out.target_path(&claim.path) {
                     Ok(target) => target,
                     Err(error) => {
-                        let id = claim.id;
-                        refused.push(Completion::Failed {
-                            id,
-                            status: None,
-                            error,
-                        });
+                        let (id, status) = (claim.id, None);
+                        refused.push(Completion::Failed { id, status, error });
                         continue;
                     }
                 };
