@@ -24,7 +24,13 @@ pub struct Cli {
 
     /// How long to wait for another process's write lock on the database
     /// before giving up: `500ms`, `30s`, `2m`.
-    #[arg(long, global = true, env = "JOBRUN_LOCK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        global = true,
+        env = "JOBRUN_LOCK_WAIT",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
     pub lock_wait: Duration,
 
     #[command(subcommand)]

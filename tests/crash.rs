@@ -193,14 +193,7 @@ fn files_of_no_done_row(job: &Job) -> Vec<PathBuf> {
         .collect();
     job.files()
         .into_iter()
-        .filter(|f| !f.starts_with(job.out().join(".jobrun-tmp")) && !done.contains(f))
-        .collect()
-}
-
-fn temp_files(job: &Job) -> Vec<PathBuf> {
-    job.files()
-        .into_iter()
-        .filter(|f| f.starts_with(job.out().join(".jobrun-tmp")))
+        .filter(|f| !f.starts_with(job.out().join(TEMP_DIR)) && !done.contains(f))
         .collect()
 }
 
@@ -235,7 +228,7 @@ fn a_crash_after_any_step_of_the_durability_protocol_costs_at_most_a_refetch() {
         // Before any repair: no done row lacks its file.
         let done = job.assert_done_rows_have_their_files();
         assert!(done < 100, "{armed}: everything was done before the crash");
-        let temps = temp_files(&job);
+        let temps = job.temp_files();
         let orphans = files_of_no_done_row(&job);
         match armed.split(':').next().unwrap() {
             // Bodies written, not yet renamed: only temp files hold them.

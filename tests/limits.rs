@@ -36,12 +36,7 @@ fn assert_failed_for_good(job: &Job, row: &serde_json::Value, error: &str) {
         !std::path::Path::new(row["path"].as_str().unwrap()).exists(),
         "a file was left: {row}"
     );
-    assert!(
-        job.files()
-            .iter()
-            .all(|f| !f.to_string_lossy().contains(".jobrun-tmp")),
-        "temp files were left"
-    );
+    assert!(job.temp_files().is_empty(), "temp files were left");
 }
 
 #[test]

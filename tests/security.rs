@@ -146,7 +146,7 @@ fn a_recorded_file_name_that_leads_outside_out_is_refused() {
     let bad_names = [
         "../escaped.json".to_string(),
         outside.display().to_string(),
-        ".jobrun-tmp/run-1/1".to_string(),
+        format!("{TEMP_DIR}/run-1/1"),
     ];
     // A database edited by hand, or by a tool that does not know the rules.
     let sql = job.sql();
@@ -172,5 +172,5 @@ fn a_recorded_file_name_that_leads_outside_out_is_refused() {
     assert!(!job.dir().join("escaped.json").exists());
     assert!(!outside.exists());
     assert_eq!(server.hit_count(), 1, "a refused URL was fetched");
-    assert!(!job.out().join(".jobrun-tmp").exists());
+    assert!(!job.out().join(TEMP_DIR).exists());
 }

@@ -73,7 +73,7 @@ fn a_read_only_output_folder_is_refused_and_nothing_is_recorded() {
         }
     };
     let output = job.run(&[]);
-    assert_stopped_cleanly(&job, &output, &[expected, ".jobrun-tmp"]);
+    assert_stopped_cleanly(&job, &output, &[expected, TEMP_DIR]);
     assert_eq!(server.hit_count(), 0, "fetched with nowhere to write");
     assert_eq!(job.report_json()["pending"], 20);
 

@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 #[allow(unused_imports)]
 pub use server::{Reply, Request, Server, huge_byte, item_body, item_of};
 
+/// jobrun's temp area inside the output folder.
+pub const TEMP_DIR: &str = ".jobrun-tmp";
+
 /// A fresh folder holding one job: `jobrun.db` and the `out` folder.
 pub struct Job {
     dir: tempfile::TempDir,
@@ -112,6 +115,15 @@ impl Job {
             .collect()
     }
 
+    /// Files in jobrun's temp area of the output folder.
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        let temp = self.out().join(TEMP_DIR);
+        self.files()
+            .into_iter()
+            .filter(|f| f.starts_with(&temp))
+            .collect()
+    }
+
     /// Every file under the output folder, temp area included.
     pub fn files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
@@ -172,7 +184,7 @@ impl Job {
             "files that are not a done URL's: {extra:?}"
         );
         assert!(
-            !self.out().join(".jobrun-tmp").exists(),
+            !self.out().join(TEMP_DIR).exists(),
             "the temp area outlived a finished run"
         );
     }
