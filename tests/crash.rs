@@ -116,7 +116,11 @@ fn kill_storm_then_a_final_run_gets_every_file_right() {
     assert!(faulty >= 200, "only {faulty} of 2000 URLs meet a fault");
     job.import(&urls);
 
-    let seed = fastrand::u64(..);
+    // KILL_STORM_SEED=N replays the kill moments of an earlier run.
+    let seed = std::env::var("KILL_STORM_SEED")
+        .ok()
+        .and_then(|seed| seed.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("kill storm: seed {seed}, {faulty} of 2000 URLs meet a fault");
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut kills = 0;
