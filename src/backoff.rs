@@ -90,4 +90,55 @@ mod tests {
         assert_eq!(parse_retry_after("soon", now), None);
         assert_eq!(parse_retry_after("-1", now), None);
     }
+
+    mod never_panics {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Values a server may send: numbers of any size and sign, HTTP
+        /// dates from any year, and noise.
+        fn retry_after_values() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                "[0-9]{1,40}",
+                // httpdate writes years up to 9999 only.
+                (0u64..253_402_300_000).prop_map(|secs| {
+                    httpdate::fmt_http_date(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                }),
+                "[A-Za-z]{3}, [0-9]{1,2} [A-Za-z]{3} [0-9]{1,6} [0-9:]{1,9} GMT",
+                " *[0-9.e+-]{0,12} *",
+                ".*",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn retry_after_is_never_longer_than_the_cap(
+                value in retry_after_values(),
+                now_secs in 0u64..8_000_000_000,
+            ) {
+                let now = SystemTime::UNIX_EPOCH + Duration::from_secs(now_secs);
+                if let Some(delay) = parse_retry_after(&value, now) {
+                    prop_assert!(delay <= MAX_RETRY_AFTER);
+                }
+            }
+
+            #[test]
+            fn delays_never_panic_and_stay_under_the_cap(
+                base_ms in 1u64..u64::MAX / 2,
+                max_ms in 1u64..u64::MAX / 2,
+                failed in any::<u32>(),
+            ) {
+                let backoff = Backoff {
+                    base: Duration::from_millis(base_ms),
+                    max: Duration::from_millis(max_ms),
+                };
+                prop_assert!(backoff.delay(failed) <= backoff.max);
+            }
+        }
+    }
 }

@@ -33,6 +33,16 @@ pub struct Cli {
     /// How messages are written to standard error.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// How long to wait for another process's write lock on the database
+    /// before giving up: `500ms`, `30s`, `2m`.
+    #[arg(
+        long,
+        global = true,
+        env = "JOBRUN_LOCK_WAIT",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub lock_wait: Duration,
 
     #[command(subcommand)]
     pub command: Command,
@@ -172,6 +182,15 @@ pub struct RunArgs {
     /// terminal (on a terminal, a progress bar is shown instead).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub progress_every: Duration,
+    /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes.
+    /// A larger one fails for good and leaves no file.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub max_bytes: u64,
+
+    /// Accept any TLS certificate (self-signed, expired, another host's).
+    /// Anyone on the way can then read and change the responses.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +241,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(duration)
+}
+
+/// A size such as `1GiB`, `10MB`, `512KiB`, `1.5GB` or plain bytes. kB, MB,
+/// GB and TB count in thousands, KiB, MiB, GiB and TiB in 1024s.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || format!("{text:?} is not a size like 10MB, 512KiB, 2GiB or 1000000");
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(trimmed.len());
+    let (number, unit) = trimmed.split_at(split);
+    let number: f64 = number.parse().map_err(|_| invalid())?;
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000_u64.pow(2),
+        "gb" => 1000_u64.pow(3),
+        "tb" => 1000_u64.pow(4),
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => return Err(invalid()),
+    };
+    let bytes = number * unit as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(invalid());
+    }
+    match bytes.round() as u64 {
+        0 => Err("must be at least 1 byte".into()),
+        bytes => Ok(bytes),
+    }
 }
 
 /// Parses the `--header` values. They are taken as plain strings by clap and
@@ -307,11 +358,35 @@ mod tests {
             (&["run", "--timeout", "0s"][..], "longer than zero"),
             (&["run", "--rate", "fast"][..], "not a rate"),
             (&["run", "--max-attempts", "0"][..], "at least 1"),
+            (&["run", "--max-bytes", "lots"][..], "not a size"),
+            (&["run", "--max-bytes", "10XB"][..], "not a size"),
+            (&["run", "--max-bytes", "0"][..], "at least 1 byte"),
+            (&["--lock-wait", "never", "report"][..], "not a duration"),
             (&["import", "x", "--ext", "a/b"][..], "not a file extension"),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(reason), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size(" 1.5 gb "), Ok(1_500_000_000));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2TiB"), Ok(2 << 40));
+        assert!(parse_size("1e3").is_err());
+        assert!(parse_size("-1MB").is_err());
+        assert!(parse_size("99999999999TB").is_err());
+        let run = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Run(run) => run,
+            _ => panic!("not run"),
+        };
+        assert_eq!(run(&["run"]).max_bytes, 1 << 30, "the default is 1 GiB");
+        assert!(!run(&["run"]).insecure);
+        assert_eq!(run(&["run", "--max-bytes", "10MB"]).max_bytes, 10_000_000);
     }
 
     #[test]

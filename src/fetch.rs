@@ -11,17 +11,22 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
+use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::hosts::{Hosts, Politeness};
+use crate::output::local_write_error;
 use crate::request::RequestSpec;
 use crate::store::{Claim, Completion, unix_ms};
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
+
+/// Redirects followed for one URL before it fails for good.
+pub const MAX_REDIRECTS: usize = 10;
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
@@ -31,6 +36,7 @@ pub struct Fetcher {
     backoff: Backoff,
     max_attempts: u32,
     timeout: Duration,
+    max_bytes: u64,
 }
 
 pub struct FetchOptions {
@@ -43,6 +49,10 @@ pub struct FetchOptions {
     pub politeness: Politeness,
     /// Replaces jobrun's own User-Agent.
     pub user_agent: Option<String>,
+    /// The largest body kept, counted after decoding.
+    pub max_bytes: u64,
+    /// Accept any TLS certificate.
+    pub insecure: bool,
 }
 
 /// A failed attempt, as the server or the network caused it.
@@ -65,6 +75,10 @@ pub enum FetchError {
     InvalidUrl(String),
     #[error("{0}")]
     InvalidRequest(String),
+    #[error("body larger than --max-bytes ({limit} bytes)", limit = crate::commands::thousands(*.0))]
+    TooLarge(u64),
+    #[error("TLS certificate not trusted: {0} (--insecure accepts it)")]
+    Certificate(String),
 }
 
 impl FetchError {
@@ -75,9 +89,11 @@ impl FetchError {
                 !matches!(status.as_u16(), 408 | 425 | 429 | 500 | 502 | 503 | 504)
             }
             FetchError::Timeout(_) | FetchError::Network(_) | FetchError::Truncated { .. } => false,
-            FetchError::Redirect(_) | FetchError::InvalidUrl(_) | FetchError::InvalidRequest(_) => {
-                true
-            }
+            FetchError::Redirect(_)
+            | FetchError::InvalidUrl(_)
+            | FetchError::InvalidRequest(_)
+            | FetchError::TooLarge(_)
+            | FetchError::Certificate(_) => true,
         }
     }
 
@@ -134,6 +150,8 @@ impl Fetcher {
             .connect_timeout(options.timeout.min(Duration::from_secs(10)))
             .pool_max_idle_per_host(options.workers)
             .tcp_nodelay(true)
+            .redirect(redirect_policy())
+            .tls_danger_accept_invalid_certs(options.insecure)
             .build()
             .context("cannot set up the HTTP client")?;
         Ok(Fetcher {
@@ -143,6 +161,7 @@ impl Fetcher {
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
+            max_bytes: options.max_bytes,
         })
     }
 
@@ -204,6 +223,9 @@ impl Fetcher {
         *sent_at = Some(Instant::now());
         let mut response = request.send().await.map_err(|e| self.describe(e, false))?;
         let status = response.status();
+        if let Some(refused) = unfollowed_redirect(&response) {
+            return Err(refused.into());
+        }
         if matches!(status.as_u16(), 429 | 503) {
             self.hosts.throttled(&host);
         }
@@ -225,10 +247,10 @@ impl Fetcher {
             }
             .into());
         }
+        self.check_size(response.content_length().unwrap_or(0))?;
         self.hosts.healthy(&host);
         let mut file = File::create(temp)
-            .with_context(|| format!("cannot create {}", temp.display()))
-            .map_err(|e| Fetch::Local(LocalError(e)))?;
+            .map_err(|e| Fetch::Local(LocalError(local_write_error(e, "cannot create", temp))))?;
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         loop {
@@ -237,11 +259,12 @@ impl Fetcher {
                 Ok(None) => break,
                 Err(e) => return Err(self.describe(e, true)),
             };
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .with_context(|| format!("cannot write {}", temp.display()))
-                .map_err(|e| Fetch::Local(LocalError(e)))?;
             bytes += chunk.len() as u64;
+            self.check_size(bytes)?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).map_err(|e| {
+                Fetch::Local(LocalError(local_write_error(e, "cannot write", temp)))
+            })?;
         }
         Ok(Body {
             status: status.as_u16(),
@@ -249,6 +272,15 @@ impl Fetcher {
             sha256: hasher.finalize().into(),
             millis: 0,
         })
+    }
+
+    /// Refuses a body once it is known to be over the size limit, before
+    /// more of it is written.
+    fn check_size(&self, bytes: u64) -> Result<(), FetchError> {
+        if bytes > self.max_bytes {
+            return Err(FetchError::TooLarge(self.max_bytes));
+        }
+        Ok(())
     }
 
     /// Turns a failed attempt into a retry (with its time) or a failure.
@@ -290,6 +322,9 @@ impl Fetcher {
             return FetchError::Timeout(self.timeout).into();
         }
         let cause = root_cause(&error);
+        if is_certificate_error(&error) {
+            return FetchError::Certificate(cause).into();
+        }
         if error.is_redirect() {
             return FetchError::Redirect(cause).into();
         }
@@ -322,6 +357,68 @@ impl From<FetchError> for Fetch {
     fn from(error: FetchError) -> Fetch {
         Fetch::Failed(error)
     }
+}
+
+/// Follows at most `MAX_REDIRECTS` redirects, never in a loop, and only to
+/// http and https URLs. The messages leave the URLs out, as `describe` does.
+fn redirect_policy() -> redirect::Policy {
+    redirect::Policy::custom(|attempt| {
+        if let Some(refused) = refused_scheme(attempt.url()) {
+            return attempt.error(refused);
+        }
+        if attempt.previous().contains(attempt.url()) {
+            return attempt.error("redirect loop: redirected back to a URL already visited");
+        }
+        // `previous` starts with the URL first asked for.
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        attempt.follow()
+    })
+}
+
+/// Why a redirect to `url` is not followed, if it is not http or https.
+fn refused_scheme(url: &Url) -> Option<String> {
+    let scheme = url.scheme();
+    (!matches!(scheme, "http" | "https")).then(|| {
+        format!("redirected to a URL with scheme {scheme:?} (only http and https are followed)")
+    })
+}
+
+/// A redirect the client handed back unfollowed because its Location is
+/// not a URL it could request (`file:///…`, `data:…`), said as such rather
+/// than as a bare 3xx.
+fn unfollowed_redirect(response: &reqwest::Response) -> Option<FetchError> {
+    if !response.status().is_redirection() {
+        return None;
+    }
+    let location = response.headers().get(LOCATION)?.to_str().ok()?;
+    let target = response.url().join(location).ok()?;
+    refused_scheme(&target).map(FetchError::Redirect)
+}
+
+/// Whether the server's TLS certificate was refused: a permanent failure,
+/// unlike a handshake cut short.
+fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(mut error) = next {
+        next = error.source();
+        // rustls errors arrive wrapped in io::Errors, whose `source` skips
+        // the error they wrap.
+        while let Some(inner) = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            error = inner;
+        }
+        if matches!(
+            error.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+        ) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The innermost cause of an error: the part that says what happened

@@ -5,6 +5,7 @@
 mod backoff;
 mod cli;
 mod commands;
+mod crashpoint;
 mod fetch;
 mod hosts;
 mod log;
@@ -26,11 +27,15 @@ use commands::Status;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     log::init(cli.verbose, cli.quiet, cli.log_format);
+    let db = cli.db.clone();
     match commands::dispatch(cli) {
         Ok(status) => status.into(),
         Err(error) if is_broken_pipe(&error) => Status::Success.into(),
         Err(error) => {
             tracing::error!("{error:#}");
+            if let Some(hint) = store::damage_hint(&error, &db) {
+                tracing::error!("{hint}");
+            }
             Status::Fatal.into()
         }
     }

@@ -12,10 +12,12 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+
+use crate::crashpoint::{self, Step};
 
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
@@ -40,17 +42,7 @@ impl OutputDir {
     /// removes the temp folders of runs not in `live_runs`.
     pub fn open(root: &Path, run: i64, live_runs: &[i64]) -> Result<OutputDir> {
         let display = root.display();
-        match fs::metadata(root) {
-            Ok(meta) if !meta.is_dir() => {
-                bail!("the output folder {display} is a file; give --out a folder")
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(root)
-                .with_context(|| format!("cannot create the output folder {display}"))?,
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot use the output folder {display}"));
-            }
-        }
+        ensure_folder(root)?;
         let temp_root = root.join(TEMP_DIR);
         remove_dead_temp_dirs(&temp_root, run, live_runs)?;
         let temp = temp_root.join(format!("run-{run}"));
@@ -58,12 +50,7 @@ impl OutputDir {
         // between the two folders' creation; once more is enough.
         fs::create_dir_all(&temp)
             .or_else(|_| fs::create_dir_all(&temp))
-            .with_context(|| {
-                format!(
-                    "cannot write in the output folder {display} (creating {})",
-                    temp.display()
-                )
-            })?;
+            .map_err(|e| local_write_error(e, "cannot create the temp folder", &temp))?;
         let handle =
             File::open(root).with_context(|| format!("cannot open the output folder {display}"))?;
         Ok(OutputDir {
@@ -78,9 +65,11 @@ impl OutputDir {
         self.temp.join(id.to_string())
     }
 
-    /// The final file for a row's recorded path.
-    pub fn target_path(&self, relative: &str) -> PathBuf {
-        self.root.join(relative)
+    /// The final file for a row's recorded path, refused when the path
+    /// would lead outside the output folder or into its temp area.
+    pub fn target_path(&self, relative: &str) -> Result<PathBuf, String> {
+        check_output_name(relative)?;
+        Ok(self.root.join(relative))
     }
 
     /// Makes every staged body durable under its final name. When this
@@ -89,15 +78,20 @@ impl OutputDir {
         if staged.is_empty() {
             return Ok(());
         }
+        crashpoint::passed(Step::TempWritten);
         self.sync_data(staged)?;
+        crashpoint::passed(Step::DataSynced);
         let mut parents = HashSet::new();
         for file in staged {
             rename_into_place(file)?;
+            crashpoint::passed(Step::Renamed);
             if let Some(parent) = file.target.parent() {
                 parents.insert(parent.to_path_buf());
             }
         }
-        self.sync_names(&parents)
+        self.sync_names(&parents)?;
+        crashpoint::passed(Step::NamesSynced);
+        Ok(())
     }
 
     /// Removes a row's final file if one is there, e.g. a body renamed into
@@ -126,12 +120,8 @@ impl OutputDir {
 
     #[cfg(target_os = "linux")]
     fn sync_data(&self, _staged: &[Staged]) -> Result<()> {
-        syncfs(&self.handle).with_context(|| {
-            format!(
-                "cannot flush the output folder {} to disk",
-                self.root.display()
-            )
-        })
+        syncfs(&self.handle)
+            .map_err(|e| local_write_error(e, "cannot flush to disk the output folder", &self.root))
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -160,6 +150,79 @@ impl OutputDir {
     }
 }
 
+/// Makes sure `root` is a folder, creating it if needed.
+pub fn ensure_folder(root: &Path) -> Result<()> {
+    let display = root.display();
+    match fs::metadata(root) {
+        Ok(meta) if !meta.is_dir() => {
+            bail!("the output folder {display} is a file; give --out a folder")
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => fs::create_dir_all(root)
+            .map_err(|e| local_write_error(e, "cannot create the output folder", root)),
+        Err(e) => Err(e).with_context(|| format!("cannot use the output folder {display}")),
+    }
+}
+
+/// Checks that a file name for a URL stays inside the output folder:
+/// relative, plain parts separated by `/` (no empty, `.` or `..` part, no
+/// backslash or NUL), and not in the temp area. Used on import, for names
+/// given in JSON Lines, and again on every claim, for names recorded by
+/// anything else.
+pub fn check_output_name(name: &str) -> Result<(), String> {
+    let refuse = |why: &str| Err(format!("{name:?} {why}"));
+    if name.is_empty() {
+        return refuse("is empty");
+    }
+    if name.len() > 1024 {
+        return refuse("is longer than 1024 bytes");
+    }
+    if name.starts_with('/') {
+        return refuse("is absolute; names are relative to the output folder");
+    }
+    if name.contains('\\') || name.contains('\0') {
+        return refuse("has a backslash or NUL; use / between folders");
+    }
+    for part in name.split('/') {
+        match part {
+            "" => return refuse("has an empty part (// or a trailing /)"),
+            "." | ".." => {
+                return refuse(&format!(
+                    "has a {part:?} part; names stay inside the output folder"
+                ));
+            }
+            _ if part.len() > 255 => return refuse("has a part longer than 255 bytes"),
+            _ => {}
+        }
+    }
+    if name.split('/').next() == Some(TEMP_DIR) {
+        return refuse(&format!("is inside jobrun's temp area {TEMP_DIR}"));
+    }
+    Ok(())
+}
+
+/// A failed write in the output folder, with what the user can do about the
+/// causes that belong to this machine: a full disk, a read-only or
+/// unwritable folder, a folder removed during the run.
+pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> anyhow::Error {
+    let advice = match error.kind() {
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            "the disk is full: free some space on it, then run again"
+        }
+        ErrorKind::ReadOnlyFilesystem => {
+            "the output folder is on a read-only filesystem: make it writable, then run again"
+        }
+        ErrorKind::PermissionDenied => {
+            "this user may not write in the output folder: fix its permissions, then run again"
+        }
+        ErrorKind::NotFound => {
+            "the output folder is gone (removed during the run?): run again to recreate it"
+        }
+        _ => return anyhow::Error::new(error).context(format!("{what} {}", path.display())),
+    };
+    anyhow::anyhow!("{what} {}: {error}; {advice}", path.display())
+}
+
 fn rename_into_place(file: &Staged) -> Result<()> {
     let rename = || fs::rename(&file.temp, &file.target);
     match rename() {
@@ -173,12 +236,9 @@ fn rename_into_place(file: &Staged) -> Result<()> {
         }
         other => other,
     }
-    .with_context(|| {
-        format!(
-            "cannot move {} into place as {}",
-            file.temp.display(),
-            file.target.display()
-        )
+    .map_err(|e| {
+        let what = format!("cannot move {} into place as", file.temp.display());
+        local_write_error(e, &what, &file.target)
     })
 }
 
@@ -251,7 +311,7 @@ mod tests {
 
         let temp = out.temp_path(9);
         fs::write(&temp, b"body").unwrap();
-        let target = out.target_path("sub/a.json");
+        let target = out.target_path("sub/a.json").unwrap();
         out.make_durable(&[Staged {
             temp: temp.clone(),
             target: target.clone(),
@@ -261,6 +321,37 @@ mod tests {
         assert!(!temp.exists());
         out.close().unwrap();
         assert!(!root.join(TEMP_DIR).join("run-3").exists());
+    }
+
+    #[test]
+    fn output_names_stay_inside_the_folder() {
+        for good in [
+            "a.json",
+            "0190-uuid",
+            "sub/a.json",
+            "..a",
+            "a..b",
+            ".hidden",
+            "x/y/z",
+        ] {
+            assert_eq!(check_output_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../a.json",
+            "sub/../../a",
+            "./a",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a\\b",
+            ".jobrun-tmp/run-1/3",
+            "..",
+        ] {
+            let err = check_output_name(bad).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::io::{self, BufRead};
 use reqwest::Url;
 use serde::Deserialize;
 
-use crate::request::{RequestSpec, check_name};
+use crate::output::check_output_name;
+use crate::request::RequestSpec;
 
 /// Lines longer than this are rejected rather than read into memory.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -145,7 +146,7 @@ fn parse_json(text: &str) -> Result<Entry, String> {
     };
     request.check()?;
     if let Some(name) = &line.name {
-        check_name(name)?;
+        check_output_name(name).map_err(|why| format!("\"name\" {why}"))?;
     }
     let request = (!request.is_plain_get()).then_some(request);
     Ok(Entry {
@@ -302,5 +303,98 @@ mod tests {
         assert_eq!(read_line(&mut reader, &mut buf).unwrap(), Some(true));
         assert_eq!(buf, b"last");
         assert_eq!(read_line(&mut reader, &mut buf).unwrap(), None);
+    }
+
+    mod never_panics {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Bytes that look like URL lists often enough to reach every branch:
+        /// schemes, hosts, BOMs, comments, line ends and invalid UTF-8.
+        fn url_list_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let piece = prop_oneof![
+                Just(b"http://".to_vec()),
+                Just(b"https://".to_vec()),
+                Just(b"ftp://".to_vec()),
+                Just(b"a.test".to_vec()),
+                Just(b"/p?q=1#f".to_vec()),
+                Just(b"\xEF\xBB\xBF".to_vec()),
+                Just(b"#".to_vec()),
+                Just(b"\r\n".to_vec()),
+                Just(b"\n".to_vec()),
+                Just(b" \t".to_vec()),
+                Just(b"[::1]:99999".to_vec()),
+                Just(b"%zz\xff\xfe".to_vec()),
+                prop::collection::vec(any::<u8>(), 0..16),
+            ];
+            prop::collection::vec(piece, 0..24).prop_map(|pieces| pieces.concat())
+        }
+
+        /// Every line `read_line` gives, all of them complete.
+        fn read_all(reader: &mut impl BufRead) -> Vec<Vec<u8>> {
+            let mut buf = Vec::new();
+            let mut lines = Vec::new();
+            while let Some(complete) = read_line(reader, &mut buf).unwrap() {
+                assert!(complete, "a short line read as too long");
+                lines.push(buf.clone());
+            }
+            lines
+        }
+
+        /// The lines of `input` (without their `\n`), as a reader sees them.
+        fn lines_of(input: &[u8]) -> Vec<Vec<u8>> {
+            let mut lines: Vec<Vec<u8>> =
+                input.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            if input.is_empty() || input.ends_with(b"\n") {
+                lines.pop();
+            }
+            lines
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn parse_line_accepts_only_http_urls_with_a_host(
+                raw in url_list_bytes(),
+                first in any::<bool>(),
+            ) {
+                for format in [Format::Lines, Format::JsonLines] {
+                    match super::super::parse_line(&raw, first, format) {
+                        Line::Entry(entry) => {
+                            prop_assert!(matches!(entry.url.scheme(), "http" | "https"));
+                            prop_assert!(entry.url.host_str().is_some_and(|h| !h.is_empty()));
+                        }
+                        Line::Reject(reason) => prop_assert!(!reason.is_empty()),
+                        Line::Skip => {}
+                    }
+                }
+            }
+
+            #[test]
+            fn read_line_gives_back_every_line(
+                input in url_list_bytes(),
+                capacity in 1usize..64,
+            ) {
+                let mut reader = io::BufReader::with_capacity(capacity, &input[..]);
+                prop_assert_eq!(read_all(&mut reader), lines_of(&input));
+            }
+
+            #[test]
+            fn read_line_skips_overlong_lines_whole(
+                long in (MAX_LINE + 1)..(MAX_LINE + 4096),
+                after in url_list_bytes(),
+            ) {
+                let mut input = vec![b'x'; long];
+                input.push(b'\n');
+                input.extend_from_slice(&after);
+                let mut reader = io::BufReader::with_capacity(4096, &input[..]);
+                let mut buf = Vec::new();
+                prop_assert_eq!(read_line(&mut reader, &mut buf).unwrap(), Some(false));
+                prop_assert!(buf.len() <= MAX_LINE + 1);
+                prop_assert_eq!(read_all(&mut reader), lines_of(&after));
+            }
+        }
     }
 }

@@ -44,6 +44,7 @@ impl From<Status> for ExitCode {
 
 pub fn dispatch(cli: Cli) -> Result<Status> {
     let display = progress_display(&cli);
+    crate::store::set_lock_wait(cli.lock_wait);
     match cli.command {
         Command::Import(args) => import::run(&cli.db, args),
         Command::Run(args) => {

@@ -10,6 +10,7 @@ use crate::cli::{RunArgs, parse_headers};
 use crate::commands::{Status, human_bytes, thousands};
 use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
+use crate::output;
 use crate::progress::Display;
 use crate::runner::{self, RunPlan};
 use crate::store::{Open, RunEnd, Store};
@@ -43,6 +44,8 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
                 adaptive: !args.no_adaptive,
             },
             user_agent: args.user_agent,
+            max_bytes: args.max_bytes,
+            insecure: args.insecure,
         },
         command: resume_command(db, std::env::args().skip(1)),
         display,
@@ -112,6 +115,9 @@ fn settle_out_dir(store: &Store, db: &Path, requested: Option<&Path>) -> Result<
         Some(dir) => dir,
         None => default_out_dir(db)?,
     };
+    // A folder that cannot be one (a file, say) must not be recorded: the
+    // user could then never choose another.
+    output::ensure_folder(&chosen)?;
     let text = chosen
         .to_str()
         .with_context(|| format!("the output folder {} is not valid UTF-8", chosen.display()))?;

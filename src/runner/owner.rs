@@ -13,6 +13,7 @@ use anyhow::Result;
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
+use crate::crashpoint::{self, Step};
 use crate::output::{OutputDir, Staged};
 use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
@@ -203,9 +204,24 @@ impl Owner {
         };
         let claims = self.commit(want)?;
         let got = claims.len();
+        // Rows whose recorded file name would lead outside the output folder.
+        let mut refused = Vec::new();
         if let Some(jobs) = &self.jobs {
             for claim in claims {
-                let target = self.out.target_path(&claim.path);
+                let target = match self.out.target_path(&claim.path) {
+                    Ok(target) => target,
+                    Err(error) => {
+                        let (id, status) = (claim.id, None);
+                        let millis = 0;
+                        refused.push(Completion::Failed {
+                            id,
+                            status,
+                            error,
+                            millis,
+                        });
+                        continue;
+                    }
+                };
                 self.in_flight.insert(claim.id, target.clone());
                 let temp = self.out.temp_path(claim.id);
                 // Room was counted above and only this thread sends.
@@ -220,6 +236,9 @@ impl Owner {
                     anyhow::bail!("the job queue closed unexpectedly");
                 }
             }
+        }
+        for completion in refused {
+            self.collect(completion, None);
         }
         if claim_due && got < want {
             let next_due = self.store.next_due()?;
@@ -255,9 +274,16 @@ impl Owner {
         for target in self.failed_targets.drain(..) {
             self.out.remove_target(&target)?;
         }
+        let marks_done = self
+            .batch
+            .iter()
+            .any(|c| matches!(c, Completion::Done { .. }));
         let claims = self
             .store
             .complete_and_claim(self.run, &self.batch, claim)?;
+        if marks_done {
+            crashpoint::passed(Step::Committed);
+        }
         self.count_committed(&claims);
         self.batch.clear();
         self.batch_since = None;

@@ -12,13 +12,13 @@ mod summary;
 
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
-use std::path::Path;
-use std::sync::LazyLock;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use include_dir::{Dir, include_dir};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
 pub use queue::{Claim, Completion, ImportBatch, InsertResult, NewUrl, bucket_floor};
@@ -30,8 +30,21 @@ static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
 static MIGRATIONS: LazyLock<Result<Migrations<'static>, String>> =
     LazyLock::new(|| Migrations::from_directory(&MIGRATIONS_DIR).map_err(|e| e.to_string()));
 
-/// How long a statement waits for another process's write lock.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a statement waits for another process's write lock, unless
+/// `--lock-wait` says otherwise. jobrun's own transactions take milliseconds.
+const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+static LOCK_WAIT: OnceLock<Duration> = OnceLock::new();
+
+/// Sets how long every database opened later waits for another process's
+/// write lock; the first setting holds for the whole process.
+pub fn set_lock_wait(wait: Duration) {
+    let _ = LOCK_WAIT.set(wait);
+}
+
+fn lock_wait() -> Duration {
+    LOCK_WAIT.get().copied().unwrap_or(DEFAULT_LOCK_WAIT)
+}
 
 /// Whether opening may create the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +55,7 @@ pub enum Open {
 
 pub struct Store {
     conn: Connection,
+    path: PathBuf,
 }
 
 impl Store {
@@ -62,9 +76,10 @@ impl Store {
         }
         let mut conn =
             Connection::open(path).with_context(|| format!("cannot open database {display}"))?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.busy_timeout(lock_wait())?;
         check_schema_version(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| explain_lock(e, path))
             .with_context(|| format!("cannot switch {display} to WAL mode"))?;
         // Safe with WAL because a file is durable before the commit that marks
         // it done: a commit lost in a power cut only costs a re-fetch.
@@ -74,7 +89,19 @@ impl Store {
         migrations
             .to_latest(&mut conn)
             .with_context(|| format!("cannot bring {display} up to date"))?;
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Begins a transaction that holds the write lock from its start, so it
+    /// cannot fail halfway for want of it. Waits for another process's lock
+    /// for the lock wait at most.
+    pub(super) fn write_transaction(&mut self) -> Result<Transaction<'_>> {
+        self.conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| explain_lock(e, &self.path))
     }
 
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
@@ -89,12 +116,52 @@ impl Store {
     /// Records `value` under `key` unless a value is there already; returns
     /// the value that holds afterwards.
     pub fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
-        self.conn.execute(
-            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
-            params![key, value],
-        )?;
+        self.conn
+            .execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                params![key, value],
+            )
+            .map_err(|e| explain_lock(e, &self.path))?;
         Ok(self.setting(key)?.unwrap_or_else(|| value.to_string()))
     }
+}
+
+/// A SQLite error, said plainly when it is another process's lock.
+fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
+    if !matches!(
+        error.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    ) {
+        return error.into();
+    }
+    anyhow::Error::new(error).context(format!(
+        "{} is locked by another process, which held its write lock for longer than \
+         --lock-wait ({}). jobrun runs sharing a database take turns and never hold it that \
+         long: close the other program using it (a sqlite3 shell, a backup, a script), or wait \
+         for it, then run again",
+        path.display(),
+        humantime::format_duration(lock_wait())
+    ))
+}
+
+/// What to do about a database error that means the file is damaged.
+pub fn damage_hint(error: &anyhow::Error, path: &Path) -> Option<String> {
+    let damaged = error.chain().any(|cause| {
+        cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+            )
+        })
+    });
+    damaged.then(|| {
+        let db = path.display();
+        format!(
+            "{db} is damaged. Restore it from a backup, or save what can be read with \
+             `sqlite3 {db} .recover | sqlite3 recovered.db` and use --db recovered.db. \
+             The files already in the output folder are not affected"
+        )
+    })
 }
 
 /// The number of migrations this build knows.

@@ -7,7 +7,7 @@
 //! thought dead is not overwritten by it.
 
 use anyhow::Result;
-use rusqlite::{OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Store, now_ms};
 
@@ -167,9 +167,7 @@ impl ImportBatch<'_> {
 
 impl Store {
     pub fn import_batch(&mut self) -> Result<ImportBatch<'_>> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         Ok(ImportBatch { tx })
     }
 
@@ -182,9 +180,7 @@ impl Store {
         claim: usize,
     ) -> Result<Vec<Claim>> {
         let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         let mut tally = Tally::default();
         let mut durations = std::collections::HashMap::<i64, i64>::new();
         for completion in completions {
@@ -237,9 +233,7 @@ impl Store {
     /// Done rows whose files are missing or damaged go back to pending with
     /// a fresh retry budget.
     pub fn requeue_damaged(&mut self, ids: &[i64]) -> Result<()> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         for id in ids {
             tx.prepare_cached(
                 "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0,

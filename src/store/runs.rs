@@ -3,7 +3,7 @@
 //! so that `report` can say how the last run ended.
 
 use anyhow::Result;
-use rusqlite::{Row, TransactionBehavior, params};
+use rusqlite::{Row, params};
 
 use super::{Store, now_ms};
 
@@ -112,9 +112,7 @@ impl Store {
         liveness: impl Fn(&RunInfo) -> Liveness,
     ) -> Result<Started> {
         let now = now_ms();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         let unfinished = tx
             .prepare(&format!(
                 "SELECT {RUN_COLUMNS} FROM runs WHERE ended_at IS NULL"
@@ -163,9 +161,7 @@ impl Store {
             RunEnd::Interrupted => ("interrupted", None),
             RunEnd::Error(message) => ("error", Some(message.as_str())),
         };
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.write_transaction()?;
         tx.execute(
             "UPDATE urls SET state = 'pending' WHERE state = 'running' AND run_id = ?1",
             [run],

@@ -1,19 +1,26 @@
 //! Shared test helpers: a job folder with its database, the real jobrun
-//! binary run inside it, and checks of the output folder against what the
-//! server sent.
+//! binary run inside it, checks of the output folder against what the
+//! server sent, and the hostile surroundings some tests need (a small
+//! filesystem that fills up, a read-only one).
 #![allow(dead_code)]
 
 pub mod server;
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 #[allow(unused_imports)]
-pub use server::{Reply, Request, Server, item_body, item_of};
+pub use server::{Reply, Request, Server, huge_byte, item_body, item_of};
+
+/// jobrun's temp area inside the output folder.
+pub const TEMP_DIR: &str = ".jobrun-tmp";
 
 /// A fresh folder holding one job: `jobrun.db` and the `out` folder.
 pub struct Job {
@@ -108,6 +115,15 @@ impl Job {
             .collect()
     }
 
+    /// Files in jobrun's temp area of the output folder.
+    pub fn temp_files(&self) -> Vec<PathBuf> {
+        let temp = self.out().join(TEMP_DIR);
+        self.files()
+            .into_iter()
+            .filter(|f| f.starts_with(&temp))
+            .collect()
+    }
+
     /// Every file under the output folder, temp area included.
     pub fn files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
@@ -131,6 +147,16 @@ impl Job {
     /// The central promise: every URL is done, its file holds exactly what
     /// the server sent, there is one file per URL and nothing else.
     pub fn assert_all_files_right(&self, server: &Server, urls: &[String]) {
+        self.assert_all_files_are(urls, |url| {
+            let path = url.strip_prefix(&server.url("")).expect("url on server");
+            item_body(item_of(path).expect("item url"))
+        });
+    }
+
+    /// The central promise, for any server: every URL is done, its file
+    /// holds exactly `body_of(url)`, there is one file per URL and nothing
+    /// else in the output folder, temp area included.
+    pub fn assert_all_files_are(&self, urls: &[String], body_of: impl Fn(&str) -> Vec<u8>) {
         let rows = self.export();
         assert_eq!(rows.len(), urls.len(), "export has one row per URL");
         let mut expected_files = HashSet::new();
@@ -138,12 +164,10 @@ impl Job {
             let row = &rows[url];
             assert_eq!(row["state"], "done", "{url}: {row}");
             let path = PathBuf::from(row["path"].as_str().expect("path"));
-            let item = item_of(url.strip_prefix(&server.url("")).expect("url on server"))
-                .expect("item url");
             let body =
                 std::fs::read(&path).unwrap_or_else(|e| panic!("{url}: {}: {e}", path.display()));
             assert!(
-                body == item_body(item),
+                body == body_of(url),
                 "{url}: {} differs from what was served",
                 path.display()
             );
@@ -159,7 +183,122 @@ impl Job {
             extra.is_empty(),
             "files that are not a done URL's: {extra:?}"
         );
+        assert!(
+            !self.out().join(TEMP_DIR).exists(),
+            "the temp area outlived a finished run"
+        );
     }
+
+    /// "Done means durable", checkable at any moment, even after a crash:
+    /// every done row's file is there and has the recorded size and sha256.
+    /// Returns how many rows are done.
+    pub fn assert_done_rows_have_their_files(&self) -> usize {
+        let rows = self.export();
+        let mut done = 0;
+        for (url, row) in &rows {
+            if row["state"] != "done" {
+                continue;
+            }
+            done += 1;
+            let path = Path::new(row["path"].as_str().expect("path"));
+            let body = std::fs::read(path)
+                .unwrap_or_else(|e| panic!("{url} is done without its file: {e}"));
+            assert_eq!(row["bytes"].as_u64(), Some(body.len() as u64), "{url}");
+            assert_eq!(
+                row["sha256"].as_str(),
+                Some(sha256_hex(&body).as_str()),
+                "{url}: the file is not the body recorded"
+            );
+        }
+        done
+    }
+
+    /// The database, opened directly, for what the CLI does not show.
+    pub fn sql(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open(self.db()).expect("open the database");
+        conn.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        conn
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// A filesystem mounted by a test, unmounted when dropped.
+pub struct Mount {
+    path: PathBuf,
+}
+
+impl Mount {
+    /// Mounts a tmpfs of `size` bytes at `path` (created if needed). Needs
+    /// root; without it, or where mounting is not allowed, says so and
+    /// returns None, and the test skips what needs it.
+    pub fn tmpfs(path: &Path, size: u64, test: &str) -> Option<Mount> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("{test}: skipped: mounting a small filesystem needs root");
+            return None;
+        }
+        std::fs::create_dir_all(path).expect("mount point");
+        let target = c_path(path);
+        let options = CString::new(format!("size={size},mode=0755")).unwrap();
+        // SAFETY: valid NUL-terminated strings for the duration of the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            let error = std::io::Error::last_os_error();
+            eprintln!(
+                "{test}: skipped: cannot mount a tmpfs at {}: {error}",
+                path.display()
+            );
+            return None;
+        }
+        Some(Mount {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Remounts with new options, e.g. `size=64m` or `ro`.
+    pub fn remount(&self, options: &str) {
+        let target = c_path(&self.path);
+        let options = CString::new(options).unwrap();
+        let ro = if options.as_bytes().split(|&b| b == b',').any(|o| o == b"ro") {
+            libc::MS_RDONLY
+        } else {
+            0
+        };
+        // SAFETY: valid NUL-terminated strings for the duration of the call.
+        let rc = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | ro,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "remount: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let target = c_path(&self.path);
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).expect("a path without NUL")
 }
 
 /// `count` item URLs on `server`.

@@ -1,17 +1,22 @@
 //! A small HTTP/1.1 server for tests and the demo, on 127.0.0.1 with a port
-//! the system picks. It is written on plain sockets so that it can misbehave
-//! the way real servers do: reset mid-body, stall, lie about the length,
-//! drip bytes. A handler decides each answer from the request and from how
-//! many times that path was asked for before; every request is logged with
-//! its time so a test can count fetches per URL and the gaps between them.
+//! the system picks, over plain TCP or TLS with a self-signed certificate.
+//! It is written on plain sockets so that it can misbehave the way real
+//! servers do: reset mid-body, stall, lie about the length, drip bytes,
+//! send endless bodies or gzip bombs. A handler decides each answer from the
+//! request and from how many times that path was asked for before; every
+//! request is logged with its time so a test can count fetches per URL and
+//! the gaps between them.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// A request as the handler sees it.
 #[derive(Debug, Clone)]
@@ -61,6 +66,10 @@ pub enum Reply {
     Drip { body: Vec<u8>, gap: Duration },
     /// Say nothing for this long, then close.
     Stall(Duration),
+    /// A 200 with `length` bytes of `huge_byte`, generated as they are sent;
+    /// without Content-Length when `declared` is false (the end of the body
+    /// is then the end of the connection).
+    Huge { length: u64, declared: bool },
 }
 
 impl Reply {
@@ -110,12 +119,62 @@ impl Reply {
             Reply::Delayed(delay, Box::new(self))
         }
     }
+
+    /// Answers after a random delay between `min` and `max`.
+    pub fn jittered(self, min: Duration, max: Duration) -> Reply {
+        let spread = max.saturating_sub(min);
+        self.delayed(min + spread.mul_f64(fastrand::f64()))
+    }
+
+    /// A 200 whose body is `body` gzipped, with `Content-Encoding: gzip`.
+    pub fn gzip(body: &[u8]) -> Reply {
+        Reply::ok(gzip(body)).with_header("Content-Encoding", "gzip")
+    }
+
+    /// A 200 with a small gzip body that decodes to `decoded` zero bytes.
+    pub fn gzip_bomb(decoded: u64) -> Reply {
+        Reply::ok(gzip_bomb(decoded)).with_header("Content-Encoding", "gzip")
+    }
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body).expect("gzip into memory");
+    encoder.finish().expect("gzip into memory")
+}
+
+/// Zeros compressed in chunks, so the decoded size never sits in memory.
+/// Bombs are made once per size and process: compressing is slow in a
+/// debug build.
+fn gzip_bomb(decoded: u64) -> Vec<u8> {
+    static MADE: OnceLock<Mutex<HashMap<u64, Vec<u8>>>> = OnceLock::new();
+    let mut made = MADE.get_or_init(Default::default).lock().unwrap();
+    made.entry(decoded)
+        .or_insert_with(|| {
+            let zeros = [0u8; 64 * 1024];
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            let mut left = decoded;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                encoder.write_all(&zeros[..n]).expect("gzip into memory");
+                left -= n as u64;
+            }
+            encoder.finish().expect("gzip into memory")
+        })
+        .clone()
+}
+
+/// Byte `offset` of a `Reply::Huge` body.
+pub fn huge_byte(offset: u64) -> u8 {
+    (offset % 251) as u8
 }
 
 pub type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
 
 pub struct Server {
     addr: SocketAddr,
+    scheme: &'static str,
     log: Arc<Mutex<Vec<Hit>>>,
     stop: Arc<AtomicBool>,
     in_flight: Arc<InFlight>,
@@ -128,14 +187,63 @@ struct InFlight {
     most: AtomicUsize,
 }
 
+/// A connection the server answers on: plain TCP, or TLS over TCP.
+trait Connection: Read + Write + Send + 'static {
+    fn socket(&self) -> &TcpStream;
+}
+
+impl Connection for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Connection for rustls::StreamOwned<rustls::ServerConnection, TcpStream> {
+    fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
 impl Server {
     pub fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Server {
         Server::start_on("127.0.0.1:0", handler)
     }
 
+    /// An HTTPS server with the self-signed certificate of
+    /// `tests/fixtures/self-signed.crt` (for 127.0.0.1 and localhost), which
+    /// no client trusts unless told to.
+    pub fn start_tls(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Server {
+        let certs = CertificateDer::pem_slice_iter(include_bytes!("../fixtures/self-signed.crt"))
+            .collect::<Result<Vec<_>, _>>()
+            .expect("the test certificate");
+        let key = PrivateKeyDer::from_pem_slice(include_bytes!("../fixtures/self-signed.key"))
+            .expect("the test key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("the test certificate and key");
+        let config = Arc::new(config);
+        Server::listen("127.0.0.1:0", "https", handler, move |stream| {
+            let tls = rustls::ServerConnection::new(config.clone()).expect("TLS session");
+            Ok(rustls::StreamOwned::new(tls, stream))
+        })
+    }
+
     pub fn start_on(
         address: &str,
         handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
+        Server::listen(address, "http", handler, Ok)
+    }
+
+    fn listen<C: Connection>(
+        address: &str,
+        scheme: &'static str,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+        wrap: impl Fn(TcpStream) -> io::Result<C> + Send + 'static,
     ) -> Server {
         let listener = TcpListener::bind(address).expect("bind the test server");
         let addr = listener.local_addr().expect("test server address");
@@ -152,16 +260,21 @@ impl Server {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let Ok(connection) = wrap(stream) else {
+                        continue;
+                    };
                     let (handler, log, counts) = (handler.clone(), log.clone(), counts.clone());
                     let in_flight = in_flight.clone();
                     thread::spawn(move || {
-                        let _ = serve(stream, &*handler, &log, &counts, &in_flight);
+                        let _ = serve(connection, &*handler, &log, &counts, &in_flight);
                     });
                 }
             });
         }
         Server {
             addr,
+            scheme,
             log,
             stop,
             in_flight,
@@ -174,7 +287,7 @@ impl Server {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -219,15 +332,13 @@ impl Drop for Server {
 }
 
 fn serve(
-    stream: TcpStream,
+    connection: impl Connection,
     handler: &Handler,
     log: &Mutex<Vec<Hit>>,
     counts: &Mutex<HashMap<String, usize>>,
     in_flight: &InFlight,
 ) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut writer = stream;
+    let mut reader = BufReader::new(connection);
     loop {
         let Some(request) = read_request(&mut reader, counts)? else {
             return Ok(());
@@ -242,7 +353,7 @@ fn serve(
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let now = in_flight.now.fetch_add(1, Ordering::SeqCst) + 1;
         in_flight.most.fetch_max(now, Ordering::SeqCst);
-        let answered = answer(&mut writer, handler(&request), close);
+        let answered = answer(reader.get_mut(), handler(&request), close);
         in_flight.now.fetch_sub(1, Ordering::SeqCst);
         if !answered? {
             return Ok(());
@@ -251,7 +362,7 @@ fn serve(
 }
 
 fn read_request(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut impl BufRead,
     counts: &Mutex<HashMap<String, usize>>,
 ) -> io::Result<Option<Request>> {
     let mut line = String::new();
@@ -299,11 +410,12 @@ fn read_request(
     }))
 }
 
-fn head(status: u16, headers: &[(String, String)], length: usize, close: bool) -> Vec<u8> {
-    let mut text = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Length: {length}\r\n",
-        reason(status)
-    );
+/// The status line and headers; no Content-Length when `length` is None.
+fn head(status: u16, headers: &[(String, String)], length: Option<u64>, close: bool) -> Vec<u8> {
+    let mut text = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    if let Some(length) = length {
+        text.push_str(&format!("Content-Length: {length}\r\n"));
+    }
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -321,16 +433,18 @@ fn head(status: u16, headers: &[(String, String)], length: usize, close: bool) -
 }
 
 /// Writes the reply; false when the connection must end.
-fn answer(stream: &mut TcpStream, reply: Reply, close: bool) -> io::Result<bool> {
+fn answer(stream: &mut impl Connection, reply: Reply, close: bool) -> io::Result<bool> {
+    let length = |body: &[u8]| Some(body.len() as u64);
     match reply {
         Reply::Full {
             status,
             headers,
             body,
         } => {
-            let mut bytes = head(status, &headers, body.len(), close);
+            let mut bytes = head(status, &headers, length(&body), close);
             bytes.extend_from_slice(&body);
             stream.write_all(&bytes)?;
+            stream.flush()?;
             Ok(!close)
         }
         Reply::Delayed(delay, reply) => {
@@ -338,30 +452,56 @@ fn answer(stream: &mut TcpStream, reply: Reply, close: bool) -> io::Result<bool>
             answer(stream, *reply, close)
         }
         Reply::ResetMidBody { body, sent } => {
-            let mut bytes = head(200, &[], body.len(), false);
+            let mut bytes = head(200, &[], length(&body), false);
             bytes.extend_from_slice(&body[..sent.min(body.len())]);
             stream.write_all(&bytes)?;
-            reset(stream);
+            stream.flush()?;
+            reset(stream.socket());
             Ok(false)
         }
         Reply::ShortBody { body, claimed } => {
-            let mut bytes = head(200, &[], claimed, true);
+            let mut bytes = head(200, &[], Some(claimed as u64), true);
             bytes.extend_from_slice(&body);
             stream.write_all(&bytes)?;
-            let _ = stream.shutdown(Shutdown::Both);
+            stream.flush()?;
+            let _ = stream.socket().shutdown(Shutdown::Both);
             Ok(false)
         }
         Reply::Drip { body, gap } => {
-            stream.write_all(&head(200, &[], body.len(), close))?;
+            stream.write_all(&head(200, &[], length(&body), close))?;
             for byte in body {
                 thread::sleep(gap);
                 stream.write_all(&[byte])?;
+                stream.flush()?;
             }
             Ok(!close)
         }
         Reply::Stall(duration) => {
             thread::sleep(duration);
             Ok(false)
+        }
+        Reply::Huge { length, declared } => {
+            let close = close || !declared;
+            let content_type = [("Content-Type".into(), "application/octet-stream".into())];
+            stream.write_all(&head(200, &content_type, declared.then_some(length), close))?;
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < length {
+                let n = (length - sent).min(chunk.len() as u64) as usize;
+                for (i, byte) in chunk[..n].iter_mut().enumerate() {
+                    *byte = huge_byte(sent + i as u64);
+                }
+                // The client hangs up once it has had enough: not an error here.
+                if stream.write_all(&chunk[..n]).is_err() {
+                    return Ok(false);
+                }
+                sent += n as u64;
+            }
+            stream.flush()?;
+            if close {
+                let _ = stream.socket().shutdown(Shutdown::Both);
+            }
+            Ok(!close)
         }
     }
 }
@@ -391,10 +531,15 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         301 => "Moved Permanently",
         302 => "Found",
+        303 => "See Other",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Status",
     }
 }
