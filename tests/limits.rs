@@ -219,11 +219,10 @@ fn redirects_are_followed_up_to_ten_and_never_in_loops_or_to_other_schemes() {
 
 #[test]
 fn gateway_errors_are_retried() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(_), 0) => Reply::status(502),
-        (Some(_), 1) => Reply::status(504),
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::ZERO, |_, earlier| match earlier {
+        0 => Some(Reply::status(502)),
+        1 => Some(Reply::status(504)),
+        _ => None,
     });
     let job = Job::new();
     let urls = item_urls(&server, 3);
@@ -239,13 +238,11 @@ fn gateway_errors_are_retried() {
 fn a_body_dripping_past_the_timeout_is_cut_and_retried() {
     // 400 bytes, one every 5 ms: two seconds for a body the timeout of
     // 300 ms covers as well as the headers.
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(i), 0) => Reply::Drip {
-            body: item_body(i)[..400].to_vec(),
+    let server = faulty_item_server(Duration::ZERO, |item, earlier| {
+        (earlier == 0).then(|| Reply::Drip {
+            body: item_body(item)[..400].to_vec(),
             gap: Duration::from_millis(5),
-        },
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+        })
     });
     let job = Job::new();
     let urls = item_urls(&server, 2);

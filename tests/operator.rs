@@ -345,10 +345,8 @@ fn adaptive_throttling_wastes_fewer_requests_on_429s() {
 
 #[test]
 fn status_lines_show_counts_rates_and_paused_hosts_when_not_on_a_terminal() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(0), 0) => Reply::status(429).with_header("Retry-After", "2"),
-        (Some(i), _) => Reply::ok(item_body(i)).delayed(Duration::from_millis(20)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::from_millis(20), |item, earlier| {
+        (item == 0 && earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "2"))
     });
     let job = Job::new();
     job.import(&item_urls(&server, 60));
@@ -401,10 +399,8 @@ fn report_works_while_a_run_is_going() {
 
 #[test]
 fn logging_is_verbose_json_or_quiet_on_request() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(_), 0) => Reply::status(500),
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::ZERO, |_, earlier| {
+        (earlier == 0).then(|| Reply::status(500))
     });
     let urls = item_urls(&server, 2);
 
@@ -464,10 +460,8 @@ fn a_terminal_shows_a_progress_bar_with_count_rate_and_eta() {
             .output()
             .expect("tmux is needed for this test (apt-get install tmux)")
     };
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(7), 0) => Reply::status(500),
-        (Some(i), _) => Reply::ok(item_body(i)).delayed(Duration::from_millis(25)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::from_millis(25), |item, earlier| {
+        (item == 7 && earlier == 0).then(|| Reply::status(500))
     });
     let job = Job::new();
     job.import(&item_urls(&server, 300));

@@ -26,10 +26,8 @@ fn happy_path_every_file_is_byte_identical() {
 
 #[test]
 fn a_500_is_retried_until_it_succeeds() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(_), 0 | 1) => Reply::status(500),
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::ZERO, |_, earlier| {
+        (earlier < 2).then(|| Reply::status(500))
     });
     let job = Job::new();
     let urls = item_urls(&server, 5);
@@ -102,10 +100,8 @@ fn retries_stop_at_max_attempts() {
 fn retry_after_in_seconds_delays_the_retry_and_pauses_the_host() {
     // Item 0 answers 429 once; with one worker, item 1 comes after it and
     // must wait for the pause too.
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(0), 0) => Reply::status(429).with_header("Retry-After", "1"),
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::ZERO, |item, earlier| {
+        (item == 0 && earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "1"))
     });
     let job = Job::new();
     let urls = item_urls(&server, 2);
@@ -129,13 +125,11 @@ fn retry_after_in_seconds_delays_the_retry_and_pauses_the_host() {
 
 #[test]
 fn retry_after_as_an_http_date_is_honoured() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(_), 0) => {
+    let server = faulty_item_server(Duration::ZERO, |_, earlier| {
+        (earlier == 0).then(|| {
             let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
             Reply::status(503).with_header("Retry-After", &date)
-        }
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+        })
     });
     let job = Job::new();
     let urls = item_urls(&server, 1);
@@ -153,14 +147,12 @@ fn retry_after_as_an_http_date_is_honoured() {
 
 #[test]
 fn a_reset_mid_body_is_retried_and_leaves_no_truncated_file() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(i), 0) => {
-            let body = item_body(i);
+    let server = faulty_item_server(Duration::ZERO, |item, earlier| {
+        (earlier == 0).then(|| {
+            let body = item_body(item);
             let sent = body.len() / 2;
             Reply::ResetMidBody { body, sent }
-        }
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+        })
     });
     let job = Job::new();
     let urls = item_urls(&server, 20);
@@ -172,14 +164,12 @@ fn a_reset_mid_body_is_retried_and_leaves_no_truncated_file() {
 
 #[test]
 fn a_body_shorter_than_its_length_is_retried() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(i), 0) => {
-            let body = item_body(i);
+    let server = faulty_item_server(Duration::ZERO, |item, earlier| {
+        (earlier == 0).then(|| {
+            let body = item_body(item);
             let claimed = body.len() + 100;
             Reply::ShortBody { body, claimed }
-        }
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+        })
     });
     let job = Job::new();
     let urls = item_urls(&server, 5);
@@ -190,10 +180,8 @@ fn a_body_shorter_than_its_length_is_retried() {
 
 #[test]
 fn a_stalled_request_times_out_and_is_retried() {
-    let server = Server::start(|request| match (item_of(&request.path), request.previous) {
-        (Some(_), 0) => Reply::Stall(Duration::from_secs(3)),
-        (Some(i), _) => Reply::ok(item_body(i)),
-        _ => Reply::status(404),
+    let server = faulty_item_server(Duration::ZERO, |_, earlier| {
+        (earlier == 0).then(|| Reply::Stall(Duration::from_secs(3)))
     });
     let job = Job::new();
     let urls = item_urls(&server, 2);

@@ -236,61 +236,74 @@ impl Store {
     }
 
     /// Calls `each` with every done URL's file record, in import order.
-    pub fn done_files(&self, mut each: impl FnMut(DoneFile) -> Result<()>) -> Result<()> {
-        let mut statement = self.conn.prepare(
+    pub fn done_files(&self, each: impl FnMut(DoneFile) -> Result<()>) -> Result<()> {
+        self.each_row(
             "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
-        )?;
-        let mut rows = statement.query([])?;
-        while let Some(row) = rows.next()? {
-            each(DoneFile {
-                id: row.get(0)?,
-                url: row.get(1)?,
-                path: row.get(2)?,
-                bytes: row.get::<_, Option<i64>>(3)?.unwrap_or(-1),
-                sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
-            })?;
-        }
-        Ok(())
+            |row| {
+                Ok(DoneFile {
+                    id: row.get(0)?,
+                    url: row.get(1)?,
+                    path: row.get(2)?,
+                    bytes: row.get::<_, Option<i64>>(3)?.unwrap_or(-1),
+                    sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+                })
+            },
+            each,
+        )
     }
 
     /// Calls `each` with every failed URL, in import order.
-    pub fn failed(&self, mut each: impl FnMut(FailedRow) -> Result<()>) -> Result<()> {
-        let mut statement = self.conn.prepare(
+    pub fn failed(&self, each: impl FnMut(FailedRow) -> Result<()>) -> Result<()> {
+        self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
-        )?;
+            |row| {
+                Ok(FailedRow {
+                    url: row.get(0)?,
+                    http_status: row.get(1)?,
+                    attempts: row.get(2)?,
+                    error: row.get(3)?,
+                })
+            },
+            each,
+        )
+    }
+
+    /// Streams the rows of `sql` through `read` into `each`, one at a
+    /// time, so that memory does not grow with the table.
+    fn each_row<T>(
+        &self,
+        sql: &str,
+        read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        mut each: impl FnMut(T) -> Result<()>,
+    ) -> Result<()> {
+        let mut statement = self.conn.prepare(sql)?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            each(FailedRow {
-                url: row.get(0)?,
-                http_status: row.get(1)?,
-                attempts: row.get(2)?,
-                error: row.get(3)?,
-            })?;
+            each(read(row)?)?;
         }
         Ok(())
     }
 
     /// Calls `each` with every URL in import order.
-    pub fn export(&self, mut each: impl FnMut(ExportRow) -> Result<()>) -> Result<()> {
-        let mut statement = self.conn.prepare(
+    pub fn export(&self, each: impl FnMut(ExportRow) -> Result<()>) -> Result<()> {
+        self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, lower(hex(sha256)), error
              FROM urls ORDER BY id",
-        )?;
-        let mut rows = statement.query([])?;
-        while let Some(row) = rows.next()? {
-            each(ExportRow {
-                url: row.get(0)?,
-                state: row.get(1)?,
-                path: row.get(2)?,
-                http_status: row.get(3)?,
-                attempts: row.get(4)?,
-                bytes: row.get(5)?,
-                sha256: row
-                    .get::<_, Option<String>>(6)?
-                    .filter(|hex| !hex.is_empty()),
-                error: row.get(7)?,
-            })?;
-        }
-        Ok(())
+            |row| {
+                Ok(ExportRow {
+                    url: row.get(0)?,
+                    state: row.get(1)?,
+                    path: row.get(2)?,
+                    http_status: row.get(3)?,
+                    attempts: row.get(4)?,
+                    bytes: row.get(5)?,
+                    sha256: row
+                        .get::<_, Option<String>>(6)?
+                        .filter(|hex| !hex.is_empty()),
+                    error: row.get(7)?,
+                })
+            },
+            each,
+        )
     }
 }

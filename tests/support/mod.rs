@@ -310,8 +310,19 @@ pub fn item_urls(server: &Server, count: u64) -> Vec<String> {
 
 /// A server that serves every item, after `delay`.
 pub fn item_server(delay: Duration) -> Server {
+    faulty_item_server(delay, |_, _| None)
+}
+
+/// A server of items that misbehaves where `fault(item, earlier_requests)`
+/// says how; otherwise it serves the item after `delay`.
+pub fn faulty_item_server(
+    delay: Duration,
+    fault: impl Fn(u64, usize) -> Option<Reply> + Send + Sync + 'static,
+) -> Server {
     Server::start(move |request| match item_of(&request.path) {
-        Some(i) => Reply::ok(item_body(i)).delayed(delay),
+        Some(i) => {
+            fault(i, request.previous).unwrap_or_else(|| Reply::ok(item_body(i)).delayed(delay))
+        }
         None => Reply::status(404),
     })
 }
