@@ -8,6 +8,7 @@
 //! safe too: the next run takes this one's rows back.
 
 mod owner;
+mod syncer;
 mod worker;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ pub enum Event {
         completion: Completion,
         staged: Option<Staged>,
     },
+    /// The sync thread's answer for the batch it was given.
+    Durable(Result<()>),
     /// A worker could not write its file: the run stops.
     Fatal(anyhow::Error),
     /// Ctrl-C: stop claiming.
@@ -112,9 +115,10 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             jobs: jobs_tx,
             queued: jobs_rx.clone(),
             events: events_rx,
+            events_tx: events_tx.clone(),
             stopping_signal: stopping.clone(),
         },
-    );
+    )?;
     let owner = std::thread::Builder::new()
         .name("jobrun-db".into())
         .spawn(move || owner.run())

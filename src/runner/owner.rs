@@ -1,7 +1,7 @@
 //! The database owner: one thread that holds the SQLite connection for the
 //! whole run. It claims due rows in batches for the job queue, collects the
-//! workers' outcomes, makes finished bodies durable and commits them, one
-//! transaction per tick. Workers never touch SQL.
+//! workers' outcomes, has the sync thread make finished bodies durable and
+//! then commits them, one transaction per tick. Workers never touch SQL.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::output::{OutputDir, Staged};
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
+use super::syncer::Syncer;
 use super::{Event, Job, RunTotals};
 
 /// Outcomes committed together at most.
@@ -28,7 +29,8 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 pub struct Owner {
     store: Store,
-    out: OutputDir,
+    out: Arc<OutputDir>,
+    syncer: Syncer,
     run: i64,
     jobs: Option<flume::Sender<Job>>,
     /// The queue's own receiver, to take unstarted jobs back on shutdown.
@@ -39,11 +41,19 @@ pub struct Owner {
     stopping_signal: Arc<Notify>,
     /// Claimed rows not yet completed, with their target files.
     in_flight: HashMap<i64, PathBuf>,
+    /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
+    batch_since: Option<Instant>,
+    /// A sync result came in: commit its bodies without waiting.
+    commit_now: bool,
+    /// Bodies not yet handed to the sync thread, and their outcomes.
     staged: Vec<Staged>,
+    unsynced: Vec<Completion>,
+    unsynced_since: Option<Instant>,
+    /// The outcomes of the bodies the sync thread is working on.
+    syncing: Option<Vec<Completion>>,
     /// Targets of rows that failed, removed before the commit.
     failed_targets: Vec<PathBuf>,
-    batch_since: Option<Instant>,
     next_claim_at: Instant,
     last_commit: Instant,
     stopping: Option<RunEnd>,
@@ -54,6 +64,8 @@ pub struct OwnerChannels {
     pub jobs: flume::Sender<Job>,
     pub queued: flume::Receiver<Job>,
     pub events: flume::Receiver<Event>,
+    /// For the sync thread's answers.
+    pub events_tx: flume::Sender<Event>,
     pub stopping_signal: Arc<Notify>,
 }
 
@@ -63,11 +75,14 @@ enum Tick {
 }
 
 impl Owner {
-    pub fn new(store: Store, out: OutputDir, run: i64, channels: OwnerChannels) -> Owner {
+    pub fn new(store: Store, out: OutputDir, run: i64, channels: OwnerChannels) -> Result<Owner> {
         let now = Instant::now();
-        Owner {
+        let out = Arc::new(out);
+        let syncer = Syncer::start(out.clone(), channels.events_tx)?;
+        Ok(Owner {
             store,
             out,
+            syncer,
             run,
             capacity: channels.jobs.capacity().unwrap_or(64),
             jobs: Some(channels.jobs),
@@ -76,14 +91,18 @@ impl Owner {
             stopping_signal: channels.stopping_signal,
             in_flight: HashMap::new(),
             batch: Vec::new(),
-            staged: Vec::new(),
-            failed_targets: Vec::new(),
             batch_since: None,
+            commit_now: false,
+            staged: Vec::new(),
+            unsynced: Vec::new(),
+            unsynced_since: None,
+            syncing: None,
+            failed_targets: Vec::new(),
             next_claim_at: now,
             last_commit: now,
             stopping: None,
             totals: RunTotals::default(),
-        }
+        })
     }
 
     /// Runs until no URL is left, or until the workers are gone after a
@@ -120,6 +139,10 @@ impl Owner {
     fn handle(&mut self, event: Event) -> bool {
         match event {
             Event::Finished { completion, staged } => self.collect(completion, staged),
+            Event::Durable(result) => {
+                let completions = self.syncing.take().unwrap_or_default();
+                self.synced(completions, result);
+            }
             Event::Fatal(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
             Event::Shutdown => self.stop(RunEnd::Interrupted),
             Event::WorkersGone => return true,
@@ -146,13 +169,40 @@ impl Owner {
             }
             Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
         }
-        self.batch.push(completion);
-        self.staged.extend(staged);
-        self.batch_since.get_or_insert_with(Instant::now);
+        match staged {
+            Some(staged) => {
+                self.unsynced.push(completion);
+                self.staged.push(staged);
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            None => {
+                self.batch.push(completion);
+                self.batch_since.get_or_insert_with(Instant::now);
+            }
+        }
         if self.in_flight.is_empty() {
             // Idle now: look for due rows, or find that none are left.
             self.next_claim_at = Instant::now();
         }
+    }
+
+    /// Takes the sync thread's answer for `completions`: their bodies are
+    /// durable and they may be committed, or none of them may be marked done.
+    fn synced(&mut self, mut completions: Vec<Completion>, result: Result<()>) {
+        if let Err(error) = result {
+            // They go back to pending instead.
+            for completion in &mut completions {
+                if let Completion::Done { id, bytes, .. } = *completion {
+                    *completion = Completion::Interrupted { id };
+                    self.totals.done -= 1;
+                    self.totals.bytes -= bytes;
+                }
+            }
+            self.stop(RunEnd::Error(format!("{error:#}")));
+        }
+        self.batch.append(&mut completions);
+        self.batch_since.get_or_insert_with(Instant::now);
+        self.commit_now = true;
     }
 
     /// When the loop must wake up even if no event comes.
@@ -160,6 +210,11 @@ impl Owner {
         let now = Instant::now();
         let mut deadline = self.last_commit + HEARTBEAT;
         if let Some(since) = self.batch_since {
+            deadline = deadline.min(since + MAX_BATCH_DELAY);
+        }
+        if let Some(since) = self.unsynced_since
+            && self.syncing.is_none()
+        {
             deadline = deadline.min(since + MAX_BATCH_DELAY);
         }
         if self.wants_jobs() {
@@ -178,7 +233,17 @@ impl Owner {
 
     fn tick(&mut self) -> Result<Tick> {
         let now = Instant::now();
-        let batch_due = self.batch.len() >= MAX_BATCH
+        let sync_due = self.staged.len() >= MAX_BATCH
+            || self
+                .unsynced_since
+                .is_some_and(|since| now >= since + MAX_BATCH_DELAY);
+        if sync_due && self.syncing.is_none() {
+            self.syncer.sync(std::mem::take(&mut self.staged))?;
+            self.syncing = Some(std::mem::take(&mut self.unsynced));
+            self.unsynced_since = None;
+        }
+        let batch_due = self.commit_now
+            || self.batch.len() >= MAX_BATCH
             || self
                 .batch_since
                 .is_some_and(|since| now >= since + MAX_BATCH_DELAY);
@@ -225,22 +290,8 @@ impl Owner {
         Ok(Tick::Continue)
     }
 
-    /// Makes the batch's bodies durable, then commits the batch and claims
-    /// up to `claim` rows in one transaction.
+    /// Commits the batch and claims up to `claim` rows in one transaction.
     fn commit(&mut self, claim: usize) -> Result<Vec<crate::store::Claim>> {
-        let durable = self.out.make_durable(&self.staged);
-        self.staged.clear();
-        if let Err(error) = durable {
-            // Not one of these may be marked done: they go back to pending.
-            for completion in &mut self.batch {
-                if let Completion::Done { id, bytes, .. } = *completion {
-                    *completion = Completion::Interrupted { id };
-                    self.totals.done -= 1;
-                    self.totals.bytes -= bytes;
-                }
-            }
-            self.stop(RunEnd::Error(format!("{error:#}")));
-        }
         let claim = if self.stopping.is_some() { 0 } else { claim };
         for target in self.failed_targets.drain(..) {
             self.out.remove_target(&target)?;
@@ -250,6 +301,7 @@ impl Owner {
             .complete_and_claim(self.run, &self.batch, claim)?;
         self.batch.clear();
         self.batch_since = None;
+        self.commit_now = false;
         self.last_commit = Instant::now();
         Ok(claims)
     }
@@ -279,6 +331,21 @@ impl Owner {
                 .map(|id| Completion::Interrupted { id }),
         );
         self.jobs = None;
+        // The sync thread's batch first, then what is left, here.
+        while self.syncing.is_some() {
+            match self.events.recv() {
+                Ok(event) => {
+                    self.handle(event);
+                }
+                Err(_) => break,
+            }
+        }
+        if !self.staged.is_empty() {
+            let durable = self.out.make_durable(&self.staged);
+            self.staged.clear();
+            let completions = std::mem::take(&mut self.unsynced);
+            self.synced(completions, durable);
+        }
         let committed = self.commit(0);
         let end = self
             .stopping
@@ -289,7 +356,11 @@ impl Owner {
             Ok(_) => end,
         };
         self.store.end_run(self.run, &end)?;
-        self.out.close()?;
+        self.syncer.stop()?;
+        match Arc::try_unwrap(self.out) {
+            Ok(out) => out.close()?,
+            Err(_) => anyhow::bail!("the output folder is still in use"),
+        }
         self.totals.end = Some(end);
         Ok(self.totals)
     }
