@@ -103,7 +103,10 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     };
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
 
-    let capacity = (plan.workers * 2).max(16);
+    // Enough claimed rows that the workers never wait for the next claim
+    // (at 10,000 URLs/s, 256 last 25 ms), few enough that a stop hands back
+    // little.
+    let capacity = (plan.workers * 2).max(256);
     let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
     let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
     let stopping = Arc::new(Notify::new());
