@@ -5,13 +5,14 @@
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::Path;
+use std::time::SystemTime;
 
 use anyhow::{Context, Result};
-use uuid::Uuid;
+use uuid::Builder;
 
 use crate::cli::ImportArgs;
 use crate::commands::{Status, thousands};
-use crate::store::{InsertResult, Open, Store};
+use crate::store::{InsertResult, Open, Store, unix_ms};
 use crate::urlfile::{self, Line};
 
 /// URLs per transaction: big enough to be fast, small enough that a run
@@ -46,6 +47,7 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
         format!(".{}", args.ext)
     };
     let mut store = Store::open(db, Open::CreateIfMissing)?;
+    store.expect_bulk_writes()?;
     let counts = import(&mut store, reader, &name, &suffix)?;
     if counts.rejected > MAX_SHOWN {
         eprintln!(
@@ -91,7 +93,7 @@ fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str)
                 }
             }
             Line::Url(url) => {
-                let path = format!("{}{suffix}", Uuid::now_v7());
+                let path = file_name(suffix);
                 match batch.insert(url.as_str(), &path)? {
                     InsertResult::Inserted => counts.imported += 1,
                     InsertResult::Duplicate => counts.duplicate += 1,
@@ -107,4 +109,16 @@ fn import(store: &mut Store, mut reader: impl BufRead, name: &str, suffix: &str)
     }
     batch.commit()?;
     Ok(counts)
+}
+
+/// A new output file name: a version 7 UUID, which starts with the time, so
+/// that the index on paths grows at its end, and the extension. Its random
+/// part comes from fastrand: asking the system for it once per URL took a
+/// twentieth of an import.
+fn file_name(suffix: &str) -> String {
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    let millis = unix_ms(SystemTime::now()) as u64;
+    let uuid = Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    format!("{uuid}{suffix}")
 }
