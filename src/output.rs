@@ -20,6 +20,11 @@ use anyhow::{Context, Result, bail};
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
 
+/// Temp files are spread over this many folders. Creating a file locks its
+/// folder while the filesystem finds it an inode; in one shared folder the
+/// workers' threads and the renames kept waiting for each other.
+const TEMP_SHARDS: i64 = 16;
+
 /// A body written under a temp name, waiting to be made durable.
 #[derive(Debug)]
 pub struct Staged {
@@ -54,12 +59,15 @@ impl OutputDir {
         let temp_root = root.join(TEMP_DIR);
         remove_dead_temp_dirs(&temp_root, live_runs)?;
         let temp = temp_root.join(format!("run-{run}"));
-        fs::create_dir_all(&temp).with_context(|| {
-            format!(
-                "cannot write in the output folder {display} (creating {})",
-                temp.display()
-            )
-        })?;
+        for shard in 0..TEMP_SHARDS {
+            let dir = temp.join(shard.to_string());
+            fs::create_dir_all(&dir).with_context(|| {
+                format!(
+                    "cannot write in the output folder {display} (creating {})",
+                    dir.display()
+                )
+            })?;
+        }
         let handle =
             File::open(root).with_context(|| format!("cannot open the output folder {display}"))?;
         Ok(OutputDir {
@@ -71,7 +79,9 @@ impl OutputDir {
 
     /// Where the body of row `id` is written before it is durable.
     pub fn temp_path(&self, id: i64) -> PathBuf {
-        self.temp.join(id.to_string())
+        self.temp
+            .join((id.rem_euclid(TEMP_SHARDS)).to_string())
+            .join(id.to_string())
     }
 
     /// The final file for a row's recorded path.
