@@ -69,7 +69,11 @@ impl Store {
         // Safe with WAL because a file is durable before the commit that marks
         // it done: a commit lost in a power cut only costs a re-fetch.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "cache_size", -16_000)?;
+        // 2 MB, SQLite's default. Claims and commits walk the table and the
+        // state index in order, and report reads it once; a bigger cache
+        // bought no speed, only memory that grew with the database (16 MB
+        // more at a million URLs than at ten thousand).
+        conn.pragma_update(None, "cache_size", -2_000)?;
         let migrations = MIGRATIONS.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
         migrations
             .to_latest(&mut conn)
