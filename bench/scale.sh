@@ -70,7 +70,7 @@ start_server
 victim=$!
 sleep 5
 kill -9 "$victim" 2> /dev/null || true
-wait "$victim" 2>/dev/null || true
+{ wait "$victim"; } 2> /dev/null || true
 done_before=$("$JOBRUN" --db "$db" report --json | sed 's/.*"done":\([0-9]*\).*/\1/')
 
 start_server
