@@ -22,6 +22,11 @@ use crate::crashpoint::{self, Step};
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
 
+/// Temp files are spread over this many folders. Creating a file locks its
+/// folder while the filesystem finds it an inode; in one shared folder the
+/// workers' threads and the renames kept waiting for each other.
+const TEMP_SHARDS: i64 = 16;
+
 /// A body written under a temp name, waiting to be made durable.
 #[derive(Debug)]
 pub struct Staged {
@@ -46,11 +51,14 @@ impl OutputDir {
         let temp_root = root.join(TEMP_DIR);
         remove_dead_temp_dirs(&temp_root, run, live_runs)?;
         let temp = temp_root.join(format!("run-{run}"));
-        // A run ending at this moment may remove the empty temp area
-        // between the two folders' creation; once more is enough.
-        fs::create_dir_all(&temp)
-            .or_else(|_| fs::create_dir_all(&temp))
-            .map_err(|e| local_write_error(e, "cannot create the temp folder", &temp))?;
+        for shard in 0..TEMP_SHARDS {
+            let dir = temp.join(shard.to_string());
+            // A run ending at this moment may remove the empty temp area
+            // between two folders' creation; once more is enough.
+            fs::create_dir_all(&dir)
+                .or_else(|_| fs::create_dir_all(&dir))
+                .map_err(|e| local_write_error(e, "cannot create the temp folder", &dir))?;
+        }
         let handle =
             File::open(root).with_context(|| format!("cannot open the output folder {display}"))?;
         Ok(OutputDir {
@@ -62,7 +70,9 @@ impl OutputDir {
 
     /// Where the body of row `id` is written before it is durable.
     pub fn temp_path(&self, id: i64) -> PathBuf {
-        self.temp.join(id.to_string())
+        self.temp
+            .join((id.rem_euclid(TEMP_SHARDS)).to_string())
+            .join(id.to_string())
     }
 
     /// The final file for a row's recorded path, refused when the path

@@ -1,6 +1,6 @@
 -- Requests beyond a plain GET (method, headers and body from JSON Lines), the host of
 -- every URL for per-host counts, and request durations for the report.
--- SQLite cannot drop the UNIQUE on url in place, so the table is rebuilt.
+-- SQLite cannot drop the UNIQUE on url or change a CHECK in place, so the table is rebuilt.
 
 CREATE TABLE urls_v2 (
     id              INTEGER PRIMARY KEY,
@@ -9,8 +9,11 @@ CREATE TABLE urls_v2 (
     request_key     TEXT NOT NULL UNIQUE,   -- the URL for a plain GET, else the URL and a hash of the request
     host            TEXT NOT NULL,          -- host[:port] as written in the URL
     path            TEXT NOT NULL UNIQUE,   -- output file, relative to the output folder
+    -- Plain comparisons: SQLite evaluates IN (...) in a CHECK by building a
+    -- temporary b-tree on every insert and every change of state.
     state           TEXT NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'done', 'failed')),
+                    CHECK (state = 'pending' OR state = 'running' OR state = 'done'
+                           OR state = 'failed'),
     attempts        INTEGER NOT NULL DEFAULT 0,
     interrupted     INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL DEFAULT 0,
@@ -31,7 +34,8 @@ SELECT id, url, url,
        path, state, attempts, interrupted, next_attempt_at, run_id, http_status, bytes,
        sha256, error, updated_at
 FROM (SELECT *, substr(rest, 1, instr(rest || '/', '/') - 1) AS authority
-      FROM (SELECT *, substr(url, instr(url, '://') + 3) AS rest FROM urls));
+      FROM (SELECT *, substr(url, instr(url, '://') + 3) AS rest FROM urls))
+ORDER BY id;
 
 DROP TABLE urls;
 ALTER TABLE urls_v2 RENAME TO urls;

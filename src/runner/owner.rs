@@ -1,7 +1,7 @@
 //! The database owner: one thread that holds the SQLite connection for the
 //! whole run. It claims due rows in batches for the job queue, collects the
-//! workers' outcomes, makes finished bodies durable and commits them, one
-//! transaction per tick. Workers never touch SQL.
+//! workers' outcomes, has the sync thread make finished bodies durable and
+//! then commits them, one transaction per tick. Workers never touch SQL.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,12 +18,17 @@ use crate::output::{OutputDir, Staged};
 use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
+use super::syncer::Syncer;
 use super::{Event, Job, RunTotals};
 
 /// Outcomes committed together at most.
 const MAX_BATCH: usize = 1024;
 /// How long an outcome waits for its batch's commit at most.
 const MAX_BATCH_DELAY: Duration = Duration::from_millis(20);
+/// The shortest time between two turns of the loop while events come in.
+/// Waking for every event costs a thread switch per URL; events that come
+/// in during this pause are taken in one go instead.
+const MIN_TURN: Duration = Duration::from_millis(2);
 /// How often the run says it is alive when nothing else is committed.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often to look for new due rows when none were found.
@@ -31,7 +36,8 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 pub struct Owner {
     store: Store,
-    out: OutputDir,
+    out: Arc<OutputDir>,
+    syncer: Syncer,
     run: i64,
     jobs: Option<flume::Sender<Job>>,
     /// The queue's own receiver, to take unstarted jobs back on shutdown.
@@ -42,11 +48,19 @@ pub struct Owner {
     stopping_signal: Arc<Notify>,
     /// Claimed rows not yet completed, with their target files.
     in_flight: HashMap<i64, PathBuf>,
+    /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
+    batch_since: Option<Instant>,
+    /// A sync result came in: commit its bodies without waiting.
+    commit_now: bool,
+    /// Bodies not yet handed to the sync thread, and their outcomes.
     staged: Vec<Staged>,
+    unsynced: Vec<Completion>,
+    unsynced_since: Option<Instant>,
+    /// The outcomes of the bodies the sync thread is working on.
+    syncing: Option<Vec<Completion>>,
     /// Targets of rows that failed, removed before the commit.
     failed_targets: Vec<PathBuf>,
-    batch_since: Option<Instant>,
     next_claim_at: Instant,
     last_commit: Instant,
     stopping: Option<RunEnd>,
@@ -58,6 +72,8 @@ pub struct OwnerChannels {
     pub jobs: flume::Sender<Job>,
     pub queued: flume::Receiver<Job>,
     pub events: flume::Receiver<Event>,
+    /// For the sync thread's answers.
+    pub events_tx: flume::Sender<Event>,
     pub stopping_signal: Arc<Notify>,
 }
 
@@ -73,11 +89,14 @@ impl Owner {
         run: i64,
         channels: OwnerChannels,
         counters: Arc<Counters>,
-    ) -> Owner {
+    ) -> Result<Owner> {
         let now = Instant::now();
-        Owner {
+        let out = Arc::new(out);
+        let syncer = Syncer::start(out.clone(), channels.events_tx)?;
+        Ok(Owner {
             store,
             out,
+            syncer,
             run,
             capacity: channels.jobs.capacity().unwrap_or(64),
             jobs: Some(channels.jobs),
@@ -86,31 +105,37 @@ impl Owner {
             stopping_signal: channels.stopping_signal,
             in_flight: HashMap::new(),
             batch: Vec::new(),
-            staged: Vec::new(),
-            failed_targets: Vec::new(),
             batch_since: None,
+            commit_now: false,
+            staged: Vec::new(),
+            unsynced: Vec::new(),
+            unsynced_since: None,
+            syncing: None,
+            failed_targets: Vec::new(),
             next_claim_at: now,
             last_commit: now,
             stopping: None,
             totals: RunTotals::default(),
             counters,
-        }
+        })
     }
 
     /// Runs until no URL is left, or until the workers are gone after a
     /// stop; records how the run ended.
     pub fn run(mut self) -> Result<RunTotals> {
         loop {
-            let mut workers_gone = match self.events.recv_deadline(self.deadline()) {
-                Ok(event) => self.handle(event),
-                Err(RecvTimeoutError::Timeout) => false,
-                Err(RecvTimeoutError::Disconnected) => true,
+            let (mut workers_gone, mut handled) = match self.events.recv_deadline(self.deadline()) {
+                Ok(event) => (self.handle(event), 1),
+                Err(RecvTimeoutError::Timeout) => (false, 0),
+                Err(RecvTimeoutError::Disconnected) => (true, 0),
             };
-            while !workers_gone && self.batch.len() < MAX_BATCH {
+            let turn = Instant::now();
+            while !workers_gone && handled < MAX_BATCH {
                 match self.events.try_recv() {
                     Ok(event) => workers_gone = self.handle(event),
                     Err(_) => break,
                 }
+                handled += 1;
             }
             if workers_gone {
                 break;
@@ -123,6 +148,10 @@ impl Owner {
                 }
                 Err(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
             }
+            if handled > 0 {
+                let pause = (turn + MIN_TURN).min(self.deadline());
+                std::thread::sleep(pause.saturating_duration_since(Instant::now()));
+            }
         }
         self.finish()
     }
@@ -131,6 +160,10 @@ impl Owner {
     fn handle(&mut self, event: Event) -> bool {
         match event {
             Event::Finished { completion, staged } => self.collect(completion, staged),
+            Event::Durable(result) => {
+                let completions = self.syncing.take().unwrap_or_default();
+                self.synced(completions, result);
+            }
             Event::Fatal(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
             Event::Shutdown => self.stop(RunEnd::Interrupted),
             Event::WorkersGone => return true,
@@ -157,13 +190,40 @@ impl Owner {
             }
             Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
         }
-        self.batch.push(completion);
-        self.staged.extend(staged);
-        self.batch_since.get_or_insert_with(Instant::now);
+        match staged {
+            Some(staged) => {
+                self.unsynced.push(completion);
+                self.staged.push(staged);
+                self.unsynced_since.get_or_insert_with(Instant::now);
+            }
+            None => {
+                self.batch.push(completion);
+                self.batch_since.get_or_insert_with(Instant::now);
+            }
+        }
         if self.in_flight.is_empty() {
             // Idle now: look for due rows, or find that none are left.
             self.next_claim_at = Instant::now();
         }
+    }
+
+    /// Takes the sync thread's answer for `completions`: their bodies are
+    /// durable and they may be committed, or none of them may be marked done.
+    fn synced(&mut self, mut completions: Vec<Completion>, result: Result<()>) {
+        if let Err(error) = result {
+            // They go back to pending instead.
+            for completion in &mut completions {
+                if let Completion::Done { id, bytes, .. } = *completion {
+                    *completion = Completion::Interrupted { id };
+                    self.totals.done -= 1;
+                    self.totals.bytes -= bytes;
+                }
+            }
+            self.stop(RunEnd::Error(format!("{error:#}")));
+        }
+        self.batch.append(&mut completions);
+        self.batch_since.get_or_insert_with(Instant::now);
+        self.commit_now = true;
     }
 
     /// When the loop must wake up even if no event comes.
@@ -171,6 +231,11 @@ impl Owner {
         let now = Instant::now();
         let mut deadline = self.last_commit + HEARTBEAT;
         if let Some(since) = self.batch_since {
+            deadline = deadline.min(since + MAX_BATCH_DELAY);
+        }
+        if let Some(since) = self.unsynced_since
+            && self.syncing.is_none()
+        {
             deadline = deadline.min(since + MAX_BATCH_DELAY);
         }
         if self.wants_jobs() {
@@ -189,7 +254,17 @@ impl Owner {
 
     fn tick(&mut self) -> Result<Tick> {
         let now = Instant::now();
-        let batch_due = self.batch.len() >= MAX_BATCH
+        let sync_due = self.staged.len() >= MAX_BATCH
+            || self
+                .unsynced_since
+                .is_some_and(|since| now >= since + MAX_BATCH_DELAY);
+        if sync_due && self.syncing.is_none() {
+            self.syncer.sync(std::mem::take(&mut self.staged))?;
+            self.syncing = Some(std::mem::take(&mut self.unsynced));
+            self.unsynced_since = None;
+        }
+        let batch_due = self.commit_now
+            || self.batch.len() >= MAX_BATCH
             || self
                 .batch_since
                 .is_some_and(|since| now >= since + MAX_BATCH_DELAY);
@@ -254,22 +329,8 @@ impl Owner {
         Ok(Tick::Continue)
     }
 
-    /// Makes the batch's bodies durable, then commits the batch and claims
-    /// up to `claim` rows in one transaction.
+    /// Commits the batch and claims up to `claim` rows in one transaction.
     fn commit(&mut self, claim: usize) -> Result<Vec<crate::store::Claim>> {
-        let durable = self.out.make_durable(&self.staged);
-        self.staged.clear();
-        if let Err(error) = durable {
-            // Not one of these may be marked done: they go back to pending.
-            for completion in &mut self.batch {
-                if let Completion::Done { id, bytes, .. } = *completion {
-                    *completion = Completion::Interrupted { id };
-                    self.totals.done -= 1;
-                    self.totals.bytes -= bytes;
-                }
-            }
-            self.stop(RunEnd::Error(format!("{error:#}")));
-        }
         let claim = if self.stopping.is_some() { 0 } else { claim };
         for target in self.failed_targets.drain(..) {
             self.out.remove_target(&target)?;
@@ -287,6 +348,7 @@ impl Owner {
         self.count_committed(&claims);
         self.batch.clear();
         self.batch_since = None;
+        self.commit_now = false;
         self.last_commit = Instant::now();
         Ok(claims)
     }
@@ -338,6 +400,21 @@ impl Owner {
                 .map(|id| Completion::Interrupted { id }),
         );
         self.jobs = None;
+        // The sync thread's batch first, then what is left, here.
+        while self.syncing.is_some() {
+            match self.events.recv() {
+                Ok(event) => {
+                    self.handle(event);
+                }
+                Err(_) => break,
+            }
+        }
+        if !self.staged.is_empty() {
+            let durable = self.out.make_durable(&self.staged);
+            self.staged.clear();
+            let completions = std::mem::take(&mut self.unsynced);
+            self.synced(completions, durable);
+        }
         let committed = self.commit(0);
         let end = self
             .stopping
@@ -348,7 +425,11 @@ impl Owner {
             Ok(_) => end,
         };
         self.store.end_run(self.run, &end)?;
-        self.out.close()?;
+        self.syncer.stop()?;
+        match Arc::try_unwrap(self.out) {
+            Ok(out) => out.close()?,
+            Err(_) => anyhow::bail!("the output folder is still in use"),
+        }
         self.totals.end = Some(end);
         Ok(self.totals)
     }
