@@ -49,7 +49,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-have=$(wc -l < "$DATA/manifest.tsv" 2>/dev/null || echo 0)
+have=$( (wc -l < "$DATA/manifest.tsv") 2> /dev/null || echo 0)
 if [ "$have" -lt "$N" ]; then
     echo "== writing $N items to $DATA" >&2
     "$BENCH_SERVER" generate --items "$N" --dir "$DATA"
