@@ -144,7 +144,11 @@ impl Store {
         // than reading them.
         let mut summary = Summary::default();
         let mut statuses = BTreeMap::<u16, i64>::new();
-        let mut hosts = HashMap::<Vec<u8>, HostCount>::new();
+        // Rows come in import order, where one host usually follows itself:
+        // the last host's slot is tried before the map.
+        let mut hosts = Vec::<HostCount>::new();
+        let mut host_slots = HashMap::<Vec<u8>, usize>::new();
+        let mut last_host = usize::MAX;
         // Error text -> (count, an example URL).
         let mut errors = HashMap::<Vec<u8>, (i64, String)>::new();
         let mut statement = self.conn.prepare(
@@ -155,13 +159,23 @@ impl Store {
             summary.total += 1;
             let state = row.get_ref(0)?.as_bytes()?;
             let host = row.get_ref(5)?.as_bytes()?;
-            let per_host = match hosts.get_mut(host) {
-                Some(per_host) => per_host,
-                None => hosts.entry(host.to_vec()).or_insert_with(|| HostCount {
-                    host: String::from_utf8_lossy(host).into_owned(),
-                    ..HostCount::default()
-                }),
-            };
+            if hosts
+                .get(last_host)
+                .is_none_or(|h| h.host.as_bytes() != host)
+            {
+                last_host = match host_slots.get(host) {
+                    Some(&slot) => slot,
+                    None => {
+                        hosts.push(HostCount {
+                            host: String::from_utf8_lossy(host).into_owned(),
+                            ..HostCount::default()
+                        });
+                        host_slots.insert(host.to_vec(), hosts.len() - 1);
+                        hosts.len() - 1
+                    }
+                };
+            }
+            let per_host = &mut hosts[last_host];
             per_host.total += 1;
             match state {
                 b"pending" => {
@@ -205,7 +219,6 @@ impl Store {
             .map(|(status, count)| StatusCount { status, count })
             .collect();
         if hosts.len() > 1 {
-            let mut hosts: Vec<HostCount> = hosts.into_values().collect();
             hosts.sort_by(|a, b| a.host.cmp(&b.host));
             summary.hosts = hosts;
         }
