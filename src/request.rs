@@ -62,14 +62,13 @@ impl RequestSpec {
         serde_json::from_str(text).map_err(|e| format!("stored request is damaged: {e}"))
     }
 
-    /// What makes two imported lines the same job: the URL alone for a plain
-    /// GET, else the URL and a hash of the whole request.
-    pub fn key(&self, url: &str) -> String {
+    /// With the URL, what makes two imported lines the same job: nothing
+    /// for a plain GET, else the sha256 of the whole request.
+    pub fn hash(&self) -> String {
         if self.is_plain_get() {
-            return url.to_string();
+            return String::new();
         }
-        let digest = Sha256::digest(self.to_json().as_bytes());
-        format!("{url} {digest:x}")
+        format!("{:x}", Sha256::digest(self.to_json().as_bytes()))
     }
 }
 
@@ -78,26 +77,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_plain_get_keys_on_its_url_and_others_on_the_request_too() {
+    fn a_plain_get_has_no_hash_and_others_hash_the_whole_request() {
         let get = RequestSpec {
             method: Some("GET".into()),
             ..Default::default()
         };
         assert!(get.is_plain_get());
-        assert_eq!(get.key("http://a.test/"), "http://a.test/");
+        assert_eq!(get.hash(), "");
         let post = |body: &str| RequestSpec {
             method: Some("POST".into()),
             body: Some(body.into()),
             ..Default::default()
         };
-        assert_ne!(
-            post("1").key("http://a.test/"),
-            post("2").key("http://a.test/")
-        );
-        assert_eq!(
-            post("1").key("http://a.test/"),
-            post("1").key("http://a.test/")
-        );
+        assert_ne!(post("1").hash(), post("2").hash());
+        assert_eq!(post("1").hash(), post("1").hash());
+        assert_eq!(post("1").hash().len(), 64);
     }
 
     #[test]

@@ -6,7 +6,9 @@ CREATE TABLE urls_v2 (
     id              INTEGER PRIMARY KEY,
     url             TEXT NOT NULL,
     request         TEXT,                   -- JSON {"method", "headers", "body"}; NULL for a plain GET
-    request_key     TEXT NOT NULL UNIQUE,   -- the URL for a plain GET, else the URL and a hash of the request
+    -- A job is its URL and its request: '' for a plain GET, else the request's sha256.
+    -- Two columns, not one key, so that the table does not hold every URL twice.
+    request_hash    TEXT NOT NULL DEFAULT '',
     host            TEXT NOT NULL,          -- host[:port] as written in the URL
     path            TEXT NOT NULL UNIQUE,   -- output file, relative to the output folder
     -- Plain comparisons: SQLite evaluates IN (...) in a CHECK by building a
@@ -23,12 +25,13 @@ CREATE TABLE urls_v2 (
     sha256          BLOB,
     error           TEXT,
     duration_ms     INTEGER,                -- how long the last attempt took
-    updated_at      INTEGER
+    updated_at      INTEGER,
+    UNIQUE (url, request_hash)
 ) STRICT;
 
-INSERT INTO urls_v2 (id, url, request_key, host, path, state, attempts, interrupted,
+INSERT INTO urls_v2 (id, url, host, path, state, attempts, interrupted,
                      next_attempt_at, run_id, http_status, bytes, sha256, error, updated_at)
-SELECT id, url, url,
+SELECT id, url,
        -- the authority, less any user:password@
        substr(authority, instr(authority, '@') + 1),
        path, state, attempts, interrupted, next_attempt_at, run_id, http_status, bytes,

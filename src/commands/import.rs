@@ -13,6 +13,7 @@ use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
 use crate::commands::{Status, thousands};
+use crate::request::RequestSpec;
 use crate::store::{InsertResult, NewUrl, Open, Store, unix_ms};
 use crate::urlfile::{self, Entry, Format, Line};
 
@@ -133,10 +134,11 @@ fn insert(
     suffix: &str,
 ) -> Result<InsertResult> {
     let request = entry.request.as_ref().map(|r| r.to_json());
-    let request_key = match &entry.request {
-        Some(spec) => spec.key(entry.url.as_str()),
-        None => entry.url.as_str().to_string(),
-    };
+    let request_hash = entry
+        .request
+        .as_ref()
+        .map(RequestSpec::hash)
+        .unwrap_or_default();
     let path = match &entry.name {
         Some(name) => name.clone(),
         None => file_name(suffix),
@@ -144,7 +146,7 @@ fn insert(
     let new = NewUrl {
         url: entry.url.as_str(),
         request: request.as_deref(),
-        request_key: &request_key,
+        request_hash: &request_hash,
         host: &urlfile::host_of(&entry.url),
         path: &path,
     };

@@ -252,7 +252,12 @@ impl Owner {
                 .is_some_and(|jobs| jobs.len() <= self.capacity / 2)
     }
 
+    /// Commits and claims when due, then hands the bodies waiting for the
+    /// disk to the sync thread. In that order: a batch is committed before
+    /// the next one's files are renamed, so a crash leaves renamed files of
+    /// at most one uncommitted batch.
     fn tick(&mut self) -> Result<Tick> {
+        let tick = self.commit_and_claim()?;
         let now = Instant::now();
         let sync_due = self.staged.len() >= MAX_BATCH
             || self
@@ -263,6 +268,11 @@ impl Owner {
             self.syncing = Some(std::mem::take(&mut self.unsynced));
             self.unsynced_since = None;
         }
+        Ok(tick)
+    }
+
+    fn commit_and_claim(&mut self) -> Result<Tick> {
+        let now = Instant::now();
         let batch_due = self.commit_now
             || self.batch.len() >= MAX_BATCH
             || self
@@ -400,7 +410,9 @@ impl Owner {
                 .map(|id| Completion::Interrupted { id }),
         );
         self.jobs = None;
-        // The sync thread's batch first, then what is left, here.
+        // The sync thread's batch first, committed before the rest is made
+        // durable here: as in `tick`, a crash may leave renamed files of one
+        // uncommitted batch at most.
         while self.syncing.is_some() {
             match self.events.recv() {
                 Ok(event) => {
@@ -409,13 +421,14 @@ impl Owner {
                 Err(_) => break,
             }
         }
-        if !self.staged.is_empty() {
+        let mut committed = self.commit(0);
+        if committed.is_ok() && !self.staged.is_empty() {
             let durable = self.out.make_durable(&self.staged);
             self.staged.clear();
             let completions = std::mem::take(&mut self.unsynced);
             self.synced(completions, durable);
+            committed = self.commit(0);
         }
-        let committed = self.commit(0);
         let end = self
             .stopping
             .take()

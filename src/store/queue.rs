@@ -30,8 +30,9 @@ pub struct NewUrl<'a> {
     pub url: &'a str,
     /// The request as JSON, when it is not a plain GET.
     pub request: Option<&'a str>,
-    /// What makes two imported lines the same job.
-    pub request_key: &'a str,
+    /// With the URL, what makes two imported lines the same job: empty for
+    /// a plain GET, else a hash of the request.
+    pub request_hash: &'a str,
     pub host: &'a str,
     pub path: &'a str,
 }
@@ -115,10 +116,17 @@ impl ImportBatch<'_> {
         let changed = self
             .tx
             .prepare_cached(
-                "INSERT INTO urls (url, request, request_key, host, path) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (request_key) DO NOTHING",
+                "INSERT INTO urls (url, request, request_hash, host, path)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (url, request_hash) DO NOTHING",
             )?
-            .execute(params![new.url, new.request, new.request_key, new.host, new.path]);
+            .execute(params![
+                new.url,
+                new.request,
+                new.request_hash,
+                new.host,
+                new.path
+            ]);
         match changed {
             Ok(1) => Ok(InsertResult::Inserted),
             Ok(_) => Ok(InsertResult::Duplicate),
