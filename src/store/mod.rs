@@ -112,9 +112,14 @@ impl Store {
     /// 64 MB before SQLite copies it into the database, not 4 MB. Each copy
     /// ends with two fsyncs; at 4 MB they took a third of a million-URL
     /// import. The last connection to close copies and removes the log.
+    /// The page cache is 32 MB instead of 2: a million-URL import took
+    /// 4.56 s instead of 4.97 s (medians of five), at 46 MB instead of 10.
     pub fn expect_bulk_writes(&self) -> Result<()> {
         self.conn
             .pragma_update(None, "wal_autocheckpoint", 16_384)?;
+        // New URLs land all over the URL index; a bigger cache keeps its
+        // pages from being read and written again and again.
+        self.conn.pragma_update(None, "cache_size", -32_000)?;
         Ok(())
     }
 
