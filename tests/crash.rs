@@ -175,15 +175,19 @@ fn kill_storm_then_a_final_run_gets_every_file_right() {
         *slowest < Duration::from_millis(1500),
         "a run's first request came {slowest:?} after its start: {first_requests:?}"
     );
-    let unfinished: i64 = job
-        .sql()
+    let unfinished = runs_where(&job, "ended_at IS NULL");
+    assert_eq!(unfinished, 0, "a killed run was never marked ended");
+}
+
+/// How many runs the database records under `condition`.
+fn runs_where(job: &Job, condition: &str) -> i64 {
+    job.sql()
         .query_row(
-            "SELECT count(*) FROM runs WHERE ended_at IS NULL",
+            &format!("SELECT count(*) FROM runs WHERE {condition}"),
             [],
             |row| row.get(0),
         )
-        .unwrap();
-    assert_eq!(unfinished, 0, "a killed run was never marked ended");
+        .unwrap()
 }
 
 /// Files in the output folder (outside its temp area) that belong to no
@@ -266,14 +270,7 @@ fn a_crash_after_any_step_of_the_durability_protocol_costs_at_most_a_refetch() {
             server.hits_per_path().values().all(|&n| n <= 2),
             "{armed}: a URL was fetched more than twice"
         );
-        let killed: i64 = job
-            .sql()
-            .query_row(
-                "SELECT count(*) FROM runs WHERE outcome = 'killed'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
+        let killed = runs_where(&job, "outcome = 'killed'");
         assert_eq!(
             killed, 1,
             "{armed}: the crashed run is not recorded as killed"

@@ -59,7 +59,7 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
         return list_failed(&store, args.json);
     }
     let summary = store.summary(TOP_ERRORS)?;
-    let unfinished = summary.pending + summary.running > 0;
+    let unfinished = summary.counts.pending + summary.counts.running > 0;
     let me = process::this_process(String::new());
     let now = now_ms();
     let runs: Vec<RunView> = store
@@ -163,31 +163,31 @@ fn render(report: &Report) -> String {
         out,
         "{}: {} URLs",
         report.database.display(),
-        thousands(s.total)
+        thousands(s.counts.total)
     );
     if let Some(dir) = &report.out_dir {
         let _ = writeln!(out, "  files in {}", dir.display());
     }
     let share = |n: i64| {
-        if s.total > 0 {
-            format!("{:5.1}%", 100.0 * n as f64 / s.total as f64)
+        if s.counts.total > 0 {
+            format!("{:5.1}%", 100.0 * n as f64 / s.counts.total as f64)
         } else {
             String::new()
         }
     };
-    let width = thousands(s.total).len().max(5);
+    let width = thousands(s.counts.total).len().max(5);
     for (label, n) in [
-        ("done", s.done),
-        ("failed", s.failed),
-        ("pending", s.pending),
-        ("running", s.running),
+        ("done", s.counts.done),
+        ("failed", s.counts.failed),
+        ("pending", s.counts.pending),
+        ("running", s.counts.running),
     ] {
         let mut line = format!("  {label:<8} {:>width$}  {}", thousands(n), share(n));
-        if label == "pending" && s.retry_waiting > 0 {
+        if label == "pending" && s.counts.retry_waiting > 0 {
             let _ = write!(
                 line,
                 "  ({} waiting for a retry)",
-                thousands(s.retry_waiting)
+                thousands(s.counts.retry_waiting)
             );
         }
         let _ = writeln!(out, "{}", line.trim_end());
@@ -225,7 +225,7 @@ fn render(report: &Report) -> String {
         out,
         "Written: {} in {} files",
         human_bytes(s.bytes),
-        thousands(s.done)
+        thousands(s.counts.done)
     );
     if let Some(d) = &s.durations {
         let _ = writeln!(
@@ -238,7 +238,7 @@ fn render(report: &Report) -> String {
         );
     }
     render_runs(&mut out, report);
-    if s.running > 0
+    if s.counts.running > 0
         && report
             .last_run
             .as_ref()

@@ -52,7 +52,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     };
     let totals = runner::execute(store, plan)?;
 
-    let summary = Store::open(db, Open::MustExist)?.summary(0)?;
+    let counts = Store::open(db, Open::MustExist)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
     tracing::info!(
@@ -71,10 +71,10 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     );
     tracing::info!(
         "{} of {} URLs done, {} failed, {} pending; files in {}",
-        thousands(summary.done),
-        thousands(summary.total),
-        thousands(summary.failed),
-        thousands(summary.pending + summary.running),
+        thousands(counts.done),
+        thousands(counts.total),
+        thousands(counts.failed),
+        thousands(counts.pending + counts.running),
         out_dir.display()
     );
     Ok(match totals.end {
@@ -87,7 +87,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
             tracing::info!("URLs not finished went back to pending; fix the cause and run again");
             Status::Fatal
         }
-        _ if summary.failed > 0 => Status::Partial,
+        _ if counts.failed > 0 => Status::Partial,
         _ => Status::Success,
     })
 }

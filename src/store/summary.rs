@@ -12,13 +12,8 @@ use super::{Store, bucket_floor};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Summary {
-    pub total: i64,
-    pub pending: i64,
-    pub running: i64,
-    pub done: i64,
-    pub failed: i64,
-    /// Pending rows whose retry is scheduled.
-    pub retry_waiting: i64,
+    #[serde(flatten)]
+    pub counts: StateCounts,
     /// Bytes in the files of done rows.
     pub bytes: i64,
     pub http_statuses: Vec<StatusCount>,
@@ -63,8 +58,8 @@ pub struct Durations {
     pub p99_ms: f64,
 }
 
-/// Rows per state, read from the state index alone.
-#[derive(Debug, Default, Clone, Copy)]
+/// Rows per state.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct StateCounts {
     pub total: i64,
     pub pending: i64,
@@ -156,7 +151,7 @@ impl Store {
         )?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            summary.total += 1;
+            summary.counts.total += 1;
             let state = row.get_ref(0)?.as_bytes()?;
             let host = row.get_ref(5)?.as_bytes()?;
             if hosts
@@ -179,23 +174,23 @@ impl Store {
             per_host.total += 1;
             match state {
                 b"pending" => {
-                    summary.pending += 1;
+                    summary.counts.pending += 1;
                     per_host.pending += 1;
                     if row.get::<_, i64>(3)? > 0 {
-                        summary.retry_waiting += 1;
+                        summary.counts.retry_waiting += 1;
                     }
                 }
                 b"running" => {
-                    summary.running += 1;
+                    summary.counts.running += 1;
                     per_host.pending += 1;
                 }
                 b"done" => {
-                    summary.done += 1;
+                    summary.counts.done += 1;
                     per_host.done += 1;
                     summary.bytes += row.get::<_, Option<i64>>(2)?.unwrap_or(0);
                 }
                 _ => {
-                    summary.failed += 1;
+                    summary.counts.failed += 1;
                     per_host.failed += 1;
                 }
             }
