@@ -26,6 +26,8 @@ const BAR_EVERY: Duration = Duration::from_millis(200);
 pub struct Counters {
     pub done: AtomicU64,
     pub failed: AtomicU64,
+    /// Retries scheduled.
+    pub retried: AtomicU64,
     pub bytes: AtomicU64,
     /// Pending URLs that failed before: the count at the start, plus
     /// retries recorded, less retries claimed.

@@ -70,7 +70,7 @@ pub struct RunPlan {
     pub display: progress::Display,
 }
 
-/// What one run did.
+/// What one run committed.
 #[derive(Debug, Default)]
 pub struct RunTotals {
     pub run: i64,

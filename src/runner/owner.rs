@@ -174,21 +174,13 @@ impl Owner {
     fn collect(&mut self, completion: Completion, staged: Option<Staged>) {
         let target = self.in_flight.remove(&completion.id());
         match &completion {
-            Completion::Done { bytes, .. } => {
-                self.totals.done += 1;
-                self.totals.bytes += bytes;
-            }
             Completion::Retry {
                 next_attempt_at, ..
             } => {
-                self.totals.retried += 1;
                 self.next_claim_at = self.next_claim_at.min(instant_of(*next_attempt_at));
             }
-            Completion::Failed { .. } => {
-                self.totals.failed += 1;
-                self.failed_targets.extend(target);
-            }
-            Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
+            Completion::Failed { .. } => self.failed_targets.extend(target),
+            _ => {}
         }
         match staged {
             Some(staged) => {
@@ -213,10 +205,8 @@ impl Owner {
         if let Err(error) = result {
             // They go back to pending instead.
             for completion in &mut completions {
-                if let Completion::Done { id, bytes, .. } = *completion {
+                if let Completion::Done { id, .. } = *completion {
                     *completion = Completion::Interrupted { id };
-                    self.totals.done -= 1;
-                    self.totals.bytes -= bytes;
                 }
             }
             self.stop(RunEnd::Error(format!("{error:#}")));
@@ -376,6 +366,7 @@ impl Owner {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                 }
                 Completion::Retry { .. } => {
+                    counters.retried.fetch_add(1, Ordering::Relaxed);
                     counters.retry_waiting.fetch_add(1, Ordering::Relaxed);
                 }
                 Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
@@ -443,6 +434,12 @@ impl Owner {
             Ok(out) => out.close()?,
             Err(_) => anyhow::bail!("the output folder is still in use"),
         }
+        // What this run committed, as the progress display counted it.
+        let counters = &self.counters;
+        self.totals.done = counters.done.load(Ordering::Relaxed);
+        self.totals.failed = counters.failed.load(Ordering::Relaxed);
+        self.totals.retried = counters.retried.load(Ordering::Relaxed);
+        self.totals.bytes = counters.bytes.load(Ordering::Relaxed);
         self.totals.end = Some(end);
         Ok(self.totals)
     }
