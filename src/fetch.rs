@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
-use reqwest::header::{HeaderMap, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, LOCATION, RANGE, RETRY_AFTER};
 use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
@@ -37,6 +37,8 @@ pub struct Fetcher {
     max_attempts: u32,
     timeout: Duration,
     max_bytes: u64,
+    /// Whether every request asks for a range (`--header "Range: …"`).
+    range_for_all: bool,
 }
 
 pub struct FetchOptions {
@@ -79,6 +81,12 @@ pub enum FetchError {
     TooLarge(u64),
     #[error("TLS certificate not trusted: {0} (--insecure accepts it)")]
     Certificate(String),
+    /// A 206 to a request that asked for no range: the body is only part
+    /// of the resource. Retried like a body cut short.
+    #[error(
+        "HTTP 206 Partial Content, but no range was asked for: the body is not the whole resource"
+    )]
+    UnaskedPartial,
 }
 
 impl FetchError {
@@ -88,7 +96,10 @@ impl FetchError {
             FetchError::Status { status, .. } => {
                 !matches!(status.as_u16(), 408 | 425 | 429 | 500 | 502 | 503 | 504)
             }
-            FetchError::Timeout(_) | FetchError::Network(_) | FetchError::Truncated { .. } => false,
+            FetchError::Timeout(_)
+            | FetchError::Network(_)
+            | FetchError::Truncated { .. }
+            | FetchError::UnaskedPartial => false,
             FetchError::Redirect(_)
             | FetchError::InvalidUrl(_)
             | FetchError::InvalidRequest(_)
@@ -100,6 +111,7 @@ impl FetchError {
     fn status(&self) -> Option<u16> {
         match self {
             FetchError::Status { status, .. } => Some(status.as_u16()),
+            FetchError::UnaskedPartial => Some(StatusCode::PARTIAL_CONTENT.as_u16()),
             _ => None,
         }
     }
@@ -139,6 +151,7 @@ impl Fetcher {
         // reqwest is built without a default crypto provider (aws-lc is a
         // slow C build); ring must be installed before the first client.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let range_for_all = options.headers.contains_key(RANGE);
         let client = Client::builder()
             .user_agent(
                 options
@@ -156,6 +169,9 @@ impl Fetcher {
             .pool_max_idle_per_host(options.workers * 2)
             .tcp_nodelay(true)
             .redirect(redirect_policy())
+            // A Referer would hand the URL, query keys included, to whatever
+            // host a redirect leads to.
+            .referer(false)
             .tls_danger_accept_invalid_certs(options.insecure)
             .build()
             .context("cannot set up the HTTP client")?;
@@ -167,6 +183,7 @@ impl Fetcher {
             max_attempts: options.max_attempts,
             timeout: options.timeout,
             max_bytes: options.max_bytes,
+            range_for_all,
         })
     }
 
@@ -197,19 +214,27 @@ impl Fetcher {
         Ok(settled)
     }
 
-    fn build_request(&self, claim: &Claim, url: Url) -> Result<reqwest::RequestBuilder, Fetch> {
+    /// The request for `claim`, and whether it asks for a range (so that
+    /// a 206 is the answer it wants).
+    fn build_request(
+        &self,
+        claim: &Claim,
+        url: Url,
+    ) -> Result<(reqwest::RequestBuilder, bool), Fetch> {
         let Some(json) = &claim.request else {
-            return Ok(self.client.get(url));
+            return Ok((self.client.get(url), self.range_for_all));
         };
         let spec = RequestSpec::from_json(json).map_err(FetchError::InvalidRequest)?;
         let mut request = self.client.request(spec.method(), url);
+        let mut asks_range = self.range_for_all;
         for (name, value) in &spec.headers {
+            asks_range |= name.eq_ignore_ascii_case(RANGE.as_str());
             request = request.header(name.as_str(), value.as_str());
         }
         if let Some(body) = spec.body {
             request = request.body(body);
         }
-        Ok(request)
+        Ok((request, asks_range))
     }
 
     async fn fetch_into(
@@ -220,7 +245,7 @@ impl Fetcher {
     ) -> Result<Body, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         let host = host_key(&url);
-        let request = self.build_request(claim, url)?;
+        let (request, asks_range) = self.build_request(claim, url)?;
         let _permit = self.hosts.acquire(&host).await;
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
@@ -251,6 +276,10 @@ impl Fetcher {
                 retry_after,
             }
             .into());
+        }
+        if status == StatusCode::PARTIAL_CONTENT && !asks_range {
+            drain(&mut response).await;
+            return Err(FetchError::UnaskedPartial.into());
         }
         self.check_size(response.content_length().unwrap_or(0))?;
         self.hosts.healthy(&host);
@@ -476,6 +505,7 @@ mod tests {
         }
         assert!(!FetchError::Timeout(Duration::from_secs(1)).is_permanent());
         assert!(FetchError::Redirect("loop".into()).is_permanent());
+        assert!(!FetchError::UnaskedPartial.is_permanent());
     }
 
     #[test]

@@ -128,39 +128,71 @@ impl Reply {
 
     /// A 200 whose body is `body` gzipped, with `Content-Encoding: gzip`.
     pub fn gzip(body: &[u8]) -> Reply {
-        Reply::ok(gzip(body)).with_header("Content-Encoding", "gzip")
+        Reply::encoded("gzip", body)
     }
 
     /// A 200 with a small gzip body that decodes to `decoded` zero bytes.
     pub fn gzip_bomb(decoded: u64) -> Reply {
-        Reply::ok(gzip_bomb(decoded)).with_header("Content-Encoding", "gzip")
+        Reply::bomb("gzip", decoded)
+    }
+
+    /// A 200 whose body is `body` compressed with `encoding` (`gzip`,
+    /// `deflate`, `br` or `zstd`), with that `Content-Encoding`.
+    pub fn encoded(encoding: &str, body: &[u8]) -> Reply {
+        Reply::ok(encode(encoding, |out| out.write_all(body)))
+            .with_header("Content-Encoding", encoding)
+    }
+
+    /// A 200 with a small body in `encoding` that decodes to `decoded`
+    /// zero bytes.
+    pub fn bomb(encoding: &str, decoded: u64) -> Reply {
+        Reply::ok(bomb(encoding, decoded)).with_header("Content-Encoding", encoding)
     }
 }
 
-fn gzip(body: &[u8]) -> Vec<u8> {
-    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    encoder.write_all(body).expect("gzip into memory");
-    encoder.finish().expect("gzip into memory")
+/// What `write` writes, compressed with `encoding` (HTTP's `deflate` is the
+/// zlib format).
+fn encode(encoding: &str, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Vec<u8> {
+    let level = flate2::Compression::best();
+    let encoded = match encoding {
+        "gzip" => {
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), level);
+            write(&mut encoder).and_then(|()| encoder.finish())
+        }
+        "deflate" => {
+            let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            write(&mut encoder).and_then(|()| encoder.finish())
+        }
+        "br" => {
+            let mut encoder = brotli::CompressorWriter::new(Vec::new(), 64 * 1024, 5, 22);
+            write(&mut encoder).map(|()| encoder.into_inner())
+        }
+        "zstd" => zstd::stream::write::Encoder::new(Vec::new(), 3)
+            .and_then(|mut encoder| write(&mut encoder).and_then(|()| encoder.finish())),
+        other => panic!("no encoder for {other:?}"),
+    };
+    encoded.expect("compress into memory")
 }
 
 /// Zeros compressed in chunks, so the decoded size never sits in memory.
-/// Bombs are made once per size and process: compressing is slow in a
-/// debug build.
-fn gzip_bomb(decoded: u64) -> Vec<u8> {
-    static MADE: OnceLock<Mutex<HashMap<u64, Vec<u8>>>> = OnceLock::new();
+/// Bombs are made once per encoding, size and process: compressing is slow
+/// in a debug build.
+fn bomb(encoding: &str, decoded: u64) -> Vec<u8> {
+    type Made = Mutex<HashMap<(String, u64), Vec<u8>>>;
+    static MADE: OnceLock<Made> = OnceLock::new();
     let mut made = MADE.get_or_init(Default::default).lock().unwrap();
-    made.entry(decoded)
+    made.entry((encoding.to_string(), decoded))
         .or_insert_with(|| {
-            let zeros = [0u8; 64 * 1024];
-            let mut encoder =
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-            let mut left = decoded;
-            while left > 0 {
-                let n = left.min(zeros.len() as u64) as usize;
-                encoder.write_all(&zeros[..n]).expect("gzip into memory");
-                left -= n as u64;
-            }
-            encoder.finish().expect("gzip into memory")
+            encode(encoding, |out| {
+                let zeros = [0u8; 64 * 1024];
+                let mut left = decoded;
+                while left > 0 {
+                    let n = left.min(zeros.len() as u64) as usize;
+                    out.write_all(&zeros[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            })
         })
         .clone()
 }
