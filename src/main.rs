@@ -13,6 +13,7 @@ mod output;
 mod process;
 mod progress;
 mod rate;
+mod redact;
 mod request;
 mod runner;
 mod store;

@@ -14,6 +14,7 @@ use crate::cli::ReportArgs;
 use crate::commands::run::OUT_DIR_KEY;
 use crate::commands::{Status, human_bytes, thousands};
 use crate::process;
+use crate::redact::redact_url;
 use crate::store::{Liveness, Open, RunInfo, Store, Summary, now_ms};
 
 /// How many distinct errors the report lists.
@@ -58,7 +59,10 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
     if args.failed {
         return list_failed(&store, args.json);
     }
-    let summary = store.summary(TOP_ERRORS)?;
+    let mut summary = store.summary(TOP_ERRORS)?;
+    for error in &mut summary.errors {
+        error.example = redact_url(&error.example).into_owned();
+    }
     let unfinished = summary.counts.pending + summary.counts.running > 0;
     let me = process::this_process(String::new());
     let now = now_ms();
@@ -85,7 +89,8 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
 
 fn list_failed(store: &Store, json: bool) -> Result<Status> {
     let mut out = BufWriter::new(std::io::stdout().lock());
-    store.failed(|row| {
+    store.failed(|mut row| {
+        row.url = redact_url(&row.url).into_owned();
         if json {
             serde_json::to_writer(&mut out, &row)?;
             writeln!(out)?;

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::cli::VerifyArgs;
 use crate::commands::run::out_dir_of;
 use crate::commands::{Status, thousands};
+use crate::redact::redact_url;
 use crate::store::{Open, Store};
 
 pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
@@ -23,7 +24,7 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
         checked += 1;
         let path = out_dir.join(&file.path);
         if let Some(problem) = check(&path, file.bytes, &file.sha256)? {
-            println!("{problem}: {} ({})", path.display(), file.url);
+            println!("{problem}: {} ({})", path.display(), redact_url(&file.url));
             bad.push(file.id);
         }
         Ok(())

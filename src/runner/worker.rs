@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Staged;
+use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
 use super::{Event, Job};
@@ -16,7 +17,7 @@ pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flu
             Ok(Attempt::Body(body)) => {
                 tracing::trace!(
                     "fetched {}: HTTP {}, {} bytes in {} ms",
-                    job.claim.url,
+                    redact_url(&job.claim.url),
                     body.status,
                     body.bytes,
                     body.millis
@@ -51,6 +52,7 @@ pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flu
 }
 
 fn log_failure(url: &str, completion: &Completion) {
+    let url = redact_url(url);
     match completion {
         Completion::Retry {
             error,
