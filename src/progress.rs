@@ -6,15 +6,16 @@
 //! It is drawn from counters that the database owner bumps as it commits,
 //! never from polling the database.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::commands::{human_bytes, thousands};
 use crate::hosts::Hosts;
+use crate::store::now_ms;
 
 /// How far back the rates look.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -29,9 +30,36 @@ pub struct Counters {
     /// Retries scheduled.
     pub retried: AtomicU64,
     pub bytes: AtomicU64,
-    /// Pending URLs that failed before: the count at the start, plus
-    /// retries recorded, less retries claimed.
-    pub retry_waiting: AtomicI64,
+    /// When the URLs waiting for a retry are due: those known at the
+    /// start, and the retries recorded since.
+    pub retries: RetrySchedule,
+}
+
+/// Retry times, counted per second. A URL waits for its retry until its
+/// time comes, whether or not it has been taken yet; to the second is close
+/// enough for a display, and keeps memory to the span of the retry delays
+/// whatever the number of URLs waiting.
+#[derive(Debug, Default)]
+pub struct RetrySchedule {
+    /// The end of each second (unix ms) -> retries due within it.
+    by_second: Mutex<BTreeMap<i64, u64>>,
+}
+
+impl RetrySchedule {
+    /// Adds `count` retries due at `due` (unix ms).
+    pub fn add(&self, due: i64, count: u64) {
+        let second_end = due.saturating_add(999).div_euclid(1000) * 1000;
+        let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
+        *by_second.entry(second_end).or_default() += count;
+    }
+
+    /// How many retries are not yet due at `now` (unix ms).
+    pub fn waiting(&self, now: i64) -> u64 {
+        let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
+        let later = by_second.split_off(&now.saturating_add(1));
+        *by_second = later;
+        by_second.values().sum()
+    }
 }
 
 /// Where the job stood when the run started.
@@ -88,7 +116,7 @@ pub async fn show(counters: Arc<Counters>, start: Start, hosts: Arc<Hosts>, disp
             done: start.done + done,
             failed: start.failed + failed,
             total: start.total,
-            retry_waiting: counters.retry_waiting.load(Ordering::Relaxed).max(0) as u64,
+            retry_waiting: counters.retries.waiting(now_ms()),
             rates: rates(&samples),
             restrained: restrained(&hosts),
         };
@@ -210,6 +238,20 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_waits_only_until_its_time() {
+        let retries = RetrySchedule::default();
+        retries.add(10_500, 2);
+        retries.add(10_900, 1);
+        retries.add(12_000, 4);
+        assert_eq!(retries.waiting(9_000), 7);
+        assert_eq!(retries.waiting(10_999), 7, "due within the second");
+        assert_eq!(retries.waiting(11_000), 4);
+        assert_eq!(retries.waiting(12_000), 0);
+        retries.add(11_000, 1);
+        assert_eq!(retries.waiting(11_000), 0, "due now is not waiting");
+    }
 
     #[test]
     fn the_status_names_counts_rates_and_an_eta() {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use crate::cli::{ExportArgs, ExportFormat};
 use crate::commands::Status;
 use crate::commands::run::out_dir_of;
-use crate::store::{Open, Store};
+use crate::store::{ExportRow, Open, Store};
 
 pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
     let store = Store::open(db, Open::MustExist)?;
@@ -27,7 +27,12 @@ pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
             writer.flush()?;
         }
         ExportFormat::Csv => {
-            let mut writer = csv::Writer::from_writer(stdout);
+            // The header is written here, not by the first row: an empty
+            // database still gets one.
+            let mut writer = csv::WriterBuilder::new()
+                .has_headers(false)
+                .from_writer(stdout);
+            writer.write_record(ExportRow::FIELDS)?;
             store.export(|mut row| {
                 row.path = out_dir.join(&row.path).display().to_string();
                 Ok(writer.serialize(row)?)

@@ -13,7 +13,6 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -110,9 +109,9 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
     let counts = store.state_counts()?;
     let counters = Arc::new(Counters::default());
-    counters
-        .retry_waiting
-        .store(counts.retry_waiting, Ordering::Relaxed);
+    for (due, count) in store.retry_schedule(now_ms())? {
+        counters.retries.add(due, count);
+    }
     let view = ProgressView {
         counters: counters.clone(),
         start: progress::Start {

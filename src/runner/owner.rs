@@ -345,7 +345,7 @@ impl Owner {
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
-        self.count_committed(&claims);
+        self.count_committed();
         self.batch.clear();
         self.batch_since = None;
         self.commit_now = false;
@@ -354,7 +354,7 @@ impl Owner {
     }
 
     /// Feeds the progress display with what was just committed.
-    fn count_committed(&self, claims: &[crate::store::Claim]) {
+    fn count_committed(&self) {
         let counters = &self.counters;
         for completion in &self.batch {
             match completion {
@@ -365,15 +365,15 @@ impl Owner {
                 Completion::Failed { .. } => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);
                 }
-                Completion::Retry { .. } => {
+                Completion::Retry {
+                    next_attempt_at, ..
+                } => {
                     counters.retried.fetch_add(1, Ordering::Relaxed);
-                    counters.retry_waiting.fetch_add(1, Ordering::Relaxed);
+                    counters.retries.add(*next_attempt_at, 1);
                 }
                 Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
             }
         }
-        let retries = claims.iter().filter(|claim| claim.attempts > 0).count() as i64;
-        counters.retry_waiting.fetch_sub(retries, Ordering::Relaxed);
     }
 
     /// Stops claiming: unstarted jobs go back, workers finish what they hold.

@@ -23,7 +23,7 @@ use rusqlite_migration::Migrations;
 
 pub use queue::{Claim, Completion, ImportBatch, InsertResult, NewUrl, bucket_floor};
 pub use runs::{Liveness, RunEnd, RunInfo, RunStart};
-pub use summary::Summary;
+pub use summary::{ExportRow, Summary};
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
 

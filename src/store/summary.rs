@@ -8,7 +8,7 @@ use anyhow::Result;
 use rusqlite::types::ValueRef;
 use serde::Serialize;
 
-use super::{Store, bucket_floor};
+use super::{Store, bucket_floor, now_ms};
 
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Summary {
@@ -66,7 +66,8 @@ pub struct StateCounts {
     pub running: i64,
     pub done: i64,
     pub failed: i64,
-    /// Pending rows whose retry is scheduled.
+    /// Pending rows whose retry time is still to come (not those already
+    /// due, which a run takes at once).
     pub retry_waiting: i64,
 }
 
@@ -104,6 +105,20 @@ pub struct ExportRow {
     pub error: Option<String>,
 }
 
+impl ExportRow {
+    /// The field names, in order: the CSV header, also when there is no row.
+    pub const FIELDS: [&str; 8] = [
+        "url",
+        "state",
+        "path",
+        "http_status",
+        "attempts",
+        "bytes",
+        "sha256",
+        "error",
+    ];
+}
+
 impl Store {
     /// Counts by state; cheap even on millions of rows, since both queries
     /// are answered by the (state, next_attempt_at) index.
@@ -124,11 +139,28 @@ impl Store {
             }
         }
         counts.retry_waiting = self.conn.query_row(
-            "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > 0",
-            [],
+            "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > ?1",
+            [now_ms()],
             |row| row.get(0),
         )?;
         Ok(counts)
+    }
+
+    /// The retries still to come after `now`, as (latest time, count) per
+    /// second they fall in: what a run's progress display starts from.
+    pub fn retry_schedule(&self, now: i64) -> Result<Vec<(i64, u64)>> {
+        let schedule = self
+            .conn
+            .prepare(
+                "SELECT max(next_attempt_at), count(*) FROM urls
+                 WHERE state = 'pending' AND next_attempt_at > ?1
+                 GROUP BY (next_attempt_at + 999) / 1000",
+            )?
+            .query_map([now], |row| {
+                Ok((row.get(0)?, row.get::<_, i64>(1)?.max(0) as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(schedule)
     }
 
     /// Counts by state, HTTP status and host, bytes, durations and the
@@ -138,6 +170,7 @@ impl Store {
         // SQLite sort every row first, which on a million rows takes longer
         // than reading them.
         let mut summary = Summary::default();
+        let now = now_ms();
         let mut statuses = BTreeMap::<u16, i64>::new();
         // Rows come in import order, where one host usually follows itself:
         // the last host's slot is tried before the map.
@@ -176,7 +209,7 @@ impl Store {
                 b"pending" => {
                     summary.counts.pending += 1;
                     per_host.pending += 1;
-                    if row.get::<_, i64>(3)? > 0 {
+                    if row.get::<_, i64>(3)? > now {
                         summary.counts.retry_waiting += 1;
                     }
                 }
@@ -333,5 +366,42 @@ impl Store {
             },
             each,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_csv_header_names_every_field_in_order() {
+        let row = ExportRow {
+            url: String::new(),
+            state: String::new(),
+            path: String::new(),
+            http_status: None,
+            attempts: 0,
+            bytes: None,
+            sha256: None,
+            error: None,
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        let mut fields: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut expected = ExportRow::FIELDS.to_vec();
+        fields.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(fields, expected);
+        let mut csv = csv::WriterBuilder::new().from_writer(Vec::new());
+        csv.serialize(&row).unwrap();
+        let text = String::from_utf8(csv.into_inner().unwrap()).unwrap();
+        assert_eq!(
+            text.lines().next(),
+            Some(ExportRow::FIELDS.join(",").as_str())
+        );
     }
 }
