@@ -38,6 +38,9 @@ impl RequestSpec {
         for (name, value) in &self.headers {
             HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("\"headers\": {name:?} is not a valid header name"))?;
+            if let Some(why) = unsendable_header(name) {
+                return Err(format!("\"headers\": {name:?} cannot be given: {why}"));
+            }
             HeaderValue::from_str(value).map_err(|_| {
                 format!("\"headers\": the value of {name:?} has characters a header cannot carry")
             })?;
@@ -70,6 +73,25 @@ impl RequestSpec {
         }
         format!("{:x}", Sha256::digest(self.to_json().as_bytes()))
     }
+}
+
+/// Why a header cannot be given by the user, if it cannot. These describe
+/// the connection or the framing of the message, which the HTTP client
+/// sets from the URL and the body: given by hand they would contradict it
+/// (a wrong Content-Length leaves the server waiting for bytes that never
+/// come) or be sent as given to a host they were not meant for.
+pub fn unsendable_header(name: &str) -> Option<&'static str> {
+    const FRAMING: &str = "jobrun sets it from the body";
+    const HOP_BY_HOP: &str =
+        "it concerns one connection, which jobrun manages (a hop-by-hop header)";
+    Some(match name.trim().to_ascii_lowercase().as_str() {
+        "host" => "jobrun sets it from the URL",
+        "content-length" | "transfer-encoding" => FRAMING,
+        "connection" | "keep-alive" | "te" | "trailer" | "upgrade" | "proxy-connection" => {
+            HOP_BY_HOP
+        }
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -114,5 +136,30 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.check().unwrap_err().contains("not an HTTP method"));
+    }
+
+    #[test]
+    fn framing_and_hop_by_hop_headers_are_refused() {
+        for name in [
+            "Host",
+            "content-length",
+            "Transfer-Encoding",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Proxy-Connection",
+        ] {
+            let mut spec = RequestSpec::default();
+            spec.headers.insert(name.into(), "x".into());
+            let error = spec.check().unwrap_err();
+            assert!(
+                error.contains(&format!("{name:?} cannot be given")),
+                "{error}"
+            );
+        }
+        assert_eq!(unsendable_header("Accept"), None);
+        assert_eq!(unsendable_header("Range"), None);
     }
 }

@@ -146,7 +146,7 @@ fn parse_json(text: &str) -> Result<Entry, String> {
     };
     request.check()?;
     if let Some(name) = &line.name {
-        check_output_name(name).map_err(|why| format!("\"name\" {why}"))?;
+        check_name(name)?;
     }
     let request = (!request.is_plain_get()).then_some(request);
     Ok(Entry {
@@ -156,8 +156,28 @@ fn parse_json(text: &str) -> Result<Entry, String> {
     })
 }
 
+/// Checks a `name` from JSON Lines: a file name inside the output folder,
+/// without control characters, which would make file listings, `export`
+/// and the terminal show something else than the name.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "\"name\" {name:?} contains a control character (newline, tab, ...), \
+             which a file name here must not"
+        ));
+    }
+    check_output_name(name).map_err(|why| format!("\"name\" {why}"))
+}
+
+/// Parses a URL as written. The fragment (`#...`) is dropped: it is never
+/// sent, so `http://a/x#1` and `http://a/x#2` are one job.
 fn parse_url(text: &str) -> Result<Url, String> {
-    let url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
+    // The url crate quietly drops tabs and line breaks inside a URL; a URL
+    // that is not what it looks like is refused instead.
+    if text.chars().any(char::is_control) {
+        return Err("the URL contains a control character (a tab, ...)".into());
+    }
+    let mut url = Url::parse(text).map_err(|e| format!("not a URL: {e}"))?;
     match url.scheme() {
         "http" | "https" => {}
         other => {
@@ -166,9 +186,19 @@ fn parse_url(text: &str) -> Result<Url, String> {
             ));
         }
     }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("the URL has no host".into());
+    // The url crate reads `http:///x` and `http:/x` as `http://x/`: a host
+    // nobody wrote. The text itself must have `//` and a host after it.
+    let after_scheme = text.split_once(':').map_or("", |(_, rest)| rest);
+    let authority = after_scheme.strip_prefix("//");
+    if url.host_str().is_none_or(str::is_empty)
+        || authority.is_none_or(|rest| rest.is_empty() || rest.starts_with(['/', '\\']))
+    {
+        return Err(format!(
+            "the URL has no host: it must start with {}://HOST",
+            url.scheme()
+        ));
     }
+    url.set_fragment(None);
     Ok(url)
 }
 
@@ -244,6 +274,53 @@ mod tests {
             let error = json(line).unwrap_err();
             assert!(error.contains(reason), "{line}: {error}");
         }
+    }
+
+    #[test]
+    fn fragments_are_dropped_and_a_missing_host_is_not_guessed() {
+        assert_eq!(
+            parse_line(b"http://a.test/x#1", false),
+            url("http://a.test/x")
+        );
+        assert_eq!(
+            parse_line(b"https://a.test/x?q=1#f", false),
+            url("https://a.test/x?q=1")
+        );
+        for text in [
+            "http:///x",
+            "http:/x",
+            "http:x",
+            "http:////x",
+            "https:\\\\x",
+        ] {
+            match parse_line(text.as_bytes(), false) {
+                Line::Reject(reason) => assert!(reason.contains("has no host"), "{text}: {reason}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse_line(b"http://a.te\tst/", false),
+            Line::Reject(_)
+        ));
+        let entry = json(r#"{"url": "http://a.test/x#frag", "name": "x"}"#).unwrap();
+        assert_eq!(entry.url.as_str(), "http://a.test/x");
+    }
+
+    #[test]
+    fn names_with_control_characters_are_refused() {
+        for name in [
+            "a\\nb",
+            "a\\tb",
+            "a\\u0000b",
+            "a\\u007fb",
+            "a\\u0085b",
+            "a\\u009bb",
+        ] {
+            let line = format!(r#"{{"url": "http://a.test/", "name": "{name}"}}"#);
+            let error = json(&line).unwrap_err();
+            assert!(error.contains("control character"), "{line}: {error}");
+        }
+        assert!(json(r#"{"url": "http://a.test/", "name": "caf\u00e9/ok.json"}"#).is_ok());
     }
 
     #[test]

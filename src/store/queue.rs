@@ -96,7 +96,8 @@ pub enum InsertResult {
     Inserted,
     /// The same request is in the database already.
     Duplicate,
-    /// The file name is taken, or clashes with a folder of another name.
+    /// The file name is taken, or clashes with a folder of another name,
+    /// or the same request is there already under another name.
     NameTaken(String),
 }
 
@@ -108,10 +109,25 @@ pub struct ImportBatch<'a> {
 impl ImportBatch<'_> {
     /// Adds `new` unless the same request is there already. A name given
     /// by the user is checked against the others: the same file, or a file
-    /// where another name needs a folder, would make two URLs share a path.
+    /// where another name needs a folder, would make two URLs share a path;
+    /// and the same request under another name would be dropped as a
+    /// duplicate, leaving the name the user asked for without its file.
     pub fn insert(&self, new: &NewUrl<'_>, named: bool) -> Result<InsertResult> {
-        if named && let Some(clash) = self.name_clash(new.path)? {
-            return Ok(InsertResult::NameTaken(clash));
+        if named {
+            if let Some(existing) = self.path_of(new)? {
+                if existing == new.path {
+                    return Ok(InsertResult::Duplicate);
+                }
+                return Ok(InsertResult::NameTaken(format!(
+                    "the same request is already imported with the name {existing:?}, \
+                     not {:?}: one request is one job and one file (drop this line, or \
+                     make its request differ)",
+                    new.path
+                )));
+            }
+            if let Some(clash) = self.name_clash(new.path)? {
+                return Ok(InsertResult::NameTaken(clash));
+            }
         }
         let changed = self
             .tx
@@ -138,6 +154,15 @@ impl ImportBatch<'_> {
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The file of the row holding the same request as `new`, if any.
+    fn path_of(&self, new: &NewUrl<'_>) -> Result<Option<String>> {
+        Ok(self
+            .tx
+            .prepare_cached("SELECT path FROM urls WHERE url = ?1 AND request_hash = ?2")?
+            .query_row(params![new.url, new.request_hash], |row| row.get(0))
+            .optional()?)
     }
 
     /// Another row whose path is a folder of `path`, or inside `path`.
