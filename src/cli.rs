@@ -9,6 +9,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::rate::Rate;
+use crate::request::unsendable_header;
+
+/// The most workers (`--workers`, `--per-host-workers`): each holds a
+/// connection and a file, and no machine serves more at once.
+pub const MAX_WORKERS: u64 = 100_000;
+/// The most attempts per URL: at the default `--backoff-max`, years of
+/// retrying.
+pub const MAX_ATTEMPTS: u64 = 1_000_000;
+/// The longest duration any option takes: a request, a retry delay or a
+/// lock wait longer than a day is a typo.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The largest `--max-bytes`: sizes are stored as signed 64-bit numbers.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Fetch long lists of HTTP URLs into files, crash-safe and resumable.
 ///
@@ -79,7 +92,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RetryArgs {
     /// Only URLs whose last HTTP status was CODE.
-    #[arg(long, value_name = "CODE")]
+    #[arg(long, value_name = "CODE", value_parser = parse_status)]
     pub status: Option<u16>,
 
     /// Only URLs whose last error contains TEXT.
@@ -218,27 +231,59 @@ pub enum ExportFormat {
 }
 
 fn parse_workers(text: &str) -> Result<usize, String> {
-    match text.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) if n > 100_000 => Err(format!("{n} is more than the limit of 100000")),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{text:?} is not a whole number")),
-    }
+    parse_count(text, MAX_WORKERS).map(|n| n as usize)
 }
 
 fn parse_max_attempts(text: &str) -> Result<u32, String> {
-    match text.trim().parse::<u32>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("{text:?} is not a whole number")),
+    parse_count(text, MAX_ATTEMPTS).map(|n| n as u32)
+}
+
+/// A whole number from 1 to `max`. A number too long for any integer type
+/// is over the limit too, and is told so, not that it is not a number.
+fn parse_count(text: &str, max: u64) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits = trimmed.strip_prefix(['+', '-']).unwrap_or(trimmed);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{text:?} is not a whole number"));
+    }
+    let too_many = || {
+        format!(
+            "{trimmed} is more than {}, the most this option takes",
+            crate::commands::thousands(max)
+        )
+    };
+    match trimmed.parse::<i128>() {
+        Ok(n) if n < 1 => Err(format!("{trimmed} is too few: it must be at least 1")),
+        Ok(n) if n > i128::from(max) => Err(too_many()),
+        Ok(n) => Ok(n as u64),
+        Err(_) if trimmed.starts_with('-') => {
+            Err(format!("{trimmed} is too few: it must be at least 1"))
+        }
+        Err(_) => Err(too_many()),
     }
 }
 
+fn parse_status(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(status) if (100..=999).contains(&status) => Ok(status),
+        _ => Err(format!(
+            "{text:?} is not an HTTP status (a number from 100 to 999)"
+        )),
+    }
+}
+
+/// A duration above zero and at most `MAX_DURATION`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let duration = humantime::parse_duration(text.trim())
-        .map_err(|e| format!("{text:?} is not a duration like 500ms, 30s or 2m ({e})"))?;
+    let too_long = || format!("{text:?} is longer than 24h, the longest duration jobrun takes");
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => too_long(),
+        e => format!("{text:?} is not a duration like 500ms, 30s or 2m ({e})"),
+    })?;
     if duration.is_zero() {
         return Err("must be longer than zero".into());
+    }
+    if duration > MAX_DURATION {
+        return Err(too_long());
     }
     Ok(duration)
 }
@@ -265,11 +310,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "tib" => 1 << 40,
         _ => return Err(invalid()),
     };
-    let bytes = number * unit as f64;
-    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
-        return Err(invalid());
+    let bytes = (number * unit as f64).round();
+    // i64::MAX is not exact as an f64: it rounds up to 2^63, one past it.
+    if bytes >= MAX_SIZE as f64 {
+        return Err(format!(
+            "{text:?} is more than 8 EiB ({} bytes), the largest size jobrun takes",
+            crate::commands::thousands(MAX_SIZE)
+        ));
     }
-    match bytes.round() as u64 {
+    match bytes as u64 {
         0 => Err("must be at least 1 byte".into()),
         bytes => Ok(bytes),
     }
@@ -291,6 +340,11 @@ pub fn parse_headers(raw: &[String]) -> Result<HeaderMap, String> {
         let name = name.trim();
         let header = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("--header #{position}: {name:?} is not a valid header name"))?;
+        if let Some(why) = unsendable_header(name) {
+            return Err(format!(
+                "--header #{position}: {name:?} cannot be given: {why}"
+            ));
+        }
         let mut value = HeaderValue::from_str(value.trim()).map_err(|_| {
             format!(
                 "--header #{position}: the value of {name:?} has characters a header cannot carry"
@@ -363,10 +417,63 @@ mod tests {
             (&["run", "--max-bytes", "0"][..], "at least 1 byte"),
             (&["--lock-wait", "never", "report"][..], "not a duration"),
             (&["import", "x", "--ext", "a/b"][..], "not a file extension"),
+            (&["retry", "--status", "99999"][..], "from 100 to 999"),
+            (&["retry", "--status", "42"][..], "from 100 to 999"),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(reason), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_told_the_real_limit() {
+        for (option, value, reason) in [
+            ("--workers", "100001", "more than 100,000, the most"),
+            (
+                "--workers",
+                "99999999999999999999999999999",
+                "more than 100,000",
+            ),
+            ("--workers", "-3", "at least 1"),
+            ("--per-host-workers", "1e3", "not a whole number"),
+            ("--per-host-workers", "200000", "more than 100,000"),
+            (
+                "--max-attempts",
+                "4294967296",
+                "more than 1,000,000, the most",
+            ),
+            ("--max-attempts", "1000001", "more than 1,000,000"),
+            ("--timeout", "1000000y", "longer than 24h, the longest"),
+            ("--timeout", "99999999999999999999999s", "longer than 24h"),
+            ("--backoff-base", "25h", "longer than 24h"),
+            ("--backoff-max", "2days", "longer than 24h"),
+            ("--progress-every", "1000000y", "longer than 24h"),
+            ("--max-bytes", "99999999999TB", "more than 8 EiB"),
+            ("--max-bytes", "8EiB", "not a size"),
+            ("--max-bytes", "9300000TB", "more than 8 EiB"),
+        ] {
+            let arg = format!("{option}={value}");
+            let err = parse(&["run", &arg]).unwrap_err().to_string();
+            assert!(err.contains(reason), "{option} {value}: {err}");
+        }
+        let err = parse(&["--lock-wait", "1000000y", "report"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("longer than 24h"), "{err}");
+        let run = |args: &[&str]| match parse(args).unwrap().command {
+            Command::Run(run) => run,
+            _ => panic!("not run"),
+        };
+        assert_eq!(run(&["run", "--workers", "100000"]).workers, 100_000);
+        assert_eq!(
+            run(&["run", "--max-attempts", "1000000"]).max_attempts,
+            1_000_000
+        );
+        assert_eq!(run(&["run", "--timeout", "24h"]).timeout, MAX_DURATION);
+        assert_eq!(
+            run(&["run", "--max-bytes", "8000000TB"]).max_bytes,
+            8_000_000 * 1000_u64.pow(4)
+        );
     }
 
     #[test]
@@ -399,7 +506,12 @@ mod tests {
 
     #[test]
     fn header_values_stay_out_of_error_messages() {
-        for bad in ["NoColon s3cret", "X Bad: s3cret", "X-Key: s3cret\u{1}"] {
+        for bad in [
+            "NoColon s3cret",
+            "X Bad: s3cret",
+            "X-Key: s3cret\u{1}",
+            "Content-Length: s3cret",
+        ] {
             let err = parse_headers(&["A: b".into(), bad.into()]).unwrap_err();
             assert!(err.contains("--header #2"), "{err}");
             assert!(!err.contains("s3cret"), "{err}");

@@ -12,6 +12,10 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 /// How much time a burst may cover.
 const BURST_WINDOW: Duration = Duration::from_millis(50);
+/// The fastest rate: the limiter counts in microseconds.
+const MAX_PER_SECOND: f64 = 1_000_000.0;
+/// The slowest rate: one request a day. Slower is a typo, not a plan.
+const SLOWEST_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -34,13 +38,26 @@ impl Rate {
             _ => return Err(invalid()),
         };
         let count: f64 = count.parse().map_err(|_| invalid())?;
-        if !count.is_finite() || count <= 0.0 {
+        if count.is_nan() {
+            return Err(invalid());
+        }
+        if count <= 0.0 {
             return Err(format!("{text:?}: the rate must be above zero"));
         }
-        let interval = Duration::try_from_secs_f64(unit / count).map_err(|_| invalid())?;
-        if interval < Duration::from_micros(1) {
-            return Err(format!("{text:?}: more than 1,000,000 requests per second"));
+        let per_second = count / unit;
+        if per_second > MAX_PER_SECOND {
+            return Err(format!(
+                "{text:?} is more than 1,000,000 requests per second, the fastest rate \
+                 jobrun takes (leave the option out for no limit)"
+            ));
         }
+        if per_second < 1.0 / SLOWEST_INTERVAL.as_secs_f64() {
+            return Err(format!(
+                "{text:?} is less than one request a day (0.042/h), the slowest rate jobrun takes"
+            ));
+        }
+        // Between 1 µs and a day, by the checks above.
+        let interval = Duration::from_secs_f64(1.0 / per_second).min(SLOWEST_INTERVAL);
         Ok(Rate { interval })
     }
 
@@ -80,6 +97,28 @@ mod tests {
             Rate::parse(" 0.5/s ").unwrap().interval,
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn rates_out_of_range_are_told_the_real_limit() {
+        for (text, reason) in [
+            ("1e309", "more than 1,000,000 requests per second"),
+            ("inf", "more than 1,000,000 requests per second"),
+            ("1000001", "more than 1,000,000 requests per second"),
+            ("1e-300", "less than one request a day"),
+            ("0.04/h", "less than one request a day"),
+            ("NaN", "not a rate like"),
+            ("-1", "above zero"),
+            ("0/m", "above zero"),
+        ] {
+            let error = Rate::parse(text).unwrap_err();
+            assert!(error.contains(reason), "{text}: {error}");
+        }
+        assert_eq!(
+            Rate::parse("1000000").unwrap().interval,
+            Duration::from_micros(1)
+        );
+        assert!(Rate::parse("0.05/h").is_ok());
     }
 
     #[test]
