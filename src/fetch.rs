@@ -225,6 +225,9 @@ impl Fetcher {
             return Ok((self.client.get(url), self.range_for_all));
         };
         let spec = RequestSpec::from_json(json).map_err(FetchError::InvalidRequest)?;
+        // Checked at import already; again here for rows imported by a
+        // jobrun that let framing headers through.
+        spec.check().map_err(FetchError::InvalidRequest)?;
         let mut request = self.client.request(spec.method(), url);
         let mut asks_range = self.range_for_all;
         for (name, value) in &spec.headers {

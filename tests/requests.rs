@@ -526,3 +526,29 @@ fn numeric_options_are_refused_with_their_real_limits() {
     }
     assert!(!job.db().exists(), "a refused command touched the database");
 }
+
+#[test]
+fn a_stored_request_with_a_framing_header_fails_without_being_sent() {
+    // A row imported before such headers were refused at import.
+    let server = Server::start(|request| Reply::ok(request.body.clone()));
+    let job = Job::new();
+    let url = server.url("/echo");
+    let line = format!(r#"{{"url": "{url}", "method": "POST", "body": "abc"}}"#);
+    assert_success(&import_file(&job, "urls.jsonl", &[&line]), "import");
+    job.sql()
+        .execute(
+            r#"UPDATE urls SET request = '{"method":"POST","headers":{"Content-Length":"99"},"body":"abc"}'"#,
+            [],
+        )
+        .unwrap();
+    let run = job.run(&["--timeout", "10s"]);
+    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+    let row = &job.export()[&url];
+    assert_eq!(row["state"], "failed", "{row}");
+    let error = row["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"Content-Length\" cannot be given"),
+        "{error}"
+    );
+    assert_eq!(server.hit_count(), 0, "the request was sent");
+}
