@@ -46,19 +46,33 @@ pub struct RetrySchedule {
 }
 
 impl RetrySchedule {
-    /// Adds `count` retries due at `due` (unix ms).
+    /// Adds `count` retries due at `due` (unix ms); one already due is not
+    /// waiting. Seconds gone by are dropped here too, so that the schedule
+    /// stays small when nothing displays it.
     pub fn add(&self, due: i64, count: u64) {
-        let second_end = due.saturating_add(999).div_euclid(1000) * 1000;
+        let now = now_ms();
         let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
-        *by_second.entry(second_end).or_default() += count;
+        drop_past(&mut by_second, now);
+        if due > now {
+            let second_end = due.saturating_add(999).div_euclid(1000) * 1000;
+            *by_second.entry(second_end).or_default() += count;
+        }
     }
 
     /// How many retries are not yet due at `now` (unix ms).
     pub fn waiting(&self, now: i64) -> u64 {
         let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
-        let later = by_second.split_off(&now.saturating_add(1));
-        *by_second = later;
+        drop_past(&mut by_second, now);
         by_second.values().sum()
+    }
+}
+
+/// Drops the seconds that ended by `now`.
+fn drop_past(by_second: &mut BTreeMap<i64, u64>, now: i64) {
+    while let Some(second) = by_second.first_entry()
+        && *second.key() <= now
+    {
+        second.remove();
     }
 }
 
@@ -242,15 +256,21 @@ mod tests {
     #[test]
     fn a_retry_waits_only_until_its_time() {
         let retries = RetrySchedule::default();
-        retries.add(10_500, 2);
-        retries.add(10_900, 1);
-        retries.add(12_000, 4);
-        assert_eq!(retries.waiting(9_000), 7);
-        assert_eq!(retries.waiting(10_999), 7, "due within the second");
-        assert_eq!(retries.waiting(11_000), 4);
-        assert_eq!(retries.waiting(12_000), 0);
-        retries.add(11_000, 1);
-        assert_eq!(retries.waiting(11_000), 0, "due now is not waiting");
+        // A whole second an hour from now.
+        let at = (now_ms() / 1000 + 3600) * 1000;
+        retries.add(at + 500, 2);
+        retries.add(at + 900, 1);
+        retries.add(at + 2000, 4);
+        retries.add(now_ms() - 10, 8);
+        assert_eq!(
+            retries.waiting(at - 1000),
+            7,
+            "one already due is not waiting"
+        );
+        assert_eq!(retries.waiting(at + 999), 7, "due within the second");
+        assert_eq!(retries.waiting(at + 1000), 4);
+        assert_eq!(retries.waiting(at + 2000), 0);
+        assert!(retries.by_second.lock().unwrap().is_empty());
     }
 
     #[test]
