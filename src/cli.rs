@@ -144,20 +144,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
 
-    /// Requests in flight at once.
+    /// Requests in flight at once (at most 100,000).
     #[arg(long, default_value = "20", value_parser = parse_workers)]
     pub workers: usize,
 
     /// Requests per second for the whole run: `50`, `50/s`, `600/m`, `1000/h`.
-    /// Unlimited when not given.
+    /// From one a day to 1,000,000/s; unlimited when not given.
     #[arg(long, value_parser = Rate::parse)]
     pub rate: Option<Rate>,
 
-    /// Attempts per URL before it is marked failed.
+    /// Attempts per URL before it is marked failed (at most 1,000,000).
     #[arg(long, default_value = "5", value_parser = parse_max_attempts)]
     pub max_attempts: u32,
 
-    /// Time limit for one request, body included: `500ms`, `30s`, `2m`.
+    /// Time limit for one request, body included: `500ms`, `30s`, `2m`
+    /// (at most `24h`, like every duration).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
@@ -195,7 +196,8 @@ pub struct RunArgs {
     /// terminal (on a terminal, a progress bar is shown instead).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub progress_every: Duration,
-    /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes.
+    /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes
+    /// (at most 8 EiB).
     /// A larger one fails for good and leaves no file.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub max_bytes: u64,
