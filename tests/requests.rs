@@ -206,6 +206,15 @@ fn a_206_to_a_request_without_range_is_retried_never_saved_as_done() {
     let saved = std::fs::read(ranged["path"].as_str().unwrap()).unwrap();
     assert_eq!(saved, b"0123456789");
     assert!(job.temp_files().is_empty());
+
+    // A Range sent with every request (--header) asks for a 206 too.
+    let job = Job::new();
+    job.import(std::slice::from_ref(&unasked));
+    assert_success(
+        &job.run(&["--header", "Range: bytes=0-9"]),
+        "run --header Range",
+    );
+    assert_eq!(job.export()[&unasked]["state"], "done");
 }
 
 #[test]
