@@ -189,7 +189,7 @@ pub struct RunArgs {
     pub no_adaptive: bool,
 
     /// The User-Agent header [default: jobrun/VERSION].
-    #[arg(long)]
+    #[arg(long, value_parser = parse_user_agent)]
     pub user_agent: Option<String>,
 
     /// How often a status line is written when standard error is not a
@@ -358,6 +358,17 @@ pub fn parse_headers(raw: &[String]) -> Result<HeaderMap, String> {
     Ok(headers)
 }
 
+/// A User-Agent that can be sent: checked here, so that a line break in it
+/// is told as such before the run starts.
+fn parse_user_agent(text: &str) -> Result<String, String> {
+    HeaderValue::from_str(text)
+        .map(|_| text.to_string())
+        .map_err(|_| {
+            "has characters a header cannot carry (a line break or another control character)"
+                .into()
+        })
+}
+
 fn parse_extension(text: &str) -> Result<String, String> {
     let ext = text.trim().trim_start_matches('.');
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
@@ -421,6 +432,10 @@ mod tests {
             (&["import", "x", "--ext", "a/b"][..], "not a file extension"),
             (&["retry", "--status", "99999"][..], "from 100 to 999"),
             (&["retry", "--status", "42"][..], "from 100 to 999"),
+            (
+                &["run", "--user-agent", "a\nb"][..],
+                "a header cannot carry",
+            ),
         ] {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(reason), "{args:?}: {err}");
