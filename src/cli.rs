@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::rate::Rate;
+use crate::retryable::RetryStatuses;
 
 /// Fetch long lists of HTTP URLs into files, crash-safe and resumable.
 ///
@@ -72,8 +73,20 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
-    /// Print the manual page (roff), e.g. `jobrun man > jobrun.1`.
-    Man,
+    /// Print the manual page (roff), e.g. `jobrun man > jobrun.1`, or write
+    /// one page per command with `--dir`.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Print the page of this command (`jobrun man run`) instead of the main one.
+    #[arg(value_name = "COMMAND", conflicts_with = "dir")]
+    pub command: Option<String>,
+
+    /// Write jobrun.1 and a jobrun-COMMAND.1 for every command into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -128,69 +141,117 @@ pub enum ImportFormat {
 pub struct RunArgs {
     /// Folder for the output files [default: `out` beside the database].
     /// Recorded on the first run; later runs must use the same folder.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
 
     /// Requests in flight at once.
-    #[arg(long, default_value = "20", value_parser = parse_workers)]
+    #[arg(short = 'j', long, default_value = "20", value_parser = parse_workers, help_heading = "Politeness")]
     pub workers: usize,
 
     /// Requests per second for the whole run: `50`, `50/s`, `600/m`, `1000/h`.
     /// Unlimited when not given.
-    #[arg(long, value_parser = Rate::parse)]
+    #[arg(long, value_parser = Rate::parse, help_heading = "Politeness")]
     pub rate: Option<Rate>,
 
     /// Attempts per URL before it is marked failed.
-    #[arg(long, default_value = "5", value_parser = parse_max_attempts)]
+    #[arg(long, default_value = "5", value_parser = parse_max_attempts, help_heading = "Retries")]
     pub max_attempts: u32,
 
     /// Time limit for one request, body included: `500ms`, `30s`, `2m`.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Requests")]
     pub timeout: Duration,
+
+    /// Time limit for opening a connection, TLS handshake and proxy included
+    /// [default: the --timeout, at most 10s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Requests")]
+    pub connect_timeout: Option<Duration>,
+
+    /// Redirects followed for one URL before it fails for good; 0 follows none.
+    #[arg(long = "max-redirs", value_name = "N", default_value = "10",
+          value_parser = clap::value_parser!(u16).range(0..=1000), help_heading = "Requests")]
+    pub max_redirects: u16,
 
     /// A header sent with every request, `Name: value`; repeat for more.
     /// Values are never written to the database or to messages.
-    #[arg(long = "header", value_name = "NAME: VALUE")]
+    #[arg(
+        short = 'H',
+        long = "header",
+        value_name = "NAME: VALUE",
+        help_heading = "Requests"
+    )]
     pub headers: Vec<String>,
 
     /// First retry delay; each later attempt doubles it, with full jitter.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration, help_heading = "Retries")]
     pub backoff_base: Duration,
 
     /// Longest retry delay.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "Retries")]
     pub backoff_max: Duration,
 
+    /// The HTTP statuses that are retried, comma-separated. A list replaces
+    /// the default; the word `default` stands for it, so `--retry-on
+    /// default,404` adds 404. Other statuses outside 2xx fail at once.
+    #[arg(long, value_name = "STATUS,...", default_value_t = RetryStatuses::default(),
+          value_parser = RetryStatuses::parse, help_heading = "Retries")]
+    pub retry_on: RetryStatuses,
+
     /// Requests per second to any one host (same syntax as --rate).
-    #[arg(long, value_parser = Rate::parse)]
+    #[arg(long, value_parser = Rate::parse, help_heading = "Politeness")]
     pub per_host_rate: Option<Rate>,
 
     /// Requests in flight to any one host.
-    #[arg(long, value_parser = parse_workers)]
+    #[arg(long, value_parser = parse_workers, help_heading = "Politeness")]
     pub per_host_workers: Option<usize>,
 
     /// Turn off adaptive throttling (halving a host's rate on 429 and 503,
     /// raising it again while its answers are healthy).
-    #[arg(long)]
+    #[arg(long, help_heading = "Politeness")]
     pub no_adaptive: bool,
 
     /// The User-Agent header [default: jobrun/VERSION].
-    #[arg(long)]
+    #[arg(short = 'A', long, help_heading = "Requests")]
     pub user_agent: Option<String>,
 
     /// How often a status line is written when standard error is not a
     /// terminal (on a terminal, a progress bar is shown instead).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Output")]
     pub progress_every: Duration,
     /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes.
     /// A larger one fails for good and leaves no file.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Output")]
     pub max_bytes: u64,
 
     /// Accept any TLS certificate (self-signed, expired, another host's).
     /// Anyone on the way can then read and change the responses.
-    #[arg(long)]
+    #[arg(short = 'k', long, help_heading = "TLS")]
     pub insecure: bool,
+
+    /// CA certificates (PEM, one or more) trusted in addition to the
+    /// system's, for servers with a private CA.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub cacert: Option<PathBuf>,
+
+    /// A client certificate (PEM, with its chain) for servers that ask for
+    /// one; the file may hold the private key too.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM, unencrypted), if not in its file.
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = "TLS")]
+    pub key: Option<PathBuf>,
+
+    /// Send every request through this proxy: http://, https://, socks5://
+    /// or socks5h:// (the proxy resolves host names) [default: from
+    /// http_proxy, https_proxy, all_proxy].
+    #[arg(short = 'x', long, value_name = "URL", help_heading = "Proxy")]
+    pub proxy: Option<String>,
+
+    /// Hosts and domains fetched without a proxy, comma-separated
+    /// (`example.com` also covers its subdomains, `10.0.0.0/8` a network);
+    /// `*` turns proxies off [default: from no_proxy].
+    #[arg(long, value_name = "LIST", help_heading = "Proxy")]
+    pub noproxy: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -12,10 +12,13 @@ mod log;
 mod output;
 mod process;
 mod progress;
+mod proxy;
 mod rate;
 mod request;
+mod retryable;
 mod runner;
 mod store;
+mod tls;
 mod urlfile;
 
 use std::process::ExitCode;
