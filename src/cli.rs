@@ -57,6 +57,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of `run`'s options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Add URLs to the database, one per line (`-` reads standard input).

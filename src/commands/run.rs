@@ -181,8 +181,9 @@ fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
         if arg == "--db" {
             args.next();
         } else if arg.starts_with("--db=") {
-        } else if let Some((prefix, mask, attached)) = secret_option(&arg) {
-            match attached {
+        } else if let Some(secret) = secret_option(&arg) {
+            let (prefix, mask) = (secret.prefix, secret.mask);
+            match secret.attached {
                 Some(value) => words.push(shell_quote(&format!("{prefix}{}", mask(value)))),
                 None => {
                     words.push(shell_quote(prefix));
@@ -198,10 +199,20 @@ fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
     words.join(" ")
 }
 
-/// An option whose value holds a secret: the text before the value, how to
-/// mask it, and the value when it is in the same word (`--header=…`,
-/// `-H…`, `-kx…`). Short options may be bundled, as clap allows.
-fn secret_option(arg: &str) -> Option<(&str, fn(&str) -> String, Option<&str>)> {
+/// An option whose value holds a secret, as typed.
+struct SecretOption<'a> {
+    /// The option, up to its value: `--header`, `--header=`, `-kH`.
+    prefix: &'a str,
+    /// Hides the secret part of the value.
+    mask: fn(&str) -> String,
+    /// The value, when it is in the same word (`--header=…`, `-H…`).
+    attached: Option<&'a str>,
+}
+
+/// Whether `arg` is an option whose value holds a secret: `--header`,
+/// `--proxy`, or `-H` and `-x`, also bundled with other short options as
+/// clap allows (`-kH…`).
+fn secret_option(arg: &str) -> Option<SecretOption<'_>> {
     let mask_of = |name: &str| match name {
         "--header" | "H" => Some(mask_header as fn(&str) -> String),
         "--proxy" | "x" => Some(crate::proxy::redact as fn(&str) -> String),
@@ -213,14 +224,22 @@ fn secret_option(arg: &str) -> Option<(&str, fn(&str) -> String, Option<&str>)> 
             None => (arg, None),
         };
         let prefix = &arg[..arg.len() - attached.map_or(0, str::len)];
-        return mask_of(name).map(|mask| (prefix, mask, attached));
+        return mask_of(name).map(|mask| SecretOption {
+            prefix,
+            mask,
+            attached,
+        });
     }
     let shorts = arg.strip_prefix('-')?;
     for (at, short) in shorts.char_indices() {
         let end = 1 + at + short.len_utf8();
         if let Some(mask) = mask_of(&short.to_string()) {
             let rest = &arg[end..];
-            return Some((&arg[..end], mask, (!rest.is_empty()).then_some(rest)));
+            return Some(SecretOption {
+                prefix: &arg[..end],
+                mask,
+                attached: (!rest.is_empty()).then_some(rest),
+            });
         }
         // The rest of the word is the value of -j or -A, not an option.
         if matches!(short, 'j' | 'A') {
