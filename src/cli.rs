@@ -470,6 +470,75 @@ mod tests {
     }
 
     #[test]
+    fn short_flags_and_the_new_run_options_parse() {
+        let cli = parse(&[
+            "run",
+            "-v",
+            "-j",
+            "4",
+            "-H",
+            "A: b",
+            "-k",
+            "-x",
+            "socks5h://p:1080",
+            "-A",
+            "ua/1",
+            "--connect-timeout",
+            "2s",
+            "--max-redirs",
+            "0",
+            "--retry-on",
+            "default,404",
+            "--cacert",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--noproxy",
+            "*",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbose, 1, "-v stays the global --verbose");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            (run.workers, run.headers.as_slice()),
+            (4, &["A: b".to_string()][..])
+        );
+        assert!(run.insecure);
+        assert_eq!(run.proxy.as_deref(), Some("socks5h://p:1080"));
+        assert_eq!(run.user_agent.as_deref(), Some("ua/1"));
+        assert_eq!(run.connect_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(run.max_redirects, 0);
+        assert!(run.retry_on.contains(404) && run.retry_on.contains(503));
+        assert_eq!(run.key, Some(PathBuf::from("k.pem")));
+
+        let Command::Run(run) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.max_redirects, 10);
+        assert_eq!(run.retry_on, RetryStatuses::default());
+        assert_eq!(run.connect_timeout, None);
+        assert!(parse(&["run", "-q", "-j", "2"]).unwrap().quiet);
+    }
+
+    #[test]
+    fn new_options_refuse_what_they_cannot_use() {
+        for (args, reason) in [
+            (&["run", "--key", "k.pem"][..], "--cert"),
+            (&["run", "--max-redirs", "many"][..], "--max-redirs"),
+            (&["run", "--retry-on", "200"][..], "only 4xx and 5xx"),
+            (&["run", "--connect-timeout", "0s"][..], "longer than zero"),
+            (&["man", "run", "--dir", "d"][..], "cannot be used with"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(reason), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
     fn extensions_are_normalised() {
         assert_eq!(parse_extension(".json").unwrap(), "json");
         assert_eq!(parse_extension("").unwrap(), "");
