@@ -289,6 +289,27 @@ fn an_http_proxy_carries_every_request_and_noproxy_bypasses_it() {
         assert_eq!(proxy.count(), 8, "{args:?} {env:?}: the proxy was used");
     }
     assert_eq!(server.hit_count(), 20);
+
+    // https URLs go through a CONNECT tunnel, from https_proxy.
+    let ca = TestCa::new("server CA");
+    let tls = Server::start_tls_with(ca.server_config(None), item_handler);
+    let urls = item_urls(&tls, 3);
+    let job = Job::new();
+    job.import(&urls);
+    let cacert = ca.write(&job.dir().join("ca.pem"));
+    let output = run_with_env(
+        &job,
+        &["--cacert", path_arg(&cacert)],
+        &[("https_proxy", &url), ("http_proxy", "http://127.0.0.1:9")],
+    );
+    assert_success(&output, "run with https_proxy");
+    job.assert_all_files_right(&tls, &urls);
+    let tunnels = &proxy.targets()[8..];
+    assert!(!tunnels.is_empty(), "no tunnel went through the proxy");
+    assert!(
+        tunnels.iter().all(|t| *t == tls.addr().to_string()),
+        "{tunnels:?}"
+    );
 }
 
 #[test]

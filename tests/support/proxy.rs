@@ -1,8 +1,9 @@
 //! Two small proxies on 127.0.0.1 for tests, each counting what went
 //! through it: an HTTP proxy that forwards absolute-form requests
-//! (`GET http://host:port/path`), and a SOCKS5 proxy that does CONNECT
-//! without authentication. One connection per request is enough here: the
-//! HTTP proxy asks the server to close after each answer.
+//! (`GET http://host:port/path`) and tunnels `CONNECT host:port` (for
+//! https URLs), and a SOCKS5 proxy that does CONNECT without
+//! authentication. One connection per forwarded request is enough here:
+//! the HTTP proxy asks the server to close after each answer.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -44,7 +45,8 @@ impl Proxy {
         self.targets.lock().unwrap().len()
     }
 
-    /// Where they went: URLs for HTTP, `host:port` for SOCKS5.
+    /// Where they went: URLs for forwarded HTTP requests, `host:port` for
+    /// tunnels (CONNECT, SOCKS5).
     pub fn targets(&self) -> Vec<String> {
         self.targets.lock().unwrap().clone()
     }
@@ -98,6 +100,24 @@ fn forward_http(client: TcpStream, targets: &Mutex<Vec<String>>) -> io::Result<(
     let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
         return Ok(());
     };
+    if method == "CONNECT" {
+        // The client says nothing more until the tunnel is up.
+        let mut header = String::from("-");
+        while !header.trim().is_empty() {
+            header.clear();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+        }
+        targets.lock().unwrap().push(target.to_string());
+        let Ok(server) = TcpStream::connect(target) else {
+            return answer(client, "502 Bad Gateway");
+        };
+        let mut client = client;
+        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        relay(client, server);
+        return Ok(());
+    }
     let Some(rest) = target.strip_prefix("http://") else {
         return answer(client, "405 Method Not Allowed");
     };
@@ -188,7 +208,16 @@ fn tunnel_socks5(mut client: TcpStream, targets: &Mutex<Vec<String>>) -> io::Res
         return client.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
     };
     client.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
-    let (mut client_read, mut server_write) = (client.try_clone()?, server.try_clone()?);
+    relay(client, server);
+    Ok(())
+}
+
+/// Copies bytes both ways until each side has closed its half.
+fn relay(client: TcpStream, server: TcpStream) {
+    let (Ok(mut client_read), Ok(mut server_write)) = (client.try_clone(), server.try_clone())
+    else {
+        return;
+    };
     let upstream = thread::spawn(move || {
         let _ = io::copy(&mut client_read, &mut server_write);
         let _ = server_write.shutdown(Shutdown::Write);
@@ -197,5 +226,4 @@ fn tunnel_socks5(mut client: TcpStream, targets: &Mutex<Vec<String>>) -> io::Res
     let _ = io::copy(&mut server_read, &mut client_write);
     let _ = client_write.shutdown(Shutdown::Write);
     let _ = upstream.join();
-    Ok(())
 }
