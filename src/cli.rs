@@ -163,8 +163,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Requests")]
     pub timeout: Duration,
 
-    /// Time limit for opening a connection, TLS handshake and proxy included
-    /// [default: the --timeout, at most 10s].
+    /// Time limit for opening a connection, TLS handshake and proxy included;
+    /// never longer than --timeout [default: 10s].
     #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Requests")]
     pub connect_timeout: Option<Duration>,
 

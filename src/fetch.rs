@@ -55,7 +55,7 @@ pub struct FetchOptions {
     pub max_bytes: u64,
     /// Accept any TLS certificate.
     pub insecure: bool,
-    /// For opening a connection; by default the timeout, at most 10 s.
+    /// For opening a connection: by default 10 s; never more than `timeout`.
     pub connect_timeout: Option<Duration>,
     /// Redirects followed for one URL before it fails for good.
     pub max_redirects: usize,
@@ -162,9 +162,12 @@ impl Fetcher {
         // reqwest is built without a default crypto provider (aws-lc is a
         // slow C build); ring must be installed before the first client.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // The request's own limit covers its connection too, so a longer
+        // connect timeout could never be reached, nor said in a message.
         let connect_timeout = options
             .connect_timeout
-            .unwrap_or(options.timeout.min(Duration::from_secs(10)));
+            .unwrap_or(Duration::from_secs(10))
+            .min(options.timeout);
         let builder = Client::builder()
             .user_agent(
                 options
