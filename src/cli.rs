@@ -10,6 +10,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::rate::Rate;
 use crate::request::unsendable_header;
+use crate::retryable::RetryStatuses;
 
 /// The most workers (`--workers`, `--per-host-workers`): each holds a
 /// connection and a file, and no machine serves more at once.
@@ -69,6 +70,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of `run`'s options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Add URLs to the database, one per line (`-` reads standard input).
@@ -85,8 +88,20 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
-    /// Print the manual page (roff), e.g. `jobrun man > jobrun.1`.
-    Man,
+    /// Print the manual page (roff), e.g. `jobrun man > jobrun.1`, or write
+    /// one page per command with `--dir`.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Print the page of this command (`jobrun man run`) instead of the main one.
+    #[arg(value_name = "COMMAND", conflicts_with = "dir")]
+    pub command: Option<String>,
+
+    /// Write jobrun.1 and a jobrun-COMMAND.1 for every command into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -141,71 +156,119 @@ pub enum ImportFormat {
 pub struct RunArgs {
     /// Folder for the output files [default: `out` beside the database].
     /// Recorded on the first run; later runs must use the same folder.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub out: Option<PathBuf>,
 
     /// Requests in flight at once (at most 100,000).
-    #[arg(long, default_value = "20", value_parser = parse_workers)]
+    #[arg(short = 'j', long, default_value = "20", value_parser = parse_workers, help_heading = "Politeness")]
     pub workers: usize,
 
     /// Requests per second for the whole run: `50`, `50/s`, `600/m`, `1000/h`.
     /// From one a day to 1,000,000/s; unlimited when not given.
-    #[arg(long, value_parser = Rate::parse)]
+    #[arg(long, value_parser = Rate::parse, help_heading = "Politeness")]
     pub rate: Option<Rate>,
 
     /// Attempts per URL before it is marked failed (at most 1,000,000).
-    #[arg(long, default_value = "5", value_parser = parse_max_attempts)]
+    #[arg(long, default_value = "5", value_parser = parse_max_attempts, help_heading = "Retries")]
     pub max_attempts: u32,
 
     /// Time limit for one request, body included: `500ms`, `30s`, `2m`
     /// (at most `24h`, like every duration).
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Requests")]
     pub timeout: Duration,
+
+    /// Time limit for opening a connection, TLS handshake and proxy included;
+    /// never longer than --timeout [default: 10s].
+    #[arg(long, value_name = "DUR", value_parser = parse_duration, help_heading = "Requests")]
+    pub connect_timeout: Option<Duration>,
+
+    /// Redirects followed for one URL before it fails for good; 0 follows none.
+    #[arg(long = "max-redirs", value_name = "N", default_value = "10",
+          value_parser = clap::value_parser!(u16).range(0..=1000), help_heading = "Requests")]
+    pub max_redirects: u16,
 
     /// A header sent with every request, `Name: value`; repeat for more.
     /// Values are never written to the database or to messages.
-    #[arg(long = "header", value_name = "NAME: VALUE")]
+    #[arg(
+        short = 'H',
+        long = "header",
+        value_name = "NAME: VALUE",
+        help_heading = "Requests"
+    )]
     pub headers: Vec<String>,
 
     /// First retry delay; each later attempt doubles it, with full jitter.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = parse_duration, help_heading = "Retries")]
     pub backoff_base: Duration,
 
     /// Longest retry delay.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "Retries")]
     pub backoff_max: Duration,
 
+    /// The HTTP statuses that are retried, comma-separated. A list replaces
+    /// the default; the word `default` stands for it, so `--retry-on
+    /// default,404` adds 404. Other statuses outside 2xx fail at once.
+    #[arg(long, value_name = "STATUS,...", default_value_t = RetryStatuses::default(),
+          value_parser = RetryStatuses::parse, help_heading = "Retries")]
+    pub retry_on: RetryStatuses,
+
     /// Requests per second to any one host (same syntax as --rate).
-    #[arg(long, value_parser = Rate::parse)]
+    #[arg(long, value_parser = Rate::parse, help_heading = "Politeness")]
     pub per_host_rate: Option<Rate>,
 
     /// Requests in flight to any one host.
-    #[arg(long, value_parser = parse_workers)]
+    #[arg(long, value_parser = parse_workers, help_heading = "Politeness")]
     pub per_host_workers: Option<usize>,
 
     /// Turn off adaptive throttling (halving a host's rate on 429 and 503,
     /// raising it again while its answers are healthy).
-    #[arg(long)]
+    #[arg(long, help_heading = "Politeness")]
     pub no_adaptive: bool,
 
     /// The User-Agent header [default: jobrun/VERSION].
-    #[arg(long, value_parser = parse_user_agent)]
+    #[arg(short = 'A', long, value_parser = parse_user_agent, help_heading = "Requests")]
     pub user_agent: Option<String>,
 
     /// How often a status line is written when standard error is not a
     /// terminal (on a terminal, a progress bar is shown instead).
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Output")]
     pub progress_every: Duration,
     /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes
     /// (at most 8 EiB).
     /// A larger one fails for good and leaves no file.
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = parse_size, help_heading = "Output")]
     pub max_bytes: u64,
 
     /// Accept any TLS certificate (self-signed, expired, another host's).
     /// Anyone on the way can then read and change the responses.
-    #[arg(long)]
+    #[arg(short = 'k', long, help_heading = "TLS")]
     pub insecure: bool,
+
+    /// CA certificates (PEM, one or more) trusted in addition to the
+    /// system's, for servers with a private CA.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub cacert: Option<PathBuf>,
+
+    /// A client certificate (PEM, with its chain) for servers that ask for
+    /// one; the file may hold the private key too.
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub cert: Option<PathBuf>,
+
+    /// The private key of --cert (PEM, unencrypted), if not in its file.
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = "TLS")]
+    pub key: Option<PathBuf>,
+
+    /// Send every request through this proxy: http://, https://, socks5://
+    /// or socks5h:// (the proxy resolves host names) [default: from
+    /// http_proxy, https_proxy, all_proxy].
+    #[arg(short = 'x', long, value_name = "URL", help_heading = "Proxy")]
+    pub proxy: Option<String>,
+
+    /// Hosts and domains fetched without a proxy, comma-separated
+    /// (`example.com` also covers its subdomains, `10.0.0.0/8` a network);
+    /// `*` turns proxies off [default: from no_proxy].
+    #[arg(long, value_name = "LIST", help_heading = "Proxy")]
+    pub noproxy: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -532,6 +595,75 @@ mod tests {
             let err = parse_headers(&["A: b".into(), bad.into()]).unwrap_err();
             assert!(err.contains("--header #2"), "{err}");
             assert!(!err.contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn short_flags_and_the_new_run_options_parse() {
+        let cli = parse(&[
+            "run",
+            "-v",
+            "-j",
+            "4",
+            "-H",
+            "A: b",
+            "-k",
+            "-x",
+            "socks5h://p:1080",
+            "-A",
+            "ua/1",
+            "--connect-timeout",
+            "2s",
+            "--max-redirs",
+            "0",
+            "--retry-on",
+            "default,404",
+            "--cacert",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--noproxy",
+            "*",
+        ])
+        .unwrap();
+        assert_eq!(cli.verbose, 1, "-v stays the global --verbose");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            (run.workers, run.headers.as_slice()),
+            (4, &["A: b".to_string()][..])
+        );
+        assert!(run.insecure);
+        assert_eq!(run.proxy.as_deref(), Some("socks5h://p:1080"));
+        assert_eq!(run.user_agent.as_deref(), Some("ua/1"));
+        assert_eq!(run.connect_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(run.max_redirects, 0);
+        assert!(run.retry_on.contains(404) && run.retry_on.contains(503));
+        assert_eq!(run.key, Some(PathBuf::from("k.pem")));
+
+        let Command::Run(run) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.max_redirects, 10);
+        assert_eq!(run.retry_on, RetryStatuses::default());
+        assert_eq!(run.connect_timeout, None);
+        assert!(parse(&["run", "-q", "-j", "2"]).unwrap().quiet);
+    }
+
+    #[test]
+    fn new_options_refuse_what_they_cannot_use() {
+        for (args, reason) in [
+            (&["run", "--key", "k.pem"][..], "--cert"),
+            (&["run", "--max-redirs", "many"][..], "--max-redirs"),
+            (&["run", "--retry-on", "200"][..], "only 4xx and 5xx"),
+            (&["run", "--connect-timeout", "0s"][..], "longer than zero"),
+            (&["man", "run", "--dir", "d"][..], "cannot be used with"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(reason), "{args:?}: {err}");
         }
     }
 

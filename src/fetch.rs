@@ -19,14 +19,14 @@ use sha2::{Digest, Sha256};
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::hosts::{Hosts, Politeness};
 use crate::output::local_write_error;
+use crate::proxy::Proxies;
 use crate::request::RequestSpec;
+use crate::retryable::RetryStatuses;
 use crate::store::{Claim, Completion, unix_ms};
+use crate::tls::ClientTls;
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
-
-/// Redirects followed for one URL before it fails for good.
-pub const MAX_REDIRECTS: usize = 10;
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
@@ -36,9 +36,11 @@ pub struct Fetcher {
     backoff: Backoff,
     max_attempts: u32,
     timeout: Duration,
+    connect_timeout: Duration,
     max_bytes: u64,
     /// Whether every request asks for a range (`--header "Range: …"`).
     range_for_all: bool,
+    retry_on: RetryStatuses,
 }
 
 pub struct FetchOptions {
@@ -55,6 +57,15 @@ pub struct FetchOptions {
     pub max_bytes: u64,
     /// Accept any TLS certificate.
     pub insecure: bool,
+    /// For opening a connection: by default 10 s; never more than `timeout`.
+    pub connect_timeout: Option<Duration>,
+    /// Redirects followed for one URL before it fails for good.
+    pub max_redirects: usize,
+    /// The HTTP statuses worth another attempt.
+    pub retry_on: RetryStatuses,
+    /// Extra CA roots and a client certificate.
+    pub tls: ClientTls,
+    pub proxies: Proxies,
 }
 
 /// A failed attempt, as the server or the network caused it.
@@ -67,6 +78,8 @@ pub enum FetchError {
     },
     #[error("timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
+    #[error("cannot connect: no connection within {} (--connect-timeout)", humantime::format_duration(*.0))]
+    ConnectTimeout(Duration),
     #[error("{0}")]
     Network(String),
     #[error("body cut short: {0}")]
@@ -79,8 +92,15 @@ pub enum FetchError {
     InvalidRequest(String),
     #[error("body larger than --max-bytes ({limit} bytes)", limit = crate::commands::thousands(*.0))]
     TooLarge(u64),
-    #[error("TLS certificate not trusted: {0} (--insecure accepts it)")]
+    #[error(
+        "TLS certificate not trusted: {0} (--cacert FILE trusts a private CA; --insecure accepts any certificate)"
+    )]
     Certificate(String),
+    #[error(
+        "the server refused the TLS connection for want of a client certificate it accepts: {0} \
+         (--cert FILE and --key FILE present one)"
+    )]
+    ClientCertificate(String),
     /// A 206 to a request that asked for no range: the body is only part
     /// of the resource. Retried like a body cut short.
     #[error(
@@ -90,13 +110,13 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Permanent failures are not retried: the same request would fail again.
-    pub fn is_permanent(&self) -> bool {
+    /// Permanent failures are not retried: the same request would fail
+    /// again. A status is retried when it is one of `retry_on`.
+    pub fn is_permanent(&self, retry_on: &RetryStatuses) -> bool {
         match self {
-            FetchError::Status { status, .. } => {
-                !matches!(status.as_u16(), 408 | 425 | 429 | 500 | 502 | 503 | 504)
-            }
+            FetchError::Status { status, .. } => !retry_on.contains(status.as_u16()),
             FetchError::Timeout(_)
+            | FetchError::ConnectTimeout(_)
             | FetchError::Network(_)
             | FetchError::Truncated { .. }
             | FetchError::UnaskedPartial => false,
@@ -104,7 +124,8 @@ impl FetchError {
             | FetchError::InvalidUrl(_)
             | FetchError::InvalidRequest(_)
             | FetchError::TooLarge(_)
-            | FetchError::Certificate(_) => true,
+            | FetchError::Certificate(_)
+            | FetchError::ClientCertificate(_) => true,
         }
     }
 
@@ -152,7 +173,13 @@ impl Fetcher {
         // slow C build); ring must be installed before the first client.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let range_for_all = options.headers.contains_key(RANGE);
-        let client = Client::builder()
+        // The request's own limit covers its connection too, so a longer
+        // connect timeout could never be reached, nor said in a message.
+        let connect_timeout = options
+            .connect_timeout
+            .unwrap_or(Duration::from_secs(10))
+            .min(options.timeout);
+        let builder = Client::builder()
             .user_agent(
                 options
                     .user_agent
@@ -160,7 +187,7 @@ impl Fetcher {
             )
             .default_headers(options.headers)
             .timeout(options.timeout)
-            .connect_timeout(options.timeout.min(Duration::from_secs(10)))
+            .connect_timeout(connect_timeout)
             // A worker's next request can start before its last connection
             // is back in the pool; hyper then opens another one, and a pool
             // capped at one per worker closes the spare again. Room for the
@@ -168,13 +195,13 @@ impl Fetcher {
             // for 20,000 URLs instead of ~2,000).
             .pool_max_idle_per_host(options.workers * 2)
             .tcp_nodelay(true)
-            .redirect(redirect_policy())
+            .redirect(redirect_policy(options.max_redirects))
             // A Referer would hand the URL, query keys included, to whatever
             // host a redirect leads to.
             .referer(false)
-            .tls_danger_accept_invalid_certs(options.insecure)
-            .build()
-            .context("cannot set up the HTTP client")?;
+            .tls_danger_accept_invalid_certs(options.insecure);
+        let builder = options.proxies.apply(options.tls.apply(builder))?;
+        let client = builder.build().context("cannot set up the HTTP client")?;
         Ok(Fetcher {
             client,
             limiter: options.limiter,
@@ -182,8 +209,10 @@ impl Fetcher {
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
+            connect_timeout,
             max_bytes: options.max_bytes,
             range_for_all,
+            retry_on: options.retry_on,
         })
     }
 
@@ -325,8 +354,9 @@ impl Fetcher {
         let attempts = claim.attempts + 1;
         let status = error.status();
         let message = error.to_string();
-        if error.is_permanent() || attempts >= self.max_attempts {
-            let error = if error.is_permanent() {
+        let permanent = error.is_permanent(&self.retry_on);
+        if permanent || attempts >= self.max_attempts {
+            let error = if permanent {
                 message
             } else {
                 format!("{message} (gave up after {attempts} attempts)")
@@ -356,11 +386,18 @@ impl Fetcher {
     /// same and group together in the report.
     fn describe(&self, error: reqwest::Error, in_body: bool) -> Fetch {
         if error.is_timeout() {
+            if error.is_connect() {
+                return FetchError::ConnectTimeout(self.connect_timeout).into();
+            }
             return FetchError::Timeout(self.timeout).into();
         }
         let cause = root_cause(&error);
-        if is_certificate_error(&error) {
-            return FetchError::Certificate(cause).into();
+        match tls_refusal(&error) {
+            Some(TlsRefusal::ServerCertificate) => return FetchError::Certificate(cause).into(),
+            Some(TlsRefusal::ClientCertificate) => {
+                return FetchError::ClientCertificate(cause).into();
+            }
+            None => {}
         }
         if error.is_redirect() {
             return FetchError::Redirect(cause).into();
@@ -396,10 +433,10 @@ impl From<FetchError> for Fetch {
     }
 }
 
-/// Follows at most `MAX_REDIRECTS` redirects, never in a loop, and only to
-/// http and https URLs. The messages leave the URLs out, as `describe` does.
-fn redirect_policy() -> redirect::Policy {
-    redirect::Policy::custom(|attempt| {
+/// Follows at most `max` redirects, never in a loop, and only to http and
+/// https URLs. The messages leave the URLs out, as `describe` does.
+fn redirect_policy(max: usize) -> redirect::Policy {
+    redirect::Policy::custom(move |attempt| {
         if let Some(refused) = refused_scheme(attempt.url()) {
             return attempt.error(refused);
         }
@@ -407,8 +444,8 @@ fn redirect_policy() -> redirect::Policy {
             return attempt.error("redirect loop: redirected back to a URL already visited");
         }
         // `previous` starts with the URL first asked for.
-        if attempt.previous().len() > MAX_REDIRECTS {
-            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        if attempt.previous().len() > max {
+            return attempt.error(format!("more than {max} redirects (--max-redirs)"));
         }
         attempt.follow()
     })
@@ -434,9 +471,18 @@ fn unfollowed_redirect(response: &reqwest::Response) -> Option<FetchError> {
     refused_scheme(&target).map(FetchError::Redirect)
 }
 
-/// Whether the server's TLS certificate was refused: a permanent failure,
-/// unlike a handshake cut short.
-fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+/// Which side's certificate ended a TLS handshake.
+enum TlsRefusal {
+    /// jobrun did not trust the server's.
+    ServerCertificate,
+    /// The server wanted one from jobrun, or did not accept the one it got.
+    ClientCertificate,
+}
+
+/// Whether a certificate was refused, which is a permanent failure, unlike
+/// a handshake cut short; and whose.
+fn tls_refusal(error: &(dyn std::error::Error + 'static)) -> Option<TlsRefusal> {
+    use rustls::AlertDescription as Alert;
     let mut next = Some(error);
     while let Some(mut error) = next {
         next = error.source();
@@ -448,14 +494,24 @@ fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
         {
             error = inner;
         }
-        if matches!(
-            error.downcast_ref::<rustls::Error>(),
-            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
-        ) {
-            return true;
+        match error.downcast_ref::<rustls::Error>() {
+            Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
+                return Some(TlsRefusal::ServerCertificate);
+            }
+            // A client only receives these alerts about its own certificate.
+            Some(rustls::Error::AlertReceived(
+                Alert::CertificateRequired
+                | Alert::BadCertificate
+                | Alert::UnsupportedCertificate
+                | Alert::CertificateRevoked
+                | Alert::CertificateExpired
+                | Alert::CertificateUnknown
+                | Alert::UnknownCA,
+            )) => return Some(TlsRefusal::ClientCertificate),
+            _ => {}
         }
     }
-    false
+    None
 }
 
 /// The innermost cause of an error: the part that says what happened
@@ -493,12 +549,13 @@ mod tests {
 
     #[test]
     fn retryable_statuses_follow_the_design() {
+        let default = RetryStatuses::default();
         let permanent = |code: u16| {
             FetchError::Status {
                 status: StatusCode::from_u16(code).unwrap(),
                 retry_after: None,
             }
-            .is_permanent()
+            .is_permanent(&default)
         };
         for code in [408, 425, 429, 500, 502, 503, 504] {
             assert!(!permanent(code), "{code}");
@@ -506,9 +563,11 @@ mod tests {
         for code in [400, 401, 403, 404, 410, 501, 505, 304] {
             assert!(permanent(code), "{code}");
         }
-        assert!(!FetchError::Timeout(Duration::from_secs(1)).is_permanent());
-        assert!(FetchError::Redirect("loop".into()).is_permanent());
-        assert!(!FetchError::UnaskedPartial.is_permanent());
+        assert!(!FetchError::Timeout(Duration::from_secs(1)).is_permanent(&default));
+        assert!(!FetchError::ConnectTimeout(Duration::from_secs(1)).is_permanent(&default));
+        assert!(FetchError::Redirect("loop".into()).is_permanent(&default));
+        assert!(FetchError::ClientCertificate("refused".into()).is_permanent(&default));
+        assert!(!FetchError::UnaskedPartial.is_permanent(&default));
     }
 
     #[test]

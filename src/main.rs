@@ -12,11 +12,14 @@ mod log;
 mod output;
 mod process;
 mod progress;
+mod proxy;
 mod rate;
 mod redact;
 mod request;
+mod retryable;
 mod runner;
 mod store;
+mod tls;
 mod urlfile;
 
 use std::process::ExitCode;

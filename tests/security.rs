@@ -27,7 +27,9 @@ fn a_self_signed_certificate_is_refused_unless_insecure() {
         let error = row["error"].as_str().unwrap();
         assert!(
             error.starts_with("TLS certificate not trusted: invalid peer certificate")
-                && error.ends_with("(--insecure accepts it)"),
+                && error.ends_with(
+                    "(--cacert FILE trusts a private CA; --insecure accepts any certificate)"
+                ),
             "{error}"
         );
     }

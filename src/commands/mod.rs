@@ -4,6 +4,7 @@
 
 mod export;
 mod import;
+mod man;
 mod report;
 mod retry;
 mod run;
@@ -63,10 +64,7 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
             clap_complete::generate(args.shell, &mut command, "jobrun", &mut std::io::stdout());
             Ok(Status::Success)
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(Status::Success)
-        }
+        Command::Man(args) => man::run(args),
     }
 }
 

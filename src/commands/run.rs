@@ -12,8 +12,10 @@ use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
 use crate::output;
 use crate::progress::Display;
+use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan};
 use crate::store::{Open, RunEnd, Store};
+use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
@@ -23,6 +25,12 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
     }
+    let tls = ClientTls::load(
+        args.cacert.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
+    let proxies = Proxies::from_options(args.proxy.as_deref(), args.noproxy.as_deref())?;
     let store = Store::open(db, Open::MustExist)?;
     let out_dir = settle_out_dir(&store, db, args.out.as_deref())?;
     let plan = RunPlan {
@@ -46,6 +54,11 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
             user_agent: args.user_agent,
             max_bytes: args.max_bytes,
             insecure: args.insecure,
+            connect_timeout: args.connect_timeout,
+            max_redirects: args.max_redirects.into(),
+            retry_on: args.retry_on,
+            tls,
+            proxies,
         },
         command: resume_command(db, std::env::args().skip(1)),
         display,
@@ -155,7 +168,8 @@ fn same_place(a: &Path, b: &Path) -> bool {
 }
 
 /// The command that resumes this run: the same options with `--db` made
-/// explicit, and header values replaced, since they are often secrets.
+/// explicit, and header values and proxy passwords replaced, since they are
+/// secrets.
 fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
     let mut words = vec![
         "jobrun".to_string(),
@@ -167,18 +181,72 @@ fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
         if arg == "--db" {
             args.next();
         } else if arg.starts_with("--db=") {
-        } else if arg == "--header" {
-            words.push(arg);
-            if let Some(header) = args.next() {
-                words.push(shell_quote(&mask_header(&header)));
+        } else if let Some(secret) = secret_option(&arg) {
+            let (prefix, mask) = (secret.prefix, secret.mask);
+            match secret.attached {
+                Some(value) => words.push(shell_quote(&format!("{prefix}{}", mask(value)))),
+                None => {
+                    words.push(shell_quote(prefix));
+                    if let Some(value) = args.next() {
+                        words.push(shell_quote(&mask(&value)));
+                    }
+                }
             }
-        } else if let Some(header) = arg.strip_prefix("--header=") {
-            words.push(shell_quote(&format!("--header={}", mask_header(header))));
         } else {
             words.push(shell_quote(&arg));
         }
     }
     words.join(" ")
+}
+
+/// An option whose value holds a secret, as typed.
+struct SecretOption<'a> {
+    /// The option, up to its value: `--header`, `--header=`, `-kH`.
+    prefix: &'a str,
+    /// Hides the secret part of the value.
+    mask: fn(&str) -> String,
+    /// The value, when it is in the same word (`--header=…`, `-H…`).
+    attached: Option<&'a str>,
+}
+
+/// Whether `arg` is an option whose value holds a secret: `--header`,
+/// `--proxy`, or `-H` and `-x`, also bundled with other short options as
+/// clap allows (`-kH…`).
+fn secret_option(arg: &str) -> Option<SecretOption<'_>> {
+    let mask_of = |name: &str| match name {
+        "--header" | "H" => Some(mask_header as fn(&str) -> String),
+        "--proxy" | "x" => Some(crate::proxy::redact as fn(&str) -> String),
+        _ => None,
+    };
+    if arg.starts_with("--") {
+        let (name, attached) = match arg.split_once('=') {
+            Some((name, value)) => (name, Some(value)),
+            None => (arg, None),
+        };
+        let prefix = &arg[..arg.len() - attached.map_or(0, str::len)];
+        return mask_of(name).map(|mask| SecretOption {
+            prefix,
+            mask,
+            attached,
+        });
+    }
+    let shorts = arg.strip_prefix('-')?;
+    for (at, short) in shorts.char_indices() {
+        let end = 1 + at + short.len_utf8();
+        if let Some(mask) = mask_of(&short.to_string()) {
+            let rest = &arg[end..];
+            return Some(SecretOption {
+                prefix: &arg[..end],
+                mask,
+                attached: (!rest.is_empty()).then_some(rest),
+            });
+        }
+        // The rest of the word is the value of -j or -A, not an option.
+        if matches!(short, 'j' | 'A') {
+            return None;
+        }
+    }
+    None
 }
 
 fn mask_header(header: &str) -> String {
@@ -222,5 +290,32 @@ mod tests {
             "{command}"
         );
         assert!(command.contains("'Authorization: …'"), "{command}");
+    }
+
+    #[test]
+    fn the_resume_command_hides_secrets_given_with_short_options_and_proxies() {
+        let command = words(&[
+            "run",
+            "-H",
+            "X-Key: s3cret1",
+            "-kHX-Other:s3cret2",
+            "-j4",
+            "-x",
+            "http://u:s3cret3@proxy:3128",
+            "--proxy=socks5h://u:s3cret4@proxy:1080",
+            "-kxu:s3cret5@proxy:3128",
+        ]);
+        assert!(!command.contains("s3cret"), "{command}");
+        assert!(command.contains("'X-Key: …'"), "{command}");
+        assert!(command.contains("-j4"), "{command}");
+        assert!(command.contains("http://…@proxy:3128"), "{command}");
+        assert!(
+            command.contains("--proxy=socks5h://…@proxy:1080"),
+            "{command}"
+        );
+        assert_eq!(
+            words(&["run", "-A", "-H"]),
+            "jobrun --db 'my jobs.db' run -A -H"
+        );
     }
 }

@@ -4,6 +4,8 @@
 //! filesystem that fills up, a read-only one).
 #![allow(dead_code)]
 
+pub mod pki;
+pub mod proxy;
 pub mod server;
 
 use std::collections::{HashMap, HashSet};

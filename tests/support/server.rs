@@ -257,7 +257,15 @@ impl Server {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .expect("the test certificate and key");
-        let config = Arc::new(config);
+        Server::start_tls_with(Arc::new(config), handler)
+    }
+
+    /// An HTTPS server with the given TLS settings (its certificate, and
+    /// whether it asks clients for one).
+    pub fn start_tls_with(
+        config: Arc<rustls::ServerConfig>,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
         Server::listen("127.0.0.1:0", "https", handler, move |stream| {
             let tls = rustls::ServerConnection::new(config.clone()).expect("TLS session");
             Ok(rustls::StreamOwned::new(tls, stream))

@@ -1,0 +1,229 @@
+//! Two small proxies on 127.0.0.1 for tests, each counting what went
+//! through it: an HTTP proxy that forwards absolute-form requests
+//! (`GET http://host:port/path`) and tunnels `CONNECT host:port` (for
+//! https URLs), and a SOCKS5 proxy that does CONNECT without
+//! authentication. One connection per forwarded request is enough here:
+//! the HTTP proxy asks the server to close after each answer.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+pub struct Proxy {
+    addr: SocketAddr,
+    scheme: &'static str,
+    /// Where each request or connection through the proxy went.
+    targets: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// An HTTP proxy: `http://127.0.0.1:PORT`.
+    pub fn http() -> Proxy {
+        Proxy::start("http", forward_http)
+    }
+
+    /// A SOCKS5 proxy: `socks5://127.0.0.1:PORT`.
+    pub fn socks5() -> Proxy {
+        Proxy::start("socks5", tunnel_socks5)
+    }
+
+    /// The proxy's URL with `scheme` (`socks5h` for the same SOCKS proxy,
+    /// with host names resolved by it).
+    pub fn url_as(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.addr)
+    }
+
+    pub fn url(&self) -> String {
+        self.url_as(self.scheme)
+    }
+
+    /// How many requests (HTTP) or connections (SOCKS5) went through.
+    pub fn count(&self) -> usize {
+        self.targets.lock().unwrap().len()
+    }
+
+    /// Where they went: URLs for forwarded HTTP requests, `host:port` for
+    /// tunnels (CONNECT, SOCKS5).
+    pub fn targets(&self) -> Vec<String> {
+        self.targets.lock().unwrap().clone()
+    }
+
+    fn start(
+        scheme: &'static str,
+        serve: fn(TcpStream, &Mutex<Vec<String>>) -> io::Result<()>,
+    ) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the test proxy");
+        let addr = listener.local_addr().expect("test proxy address");
+        let targets = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (targets, stop) = (targets.clone(), stop.clone());
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let targets = targets.clone();
+                    thread::spawn(move || {
+                        let _ = serve(stream, &targets);
+                    });
+                }
+            });
+        }
+        Proxy {
+            addr,
+            scheme,
+            targets,
+            stop,
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+/// Reads one absolute-form request, sends it on in origin form with
+/// `Connection: close`, and copies the answer back.
+fn forward_http(client: TcpStream, targets: &Mutex<Vec<String>>) -> io::Result<()> {
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+        return Ok(());
+    };
+    if method == "CONNECT" {
+        // The client says nothing more until the tunnel is up.
+        let mut header = String::from("-");
+        while !header.trim().is_empty() {
+            header.clear();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+        }
+        targets.lock().unwrap().push(target.to_string());
+        let Ok(server) = TcpStream::connect(target) else {
+            return answer(client, "502 Bad Gateway");
+        };
+        let mut client = client;
+        client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")?;
+        relay(client, server);
+        return Ok(());
+    }
+    let Some(rest) = target.strip_prefix("http://") else {
+        return answer(client, "405 Method Not Allowed");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, "/"),
+    };
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header)?;
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let (name, value) = header.split_once(':').unwrap_or((header, ""));
+        let name = name.trim().to_ascii_lowercase();
+        if name == "content-length" {
+            length = value.trim().parse().unwrap_or(0);
+        }
+        if !(name.starts_with("proxy-") || name == "connection") {
+            head.push_str(header);
+            head.push_str("\r\n");
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    targets.lock().unwrap().push(target.to_string());
+    let Ok(mut server) = TcpStream::connect(authority) else {
+        return answer(client, "502 Bad Gateway");
+    };
+    server.write_all(head.as_bytes())?;
+    server.write_all(&body)?;
+    let mut client = client;
+    io::copy(&mut server, &mut client)?;
+    client.shutdown(Shutdown::Both)
+}
+
+fn answer(mut client: TcpStream, status: &str) -> io::Result<()> {
+    write!(
+        client,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// SOCKS5 (RFC 1928): no authentication, CONNECT only, then bytes both ways.
+fn tunnel_socks5(mut client: TcpStream, targets: &Mutex<Vec<String>>) -> io::Result<()> {
+    let mut greeting = [0u8; 2];
+    client.read_exact(&mut greeting)?;
+    let mut methods = vec![0u8; greeting[1] as usize];
+    client.read_exact(&mut methods)?;
+    if greeting[0] != 5 || !methods.contains(&0) {
+        return client.write_all(&[5, 0xff]);
+    }
+    client.write_all(&[5, 0])?;
+    let mut request = [0u8; 4];
+    client.read_exact(&mut request)?;
+    let host = match request[3] {
+        1 => {
+            let mut ip = [0u8; 4];
+            client.read_exact(&mut ip)?;
+            Ipv4Addr::from(ip).to_string()
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            client.read_exact(&mut len)?;
+            let mut name = vec![0u8; len[0] as usize];
+            client.read_exact(&mut name)?;
+            String::from_utf8_lossy(&name).into_owned()
+        }
+        4 => {
+            let mut ip = [0u8; 16];
+            client.read_exact(&mut ip)?;
+            format!("[{}]", Ipv6Addr::from(ip))
+        }
+        _ => return client.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0]),
+    };
+    let mut port = [0u8; 2];
+    client.read_exact(&mut port)?;
+    let target = format!("{host}:{}", u16::from_be_bytes(port));
+    if request[1] != 1 {
+        return client.write_all(&[5, 7, 0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+    targets.lock().unwrap().push(target.clone());
+    let Ok(server) = TcpStream::connect(&target) else {
+        return client.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0]);
+    };
+    client.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    relay(client, server);
+    Ok(())
+}
+
+/// Copies bytes both ways until each side has closed its half.
+fn relay(client: TcpStream, server: TcpStream) {
+    let (Ok(mut client_read), Ok(mut server_write)) = (client.try_clone(), server.try_clone())
+    else {
+        return;
+    };
+    let upstream = thread::spawn(move || {
+        let _ = io::copy(&mut client_read, &mut server_write);
+        let _ = server_write.shutdown(Shutdown::Write);
+    });
+    let (mut server_read, mut client_write) = (server, client);
+    let _ = io::copy(&mut server_read, &mut client_write);
+    let _ = client_write.shutdown(Shutdown::Write);
+    let _ = upstream.join();
+}
