@@ -32,6 +32,8 @@ pub struct Counters {
     /// Pending URLs that failed before: the count at the start, plus
     /// retries recorded, less retries claimed.
     pub retry_waiting: AtomicI64,
+    /// Which other runs this one waits for, when it has nothing to claim.
+    pub waiting_for: std::sync::Mutex<Option<String>>,
 }
 
 /// Where the job stood when the run started.
@@ -91,6 +93,11 @@ pub async fn show(counters: Arc<Counters>, start: Start, hosts: Arc<Hosts>, disp
             retry_waiting: counters.retry_waiting.load(Ordering::Relaxed).max(0) as u64,
             rates: rates(&samples),
             restrained: restrained(&hosts),
+            waiting_for: counters
+                .waiting_for
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         };
         match &bar {
             Some(bar) => {
@@ -153,6 +160,7 @@ struct Status {
     retry_waiting: u64,
     rates: Option<(f64, f64)>,
     restrained: Vec<String>,
+    waiting_for: Option<String>,
 }
 
 impl Status {
@@ -182,6 +190,7 @@ impl Status {
         if !self.restrained.is_empty() {
             parts.push(format!("hosts: {}", self.restrained.join(", ")));
         }
+        parts.extend(self.waiting_for.clone());
         parts
     }
 
@@ -220,6 +229,7 @@ mod tests {
             retry_waiting: 3,
             rates: Some((100.0, 2_000_000.0)),
             restrained: vec!["a.test paused 3s".into()],
+            waiting_for: Some("waiting for run #3 (pid 7, 2 URLs) to finish".into()),
         };
         let text = status.bar_message();
         for part in [
@@ -229,6 +239,7 @@ mod tests {
             "2.0 MB/s",
             "ETA 10s",
             "a.test paused 3s",
+            "waiting for run #3 (pid 7, 2 URLs) to finish",
         ] {
             assert!(text.contains(part), "{part} missing from {text}");
         }

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use rusqlite_migration::Migrations;
 
 pub use queue::{Claim, Completion, ImportBatch, InsertResult, NewUrl, bucket_floor};
-pub use runs::{Liveness, RunEnd, RunInfo, RunStart};
+pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::Summary;
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
