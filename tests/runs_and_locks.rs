@@ -171,3 +171,66 @@ fn a_waiting_run_takes_over_the_urls_of_a_run_that_dies_meanwhile() {
     let repeated: usize = server.hits_per_path().values().map(|n| n - 1).sum();
     assert!(repeated <= 2, "{repeated} URLs fetched twice");
 }
+
+#[test]
+fn of_two_first_runs_racing_with_different_out_one_is_refused_and_nothing_lands_in_its_folder() {
+    let server = item_server(Duration::ZERO);
+    // Started together, the two runs often both find no folder recorded;
+    // a few rounds make sure the race is met.
+    for round in 0..5 {
+        let job = Job::new();
+        let urls = item_urls(&server, 20);
+        job.import(&urls);
+        let folders = [job.dir().join("one"), job.dir().join("two")];
+        let runs: Vec<Child> = folders
+            .iter()
+            .map(|folder| {
+                let mut run = job.command();
+                run.arg("run").arg("--out").arg(folder);
+                spawn_piped(run)
+            })
+            .collect();
+        let outputs: Vec<_> = runs
+            .into_iter()
+            .map(|run| run.wait_with_output().unwrap())
+            .collect();
+        let codes: Vec<_> = outputs.iter().map(|o| o.status.code()).collect();
+        let (won, lost) = match codes[..] {
+            [Some(0), Some(2)] => (0, 1),
+            [Some(2), Some(0)] => (1, 0),
+            _ => panic!(
+                "round {round}: exit codes {codes:?}, one run must be refused\n{}\n{}",
+                stderr(&outputs[0]),
+                stderr(&outputs[1])
+            ),
+        };
+        let refusal = stderr(&outputs[lost]);
+        for folder in &folders {
+            assert!(
+                refusal.contains(&folder.display().to_string()),
+                "round {round}: {refusal}"
+            );
+        }
+        assert!(
+            !folders[lost].exists(),
+            "round {round}: the refused run created its folder"
+        );
+        let summary = stderr(&outputs[won]);
+        assert!(
+            summary.contains(&format!("files in {}", folders[won].display())),
+            "round {round}: {summary}"
+        );
+        for row in job.export().values() {
+            assert_eq!(row["state"], "done", "round {round}: {row}");
+            let path = row["path"].as_str().unwrap();
+            assert!(
+                path.starts_with(&folders[won].display().to_string()),
+                "round {round}: {path}"
+            );
+            assert!(
+                std::path::Path::new(path).is_file(),
+                "round {round}: {path}"
+            );
+        }
+    }
+}

@@ -133,15 +133,32 @@ impl Store {
     }
 
     /// Records `value` under `key` unless a value is there already; returns
-    /// the value that holds afterwards.
-    pub fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
-        self.conn
-            .execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
-                params![key, value],
-            )
-            .map_err(|e| explain_lock(e, &self.path))?;
-        Ok(self.setting(key)?.unwrap_or_else(|| value.to_string()))
+    /// the value that holds afterwards. It all happens under the write
+    /// lock, so of two processes racing, one records and the other sees
+    /// what it recorded. `prepare` runs only when this call records, before
+    /// the commit; its error records nothing.
+    pub fn setting_or_insert(
+        &mut self,
+        key: &str,
+        value: &str,
+        prepare: impl FnOnce() -> Result<()>,
+    ) -> Result<String> {
+        let tx = self.write_transaction()?;
+        let recorded: Option<String> = tx
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if let Some(recorded) = recorded {
+            return Ok(recorded);
+        }
+        prepare()?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        tx.commit()?;
+        Ok(value.to_string())
     }
 }
 
@@ -280,9 +297,19 @@ mod tests {
     #[test]
     fn settings_keep_their_first_value() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db"), Open::CreateIfMissing).unwrap();
+        let mut store = Store::open(&dir.path().join("s.db"), Open::CreateIfMissing).unwrap();
         assert_eq!(store.setting("out_dir").unwrap(), None);
-        assert_eq!(store.setting_or_insert("out_dir", "/a").unwrap(), "/a");
-        assert_eq!(store.setting_or_insert("out_dir", "/b").unwrap(), "/a");
+        let refused = store.setting_or_insert("out_dir", "/c", || anyhow::bail!("no"));
+        assert!(refused.is_err());
+        assert_eq!(store.setting("out_dir").unwrap(), None);
+        assert_eq!(
+            store.setting_or_insert("out_dir", "/a", || Ok(())).unwrap(),
+            "/a"
+        );
+        let not_asked = || panic!("prepare runs only when recording");
+        assert_eq!(
+            store.setting_or_insert("out_dir", "/b", not_asked).unwrap(),
+            "/a"
+        );
     }
 }
