@@ -5,7 +5,8 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -233,4 +234,163 @@ fn of_two_first_runs_racing_with_different_out_one_is_refused_and_nothing_lands_
             );
         }
     }
+}
+
+/// jobrun on the database `db`, in the job's folder.
+fn jobrun_on(job: &Job, db: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_jobrun"))
+        .current_dir(job.dir())
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .output()
+        .expect("run jobrun")
+}
+
+/// Runs report, export and verify on `db`, which must work and leave every
+/// byte of it, and of its side files, as it was.
+fn assert_read_only_commands_read(job: &Job, db: &Path, urls: usize) {
+    let side = |suffix: &str| {
+        let mut path = db.as_os_str().to_owned();
+        path.push(suffix);
+        std::path::PathBuf::from(path)
+    };
+    // SQLite's readers may leave an empty log beside a database that had
+    // none; what is in the database and its log must not change.
+    let snapshot = || ["", "-wal"].map(|suffix| std::fs::read(side(suffix)).unwrap_or_default());
+    let before = snapshot();
+    let report = jobrun_on(job, db, &["report", "--json"]);
+    assert_success(&report, "report");
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["done"], urls, "{report}");
+    let export = jobrun_on(job, db, &["export", "--format", "csv"]);
+    assert_success(&export, "export");
+    assert_eq!(
+        export.stdout.iter().filter(|&&b| b == b'\n').count(),
+        urls + 1
+    );
+    let verify = jobrun_on(job, db, &["verify"]);
+    assert_success(&verify, "verify");
+    assert!(
+        stderr(&verify).contains(&format!("checked {urls} files: 0 missing")),
+        "{}",
+        stderr(&verify)
+    );
+    assert!(
+        snapshot() == before,
+        "a read-only command changed {}",
+        db.display()
+    );
+}
+
+#[test]
+fn report_export_and_verify_only_read_and_work_on_a_read_only_filesystem_or_file() {
+    let server = item_server(Duration::ZERO);
+    let job = Job::new();
+    let urls = item_urls(&server, 30);
+    job.import(&urls);
+    // A connection held open keeps the run's last commits in the
+    // write-ahead log, as after a crash.
+    let holder = job.sql();
+    holder
+        .query_row("SELECT count(*) FROM urls", [], |_| Ok(()))
+        .unwrap();
+    assert_success(&job.run(&[]), "run");
+    let copy = |folder: &Path, with_log: bool| {
+        std::fs::create_dir_all(folder).unwrap();
+        let suffixes: &[&str] = if with_log {
+            &["", "-wal", "-shm"]
+        } else {
+            &[""]
+        };
+        for suffix in suffixes {
+            std::fs::copy(
+                job.dir().join(format!("jobrun.db{suffix}")),
+                folder.join(format!("jobrun.db{suffix}")),
+            )
+            .unwrap();
+        }
+    };
+    // The database with its log, and without one (all in the file).
+    copy(&job.dir().join("ro/logged"), true);
+    let log = std::fs::metadata(job.dir().join("ro/logged/jobrun.db-wal")).unwrap();
+    assert!(log.len() > 0, "the run's commits are not in the log");
+    drop(holder);
+    assert!(!job.dir().join("jobrun.db-wal").exists());
+    copy(&job.dir().join("ro/plain"), false);
+
+    // A read-only file (root may still write it: the bytes tell).
+    let plain = job.dir().join("ro/plain/jobrun.db");
+    std::fs::set_permissions(&plain, std::os::unix::fs::PermissionsExt::from_mode(0o444)).unwrap();
+    assert_read_only_commands_read(&job, &plain, urls.len());
+
+    // A read-only filesystem, with and without a write-ahead log.
+    let Some(mount) = Mount::tmpfs(&job.dir().join("mnt"), 8 << 20, "read-only filesystem") else {
+        return;
+    };
+    for kind in ["logged", "plain"] {
+        let folder = job.dir().join("mnt").join(kind);
+        std::fs::create_dir_all(&folder).unwrap();
+        for entry in std::fs::read_dir(job.dir().join("ro").join(kind)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), folder.join(entry.file_name())).unwrap();
+        }
+    }
+    mount.remount("ro");
+    for kind in ["logged", "plain"] {
+        let db = job.dir().join("mnt").join(kind).join("jobrun.db");
+        assert_read_only_commands_read(&job, &db, urls.len());
+    }
+}
+
+#[test]
+fn read_only_commands_refuse_a_missing_empty_or_foreign_file_and_change_nothing() {
+    let job = Job::new();
+    let db = job.db();
+    let refuse = |expected: &str| {
+        let before = std::fs::read(&db).ok();
+        for args in [&["report"][..], &["export"], &["verify"]] {
+            let output = job.jobrun(args);
+            let message = stderr(&output);
+            assert_eq!(output.status.code(), Some(2), "{args:?}: {message}");
+            assert!(message.contains(expected), "{args:?}: {message}");
+            assert_eq!(std::fs::read(&db).ok(), before, "{args:?} changed the file");
+        }
+        for suffix in ["-wal", "-shm", "-journal"] {
+            let side = job.dir().join(format!("jobrun.db{suffix}"));
+            assert!(!side.exists(), "{} was created", side.display());
+        }
+    };
+    refuse("there is no database at");
+    std::fs::write(&db, b"").unwrap();
+    refuse("is empty, not a jobrun database");
+    std::fs::remove_file(&db).unwrap();
+    // A SQLite database without a table: a header and nothing else.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("PRAGMA user_version = 0; VACUUM")
+        .unwrap();
+    drop(conn);
+    assert!(std::fs::metadata(&db).unwrap().len() > 0);
+    refuse("holds no jobrun data");
+}
+
+#[test]
+fn a_database_of_an_older_schema_is_read_as_it_is_and_left_unchanged() {
+    let job = Job::new();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.db"),
+        job.db(),
+    )
+    .unwrap();
+    let before = std::fs::read(job.db()).unwrap();
+    assert_eq!(job.report_json()["total"], 3);
+    assert_eq!(job.export().len(), 3);
+    // Its output folder is not on this machine: the done file is missing.
+    let verify = job.jobrun(&["verify"]);
+    assert_eq!(verify.status.code(), Some(1), "{}", stderr(&verify));
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("missing: "));
+    assert!(
+        std::fs::read(job.db()).unwrap() == before,
+        "a read-only command upgraded the file"
+    );
 }

@@ -46,11 +46,14 @@ fn lock_wait() -> Duration {
     LOCK_WAIT.get().copied().unwrap_or(DEFAULT_LOCK_WAIT)
 }
 
-/// Whether opening may create the database.
+/// Whether opening may create the database, or write to it at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Open {
     CreateIfMissing,
     MustExist,
+    /// Only reads: never creates, migrates or writes anything, and works
+    /// on a read-only file or filesystem.
+    ReadOnly,
 }
 
 pub struct Store {
@@ -65,11 +68,11 @@ impl Store {
     /// anything in it is changed.
     pub fn open(path: &Path, mode: Open) -> Result<Store> {
         let display = path.display();
+        if mode == Open::ReadOnly {
+            return Store::open_read_only(path);
+        }
         if mode == Open::MustExist && !path.exists() {
-            bail!(
-                "there is no database at {display}: import a URL list first \
-                 (`jobrun --db {display} import FILE`), or point --db at an existing one"
-            );
+            bail!(no_database(path));
         }
         if mode == Open::CreateIfMissing {
             create_private_file(path)?;
@@ -77,7 +80,7 @@ impl Store {
         let mut conn =
             Connection::open(path).with_context(|| format!("cannot open database {display}"))?;
         conn.busy_timeout(lock_wait())?;
-        check_schema_version(&conn, path)?;
+        schema_version(&conn, path)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| explain_lock(e, path))
             .with_context(|| format!("cannot switch {display} to WAL mode"))?;
@@ -93,6 +96,62 @@ impl Store {
         migrations
             .to_latest(&mut conn)
             .with_context(|| format!("cannot bring {display} up to date"))?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the database for reading only. A file that is missing, empty or
+    /// not a jobrun database is refused, and nothing is created or changed.
+    /// On a read-only filesystem, where SQLite cannot create the shared
+    /// memory file a WAL database needs, the file is read as immutable when
+    /// no write-ahead log holds changes (nothing can write it there).
+    /// A database written by an older jobrun is read as it is: a copy in
+    /// memory is brought up to date, the file stays as it was, and the next
+    /// `run` or `import` upgrades it.
+    fn open_read_only(path: &Path) -> Result<Store> {
+        let display = path.display();
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == ErrorKind::NotFound => bail!(no_database(path)),
+            Err(e) => return Err(e).with_context(|| format!("cannot read database {display}")),
+        };
+        if !meta.is_file() {
+            bail!("{display} is not a file; --db names jobrun's state database");
+        }
+        if meta.len() == 0 {
+            bail!(
+                "{display} is empty, not a jobrun database; nothing was changed. Import a URL \
+                 list into it first (`jobrun --db {display} import FILE`), or point --db at \
+                 an existing one"
+            );
+        }
+        let conn = match connect_read_only(path, false) {
+            Ok(conn) => conn,
+            Err(error) if cannot_open(&error) && !wal_holds_changes(path) => {
+                connect_read_only(path, true)?
+            }
+            Err(error) if cannot_open(&error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "cannot read {display}: its write-ahead log {display}-wal holds \
+                         changes, and reading them needs {display}-shm, which cannot be \
+                         created here (a read-only folder or filesystem). Copy the database \
+                         with its -wal file to a writable folder and use --db there"
+                    )
+                });
+            }
+            Err(error) => return Err(error),
+        };
+        let conn = match schema_version(&conn, path)? {
+            0 => bail!(
+                "{display} holds no jobrun data (an empty SQLite database); nothing was \
+                 changed. Import a URL list into it first (`jobrun --db {display} import FILE`)"
+            ),
+            version if version < known_version() => upgraded_copy(&conn, path)?,
+            _ => conn,
+        };
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -162,6 +221,92 @@ impl Store {
     }
 }
 
+fn no_database(path: &Path) -> String {
+    let display = path.display();
+    format!(
+        "there is no database at {display}: import a URL list first \
+         (`jobrun --db {display} import FILE`), or point --db at an existing one"
+    )
+}
+
+/// A read-only connection, its schema read to make sure it can be read.
+/// `immutable` tells SQLite that nothing writes the file while it is open.
+fn connect_read_only(path: &Path, immutable: bool) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let display = path.display();
+    let uri = file_uri(path, if immutable { "?immutable=1" } else { "" })?;
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {display}"))?;
+    conn.busy_timeout(lock_wait())?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
+            _ => anyhow::Error::new(e).context(format!("cannot read database {display}")),
+        })?;
+    conn.pragma_update(None, "cache_size", -2_000)?;
+    Ok(conn)
+}
+
+/// `path` as a SQLite URI: `file:` and the path, with the characters that
+/// mean something in a URI escaped.
+fn file_uri(path: &Path, query: &str) -> Result<String> {
+    let text = path
+        .to_str()
+        .with_context(|| format!("the database path {} is not valid UTF-8", path.display()))?;
+    let mut uri = String::from("file:");
+    for c in text.chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str(query);
+    Ok(uri)
+}
+
+/// SQLite could not open the file as asked (for reading, it cannot create
+/// the -shm file beside a WAL database).
+fn cannot_open(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+            )
+        })
+    })
+}
+
+/// Whether a write-ahead log beside the database holds changes that are
+/// not in the database file yet.
+fn wal_holds_changes(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::metadata(wal).is_ok_and(|meta| meta.len() > 0)
+}
+
+/// A copy in memory of a database written by an older jobrun, brought up
+/// to date; the file itself is not changed.
+fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
+    let display = path.display();
+    let mut copy = Connection::open_in_memory()?;
+    rusqlite::backup::Backup::new(conn, &mut copy)?
+        .run_to_completion(1024, Duration::ZERO, None)
+        .with_context(|| format!("cannot read database {display}"))?;
+    let migrations = MIGRATIONS.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    migrations
+        .to_latest(&mut copy)
+        .with_context(|| format!("cannot read {display}, written by an older jobrun"))?;
+    Ok(copy)
+}
+
 /// A SQLite error, said plainly when it is another process's lock.
 fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
     if !matches!(
@@ -205,15 +350,22 @@ fn known_version() -> usize {
     MIGRATIONS_DIR.dirs().count()
 }
 
-fn check_schema_version(conn: &Connection, path: &Path) -> Result<()> {
+fn not_sqlite(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is not a SQLite database (is it the right file? \
+         --db names jobrun's state database)",
+        path.display()
+    )
+}
+
+/// The schema version of a jobrun database (0 for a new, empty one); a
+/// database of another program or of a newer jobrun is refused.
+fn schema_version(conn: &Connection, path: &Path) -> Result<usize> {
     let display = path.display();
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::NotADatabase) => anyhow::anyhow!(
-                "{display} is not a SQLite database (is it the right file? \
-                 --db names jobrun's state database)"
-            ),
+            Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
             _ => anyhow::Error::new(e).context(format!("cannot read database {display}")),
         })?;
     if version as usize > known_version() {
@@ -236,7 +388,7 @@ fn check_schema_version(conn: &Connection, path: &Path) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(version.max(0) as usize)
 }
 
 /// Creates an empty file readable and writable by its owner only, since URLs
