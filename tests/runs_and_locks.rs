@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -392,5 +393,124 @@ fn a_database_of_an_older_schema_is_read_as_it_is_and_left_unchanged() {
     assert!(
         std::fs::read(job.db()).unwrap() == before,
         "a read-only command upgraded the file"
+    );
+}
+
+#[test]
+fn an_import_from_a_slow_pipe_holds_up_no_other_command_and_lands_as_it_comes() {
+    let server = item_server(Duration::ZERO);
+    let job = Job::new();
+    let urls = item_urls(&server, 6);
+    job.import(&urls[..1]);
+    let mut import = job
+        .command()
+        .args(["import", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun import");
+    let mut input = import.stdin.take().expect("stdin is piped");
+    writeln!(input, "{}\n{}", urls[1], urls[2]).unwrap();
+    input.flush().unwrap();
+    // The lines land while the pipe is still open.
+    wait_for(Duration::from_secs(10), "the first lines to land", || {
+        job.report_json()["total"] == 3
+    });
+    // A writer gets the lock at once while the import waits for input.
+    let run = job.jobrun(&["--lock-wait", "300ms", "run"]);
+    assert_success(&run, "a run while the import waits for input");
+    assert_eq!(job.report_json()["done"], 3);
+    writeln!(input, "{}\n{}\n{}", urls[3], urls[4], urls[5]).unwrap();
+    drop(input);
+    let import = import.wait_with_output().unwrap();
+    assert_success(&import, "import");
+    assert!(
+        stderr(&import).contains("5 imported, 0 duplicate, 0 rejected"),
+        "{}",
+        stderr(&import)
+    );
+    assert_success(&job.run(&[]), "the last run");
+    job.assert_all_files_right(&server, &urls);
+}
+
+/// Stops `child` (SIGSTOP) at a moment when it holds the database's write
+/// lock; tries again and again until it is caught so.
+fn stop_while_it_holds_the_lock(job: &Job, child: &Child) {
+    let probe = job.sql();
+    probe.busy_timeout(Duration::ZERO).unwrap();
+    for _ in 0..2000 {
+        signal(child, libc::SIGSTOP);
+        match probe.execute_batch("BEGIN IMMEDIATE") {
+            Err(_) => return,
+            Ok(()) => probe.execute_batch("ROLLBACK").unwrap(),
+        }
+        signal(child, libc::SIGCONT);
+        std::thread::sleep(Duration::from_micros(fastrand::u64(0..3000)));
+    }
+    panic!("never caught holding the lock");
+}
+
+#[test]
+fn a_lock_held_by_jobrun_names_the_run_or_process_and_blames_no_other_program() {
+    let server = item_server(Duration::ZERO);
+    let job = Job::new();
+    job.import(&item_urls(&server, 5_000));
+
+    let run = job.spawn_run(&["--workers", "16"]);
+    wait_for(Duration::from_secs(30), "requests", || {
+        server.hit_count() > 100
+    });
+    stop_while_it_holds_the_lock(&job, &run);
+    let retry = job.jobrun(&["--lock-wait", "200ms", "retry"]);
+    let message = stderr(&retry);
+    signal(&run, libc::SIGCONT);
+    assert_eq!(retry.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains(&format!("(jobrun run #1, pid {})", run.id()))
+            && message.contains("It is stopped")
+            && !message.contains("sqlite3 shell"),
+        "{message}"
+    );
+    let mut run = run;
+    run.kill().unwrap();
+    run.wait().unwrap();
+
+    let lines: Vec<String> = (0..50_000).map(|i| format!("http://b.test/{i}")).collect();
+    std::fs::write(job.dir().join("more.txt"), lines.join("\n")).unwrap();
+    let import = job
+        .command()
+        .args(["import", "more.txt"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun import");
+    stop_while_it_holds_the_lock(&job, &import);
+    let retry = job.jobrun(&["--lock-wait", "200ms", "retry"]);
+    let message = stderr(&retry);
+    signal(&import, libc::SIGCONT);
+    assert_eq!(retry.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains(&format!("(jobrun, pid {})", import.id()))
+            && !message.contains("sqlite3 shell"),
+        "{message}"
+    );
+    assert_success(&import.wait_with_output().unwrap(), "the import, let go on");
+    assert_eq!(job.report_json()["total"], 55_000);
+}
+
+#[test]
+fn a_lock_held_by_another_program_names_it() {
+    let job = Job::new();
+    job.import(&["http://a.test/1".to_string()]);
+    let holder = job.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let retry = job.jobrun(&["--lock-wait", "200ms", "retry"]);
+    let message = stderr(&retry);
+    assert_eq!(retry.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains(&format!(
+            "locked by another process (pid {}, ",
+            std::process::id()
+        )) && message.contains("close the other program using it (a sqlite3 shell"),
+        "{message}"
     );
 }

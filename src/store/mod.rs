@@ -6,6 +6,7 @@
 //! Times are stored as unix milliseconds. The schema is built by the SQL files
 //! under `migrations/`, embedded in the binary.
 
+mod lock;
 mod queue;
 mod runs;
 mod summary;
@@ -21,7 +22,7 @@ use include_dir::{Dir, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
-pub use queue::{Claim, Completion, ImportBatch, InsertResult, NewUrl, bucket_floor};
+pub use queue::{Claim, Completion, InsertResult, NewUrl, bucket_floor};
 pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::Summary;
 
@@ -307,7 +308,8 @@ fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
     Ok(copy)
 }
 
-/// A SQLite error, said plainly when it is another process's lock.
+/// A SQLite error, said plainly when it is another process's lock: which
+/// process holds it, when /proc can tell, and what to do about it.
 fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
     if !matches!(
         error.sqlite_error_code(),
@@ -315,14 +317,57 @@ fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
     ) {
         return error.into();
     }
-    anyhow::Error::new(error).context(format!(
-        "{} is locked by another process, which held its write lock for longer than \
-         --lock-wait ({}). jobrun runs sharing a database take turns and never hold it that \
-         long: close the other program using it (a sqlite3 shell, a backup, a script), or wait \
-         for it, then run again",
-        path.display(),
-        humantime::format_duration(lock_wait())
-    ))
+    let wait = humantime::format_duration(lock_wait());
+    let locked = |holder: &str| {
+        format!(
+            "{} is locked by another process{holder}, which held its write lock for longer \
+             than --lock-wait ({wait})",
+            path.display()
+        )
+    };
+    let others = "jobrun runs sharing a database take turns and never hold it that long: \
+                  close the other program using it (a sqlite3 shell, a backup, a script), or \
+                  wait for it, then run again";
+    let message = match lock::write_lock_holder(path) {
+        Some(holder) if holder.is_jobrun() => {
+            let who = match run_of(path, &holder) {
+                Some(run) => format!(" (jobrun run #{run}, pid {})", holder.pid),
+                None => format!(" (jobrun, pid {})", holder.pid),
+            };
+            let what_to_do = if holder.stopped {
+                format!(
+                    "It is stopped (Ctrl-Z, or a debugger): let it go on (`fg`, or \
+                     `kill -CONT {}`) or end it, then run again",
+                    holder.pid
+                )
+            } else {
+                "jobrun holds it for moments at a time, so that process is stuck or its \
+                 disk very slow: wait for it or end it, then run again"
+                    .to_string()
+            };
+            format!("{}. {what_to_do}", locked(&who))
+        }
+        Some(holder) => format!(
+            "{}. {others}",
+            locked(&format!(" (pid {}, {})", holder.pid, holder.program))
+        ),
+        None => format!("{}. {others}", locked("")),
+    };
+    anyhow::Error::new(error).context(message)
+}
+
+/// The unfinished run that `holder` is, if it is one.
+fn run_of(path: &Path, holder: &lock::LockHolder) -> Option<i64> {
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    conn.query_row(
+        "SELECT id FROM runs WHERE ended_at IS NULL AND pid = ?1
+             AND (pid_ns IS NULL OR pid_ns = ?2)
+         ORDER BY id DESC LIMIT 1",
+        params![holder.own_pid, holder.pid_ns.map(|ns| ns as i64)],
+        |row| row.get(0),
+    )
+    .ok()
 }
 
 /// What to do about a database error that means the file is damaged.

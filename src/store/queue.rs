@@ -241,13 +241,16 @@ impl Store {
     /// Failed rows (all, or those with `status`, or whose error contains
     /// `error`) go back to pending with a fresh retry budget.
     pub fn requeue_failed(&mut self, status: Option<u16>, error: Option<&str>) -> Result<usize> {
-        Ok(self.conn.execute(
+        let tx = self.write_transaction()?;
+        let requeued = tx.execute(
             "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0
              WHERE state = 'failed'
                AND (?1 IS NULL OR http_status = ?1)
                AND (?2 IS NULL OR instr(error, ?2) > 0)",
             params![status, error],
-        )?)
+        )?;
+        tx.commit()?;
+        Ok(requeued)
     }
 
     /// Done rows whose files are missing or damaged go back to pending with
