@@ -514,3 +514,34 @@ fn a_lock_held_by_another_program_names_it() {
         "{message}"
     );
 }
+
+#[test]
+fn a_run_taken_for_dead_by_another_stops_with_an_error_and_claims_nothing_more() {
+    let server = item_server(Duration::from_millis(100));
+    let job = Job::new();
+    let urls = item_urls(&server, 600);
+    job.import(&urls);
+    let run = job.spawn_run(&["--workers", "4"]);
+    wait_for(Duration::from_secs(30), "requests", || {
+        server.hit_count() >= 8
+    });
+    // What another run does to a run it judges dead: its URLs go back to
+    // pending and its row is ended.
+    job.sql()
+        .execute_batch(
+            "BEGIN IMMEDIATE;
+             UPDATE urls SET state = 'pending' WHERE state = 'running' AND run_id = 1;
+             UPDATE runs SET ended_at = heartbeat_at, outcome = 'killed' WHERE id = 1;
+             COMMIT;",
+        )
+        .unwrap();
+    let output = run.wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(message.contains("run #1 was taken for dead"), "{message}");
+    // Only the requests already in flight came after; nothing more was claimed.
+    let report = job.report_json();
+    assert_eq!(report["running"], 0, "{report}");
+    assert!(server.hit_count() < 100, "{} requests", server.hit_count());
+    assert_eq!(report["last_run"]["state"], "killed", "{report}");
+}
