@@ -109,11 +109,11 @@ fn a_run_in_another_pid_namespace_is_judged_by_its_heartbeat_not_taken_for_dead(
 
 #[test]
 fn a_run_exits_0_only_when_every_url_is_done_and_waits_for_live_runs_that_hold_some() {
-    let server = item_server(Duration::from_millis(200));
+    let server = item_server(Duration::from_millis(300));
     let job = Job::new();
-    let urls = item_urls(&server, 12);
+    let urls = item_urls(&server, 16);
     job.import(&urls);
-    // The first run claims all twelve and fetches two at a time.
+    // The first run claims all sixteen and fetches two at a time.
     let first = job.spawn_run(&["--workers", "2"]);
     wait_for(Duration::from_secs(30), "the first run's requests", || {
         server.hit_count() >= 1
@@ -123,7 +123,7 @@ fn a_run_exits_0_only_when_every_url_is_done_and_waits_for_live_runs_that_hold_s
     assert_success(&second, "the second run");
     let report = job.report_json();
     assert_eq!(
-        report["done"], 12,
+        report["done"], 16,
         "the second run exited 0 before every URL was done: {report}"
     );
     assert!(
@@ -438,8 +438,22 @@ fn an_import_from_a_slow_pipe_holds_up_no_other_command_and_lands_as_it_comes() 
 fn stop_while_it_holds_the_lock(job: &Job, child: &Child) {
     let probe = job.sql();
     probe.busy_timeout(Duration::ZERO).unwrap();
+    // Every thread, not only the first: the lock is the database thread's.
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", child.id())) else {
+            return false;
+        };
+        tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+                state.starts_with('T') || state.starts_with('t')
+            })
+        })
+    };
     for _ in 0..2000 {
+        // A signal is delivered after kill() returns: probe only once stopped.
         signal(child, libc::SIGSTOP);
+        wait_for(Duration::from_secs(5), "the process to stop", stopped);
         match probe.execute_batch("BEGIN IMMEDIATE") {
             Err(_) => return,
             Ok(()) => probe.execute_batch("ROLLBACK").unwrap(),
