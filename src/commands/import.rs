@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
 use flume::RecvTimeoutError;
+use reqwest::Url;
 use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
@@ -51,7 +52,7 @@ enum Parsed {
 
 /// A URL's row, prepared on the reading thread.
 struct Row {
-    url: String,
+    url: Url,
     request: Option<String>,
     request_hash: String,
     host: String,
@@ -183,7 +184,7 @@ fn write_batch(
             Parsed::Reject { line, reason } => reject(line, &reason),
             Parsed::Entry { line, row } => {
                 let new = NewUrl {
-                    url: &row.url,
+                    url: row.url.as_str(),
                     request: row.request.as_deref(),
                     request_hash: &row.request_hash,
                     host: &row.host,
@@ -252,7 +253,7 @@ fn parse_lines(
             Line::Reject(reason) => Parsed::Reject { line, reason },
             Line::Entry(entry) => Parsed::Entry {
                 line,
-                row: prepare(&entry, suffix),
+                row: prepare(entry, suffix),
             },
         };
         let handoff = reader.get_mut();
@@ -291,9 +292,8 @@ impl Read for Handoff {
     }
 }
 
-fn prepare(entry: &Entry, suffix: &str) -> Row {
+fn prepare(entry: Entry, suffix: &str) -> Row {
     Row {
-        url: entry.url.as_str().to_string(),
         request: entry.request.as_ref().map(|r| r.to_json()),
         request_hash: entry
             .request
@@ -301,11 +301,9 @@ fn prepare(entry: &Entry, suffix: &str) -> Row {
             .map(RequestSpec::hash)
             .unwrap_or_default(),
         host: urlfile::host_of(&entry.url),
-        path: match &entry.name {
-            Some(name) => name.clone(),
-            None => file_name(suffix),
-        },
         named: entry.name.is_some(),
+        path: entry.name.unwrap_or_else(|| file_name(suffix)),
+        url: entry.url,
     }
 }
 
