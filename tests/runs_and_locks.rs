@@ -86,10 +86,12 @@ fn a_run_in_another_pid_namespace_is_judged_by_its_heartbeat_not_taken_for_dead(
     wait_for(Duration::from_secs(30), "more requests", || {
         server.hit_count() >= before + 8
     });
-    assert!(
-        job.out().join(TEMP_DIR).join("run-1").is_dir(),
-        "the second run removed the first one's temp folder"
-    );
+    for run in ["run-1", "run-2"] {
+        assert!(
+            job.out().join(TEMP_DIR).join(run).is_dir(),
+            "{run}'s temp folder was removed while it ran"
+        );
+    }
     let inside = inside.wait_with_output().unwrap();
     let outside = outside.wait_with_output().unwrap();
     assert_success(&inside, "the run inside the namespace");
