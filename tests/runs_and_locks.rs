@@ -438,8 +438,10 @@ fn an_import_from_a_slow_pipe_holds_up_no_other_command_and_lands_as_it_comes() 
 /// Stops `child` (SIGSTOP) at a moment when it holds the database's write
 /// lock; tries again and again until it is caught so.
 fn stop_while_it_holds_the_lock(job: &Job, child: &Child) {
+    // Not at once: a reader may meet a moment of a checkpoint that a second
+    // look gets past; a lock held by a stopped process stays held.
     let probe = job.sql();
-    probe.busy_timeout(Duration::ZERO).unwrap();
+    probe.busy_timeout(Duration::from_millis(100)).unwrap();
     // Every thread, not only the first: the lock is the database thread's.
     let stopped = || {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", child.id())) else {
