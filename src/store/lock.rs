@@ -1,17 +1,21 @@
 //! Who holds the database's write lock, when Linux can tell: SQLite takes
 //! it as a POSIX lock, which /proc/locks lists with the holder's pid. In
-//! WAL mode it is byte 120 of the -shm file; in the rollback journal mode
-//! of a database not yet switched to WAL, the reserved byte of the
-//! database file itself.
+//! WAL mode it is byte 120 of the -shm file, next to the bytes a writer
+//! also holds exclusively for a moment (the checkpoint, recovery and read
+//! marks, up to byte 128), which a process stopped at that moment keeps
+//! from readers too; in the rollback journal mode of a database not yet
+//! switched to WAL, the reserved byte of the database file itself.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// WAL_WRITE_LOCK: the first lock byte of the WAL index (`-shm`).
-const WAL_WRITE_BYTE: u64 = 120;
+/// The lock bytes of the WAL index (`-shm`): WAL_WRITE_LOCK at 120, then
+/// the checkpoint, recovery and read-mark locks, and the byte every
+/// connection shares (128).
+const WAL_LOCK_BYTES: (u64, u64) = (120, 128);
 /// RESERVED_BYTE of the rollback journal mode: the byte after the pending
 /// byte at 1 GiB.
-const RESERVED_BYTE: u64 = 0x4000_0001;
+const RESERVED_BYTE: (u64, u64) = (0x4000_0001, 0x4000_0001);
 
 /// The process holding a write lock, as /proc shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,16 +46,18 @@ pub fn write_lock_holder(db: &Path) -> Option<LockHolder> {
     let mut shm = db.as_os_str().to_owned();
     shm.push("-shm");
     let targets = [
-        (std::fs::metadata(&shm).ok()?, WAL_WRITE_BYTE),
-        (std::fs::metadata(db).ok()?, RESERVED_BYTE),
+        (std::fs::metadata(&shm).ok(), WAL_LOCK_BYTES),
+        (std::fs::metadata(db).ok(), RESERVED_BYTE),
     ];
     let me = std::process::id();
     let pid = locks.lines().find_map(|line| {
         let lock = parse_lock(line)?;
-        let held = targets.iter().any(|(meta, byte)| {
-            lock.device == (dev_major(meta.dev()), dev_minor(meta.dev()))
-                && lock.inode == meta.ino()
-                && (lock.start..=lock.end).contains(byte)
+        let held = targets.iter().any(|(meta, (first, last))| {
+            meta.as_ref().is_some_and(|meta| {
+                lock.device == (dev_major(meta.dev()), dev_minor(meta.dev()))
+                    && lock.inode == meta.ino()
+            }) && lock.start <= *last
+                && *first <= lock.end
         });
         (held && lock.pid != me).then_some(lock.pid)
     })?;

@@ -247,7 +247,7 @@ fn connect_read_only(path: &Path, immutable: bool) -> Result<Connection> {
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
-            _ => anyhow::Error::new(e).context(format!("cannot read database {display}")),
+            _ => explain_lock(e, path).context(format!("cannot read database {display}")),
         })?;
     conn.pragma_update(None, "cache_size", -2_000)?;
     Ok(conn)
@@ -311,9 +311,15 @@ fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
 /// A SQLite error, said plainly when it is another process's lock: which
 /// process holds it, when /proc can tell, and what to do about it.
 fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
+    // A reader gives up with SQLITE_PROTOCOL when a process stopped halfway
+    // through a write keeps the log's index locked.
     if !matches!(
         error.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        Some(
+            rusqlite::ErrorCode::DatabaseBusy
+                | rusqlite::ErrorCode::DatabaseLocked
+                | rusqlite::ErrorCode::FileLockingProtocolFailed
+        )
     ) {
         return error.into();
     }
@@ -411,7 +417,7 @@ fn schema_version(conn: &Connection, path: &Path) -> Result<usize> {
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
-            _ => anyhow::Error::new(e).context(format!("cannot read database {display}")),
+            _ => explain_lock(e, path).context(format!("cannot read database {display}")),
         })?;
     if version as usize > known_version() {
         bail!(
