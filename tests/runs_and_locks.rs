@@ -563,3 +563,61 @@ fn a_run_taken_for_dead_by_another_stops_with_an_error_and_claims_nothing_more()
     assert!(server.hit_count() < 100, "{} requests", server.hit_count());
     assert_eq!(report["last_run"]["state"], "killed", "{report}");
 }
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_once_it_is_stale() {
+    let server = item_server(Duration::ZERO);
+    let job = Job::new();
+    let urls = item_urls(&server, 20);
+    job.import(&urls);
+    // A run on another machine holds five URLs; its pid means nothing here.
+    job.sql()
+        .execute_batch(&format!(
+            "INSERT INTO runs (id, pid, pid_ns, host, boot_id, proc_start, command, started_at,
+                               heartbeat_at)
+             VALUES (1, 1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
+             UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
+            now = unix_ms()
+        ))
+        .unwrap();
+    let mut run = job.spawn_run(&["--progress-every", "100ms"]);
+    let lines = stderr_lines(&mut run);
+    let mut seen = Vec::new();
+    wait_for(Duration::from_secs(30), "the run to wait", || {
+        seen.extend(lines.try_iter());
+        seen.iter()
+            .any(|line| line.contains("waiting for run #1 (pid 1, 5 URLs) to finish"))
+    });
+    assert_eq!(server.hit_count(), 15, "{seen:?}");
+    assert!(run.try_wait().unwrap().is_none(), "{seen:?}");
+    // Its heartbeat goes stale: it is presumed dead, and its URLs are taken over.
+    job.sql()
+        .execute(
+            "UPDATE runs SET heartbeat_at = ?1 WHERE id = 1",
+            [unix_ms() - 61_000],
+        )
+        .unwrap();
+    let status = run.wait().unwrap();
+    seen.extend(lines.iter());
+    assert_eq!(status.code(), Some(0), "{seen:?}");
+    assert!(
+        seen.iter().any(|line| line.contains("took back 5 URLs")),
+        "{seen:?}"
+    );
+    job.assert_all_files_right(&server, &urls);
+    assert_no_url_fetched_twice(&server);
+    let outcome: String = job
+        .sql()
+        .query_row("SELECT outcome FROM runs WHERE id = 1", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(outcome, "killed");
+}
