@@ -580,9 +580,9 @@ fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_onc
     // A run on another machine holds five URLs; its pid means nothing here.
     job.sql()
         .execute_batch(&format!(
-            "INSERT INTO runs (id, pid, pid_ns, host, boot_id, proc_start, command, started_at,
+            "INSERT INTO runs (id, pid, host, boot_id, proc_start, command, started_at,
                                heartbeat_at)
-             VALUES (1, 1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
+             VALUES (1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
              UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
             now = unix_ms()
         ))
