@@ -81,7 +81,17 @@ impl Store {
         let mut conn =
             Connection::open(path).with_context(|| format!("cannot open database {display}"))?;
         conn.busy_timeout(lock_wait())?;
-        schema_version(&conn, path)?;
+        schema_version(&conn, path).map_err(|error| {
+            if cannot_open(&error) {
+                error.context(format!(
+                    "{display} cannot be written here (a read-only file, folder or \
+                     filesystem?): this command writes to it; report, export and verify \
+                     (without --requeue) only read"
+                ))
+            } else {
+                error
+            }
+        })?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| explain_lock(e, path))
             .with_context(|| format!("cannot switch {display} to WAL mode"))?;
