@@ -344,6 +344,15 @@ fn report_export_and_verify_only_read_and_work_on_a_read_only_filesystem_or_file
         let db = job.dir().join("mnt").join(kind).join("jobrun.db");
         assert_read_only_commands_read(&job, &db, urls.len());
     }
+    // A command that writes says why it cannot.
+    let db = job.dir().join("mnt/plain/jobrun.db");
+    let retry = jobrun_on(&job, &db, &["retry"]);
+    assert_eq!(retry.status.code(), Some(2));
+    assert!(
+        stderr(&retry).contains("cannot be written here") && stderr(&retry).contains("only read"),
+        "{}",
+        stderr(&retry)
+    );
 }
 
 #[test]
