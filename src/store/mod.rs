@@ -68,10 +68,20 @@ impl Store {
     /// jobrun database, or one written by a newer jobrun, is refused before
     /// anything in it is changed.
     pub fn open(path: &Path, mode: Open) -> Result<Store> {
-        let display = path.display();
         if mode == Open::ReadOnly {
             return Store::open_read_only(path);
         }
+        Store::open_for_writing(path, mode).map_err(|error| {
+            if cannot_open(&error) {
+                error.context(cannot_write(path))
+            } else {
+                error
+            }
+        })
+    }
+
+    fn open_for_writing(path: &Path, mode: Open) -> Result<Store> {
+        let display = path.display();
         if mode == Open::MustExist && !path.exists() {
             bail!(no_database(path));
         }
@@ -81,17 +91,11 @@ impl Store {
         let mut conn =
             Connection::open(path).with_context(|| format!("cannot open database {display}"))?;
         conn.busy_timeout(lock_wait())?;
-        schema_version(&conn, path).map_err(|error| {
-            if cannot_open(&error) {
-                error.context(format!(
-                    "{display} cannot be written here (a read-only file, folder or \
-                     filesystem?): this command writes to it; report, export and verify \
-                     (without --requeue) only read"
-                ))
-            } else {
-                error
-            }
-        })?;
+        schema_version(&conn, path)?;
+        // SQLite opens a file it cannot write read-only, without a word.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            bail!(cannot_write(path));
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| explain_lock(e, path))
             .with_context(|| format!("cannot switch {display} to WAL mode"))?;
@@ -230,6 +234,14 @@ impl Store {
         tx.commit()?;
         Ok(value.to_string())
     }
+}
+
+fn cannot_write(path: &Path) -> String {
+    format!(
+        "{} cannot be written here (a read-only file, folder or filesystem?): this command \
+         writes to it; report, export and verify (without --requeue) only read",
+        path.display()
+    )
 }
 
 fn no_database(path: &Path) -> String {
