@@ -64,9 +64,10 @@ pub struct Store {
 
 impl Store {
     /// Opens the database at `path`, creating it (readable by its owner only)
-    /// when allowed, and brings its schema up to date. A file that is not a
-    /// jobrun database, or one written by a newer jobrun, is refused before
-    /// anything in it is changed.
+    /// when allowed, and brings its schema up to date; `Open::ReadOnly`
+    /// only reads (`open_read_only`). A file that is not a jobrun database,
+    /// or one written by a newer jobrun, is refused before anything in it
+    /// is changed.
     pub fn open(path: &Path, mode: Open) -> Result<Store> {
         if mode == Open::ReadOnly {
             return Store::open_read_only(path);
