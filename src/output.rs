@@ -128,6 +128,17 @@ impl OutputDir {
         Ok(())
     }
 
+    /// Removes the temp folder of run `run`, found dead while this one runs.
+    pub fn remove_temp_of(&self, run: i64) -> Result<()> {
+        let dir = self.root.join(TEMP_DIR).join(format!("run-{run}"));
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     #[cfg(target_os = "linux")]
     fn sync_data(&self, _staged: &[Staged]) -> Result<()> {
         syncfs(&self.handle)

@@ -1,49 +1,81 @@
-//! Telling a live run from a dead one. A run records its pid, host, boot id
-//! and process start time; a later run on the same machine can then see at
-//! once whether that process still exists (a reused pid has another start
-//! time), instead of waiting for a lease to expire. Runs on another host can
-//! only be judged by their heartbeat.
+//! Telling a live run from a dead one, without guessing wrong either way.
+//!
+//! A run records its pid, PID namespace, process start time, boot id and
+//! host. A pid means something only inside its PID namespace on one boot of
+//! one kernel: when both match this process's, the run's process is looked
+//! up directly (a reused pid has another start time), so a killed run is
+//! known dead at once. Anything else (a run in a container with its own PID
+//! namespace, on another machine, or one recorded before namespaces were)
+//! is judged by its heartbeat, which a live run renews far more often than
+//! the threshold.
 
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use crate::store::{Liveness, RunInfo, RunStart};
 
-/// A run on another host is presumed dead when its heartbeat is this old.
+/// A run that cannot be looked up is presumed dead when its heartbeat is
+/// this old. Runs renew it every few seconds (`HEARTBEAT` in the runner),
+/// whatever they are doing.
 pub const STALE_HEARTBEAT: Duration = Duration::from_secs(60);
 
 /// This process, as a run records it.
 pub fn this_process(command: String) -> RunStart {
     let pid = std::process::id();
+    // Only a /proc of this process's own PID namespace can say anything
+    // about pids: without one (`unshare --pid` without `--mount-proc`), the
+    // run is judged by its heartbeat, and judges the others that way.
+    let own_proc = own_proc();
     RunStart {
         pid,
+        pid_ns: own_proc.then(pid_namespace).flatten(),
         host: hostname(),
         boot_id: boot_id(),
-        proc_start: process_start(pid).unwrap_or(0),
+        proc_start: own_proc.then(|| process_start(pid)).flatten().unwrap_or(0),
         command,
     }
 }
 
 /// Whether `run`, recorded as unfinished, is still going, as seen by `me`.
 pub fn liveness(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
-    if run.host != me.host {
-        let silent = now_ms.saturating_sub(run.heartbeat_at);
-        return if silent > STALE_HEARTBEAT.as_millis() as i64 {
-            Liveness::Gone
-        } else {
+    let same_boot = !run.boot_id.is_empty() && run.boot_id == me.boot_id;
+    let can_look_up = same_boot && me.pid_ns.is_some() && run.proc_start != 0;
+    if can_look_up && run.pid_ns == me.pid_ns {
+        return if process_exists(run.pid, run.proc_start) {
             Liveness::Alive
+        } else {
+            Liveness::Gone
         };
     }
-    if !run.boot_id.is_empty() && run.boot_id != me.boot_id {
-        return Liveness::Rebooted;
-    }
-    if run.pid == me.pid && run.proc_start == me.proc_start {
+    // Recorded without its namespace: if a process with its pid and start
+    // time is here, that is the run; if not, it may be in another namespace.
+    if can_look_up && run.pid_ns.is_none() && process_exists(run.pid, run.proc_start) {
         return Liveness::Alive;
     }
-    if process_exists(run.pid, run.proc_start) {
+    by_heartbeat(run, me, now_ms)
+}
+
+/// A run judged only by how long ago it last said it was alive.
+fn by_heartbeat(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
+    let silent = now_ms.saturating_sub(run.heartbeat_at);
+    if silent <= STALE_HEARTBEAT.as_millis() as i64 {
         Liveness::Alive
+    } else if !run.boot_id.is_empty() && run.boot_id != me.boot_id && run.host == me.host {
+        Liveness::Rebooted
     } else {
         Liveness::Gone
     }
+}
+
+/// Whether /proc shows this process's own PID namespace.
+fn own_proc() -> bool {
+    std::fs::read_link("/proc/self")
+        .is_ok_and(|link| link.as_os_str() == std::process::id().to_string().as_str())
+}
+
+/// The inode of this process's PID namespace, which identifies it.
+fn pid_namespace() -> Option<u64> {
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 fn hostname() -> String {
@@ -87,7 +119,7 @@ fn process_exists(pid: u32, recorded_start: u64) -> bool {
             return false;
         }
         let start = fields.get(19).and_then(|s| s.parse::<u64>().ok());
-        return recorded_start == 0 || start == Some(recorded_start);
+        return start == Some(recorded_start);
     }
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
@@ -105,6 +137,7 @@ mod tests {
         RunInfo {
             id: 1,
             pid: start.pid,
+            pid_ns: start.pid_ns,
             host: start.host.clone(),
             boot_id: start.boot_id.clone(),
             proc_start: start.proc_start,
@@ -125,6 +158,7 @@ mod tests {
     fn this_process_is_alive_and_a_reused_pid_is_not() {
         let me = this_process(String::new());
         assert!(me.proc_start > 0, "no start time read from /proc");
+        assert!(me.pid_ns.is_some(), "no PID namespace read from /proc");
         let mut run = run_of(&me);
         assert_eq!(liveness(&run, &me, 0), Liveness::Alive);
         let parent = std::os::unix::process::parent_id();
@@ -140,8 +174,36 @@ mod tests {
         let me = this_process(String::new());
         let mut run = run_of(&me);
         run.boot_id = "another-boot".into();
-        assert_eq!(liveness(&run, &me, 0), Liveness::Rebooted);
+        run.heartbeat_at = 1_000_000;
+        assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Rebooted);
+        // Another machine may share the host name: a fresh heartbeat is alive.
+        assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
         run.host = "elsewhere".into();
+        assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
+        assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);
+    }
+
+    #[test]
+    fn a_pid_from_another_namespace_is_never_looked_up_here() {
+        let me = this_process(String::new());
+        let mut run = run_of(&me);
+        // A pid that exists here, recorded in another namespace: it may be
+        // any process there, alive or not; only the heartbeat tells.
+        run.pid_ns = me.pid_ns.map(|ns| ns + 1);
+        run.pid = 1;
+        run.proc_start = 1;
+        run.heartbeat_at = 1_000_000;
+        assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
+        assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);
+    }
+
+    #[test]
+    fn a_run_recorded_without_its_namespace_is_alive_if_found_else_by_heartbeat() {
+        let me = this_process(String::new());
+        let mut run = run_of(&me);
+        run.pid_ns = None;
+        assert_eq!(liveness(&run, &me, 1_000_000_000), Liveness::Alive);
+        run.proc_start += 1;
         run.heartbeat_at = 1_000_000;
         assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
         assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);

@@ -33,6 +33,8 @@ pub struct Counters {
     /// When the URLs waiting for a retry are due: those known at the
     /// start, and the retries recorded since.
     pub retries: RetrySchedule,
+    /// Which other runs this one waits for, when it has nothing to claim.
+    pub waiting_for: Mutex<Option<String>>,
 }
 
 /// Retry times, counted per second. A URL waits for its retry until its
@@ -133,6 +135,11 @@ pub async fn show(counters: Arc<Counters>, start: Start, hosts: Arc<Hosts>, disp
             retry_waiting: counters.retries.waiting(now_ms()),
             rates: rates(&samples),
             restrained: restrained(&hosts),
+            waiting_for: counters
+                .waiting_for
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         };
         match &bar {
             Some(bar) => {
@@ -195,6 +202,7 @@ struct Status {
     retry_waiting: u64,
     rates: Option<(f64, f64)>,
     restrained: Vec<String>,
+    waiting_for: Option<String>,
 }
 
 impl Status {
@@ -224,6 +232,7 @@ impl Status {
         if !self.restrained.is_empty() {
             parts.push(format!("hosts: {}", self.restrained.join(", ")));
         }
+        parts.extend(self.waiting_for.clone());
         parts
     }
 
@@ -282,6 +291,7 @@ mod tests {
             retry_waiting: 3,
             rates: Some((100.0, 2_000_000.0)),
             restrained: vec!["a.test paused 3s".into()],
+            waiting_for: Some("waiting for run #3 (pid 7, 2 URLs) to finish".into()),
         };
         let text = status.bar_message();
         for part in [
@@ -291,6 +301,7 @@ mod tests {
             "2.0 MB/s",
             "ETA 10s",
             "a.test paused 3s",
+            "waiting for run #3 (pid 7, 2 URLs) to finish",
         ] {
             assert!(text.contains(part), "{part} missing from {text}");
         }

@@ -12,7 +12,7 @@ use crate::commands::run::out_dir_of;
 use crate::store::{ExportRow, Open, Store};
 
 pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
-    let store = Store::open(db, Open::MustExist)?;
+    let store = Store::open(db, Open::ReadOnly)?;
     let out_dir = out_dir_of(&store, db)?;
     let stdout = io::stdout().lock();
     match args.format {

@@ -1,14 +1,21 @@
 //! `jobrun import FILE`: streams a URL list (plain or JSON Lines) into the
-//! database, in batches, giving each new URL its output file name once and
-//! for all: the name from the line, or a time-ordered UUID plus the
-//! extension.
+//! database, giving each new URL its output file name once and for all:
+//! the name from the line, or a time-ordered UUID plus the extension.
+//!
+//! A thread reads and parses the list; this one writes what it parsed, one
+//! transaction per batch. The write lock is held only while a batch is
+//! written, never while the input is awaited, so a list fed slowly through
+//! a pipe holds up no other command; a batch is written at 10,000 URLs, or
+//! a second after its first line came, whichever is first.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufReader, Read};
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
+use flume::RecvTimeoutError;
+use reqwest::Url;
 use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
@@ -20,6 +27,13 @@ use crate::urlfile::{self, Entry, Format, Line};
 /// URLs per transaction: big enough to be fast, small enough that a run
 /// working on the same database is not held up.
 const BATCH: usize = 10_000;
+/// How long a parsed line waits for its transaction at most, so that a
+/// slow stream still lands as it comes.
+const MAX_BATCH_DELAY: Duration = Duration::from_secs(1);
+/// Parsed lines handed over from the reading thread at once.
+const CHUNK: usize = 1024;
+/// Chunks in flight between the threads: memory stays flat.
+const CHUNKS_AHEAD: usize = 16;
 /// Rejected lines shown one by one; the rest are only counted.
 const MAX_SHOWN: u64 = 100;
 
@@ -30,6 +44,29 @@ struct Counts {
     rejected: u64,
 }
 
+/// A line of the list, parsed and ready to insert, with its number.
+enum Parsed {
+    Entry { line: u64, row: Row },
+    Reject { line: u64, reason: String },
+}
+
+/// A URL's row, prepared on the reading thread.
+struct Row {
+    url: Url,
+    request: Option<String>,
+    request_hash: String,
+    host: String,
+    path: String,
+    /// The name was given by the line, not made up.
+    named: bool,
+}
+
+/// Where the list comes from.
+enum Input {
+    Stdin,
+    File(File),
+}
+
 pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     let from_stdin = args.file.as_os_str() == "-";
     let name = if from_stdin {
@@ -37,11 +74,10 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     } else {
         args.file.display().to_string()
     };
-    let reader: Box<dyn BufRead> = if from_stdin {
-        Box::new(io::stdin().lock())
+    let input = if from_stdin {
+        Input::Stdin
     } else {
-        let file = File::open(&args.file).with_context(|| format!("cannot open {name}"))?;
-        Box::new(BufReader::with_capacity(256 * 1024, file))
+        Input::File(File::open(&args.file).with_context(|| format!("cannot open {name}"))?)
     };
     let suffix = if args.ext.is_empty() {
         String::new()
@@ -55,7 +91,7 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
         ImportFormat::Jsonl => Some(Format::JsonLines),
     };
     store.expect_bulk_writes()?;
-    let counts = import(&mut store, reader, &name, &suffix, format)?;
+    let counts = import(&mut store, input, &name, suffix, format)?;
     if counts.rejected > MAX_SHOWN {
         tracing::info!(
             "{name}: {} more rejected lines not shown",
@@ -76,81 +112,199 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     })
 }
 
+/// Writes what the reading thread parses, a batch per transaction. A read
+/// error ends the import after what came before it is written.
 fn import(
     store: &mut Store,
-    mut reader: impl BufRead,
+    input: Input,
     name: &str,
-    suffix: &str,
-    mut format: Option<Format>,
+    suffix: String,
+    format: Option<Format>,
 ) -> Result<Counts> {
+    let (tx, rx) = flume::bounded(CHUNKS_AHEAD);
+    let reader_name = name.to_string();
+    let reader = std::thread::Builder::new()
+        .name("jobrun-import-reader".into())
+        .spawn(move || read_list(input, &reader_name, &suffix, format, tx))
+        .context("cannot start the thread that reads the list")?;
     let mut counts = Counts::default();
-    let mut buf = Vec::new();
-    let mut line_number = 0u64;
-    let mut batch = store.import_batch()?;
-    let mut in_batch = 0;
-    while let Some(complete) =
-        urlfile::read_line(&mut reader, &mut buf).with_context(|| format!("cannot read {name}"))?
-    {
-        line_number += 1;
-        if format.is_none() && complete {
-            format = Format::detect(&buf);
-        }
-        let line = if complete {
-            urlfile::parse_line(&buf, line_number == 1, format.unwrap_or(Format::Lines))
-        } else {
-            Line::Reject(format!("line longer than {} bytes", urlfile::MAX_LINE))
+    let mut batch: Vec<Parsed> = Vec::new();
+    let mut since: Option<Instant> = None;
+    loop {
+        let received = match since {
+            Some(since) => rx.recv_deadline(since + MAX_BATCH_DELAY),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
         };
-        let mut reject = |reason: &str| {
-            counts.rejected += 1;
-            if counts.rejected <= MAX_SHOWN {
-                tracing::warn!("{name}:{line_number}: {reason}");
+        match received {
+            Ok(Ok(chunk)) => {
+                batch.extend(chunk);
+                since.get_or_insert_with(Instant::now);
+                if batch.len() < BATCH {
+                    continue;
+                }
             }
-        };
-        match line {
-            Line::Skip => {}
-            Line::Reject(reason) => reject(&reason),
-            Line::Entry(entry) => {
-                match insert(&batch, &entry, suffix)? {
+            Ok(Err(error)) => {
+                write_batch(store, &mut batch, name, &mut counts)?;
+                return Err(error);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        write_batch(store, &mut batch, name, &mut counts)?;
+        since = None;
+    }
+    write_batch(store, &mut batch, name, &mut counts)?;
+    // The reader has let go of its end: it has finished, or panicked.
+    reader
+        .join()
+        .map_err(|_| anyhow!("the thread reading {name} failed"))?;
+    Ok(counts)
+}
+
+/// Writes `batch` in one transaction, and says which lines were rejected,
+/// in order.
+fn write_batch(
+    store: &mut Store,
+    batch: &mut Vec<Parsed>,
+    name: &str,
+    counts: &mut Counts,
+) -> Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let writer = store.import_batch()?;
+    let mut reject = |line: u64, reason: &str| {
+        counts.rejected += 1;
+        if counts.rejected <= MAX_SHOWN {
+            tracing::warn!("{name}:{line}: {reason}");
+        }
+    };
+    for parsed in batch.drain(..) {
+        match parsed {
+            Parsed::Reject { line, reason } => reject(line, &reason),
+            Parsed::Entry { line, row } => {
+                let new = NewUrl {
+                    url: row.url.as_str(),
+                    request: row.request.as_deref(),
+                    request_hash: &row.request_hash,
+                    host: &row.host,
+                    path: &row.path,
+                };
+                match writer.insert(&new, row.named)? {
                     InsertResult::Inserted => counts.imported += 1,
                     InsertResult::Duplicate => counts.duplicate += 1,
-                    InsertResult::NameTaken(reason) => reject(&reason),
-                }
-                in_batch += 1;
-                if in_batch == BATCH {
-                    batch.commit()?;
-                    batch = store.import_batch()?;
-                    in_batch = 0;
+                    InsertResult::NameTaken(reason) => reject(line, &reason),
                 }
             }
         }
     }
-    batch.commit()?;
-    Ok(counts)
+    writer.commit()
 }
 
-fn insert(
-    batch: &crate::store::ImportBatch<'_>,
-    entry: &Entry,
+/// The reading thread: parses the list and hands the lines over in chunks,
+/// and always before it may wait for more input. Ends at the end of the
+/// input, on a read error (handed over too), or when the writer is gone.
+fn read_list(
+    input: Input,
+    name: &str,
     suffix: &str,
-) -> Result<InsertResult> {
-    let request = entry.request.as_ref().map(|r| r.to_json());
-    let request_hash = entry
-        .request
-        .as_ref()
-        .map(RequestSpec::hash)
-        .unwrap_or_default();
-    let path = match &entry.name {
-        Some(name) => name.clone(),
-        None => file_name(suffix),
+    format: Option<Format>,
+    tx: flume::Sender<Result<Vec<Parsed>>>,
+) {
+    let handoff = |input: Box<dyn Read>| Handoff {
+        input,
+        chunk: Vec::new(),
+        tx: tx.clone(),
     };
-    let new = NewUrl {
-        url: entry.url.as_str(),
-        request: request.as_deref(),
-        request_hash: &request_hash,
-        host: &urlfile::host_of(&entry.url),
-        path: &path,
-    };
-    batch.insert(&new, entry.name.is_some())
+    let mut reader = BufReader::with_capacity(
+        256 * 1024,
+        match input {
+            Input::Stdin => handoff(Box::new(io::stdin())),
+            Input::File(file) => handoff(Box::new(file)),
+        },
+    );
+    if let Err(error) = parse_lines(&mut reader, suffix, format) {
+        let _ = reader.get_mut().hand_over();
+        let _ = tx.send(Err(error.context(format!("cannot read {name}"))));
+        return;
+    }
+    let _ = reader.get_mut().hand_over();
+}
+
+fn parse_lines(
+    reader: &mut BufReader<Handoff>,
+    suffix: &str,
+    mut format: Option<Format>,
+) -> Result<()> {
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    while let Some(complete) = urlfile::read_line(reader, &mut buf)? {
+        line += 1;
+        if format.is_none() && complete {
+            format = Format::detect(&buf);
+        }
+        let parsed = if complete {
+            urlfile::parse_line(&buf, line == 1, format.unwrap_or(Format::Lines))
+        } else {
+            Line::Reject(format!("line longer than {} bytes", urlfile::MAX_LINE))
+        };
+        let parsed = match parsed {
+            Line::Skip => continue,
+            Line::Reject(reason) => Parsed::Reject { line, reason },
+            Line::Entry(entry) => Parsed::Entry {
+                line,
+                row: prepare(entry, suffix),
+            },
+        };
+        let handoff = reader.get_mut();
+        handoff.chunk.push(parsed);
+        if handoff.chunk.len() >= CHUNK {
+            handoff.hand_over()?;
+        }
+    }
+    Ok(())
+}
+
+/// The input of the reading thread. Before every read, which may wait,
+/// it hands over the lines parsed so far, so that none is held back while
+/// the input is slow.
+struct Handoff {
+    input: Box<dyn Read>,
+    chunk: Vec<Parsed>,
+    tx: flume::Sender<Result<Vec<Parsed>>>,
+}
+
+impl Handoff {
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(Ok(std::mem::take(&mut self.chunk)))
+            .map_err(|_| io::Error::other("the import stopped"))
+    }
+}
+
+impl Read for Handoff {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.hand_over()?;
+        self.input.read(buf)
+    }
+}
+
+fn prepare(entry: Entry, suffix: &str) -> Row {
+    Row {
+        request: entry.request.as_ref().map(|r| r.to_json()),
+        request_hash: entry
+            .request
+            .as_ref()
+            .map(RequestSpec::hash)
+            .unwrap_or_default(),
+        host: urlfile::host_of(&entry.url),
+        named: entry.name.is_some(),
+        path: entry.name.unwrap_or_else(|| file_name(suffix)),
+        url: entry.url,
+    }
 }
 
 /// A new output file name: a version 7 UUID, which starts with the time, so

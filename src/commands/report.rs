@@ -55,7 +55,7 @@ struct RunView {
 }
 
 pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
-    let store = Store::open(db, Open::MustExist)?;
+    let store = Store::open(db, Open::ReadOnly)?;
     if args.failed {
         return list_failed(&store, args.json);
     }

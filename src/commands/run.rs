@@ -31,8 +31,8 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
         args.key.as_deref(),
     )?;
     let proxies = Proxies::from_options(args.proxy.as_deref(), args.noproxy.as_deref())?;
-    let store = Store::open(db, Open::MustExist)?;
-    let out_dir = settle_out_dir(&store, db, args.out.as_deref())?;
+    let mut store = Store::open(db, Open::MustExist)?;
+    let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
     let plan = RunPlan {
         out_dir: out_dir.clone(),
         workers: args.workers,
@@ -106,35 +106,43 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
 }
 
 /// The output folder: the one recorded in the database, else `--out`, else
-/// `out` beside the database; recorded on first use.
-fn settle_out_dir(store: &Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
+/// `out` beside the database; recorded on first use, once: of two first
+/// runs racing with different folders, the second is refused.
+fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
     let requested = requested.map(absolute).transpose()?;
-    if let Some(recorded) = store.setting(OUT_DIR_KEY)? {
-        let recorded = PathBuf::from(recorded);
-        if let Some(requested) = requested
-            && !same_place(&requested, &recorded)
-        {
-            bail!(
-                "{} writes its files to {} (recorded on its first run), not {}. \
-                 Run without --out, or use another database for another folder",
-                db.display(),
-                recorded.display(),
-                requested.display()
-            );
+    let recorded = match store.setting(OUT_DIR_KEY)? {
+        Some(recorded) => PathBuf::from(recorded),
+        None => {
+            let chosen = match &requested {
+                Some(dir) => dir.clone(),
+                None => default_out_dir(db)?,
+            };
+            let text = chosen.to_str().with_context(|| {
+                format!("the output folder {} is not valid UTF-8", chosen.display())
+            })?;
+            // A folder that cannot be one (a file, say) must not be
+            // recorded: the user could then never choose another.
+            let holds =
+                store.setting_or_insert(OUT_DIR_KEY, text, || output::ensure_folder(&chosen))?;
+            let holds = PathBuf::from(holds);
+            if same_place(&holds, &chosen) {
+                return Ok(holds);
+            }
+            holds
         }
-        return Ok(recorded);
-    }
-    let chosen = match requested {
-        Some(dir) => dir,
-        None => default_out_dir(db)?,
     };
-    // A folder that cannot be one (a file, say) must not be recorded: the
-    // user could then never choose another.
-    output::ensure_folder(&chosen)?;
-    let text = chosen
-        .to_str()
-        .with_context(|| format!("the output folder {} is not valid UTF-8", chosen.display()))?;
-    Ok(PathBuf::from(store.setting_or_insert(OUT_DIR_KEY, text)?))
+    if let Some(requested) = requested
+        && !same_place(&requested, &recorded)
+    {
+        bail!(
+            "{} writes its files to {} (recorded on its first run), not {}. \
+             Run without --out, or use another database for another folder",
+            db.display(),
+            recorded.display(),
+            requested.display()
+        );
+    }
+    Ok(recorded)
 }
 
 /// The output folder as recorded, or where the first run will put it.

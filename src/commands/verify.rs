@@ -16,7 +16,14 @@ use crate::redact::redact_url;
 use crate::store::{Open, Store};
 
 pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
-    let mut store = Store::open(db, Open::MustExist)?;
+    let mut store = Store::open(
+        db,
+        if args.requeue {
+            Open::MustExist
+        } else {
+            Open::ReadOnly
+        },
+    )?;
     let out_dir = out_dir_of(&store, db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();

@@ -8,6 +8,7 @@
 //! safe too: the next run takes this one's rows back.
 
 mod owner;
+mod peers;
 mod syncer;
 mod worker;
 
@@ -27,6 +28,7 @@ use crate::progress::{self, Counters};
 use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
 
 use owner::{Owner, OwnerChannels};
+use peers::Peers;
 
 /// Up to this many workers run on one thread.
 const SINGLE_THREAD_WORKERS: usize = 64;
@@ -90,7 +92,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     let now = now_ms();
     let started = store.start_run(&me, |run| process::liveness(run, &me, now))?;
     for (id, state) in &started.dead {
-        tracing_dead_run(*id, *state);
+        peers::log_dead_run(*id, *state);
     }
     if started.reclaimed > 0 {
         tracing::info!(
@@ -140,7 +142,8 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             events_tx: events_tx.clone(),
             stopping_signal: stopping.clone(),
         },
-        counters,
+        counters.clone(),
+        Peers::new(me, started.id, counters),
     )?;
     let owner = std::thread::Builder::new()
         .name("jobrun-db".into())
@@ -183,14 +186,6 @@ struct ProgressView {
     counters: Arc<Counters>,
     start: progress::Start,
     display: progress::Display,
-}
-
-fn tracing_dead_run(id: i64, state: crate::store::Liveness) {
-    let how = match state {
-        crate::store::Liveness::Rebooted => "the machine restarted",
-        _ => "its process is gone",
-    };
-    tracing::info!("run #{id} was cut short ({how})");
 }
 
 /// Runs the workers until they are done, handling Ctrl-C and SIGTERM.

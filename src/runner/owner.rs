@@ -18,6 +18,7 @@ use crate::output::{OutputDir, Staged};
 use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
+use super::peers::Peers;
 use super::syncer::Syncer;
 use super::{Event, Job, RunTotals};
 
@@ -66,6 +67,7 @@ pub struct Owner {
     stopping: Option<RunEnd>,
     totals: RunTotals,
     counters: Arc<Counters>,
+    peers: Peers,
 }
 
 pub struct OwnerChannels {
@@ -89,6 +91,7 @@ impl Owner {
         run: i64,
         channels: OwnerChannels,
         counters: Arc<Counters>,
+        peers: Peers,
     ) -> Result<Owner> {
         let now = Instant::now();
         let out = Arc::new(out);
@@ -117,6 +120,7 @@ impl Owner {
             stopping: None,
             totals: RunTotals::default(),
             counters,
+            peers,
         })
     }
 
@@ -279,6 +283,9 @@ impl Owner {
         };
         let claims = self.commit(want)?;
         let got = claims.len();
+        if got > 0 {
+            self.peers.stop_waiting();
+        }
         // Rows whose recorded file name would lead outside the output folder.
         let mut refused = Vec::new();
         if let Some(jobs) = &self.jobs {
@@ -316,9 +323,13 @@ impl Owner {
             self.collect(completion, None);
         }
         if claim_due && got < want {
-            let next_due = self.store.next_due()?;
+            let mut next_due = self.store.next_due()?;
             if next_due.is_none() && self.in_flight.is_empty() && self.batch.is_empty() {
-                return Ok(Tick::NothingLeft);
+                // Every URL is done only when no other live run holds any.
+                if !self.peers.still_working(&mut self.store, &self.out)? {
+                    return Ok(Tick::NothingLeft);
+                }
+                next_due = self.store.next_due()?;
             }
             let recheck = now + IDLE_RECHECK;
             let due = next_due

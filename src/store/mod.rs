@@ -6,6 +6,7 @@
 //! Times are stored as unix milliseconds. The schema is built by the SQL files
 //! under `migrations/`, embedded in the binary.
 
+mod lock;
 mod queue;
 mod runs;
 mod summary;
@@ -21,8 +22,8 @@ use include_dir::{Dir, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
-pub use queue::{Claim, Completion, ImportBatch, InsertResult, NewUrl, bucket_floor};
-pub use runs::{Liveness, RunEnd, RunInfo, RunStart};
+pub use queue::{Claim, Completion, InsertResult, NewUrl, bucket_floor};
+pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::{ExportRow, Summary};
 
 static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
@@ -46,11 +47,14 @@ fn lock_wait() -> Duration {
     LOCK_WAIT.get().copied().unwrap_or(DEFAULT_LOCK_WAIT)
 }
 
-/// Whether opening may create the database.
+/// Whether opening may create the database, or write to it at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Open {
     CreateIfMissing,
     MustExist,
+    /// Only reads: never creates, migrates or writes anything, and works
+    /// on a read-only file or filesystem.
+    ReadOnly,
 }
 
 pub struct Store {
@@ -60,16 +64,27 @@ pub struct Store {
 
 impl Store {
     /// Opens the database at `path`, creating it (readable by its owner only)
-    /// when allowed, and brings its schema up to date. A file that is not a
-    /// jobrun database, or one written by a newer jobrun, is refused before
-    /// anything in it is changed.
+    /// when allowed, and brings its schema up to date; `Open::ReadOnly`
+    /// only reads (`open_read_only`). A file that is not a jobrun database,
+    /// or one written by a newer jobrun, is refused before anything in it
+    /// is changed.
     pub fn open(path: &Path, mode: Open) -> Result<Store> {
+        if mode == Open::ReadOnly {
+            return Store::open_read_only(path);
+        }
+        Store::open_for_writing(path, mode).map_err(|error| {
+            if cannot_open(&error) {
+                error.context(cannot_write(path))
+            } else {
+                error
+            }
+        })
+    }
+
+    fn open_for_writing(path: &Path, mode: Open) -> Result<Store> {
         let display = path.display();
         if mode == Open::MustExist && !path.exists() {
-            bail!(
-                "there is no database at {display}: import a URL list first \
-                 (`jobrun --db {display} import FILE`), or point --db at an existing one"
-            );
+            bail!(no_database(path));
         }
         if mode == Open::CreateIfMissing {
             create_private_file(path)?;
@@ -77,7 +92,11 @@ impl Store {
         let mut conn =
             Connection::open(path).with_context(|| format!("cannot open database {display}"))?;
         conn.busy_timeout(lock_wait())?;
-        check_schema_version(&conn, path)?;
+        schema_version(&conn, path)?;
+        // SQLite opens a file it cannot write read-only, without a word.
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            bail!(cannot_write(path));
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| explain_lock(e, path))
             .with_context(|| format!("cannot switch {display} to WAL mode"))?;
@@ -93,6 +112,62 @@ impl Store {
         migrations
             .to_latest(&mut conn)
             .with_context(|| format!("cannot bring {display} up to date"))?;
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Opens the database for reading only. A file that is missing, empty or
+    /// not a jobrun database is refused, and nothing is created or changed.
+    /// On a read-only filesystem, where SQLite cannot create the shared
+    /// memory file a WAL database needs, the file is read as immutable when
+    /// no write-ahead log holds changes (nothing can write it there).
+    /// A database written by an older jobrun is read as it is: a copy in
+    /// memory is brought up to date, the file stays as it was, and the next
+    /// `run` or `import` upgrades it.
+    fn open_read_only(path: &Path) -> Result<Store> {
+        let display = path.display();
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == ErrorKind::NotFound => bail!(no_database(path)),
+            Err(e) => return Err(e).with_context(|| format!("cannot read database {display}")),
+        };
+        if !meta.is_file() {
+            bail!("{display} is not a file; --db names jobrun's state database");
+        }
+        if meta.len() == 0 {
+            bail!(
+                "{display} is empty, not a jobrun database; nothing was changed. Import a URL \
+                 list into it first (`jobrun --db {display} import FILE`), or point --db at \
+                 an existing one"
+            );
+        }
+        let conn = match connect_read_only(path, false) {
+            Ok(conn) => conn,
+            Err(error) if cannot_open(&error) && !wal_holds_changes(path) => {
+                connect_read_only(path, true)?
+            }
+            Err(error) if cannot_open(&error) => {
+                return Err(error).with_context(|| {
+                    format!(
+                        "cannot read {display}: its write-ahead log {display}-wal holds \
+                         changes, and reading them needs {display}-shm, which cannot be \
+                         created here (a read-only folder or filesystem). Copy the database \
+                         with its -wal file to a writable folder and use --db there"
+                    )
+                });
+            }
+            Err(error) => return Err(error),
+        };
+        let conn = match schema_version(&conn, path)? {
+            0 => bail!(
+                "{display} holds no jobrun data (an empty SQLite database); nothing was \
+                 changed. Import a URL list into it first (`jobrun --db {display} import FILE`)"
+            ),
+            version if version < known_version() => upgraded_copy(&conn, path)?,
+            _ => conn,
+        };
         Ok(Store {
             conn,
             path: path.to_path_buf(),
@@ -133,34 +208,195 @@ impl Store {
     }
 
     /// Records `value` under `key` unless a value is there already; returns
-    /// the value that holds afterwards.
-    pub fn setting_or_insert(&self, key: &str, value: &str) -> Result<String> {
-        self.conn
-            .execute(
-                "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
-                params![key, value],
-            )
-            .map_err(|e| explain_lock(e, &self.path))?;
-        Ok(self.setting(key)?.unwrap_or_else(|| value.to_string()))
+    /// the value that holds afterwards. It all happens under the write
+    /// lock, so of two processes racing, one records and the other sees
+    /// what it recorded. `prepare` runs only when this call records, before
+    /// the commit; its error records nothing.
+    pub fn setting_or_insert(
+        &mut self,
+        key: &str,
+        value: &str,
+        prepare: impl FnOnce() -> Result<()>,
+    ) -> Result<String> {
+        let tx = self.write_transaction()?;
+        let recorded: Option<String> = tx
+            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if let Some(recorded) = recorded {
+            return Ok(recorded);
+        }
+        prepare()?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        tx.commit()?;
+        Ok(value.to_string())
     }
 }
 
-/// A SQLite error, said plainly when it is another process's lock.
+fn cannot_write(path: &Path) -> String {
+    format!(
+        "{} cannot be written here (a read-only file, folder or filesystem?): this command \
+         writes to it; report, export and verify (without --requeue) only read",
+        path.display()
+    )
+}
+
+fn no_database(path: &Path) -> String {
+    let display = path.display();
+    format!(
+        "there is no database at {display}: import a URL list first \
+         (`jobrun --db {display} import FILE`), or point --db at an existing one"
+    )
+}
+
+/// A read-only connection, its schema read to make sure it can be read.
+/// `immutable` tells SQLite that nothing writes the file while it is open.
+fn connect_read_only(path: &Path, immutable: bool) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let display = path.display();
+    let uri = file_uri(path, if immutable { "?immutable=1" } else { "" })?;
+    let conn = Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {display}"))?;
+    conn.busy_timeout(lock_wait())?;
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
+            _ => explain_lock(e, path).context(format!("cannot read database {display}")),
+        })?;
+    conn.pragma_update(None, "cache_size", -2_000)?;
+    Ok(conn)
+}
+
+/// `path` as a SQLite URI: `file:` and the path, with the characters that
+/// mean something in a URI escaped.
+fn file_uri(path: &Path, query: &str) -> Result<String> {
+    let text = path
+        .to_str()
+        .with_context(|| format!("the database path {} is not valid UTF-8", path.display()))?;
+    let mut uri = String::from("file:");
+    for c in text.chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str(query);
+    Ok(uri)
+}
+
+/// SQLite could not open the file as asked (for reading, it cannot create
+/// the -shm file beside a WAL database).
+fn cannot_open(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+            )
+        })
+    })
+}
+
+/// Whether a write-ahead log beside the database holds changes that are
+/// not in the database file yet.
+fn wal_holds_changes(path: &Path) -> bool {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::metadata(wal).is_ok_and(|meta| meta.len() > 0)
+}
+
+/// A copy in memory of a database written by an older jobrun, brought up
+/// to date; the file itself is not changed.
+fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
+    let display = path.display();
+    let mut copy = Connection::open_in_memory()?;
+    rusqlite::backup::Backup::new(conn, &mut copy)?
+        .run_to_completion(1024, Duration::ZERO, None)
+        .with_context(|| format!("cannot read database {display}"))?;
+    let migrations = MIGRATIONS.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    migrations
+        .to_latest(&mut copy)
+        .with_context(|| format!("cannot read {display}, written by an older jobrun"))?;
+    Ok(copy)
+}
+
+/// A SQLite error, said plainly when it is another process's lock: which
+/// process holds it, when /proc can tell, and what to do about it.
 fn explain_lock(error: rusqlite::Error, path: &Path) -> anyhow::Error {
+    // A reader gives up with SQLITE_PROTOCOL when a process stopped halfway
+    // through a write keeps the log's index locked.
     if !matches!(
         error.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        Some(
+            rusqlite::ErrorCode::DatabaseBusy
+                | rusqlite::ErrorCode::DatabaseLocked
+                | rusqlite::ErrorCode::FileLockingProtocolFailed
+        )
     ) {
         return error.into();
     }
-    anyhow::Error::new(error).context(format!(
-        "{} is locked by another process, which held its write lock for longer than \
-         --lock-wait ({}). jobrun runs sharing a database take turns and never hold it that \
-         long: close the other program using it (a sqlite3 shell, a backup, a script), or wait \
-         for it, then run again",
-        path.display(),
-        humantime::format_duration(lock_wait())
-    ))
+    let wait = humantime::format_duration(lock_wait());
+    let locked = |holder: &str| {
+        format!(
+            "{} is locked by another process{holder}, which held its write lock for longer \
+             than --lock-wait ({wait})",
+            path.display()
+        )
+    };
+    let others = "jobrun runs sharing a database take turns and never hold it that long: \
+                  close the other program using it (a sqlite3 shell, a backup, a script), or \
+                  wait for it, then run again";
+    let message = match lock::write_lock_holder(path) {
+        Some(holder) if holder.is_jobrun() => {
+            let who = match run_of(path, &holder) {
+                Some(run) => format!(" (jobrun run #{run}, pid {})", holder.pid),
+                None => format!(" (jobrun, pid {})", holder.pid),
+            };
+            let what_to_do = if holder.stopped {
+                format!(
+                    "It is stopped (Ctrl-Z, or a debugger): let it go on (`fg`, or \
+                     `kill -CONT {}`) or end it, then run again",
+                    holder.pid
+                )
+            } else {
+                "jobrun holds it for moments at a time, so that process is stuck or its \
+                 disk very slow: wait for it or end it, then run again"
+                    .to_string()
+            };
+            format!("{}. {what_to_do}", locked(&who))
+        }
+        Some(holder) => format!(
+            "{}. {others}",
+            locked(&format!(" (pid {}, {})", holder.pid, holder.program))
+        ),
+        None => format!("{}. {others}", locked("")),
+    };
+    anyhow::Error::new(error).context(message)
+}
+
+/// The unfinished run that `holder` is, if it is one.
+fn run_of(path: &Path, holder: &lock::LockHolder) -> Option<i64> {
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    conn.query_row(
+        "SELECT id FROM runs WHERE ended_at IS NULL AND pid = ?1
+             AND (pid_ns IS NULL OR pid_ns = ?2)
+         ORDER BY id DESC LIMIT 1",
+        params![holder.own_pid, holder.pid_ns.map(|ns| ns as i64)],
+        |row| row.get(0),
+    )
+    .ok()
 }
 
 /// What to do about a database error that means the file is damaged.
@@ -188,16 +424,23 @@ fn known_version() -> usize {
     MIGRATIONS_DIR.dirs().count()
 }
 
-fn check_schema_version(conn: &Connection, path: &Path) -> Result<()> {
+fn not_sqlite(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is not a SQLite database (is it the right file? \
+         --db names jobrun's state database)",
+        path.display()
+    )
+}
+
+/// The schema version of a jobrun database (0 for a new, empty one); a
+/// database of another program or of a newer jobrun is refused.
+fn schema_version(conn: &Connection, path: &Path) -> Result<usize> {
     let display = path.display();
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .map_err(|e| match e.sqlite_error_code() {
-            Some(rusqlite::ErrorCode::NotADatabase) => anyhow::anyhow!(
-                "{display} is not a SQLite database (is it the right file? \
-                 --db names jobrun's state database)"
-            ),
-            _ => anyhow::Error::new(e).context(format!("cannot read database {display}")),
+            Some(rusqlite::ErrorCode::NotADatabase) => not_sqlite(path),
+            _ => explain_lock(e, path).context(format!("cannot read database {display}")),
         })?;
     if version as usize > known_version() {
         bail!(
@@ -219,7 +462,7 @@ fn check_schema_version(conn: &Connection, path: &Path) -> Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(version.max(0) as usize)
 }
 
 /// Creates an empty file readable and writable by its owner only, since URLs
@@ -280,9 +523,19 @@ mod tests {
     #[test]
     fn settings_keep_their_first_value() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db"), Open::CreateIfMissing).unwrap();
+        let mut store = Store::open(&dir.path().join("s.db"), Open::CreateIfMissing).unwrap();
         assert_eq!(store.setting("out_dir").unwrap(), None);
-        assert_eq!(store.setting_or_insert("out_dir", "/a").unwrap(), "/a");
-        assert_eq!(store.setting_or_insert("out_dir", "/b").unwrap(), "/a");
+        let refused = store.setting_or_insert("out_dir", "/c", || anyhow::bail!("no"));
+        assert!(refused.is_err());
+        assert_eq!(store.setting("out_dir").unwrap(), None);
+        assert_eq!(
+            store.setting_or_insert("out_dir", "/a", || Ok(())).unwrap(),
+            "/a"
+        );
+        let not_asked = || panic!("prepare runs only when recording");
+        assert_eq!(
+            store.setting_or_insert("out_dir", "/b", not_asked).unwrap(),
+            "/a"
+        );
     }
 }

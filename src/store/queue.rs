@@ -6,7 +6,7 @@
 //! row. Every later write is guarded by that id: a row taken back from a run
 //! thought dead is not overwritten by it.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::{Store, now_ms};
@@ -216,8 +216,11 @@ impl Store {
         let tx = self.write_transaction()?;
         let mut tally = Tally::default();
         let mut durations = std::collections::HashMap::<i64, i64>::new();
+        let mut lost = 0;
         for completion in completions {
-            record(&tx, run, now, completion, &mut tally)?;
+            if !record(&tx, run, now, completion, &mut tally)? {
+                lost += 1;
+            }
             if let Some(millis) = completion.millis() {
                 *durations.entry(duration_bucket(millis)).or_default() += 1;
             }
@@ -229,19 +232,28 @@ impl Store {
             )?
             .execute(params![bucket, count])?;
         }
-        tx.prepare_cached(
-            "UPDATE runs SET heartbeat_at = ?2, done = done + ?3, failed = failed + ?4,
-                 retried = retried + ?5, bytes = bytes + ?6
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            run,
-            now,
-            tally.done,
-            tally.failed,
-            tally.retried,
-            tally.bytes
-        ])?;
+        let alive = tx
+            .prepare_cached(
+                "UPDATE runs SET heartbeat_at = ?2, done = done + ?3, failed = failed + ?4,
+                     retried = retried + ?5, bytes = bytes + ?6
+                 WHERE id = ?1 AND ended_at IS NULL",
+            )?
+            .execute(params![
+                run,
+                now,
+                tally.done,
+                tally.failed,
+                tally.retried,
+                tally.bytes
+            ])?;
+        if alive == 0 || lost > 0 {
+            // Nothing of this transaction is kept: the rows are not ours.
+            bail!(
+                "run #{run} was taken for dead by another run, which gave its URLs to others \
+                 (its heartbeat had not been renewed for too long); it stopped so that no URL \
+                 is fetched twice. Run again to carry on"
+            );
+        }
         let claims = if claim > 0 {
             claim_due(&tx, run, now, claim)?
         } else {
@@ -254,13 +266,16 @@ impl Store {
     /// Failed rows (all, or those with `status`, or whose error contains
     /// `error`) go back to pending with a fresh retry budget.
     pub fn requeue_failed(&mut self, status: Option<u16>, error: Option<&str>) -> Result<usize> {
-        Ok(self.conn.execute(
+        let tx = self.write_transaction()?;
+        let requeued = tx.execute(
             "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0
              WHERE state = 'failed'
                AND (?1 IS NULL OR http_status = ?1)
                AND (?2 IS NULL OR instr(error, ?2) > 0)",
             params![status, error],
-        )?)
+        )?;
+        tx.commit()?;
+        Ok(requeued)
     }
 
     /// Done rows whose files are missing or damaged go back to pending with
@@ -301,13 +316,14 @@ struct Tally {
     bytes: i64,
 }
 
+/// Records one outcome; false when the row is no longer this run's.
 fn record(
     tx: &Transaction<'_>,
     run: i64,
     now: i64,
     completion: &Completion,
     tally: &mut Tally,
-) -> Result<()> {
+) -> Result<bool> {
     // Each statement ends in the same guard: the row is still ours.
     const GUARD: &str = "WHERE id = ?1 AND run_id = ?2 AND state = 'running'";
     let changed = match completion {
@@ -384,7 +400,7 @@ fn record(
             .execute(params![id, run])?,
     };
     debug_assert!(changed <= 1);
-    Ok(())
+    Ok(changed == 1)
 }
 
 /// The histogram bucket of a duration: quarter-octaves of milliseconds, so

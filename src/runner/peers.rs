@@ -1,0 +1,100 @@
+//! The other runs on the same database, as one run sees them. A run that
+//! has nothing left to claim is not finished while another live run still
+//! holds URLs: that run may die, and its URLs are then this one's to fetch.
+//! So it waits, says for whom, and looks again every second, taking back
+//! the URLs of any run found dead meanwhile.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use crate::commands::thousands;
+use crate::output::OutputDir;
+use crate::process;
+use crate::progress::Counters;
+use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
+
+pub struct Peers {
+    me: RunStart,
+    run: i64,
+    counters: Arc<Counters>,
+    /// The holders last told about, to say it once and not every second.
+    told: Vec<i64>,
+}
+
+impl Peers {
+    pub fn new(me: RunStart, run: i64, counters: Arc<Counters>) -> Peers {
+        Peers {
+            me,
+            run,
+            counters,
+            told: Vec::new(),
+        }
+    }
+
+    /// For a run with nothing left to claim: whether other runs still hold
+    /// URLs (or held them and were found dead, so that there is work again).
+    pub fn still_working(&mut self, store: &mut Store, out: &OutputDir) -> Result<bool> {
+        if store.held_by_others(self.run)?.is_empty() {
+            self.stop_waiting();
+            return Ok(false);
+        }
+        let now = now_ms();
+        let reclaimed = store.reclaim_dead_runs(|run| process::liveness(run, &self.me, now))?;
+        for (id, state) in &reclaimed.dead {
+            log_dead_run(*id, *state);
+            out.remove_temp_of(*id)?;
+        }
+        if reclaimed.rows > 0 {
+            tracing::info!(
+                "took back {} URLs from runs that were cut short",
+                thousands(reclaimed.rows as i64)
+            );
+            self.stop_waiting();
+            return Ok(true);
+        }
+        let holders = store.held_by_others(self.run)?;
+        if holders.is_empty() {
+            self.stop_waiting();
+            return Ok(false);
+        }
+        let ids: Vec<i64> = holders.iter().map(|h| h.run).collect();
+        let waiting = describe(&holders);
+        if ids != self.told {
+            tracing::info!("nothing left to claim; {waiting}");
+            self.told = ids;
+        }
+        *self.waiting_for() = Some(waiting);
+        Ok(true)
+    }
+
+    /// Claims came in again: no longer waiting.
+    pub fn stop_waiting(&mut self) {
+        self.told.clear();
+        self.waiting_for().take();
+    }
+
+    fn waiting_for(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.counters
+            .waiting_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// "waiting for run #3 (pid 1234), which holds 12 URLs", and the others.
+fn describe(holders: &[Holder]) -> String {
+    let runs: Vec<String> = holders
+        .iter()
+        .map(|h| format!("run #{} (pid {}, {} URLs)", h.run, h.pid, thousands(h.urls)))
+        .collect();
+    format!("waiting for {} to finish", runs.join(", "))
+}
+
+pub fn log_dead_run(id: i64, state: Liveness) {
+    let how = match state {
+        Liveness::Rebooted => "the machine restarted",
+        _ => "its process is gone",
+    };
+    tracing::info!("run #{id} was cut short ({how})");
+}
