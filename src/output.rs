@@ -260,22 +260,26 @@ impl OutputDir {
         self.sync()?;
         crashpoint::passed(Step::DataSynced);
         let mut folders = HashMap::new();
+        let mut placed = Vec::with_capacity(staged.len());
         let mut refused = Vec::new();
-        for (placed, file) in staged.iter().enumerate() {
+        for file in staged {
             match self.place(file, &mut folders) {
-                Ok(()) => crashpoint::passed(Step::Renamed),
+                Ok(()) => {
+                    placed.push(file);
+                    crashpoint::passed(Step::Renamed);
+                }
                 Err(PlaceError::Name(why)) => {
                     self.temp_file(file.id).remove();
                     refused.push((file.id, why));
                 }
                 Err(PlaceError::Output(error)) => {
-                    self.take_back(&staged[..placed]);
+                    self.take_back(&placed);
                     return Err(error);
                 }
             }
         }
         if let Err(error) = self.sync() {
-            self.take_back(staged);
+            self.take_back(&placed);
             return Err(error);
         }
         crashpoint::passed(Step::NamesSynced);
@@ -440,6 +444,20 @@ impl OutputDir {
         file: &Written,
         folders: &mut HashMap<String, Folder>,
     ) -> Result<(), PlaceError> {
+        self.try_place(file, folders).map_err(|error| match error {
+            PlaceError::Name(why) => {
+                let target = self.root_path.join(&file.name);
+                PlaceError::Name(format!("cannot write {}: {why}", target.display()))
+            }
+            output => output,
+        })
+    }
+
+    fn try_place(
+        &self,
+        file: &Written,
+        folders: &mut HashMap<String, Folder>,
+    ) -> Result<(), PlaceError> {
         let (folder, leaf) = match file.name.rsplit_once('/') {
             Some((dir, leaf)) => {
                 if !folders.contains_key(dir) {
@@ -452,11 +470,9 @@ impl OutputDir {
         };
         let target = || self.root_path.join(&file.name);
         let refuse = |what: &str| {
-            let target = target();
             PlaceError::Name(format!(
-                "cannot write {}: it is {what}; jobrun replaces only regular files it may \
-                 write, so remove it or give the URL another name",
-                target.display()
+                "it is {what}, and jobrun replaces only regular files; remove it or give the \
+                 URL another name"
             ))
         };
         let existing = match rustix::fs::statat(&folder.fd, leaf, AtFlags::SYMLINK_NOFOLLOW) {
@@ -466,7 +482,10 @@ impl OutputDir {
         };
         let identity = existing.as_ref().map(|stat| (stat.st_dev, stat.st_ino));
         if self.protected.covers(folder, OsStr::new(leaf), identity) {
-            return Err(refuse("jobrun's state database or one of its files"));
+            return Err(PlaceError::Name(
+                "it is jobrun's state database or one of its files; give the URL another name"
+                    .into(),
+            ));
         }
         if let Some(stat) = existing {
             match FileType::from_raw_mode(stat.st_mode) {
@@ -524,12 +543,12 @@ impl OutputDir {
         let display = path.display();
         let why = match error {
             Errno::LOOP => {
-                "is a symbolic link; jobrun never follows links inside the output folder"
+                "is a symbolic link, and jobrun never follows links inside the output folder"
             }
             Errno::NOTDIR => "is not a folder",
             Errno::XDEV => {
-                "is on another filesystem (a mount point); jobrun keeps every file on the \
-                 output folder's own filesystem"
+                "is another filesystem mounted there, which a sync of the output folder's \
+                 filesystem would not cover"
             }
             Errno::NAMETOOLONG => "is too long a name for this filesystem",
             _ => {
@@ -537,15 +556,15 @@ impl OutputDir {
             }
         };
         PlaceError::Name(format!(
-            "cannot write {display}: it {why}; remove it or give the URL another name"
+            "{display} {why}; remove it or give the URL another name"
         ))
     }
 
-    /// After an error that stops the run: removes the files of `staged`
+    /// After an error that stops the run: removes the files of the batch
     /// already renamed into place (their rows are not done and are still
     /// this run's). What cannot be removed stays listed in the manifest.
-    fn take_back(&self, staged: &[Written]) {
-        for file in staged {
+    fn take_back(&self, placed: &[&Written]) {
+        for file in placed {
             let _ = self.remove_if_written(file);
         }
     }
