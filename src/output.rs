@@ -949,6 +949,60 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_runs_files_go_only_when_their_rows_are_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let db = dir.path().join("jobrun.db");
+        let files = [
+            written(1, "done.json", b"A"),
+            written(2, "held.json", b"B"),
+            written(3, "free.json", b"C"),
+            written(4, "changed.json", b"D"),
+        ];
+        let dead = root.join(TEMP_DIR).join("run-1");
+        fs::create_dir_all(&dead).unwrap();
+        let manifest: String = files.iter().map(manifest_line).collect();
+        fs::write(dead.join(MANIFEST), manifest).unwrap();
+        for (file, body) in files.iter().zip([b"A", b"B", b"C", b"d"]) {
+            fs::write(root.join(&file.name), body).unwrap();
+        }
+        let states = HashMap::from([
+            (1, RowState::Done),
+            (2, RowState::Held),
+            (3, RowState::Free),
+            (4, RowState::Free),
+        ]);
+
+        let (out, leftovers) = OutputDir::open(&root, 2, &[], &db).unwrap();
+        assert_eq!(leftovers[0].ids().collect::<Vec<_>>(), [1, 2, 3, 4]);
+        out.settle(leftovers, &states);
+        assert!(root.join("done.json").exists(), "a done row's file went");
+        assert!(root.join("held.json").exists(), "a live run's file went");
+        assert!(
+            !root.join("free.json").exists(),
+            "an uncommitted file stayed"
+        );
+        assert!(
+            root.join("changed.json").exists(),
+            "a file jobrun did not write went"
+        );
+        assert!(
+            dead.join(MANIFEST).exists(),
+            "forgotten while a row was held"
+        );
+        out.close(false).unwrap();
+
+        // Once the live run let go of its row, the next start settles it.
+        let states = HashMap::from([(2, RowState::Free)]);
+        let (out, leftovers) = OutputDir::open(&root, 3, &[], &db).unwrap();
+        out.settle(leftovers, &states);
+        assert!(!root.join("held.json").exists());
+        assert!(!dead.exists(), "a settled run's folder stayed");
+        out.close(false).unwrap();
+        assert!(!root.join(TEMP_DIR).exists());
+    }
+
+    #[test]
     fn manifest_lines_read_back_and_a_torn_line_is_skipped() {
         let file = written(42, "tab\there/line\nbreak.json", b"x");
         let line = manifest_line(&file);

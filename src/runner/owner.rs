@@ -306,20 +306,15 @@ impl Owner {
         let mut refused = Vec::new();
         if let Some(jobs) = &self.jobs {
             for claim in claims {
-                match check_output_name(&claim.path) {
-                    Ok(()) => {}
-                    Err(error) => {
-                        let (id, status) = (claim.id, None);
-                        let millis = 0;
-                        refused.push(Completion::Failed {
-                            id,
-                            status,
-                            error,
-                            millis,
-                        });
-                        continue;
-                    }
-                };
+                if let Err(error) = check_output_name(&claim.path) {
+                    refused.push(Completion::Failed {
+                        id: claim.id,
+                        status: None,
+                        error,
+                        millis: 0,
+                    });
+                    continue;
+                }
                 let recorded = claim.recorded.map(|(bytes, sha256)| Written {
                     id: claim.id,
                     name: claim.path.clone(),
