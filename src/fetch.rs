@@ -256,7 +256,7 @@ impl Fetcher {
             Fetch::Local(LocalError(local_write_error(
                 e,
                 "cannot create",
-                temp.path(),
+                &temp.path(),
             )))
         })?;
         let mut hasher = Sha256::new();
@@ -274,7 +274,7 @@ impl Fetcher {
                 Fetch::Local(LocalError(local_write_error(
                     e,
                     "cannot write",
-                    temp.path(),
+                    &temp.path(),
                 )))
             })?;
         }

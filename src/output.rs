@@ -133,12 +133,18 @@ impl Protected {
     }
 }
 
+/// One of the run's temp folders, opened once per run.
+#[derive(Debug)]
+struct Shard {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
 /// A row's temp file, in one of the run's temp folders, reached by handle.
 #[derive(Debug, Clone)]
 pub struct TempFile {
-    shard: Arc<OwnedFd>,
-    name: String,
-    path: PathBuf,
+    shard: Arc<Shard>,
+    id: i64,
 }
 
 impl TempFile {
@@ -146,8 +152,8 @@ impl TempFile {
     pub fn create(&self) -> io::Result<File> {
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW;
         let fd = rustix::fs::openat(
-            &*self.shard,
-            &self.name,
+            &self.shard.fd,
+            self.id.to_string(),
             flags | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o666),
         )?;
@@ -156,12 +162,12 @@ impl TempFile {
 
     /// Removes the file if it is there.
     pub fn remove(&self) {
-        let _ = rustix::fs::unlinkat(&*self.shard, &self.name, AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&self.shard.fd, self.id.to_string(), AtFlags::empty());
     }
 
     /// Where it is, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn path(&self) -> PathBuf {
+        self.shard.path.join(self.id.to_string())
     }
 }
 
@@ -186,7 +192,7 @@ pub struct OutputDir {
     /// This run's temp folder, and its shard folders.
     run_name: String,
     run_folder: OwnedFd,
-    shards: Vec<Arc<OwnedFd>>,
+    shards: Vec<Arc<Shard>>,
     protected: Protected,
 }
 
@@ -216,13 +222,21 @@ impl OutputDir {
         let (temp_area, run_folder, shards) = make_temp_area(&root_fd, &temp_path, run)?;
         let run_name = format!("run-{run}");
         let leftovers = dead_runs(&temp_area, &temp_path, run, live_runs);
+        let run_path = temp_path.join(&run_name);
+        let shards = (0..TEMP_SHARDS)
+            .zip(shards)
+            .map(|(shard, fd)| {
+                let path = run_path.join(shard.to_string());
+                Arc::new(Shard { fd, path })
+            })
+            .collect();
         let out = OutputDir {
             root_path: root.to_path_buf(),
             root: root_fd,
             temp_area,
             run_name,
             run_folder,
-            shards: shards.into_iter().map(Arc::new).collect(),
+            shards,
             protected: Protected::of_database(db),
         };
         Ok((out, leftovers))
@@ -230,18 +244,9 @@ impl OutputDir {
 
     /// Where the body of row `id` is written before it is durable.
     pub fn temp_file(&self, id: i64) -> TempFile {
-        let shard = id.rem_euclid(TEMP_SHARDS);
-        let name = id.to_string();
-        let path = self
-            .root_path
-            .join(TEMP_DIR)
-            .join(&self.run_name)
-            .join(shard.to_string())
-            .join(&name);
         TempFile {
-            shard: self.shards[shard as usize].clone(),
-            name,
-            path,
+            shard: self.shards[id.rem_euclid(TEMP_SHARDS) as usize].clone(),
+            id,
         }
     }
 
@@ -501,7 +506,7 @@ impl OutputDir {
             }
         }
         let shard = &self.shards[file.id.rem_euclid(TEMP_SHARDS) as usize];
-        match rustix::fs::renameat(&**shard, file.id.to_string(), &folder.fd, leaf) {
+        match rustix::fs::renameat(&shard.fd, file.id.to_string(), &folder.fd, leaf) {
             Ok(()) => Ok(()),
             // Something took the name meanwhile.
             Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => Err(refuse("a folder")),
@@ -749,9 +754,15 @@ fn remove_temp_files(run_folder: &OwnedFd, run_path: &Path) {
 /// One manifest line: id, size, sha256 and the name as a JSON string (a
 /// name may hold a tab or a line break).
 fn manifest_line(file: &Written) -> String {
-    let sha256: String = file.sha256.iter().map(|b| format!("{b:02x}")).collect();
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(128 + file.name.len());
+    let _ = write!(line, "{}\t{}\t", file.id, file.bytes);
+    for byte in file.sha256 {
+        let _ = write!(line, "{byte:02x}");
+    }
     let name = serde_json::to_string(&file.name).unwrap_or_default();
-    format!("{}\t{}\t{sha256}\t{name}\n", file.id, file.bytes)
+    let _ = writeln!(line, "\t{name}");
+    line
 }
 
 fn parse_manifest_line(line: &str) -> Option<Written> {
