@@ -3,9 +3,7 @@
 //! say what happened. Which failures are worth a retry is decided here, in
 //! `FetchError::is_permanent`.
 
-use std::fs::File;
 use std::io::Write;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::hosts::{Hosts, Politeness};
-use crate::output::local_write_error;
+use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
@@ -223,7 +221,7 @@ impl Fetcher {
 
     /// Makes one attempt at `claim`, writing a 2xx body to `temp`, and says
     /// what the database should record.
-    pub async fn attempt(&self, claim: &Claim, temp: &Path) -> Result<Attempt, LocalError> {
+    pub async fn attempt(&self, claim: &Claim, temp: &TempFile) -> Result<Attempt, LocalError> {
         let mut sent_at = None;
         let result = self.fetch_into(claim, temp, &mut sent_at).await;
         let millis = sent_at.map_or(0, |at: Instant| {
@@ -238,7 +236,7 @@ impl Fetcher {
             Err(Fetch::Local(error)) => return Err(error),
         };
         if matches!(settled, Attempt::Failed(_)) {
-            let _ = std::fs::remove_file(temp);
+            temp.remove();
         }
         Ok(settled)
     }
@@ -272,7 +270,7 @@ impl Fetcher {
     async fn fetch_into(
         &self,
         claim: &Claim,
-        temp: &Path,
+        temp: &TempFile,
         sent_at: &mut Option<Instant>,
     ) -> Result<Body, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
@@ -315,8 +313,13 @@ impl Fetcher {
         }
         self.check_size(response.content_length().unwrap_or(0))?;
         self.hosts.healthy(&host);
-        let mut file = File::create(temp)
-            .map_err(|e| Fetch::Local(LocalError(local_write_error(e, "cannot create", temp))))?;
+        let mut file = temp.create().map_err(|e| {
+            Fetch::Local(LocalError(local_write_error(
+                e,
+                "cannot create",
+                &temp.path(),
+            )))
+        })?;
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         loop {
@@ -329,7 +332,11 @@ impl Fetcher {
             self.check_size(bytes)?;
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(|e| {
-                Fetch::Local(LocalError(local_write_error(e, "cannot write", temp)))
+                Fetch::Local(LocalError(local_write_error(
+                    e,
+                    "cannot write",
+                    &temp.path(),
+                )))
             })?;
         }
         Ok(Body {

@@ -35,6 +35,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
     let plan = RunPlan {
         out_dir: out_dir.clone(),
+        db: db.to_path_buf(),
         workers: args.workers,
         fetch: FetchOptions {
             headers,

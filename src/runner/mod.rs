@@ -12,6 +12,7 @@ mod peers;
 mod syncer;
 mod worker;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::output::{OutputDir, Staged};
+use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
 use crate::progress::{self, Counters};
 use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
@@ -40,19 +41,19 @@ const GRACE: Duration = Duration::from_millis(1500);
 #[derive(Debug)]
 pub struct Job {
     pub claim: Claim,
-    pub temp: PathBuf,
-    pub target: PathBuf,
+    pub temp: TempFile,
 }
 
 /// What reaches the database owner.
 pub enum Event {
-    /// A worker finished an attempt; a done body comes with its temp file.
+    /// A worker finished an attempt; a done body comes with what it wrote.
     Finished {
         completion: Completion,
-        staged: Option<Staged>,
+        staged: Option<Written>,
     },
-    /// The sync thread's answer for the batch it was given.
-    Durable(Result<()>),
+    /// The sync thread's answer for the batch it was given: the rows whose
+    /// names could not be used, with why, or the error that stops the run.
+    Durable(Result<Vec<(i64, String)>>),
     /// A worker could not write its file: the run stops.
     Fatal(anyhow::Error),
     /// Ctrl-C: stop claiming.
@@ -64,6 +65,8 @@ pub enum Event {
 /// What a run is asked to do.
 pub struct RunPlan {
     pub out_dir: PathBuf,
+    /// The state database, which no output file may replace.
+    pub db: PathBuf,
     pub workers: usize,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
@@ -101,7 +104,9 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         );
     }
     let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
-    let out = match OutputDir::open(&plan.out_dir, started.id, &live) {
+    let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
+        .and_then(|(out, leftovers)| settle_leftovers(&mut store, &out, leftovers).map(|()| out));
+    let out = match opened {
         Ok(out) => out,
         Err(error) => {
             store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
@@ -179,6 +184,22 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     totals.reclaimed = started.reclaimed;
     totals.elapsed = started_at.elapsed();
     Ok(totals)
+}
+
+/// Settles what runs that died left in the output folder, with the rows'
+/// states read under the write lock: no run may claim one of those rows
+/// while its file is being looked at.
+pub(super) fn settle_leftovers(
+    store: &mut Store,
+    out: &OutputDir,
+    leftovers: Vec<Leftover>,
+) -> Result<()> {
+    let ids: Vec<i64> = leftovers.iter().flat_map(Leftover::ids).collect();
+    if ids.is_empty() {
+        out.settle(leftovers, &HashMap::new());
+        return Ok(());
+    }
+    store.with_row_states(&ids, |states| out.settle(leftovers, states))
 }
 
 /// What the progress display needs.

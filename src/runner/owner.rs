@@ -4,7 +4,6 @@
 //! then commits them, one transaction per tick. Workers never touch SQL.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
 use crate::crashpoint::{self, Step};
-use crate::output::{OutputDir, Staged};
+use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
@@ -47,21 +46,23 @@ pub struct Owner {
     events: flume::Receiver<Event>,
     /// Tells the supervisor that the run is stopping on its own.
     stopping_signal: Arc<Notify>,
-    /// Claimed rows not yet completed, with their target files.
-    in_flight: HashMap<i64, PathBuf>,
+    /// Claimed rows not yet completed, with the file last recorded as
+    /// theirs, if any.
+    in_flight: HashMap<i64, Option<Written>>,
     /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
     batch_since: Option<Instant>,
     /// A sync result came in: commit its bodies without waiting.
     commit_now: bool,
     /// Bodies not yet handed to the sync thread, and their outcomes.
-    staged: Vec<Staged>,
+    staged: Vec<Written>,
     unsynced: Vec<Completion>,
     unsynced_since: Option<Instant>,
     /// The outcomes of the bodies the sync thread is working on.
     syncing: Option<Vec<Completion>>,
-    /// Targets of rows that failed, removed before the commit.
-    failed_targets: Vec<PathBuf>,
+    /// The recorded files of rows that failed, removed before the commit
+    /// if they are still the very files recorded.
+    failed_targets: Vec<Written>,
     next_claim_at: Instant,
     last_commit: Instant,
     stopping: Option<RunEnd>,
@@ -175,15 +176,15 @@ impl Owner {
         false
     }
 
-    fn collect(&mut self, completion: Completion, staged: Option<Staged>) {
-        let target = self.in_flight.remove(&completion.id());
+    fn collect(&mut self, completion: Completion, staged: Option<Written>) {
+        let recorded = self.in_flight.remove(&completion.id()).flatten();
         match &completion {
             Completion::Retry {
                 next_attempt_at, ..
             } => {
                 self.next_claim_at = self.next_claim_at.min(instant_of(*next_attempt_at));
             }
-            Completion::Failed { .. } => self.failed_targets.extend(target),
+            Completion::Failed { .. } => self.failed_targets.extend(recorded),
             _ => {}
         }
         match staged {
@@ -204,16 +205,38 @@ impl Owner {
     }
 
     /// Takes the sync thread's answer for `completions`: their bodies are
-    /// durable and they may be committed, or none of them may be marked done.
-    fn synced(&mut self, mut completions: Vec<Completion>, result: Result<()>) {
-        if let Err(error) = result {
-            // They go back to pending instead.
-            for completion in &mut completions {
-                if let Completion::Done { id, .. } = *completion {
-                    *completion = Completion::Interrupted { id };
+    /// durable and they may be committed, except those whose names could
+    /// not be used, which fail; or none of them may be marked done.
+    fn synced(&mut self, mut completions: Vec<Completion>, result: Result<Vec<(i64, String)>>) {
+        match result {
+            Ok(refused) if refused.is_empty() => {}
+            Ok(refused) => {
+                let mut refused: HashMap<i64, String> = refused.into_iter().collect();
+                for completion in &mut completions {
+                    if let Completion::Done {
+                        id, status, millis, ..
+                    } = *completion
+                        && let Some(error) = refused.remove(&id)
+                    {
+                        tracing::debug!("failed: {error}");
+                        *completion = Completion::Failed {
+                            id,
+                            status: Some(status),
+                            error,
+                            millis,
+                        };
+                    }
                 }
             }
-            self.stop(RunEnd::Error(format!("{error:#}")));
+            Err(error) => {
+                // They go back to pending instead.
+                for completion in &mut completions {
+                    if let Completion::Done { id, .. } = *completion {
+                        *completion = Completion::Interrupted { id };
+                    }
+                }
+                self.stop(RunEnd::Error(format!("{error:#}")));
+            }
         }
         self.batch.append(&mut completions);
         self.batch_since.get_or_insert_with(Instant::now);
@@ -290,31 +313,25 @@ impl Owner {
         let mut refused = Vec::new();
         if let Some(jobs) = &self.jobs {
             for claim in claims {
-                let target = match self.out.target_path(&claim.path) {
-                    Ok(target) => target,
-                    Err(error) => {
-                        let (id, status) = (claim.id, None);
-                        let millis = 0;
-                        refused.push(Completion::Failed {
-                            id,
-                            status,
-                            error,
-                            millis,
-                        });
-                        continue;
-                    }
-                };
-                self.in_flight.insert(claim.id, target.clone());
-                let temp = self.out.temp_path(claim.id);
+                if let Err(error) = check_output_name(&claim.path) {
+                    refused.push(Completion::Failed {
+                        id: claim.id,
+                        status: None,
+                        error,
+                        millis: 0,
+                    });
+                    continue;
+                }
+                let recorded = claim.recorded.map(|(bytes, sha256)| Written {
+                    id: claim.id,
+                    name: claim.path.clone(),
+                    bytes,
+                    sha256,
+                });
+                self.in_flight.insert(claim.id, recorded);
+                let temp = self.out.temp_file(claim.id);
                 // Room was counted above and only this thread sends.
-                if jobs
-                    .try_send(Job {
-                        claim,
-                        temp,
-                        target,
-                    })
-                    .is_err()
-                {
+                if jobs.try_send(Job { claim, temp }).is_err() {
                     anyhow::bail!("the job queue closed unexpectedly");
                 }
             }
@@ -343,8 +360,13 @@ impl Owner {
     /// Commits the batch and claims up to `claim` rows in one transaction.
     fn commit(&mut self, claim: usize) -> Result<Vec<crate::store::Claim>> {
         let claim = if self.stopping.is_some() { 0 } else { claim };
-        for target in self.failed_targets.drain(..) {
-            self.out.remove_target(&target)?;
+        for recorded in self.failed_targets.drain(..) {
+            if let Err(error) = self.out.remove_if_written(&recorded) {
+                tracing::warn!(
+                    "cannot remove the file of a failed URL, {}: {error}",
+                    recorded.name
+                );
+            }
         }
         let marks_done = self
             .batch
@@ -388,9 +410,18 @@ impl Owner {
     }
 
     /// Stops claiming: unstarted jobs go back, workers finish what they hold.
+    /// An error outranks a stop already under way for another reason (the
+    /// last batch may fail after the run found nothing left): the run's end
+    /// is then that error.
     fn stop(&mut self, end: RunEnd) {
-        if self.stopping.is_some() {
-            return;
+        match (&self.stopping, &end) {
+            (None, _) => {}
+            (Some(RunEnd::Error(_)), _) => return,
+            (Some(_), RunEnd::Error(_)) => {
+                self.stopping = Some(end);
+                return;
+            }
+            (Some(_), _) => return,
         }
         self.stopping = Some(end);
         while let Ok(job) = self.queued.try_recv() {
@@ -442,7 +473,9 @@ impl Owner {
         self.store.end_run(self.run, &end)?;
         self.syncer.stop()?;
         match Arc::try_unwrap(self.out) {
-            Ok(out) => out.close()?,
+            // After an error a batch may be in place and not committed: its
+            // manifest stays for the next run to settle.
+            Ok(out) => out.close(matches!(end, RunEnd::Error(_)))?,
             Err(_) => anyhow::bail!("the output folder is still in use"),
         }
         // What this run committed, as the progress display counted it.

@@ -41,10 +41,12 @@ impl Peers {
         }
         let now = now_ms();
         let reclaimed = store.reclaim_dead_runs(|run| process::liveness(run, &self.me, now))?;
+        let mut leftovers = Vec::new();
         for (id, state) in &reclaimed.dead {
             log_dead_run(*id, *state);
-            out.remove_temp_of(*id)?;
+            leftovers.extend(out.leftover_of(*id));
         }
+        super::settle_leftovers(store, out, leftovers)?;
         if reclaimed.rows > 0 {
             tracing::info!(
                 "took back {} URLs from runs that were cut short",

@@ -10,12 +10,12 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 
-use crate::output::{OutputDir, Staged};
+use crate::output::{OutputDir, Written};
 
 use super::Event;
 
 pub struct Syncer {
-    batches: flume::Sender<Vec<Staged>>,
+    batches: flume::Sender<Vec<Written>>,
     thread: JoinHandle<()>,
 }
 
@@ -23,7 +23,7 @@ impl Syncer {
     /// Starts the thread; it answers each batch with `Event::Durable` on
     /// `events`.
     pub fn start(out: Arc<OutputDir>, events: flume::Sender<Event>) -> Result<Syncer> {
-        let (batches, incoming) = flume::bounded::<Vec<Staged>>(1);
+        let (batches, incoming) = flume::bounded::<Vec<Written>>(1);
         let thread = std::thread::Builder::new()
             .name("jobrun-sync".into())
             .spawn(move || {
@@ -40,7 +40,7 @@ impl Syncer {
 
     /// Hands over a batch; the caller sends the next one only after this
     /// one's `Event::Durable`.
-    pub fn sync(&self, staged: Vec<Staged>) -> Result<()> {
+    pub fn sync(&self, staged: Vec<Written>) -> Result<()> {
         self.batches
             .send(staged)
             .map_err(|_| anyhow::anyhow!("the sync thread stopped unexpectedly"))

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::fetch::{Attempt, Fetcher, LocalError};
-use crate::output::Staged;
+use crate::output::Written;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
@@ -30,9 +30,11 @@ pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flu
                         sha256: body.sha256,
                         millis: body.millis,
                     },
-                    staged: Some(Staged {
-                        temp: job.temp,
-                        target: job.target,
+                    staged: Some(Written {
+                        id: job.claim.id,
+                        name: job.claim.path.clone(),
+                        bytes: body.bytes,
+                        sha256: body.sha256,
                     }),
                 }
             }

@@ -6,6 +6,8 @@
 //! row. Every later write is guarded by that id: a row taken back from a run
 //! thought dead is not overwritten by it.
 
+use std::collections::HashMap;
+
 use anyhow::{Result, bail};
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -22,6 +24,19 @@ pub struct Claim {
     pub path: String,
     /// Attempts already made (and finished).
     pub attempts: u32,
+    /// The size and sha256 of the body last recorded as done, if any.
+    pub recorded: Option<(u64, [u8; 32])>,
+}
+
+/// A row's state, as far as its output file is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowState {
+    /// Done: its file is the one to keep.
+    Done,
+    /// Held by a run, which may be writing its file right now.
+    Held,
+    /// Pending or failed: nobody is writing its file.
+    Free,
 }
 
 /// A URL to import.
@@ -294,6 +309,34 @@ impl Store {
         Ok(())
     }
 
+    /// Runs `settle` on the states of rows `ids` while holding the write
+    /// lock, so that no run claims one of them meanwhile. A row that is not
+    /// there is left out.
+    pub fn with_row_states<T>(
+        &mut self,
+        ids: &[i64],
+        settle: impl FnOnce(&HashMap<i64, RowState>) -> T,
+    ) -> Result<T> {
+        let tx = self.write_transaction()?;
+        let mut states = HashMap::with_capacity(ids.len());
+        {
+            let mut select = tx.prepare_cached("SELECT state FROM urls WHERE id = ?1")?;
+            for &id in ids {
+                let state: Option<String> = select.query_row([id], |row| row.get(0)).optional()?;
+                let state = match state.as_deref() {
+                    None => continue,
+                    Some("done") => RowState::Done,
+                    Some("running") => RowState::Held,
+                    Some(_) => RowState::Free,
+                };
+                states.insert(id, state);
+            }
+        }
+        let settled = settle(&states);
+        tx.commit()?;
+        Ok(settled)
+    }
+
     /// The earliest time a pending row becomes due, if any is pending.
     pub fn next_due(&self) -> Result<Option<i64>> {
         Ok(self
@@ -432,7 +475,7 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
         }
         let mut statement = tx.prepare_cached(&format!(
             "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
-             RETURNING id, url, request, path, attempts"
+             RETURNING id, url, request, path, attempts, bytes, sha256"
         ))?;
         let picked = statement.query_map(params![run, now, wanted as i64], |row| {
             Ok(Claim {
@@ -441,6 +484,15 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
                 request: row.get(2)?,
                 path: row.get(3)?,
                 attempts: row.get(4)?,
+                recorded: match (
+                    row.get::<_, Option<i64>>(5)?,
+                    row.get::<_, Option<Vec<u8>>>(6)?,
+                ) {
+                    (Some(bytes), Some(sha256)) => <[u8; 32]>::try_from(sha256.as_slice())
+                        .ok()
+                        .map(|sha256| (bytes as u64, sha256)),
+                    _ => None,
+                },
             })
         })?;
         for claim in picked {
