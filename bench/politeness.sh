@@ -19,12 +19,14 @@
 #           workers: peak RSS, next to 10,000 URLs over the same hosts
 #
 # JOBRUN=PATH measures another jobrun binary (e.g. one built from an older commit).
+# LIMIT=S (default 300) stops a run (SIGINT) that takes longer; its figure then says so.
 # BENCH_DIR (default /tmp/jobrun-bench) holds the databases, freed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCENARIOS=("$@")
 [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(bucket mix first always paused hosts)
 DIR=${BENCH_DIR:-/tmp/jobrun-bench}/polite-$$
+LIMIT=${LIMIT:-300}
 
 cargo build --release --locked --quiet --bin jobrun --example bench_server
 JOBRUN=${JOBRUN:-$PWD/target/release/jobrun}
@@ -89,6 +91,9 @@ for line in sys.stdin:
         bad += 1
 print("ok" if bad == 0 else "%d of %d wrong" % (bad, rows))'
 }
+done_of() { # NAME: URLs done in that job
+    "$JOBRUN" --db "$DIR/$1/jobrun.db" report --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["done"])'
+}
 count() { # FILE STATUS: requests answered STATUS in a hits file
     awk -v s="$2" '$3 == s { n++ } END { print n + 0 }' "$1"
 }
@@ -99,13 +104,15 @@ bucket() {
     job bucket
     local start end
     start=$(now_ms)
-    "$JOBRUN" -q --db "$DIR/bucket/jobrun.db" run --workers 50 --max-attempts 100 || true
+    timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/bucket/jobrun.db" run --workers 50 --max-attempts 100 || true
     end=$(now_ms)
     stop_servers
     local total t429
     total=$(wc -l < "$DIR/bucket.hits")
     t429=$(count "$DIR/bucket.hits" 429)
-    echo "bucket: 3000 URLs in $(((end - start)))ms: $(echo "3000000 / ($end - $start)" | bc -l | xargs printf '%.1f') URLs/s" \
+    local done
+    done=$(done_of bucket)
+    echo "bucket: $done of 3000 URLs done in $((end - start))ms: $(echo "$done * 1000 / ($end - $start)" | bc -l | xargs printf '%.1f') URLs/s" \
         "(bound 50/s), $t429 of $total requests 429 ($(echo "100 * $t429 / $total" | bc -l | xargs printf '%.1f')%)," \
         "files $(check_files bucket)"
 }
@@ -120,11 +127,13 @@ mix() {
         [ "$mode" = no-adaptive ] && flags+=(--no-adaptive)
         local start end
         start=$(now_ms)
-        "$JOBRUN" -q --db "$DIR/mix/jobrun.db" run "${flags[@]}" || true
+        timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/mix/jobrun.db" run "${flags[@]}" || true
         end=$(now_ms)
         stop_servers
-        echo "mix ($mode): 2000 URLs in $((end - start))ms:" \
-            "$(echo "2000000 / ($end - $start)" | bc -l | xargs printf '%.1f') URLs/s, files $(check_files mix)"
+        local done
+        done=$(done_of mix)
+        echo "mix ($mode): $done of 2000 URLs done in $((end - start))ms:" \
+            "$(echo "$done * 1000 / ($end - $start)" | bc -l | xargs printf '%.1f') URLs/s, files $(check_files mix)"
     done
 }
 
@@ -134,14 +143,14 @@ first() {
     job first
     local start end
     start=$(now_ms)
-    "$JOBRUN" -q --db "$DIR/first/jobrun.db" run --workers 20 || true
+    timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/first/jobrun.db" run --workers 20 || true
     end=$(now_ms)
     stop_servers
     local gap
     gap=$(sort -k2,2n -k1,1n "$DIR/first.hits" | awk '
         $2 == item { g = $1 - last; if (min == "" || g < min) min = g }
         { item = $2; last = $1 } END { print min }')
-    echo "first: 60 URLs in $((end - start))ms, shortest gap between an item's requests ${gap}ms" \
+    echo "first: $(done_of first) of 60 URLs done in $((end - start))ms, shortest gap between an item's requests ${gap}ms" \
         "(Retry-After 2 s), files $(check_files first)"
 }
 
@@ -151,7 +160,7 @@ always() {
     job always
     local start end code=0
     start=$(now_ms)
-    timeout 600 "$JOBRUN" -q --db "$DIR/always/jobrun.db" run --max-attempts 3 || code=$?
+    timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/always/jobrun.db" run --max-attempts 3 || code=$?
     end=$(now_ms)
     stop_servers
     local failed
@@ -165,7 +174,7 @@ paused_run() {
     local name=$1 start served=0 deadline
     job "$name"
     start=$(now_ms)
-    deadline=$((start + 180000))
+    deadline=$((start + LIMIT * 1000))
     "$JOBRUN" -q --db "$DIR/$name/jobrun.db" run --workers 50 &
     local run=$!
     while [ "$served" -lt 9000 ] && [ "$(now_ms)" -lt "$deadline" ]; do
@@ -212,7 +221,7 @@ hosts() {
     job hosts
     local start end
     start=$(now_ms)
-    "$JOBRUN" -q --db "$DIR/hosts/jobrun.db" run --workers 50 --per-host-workers 1 || true
+    timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/hosts/jobrun.db" run --workers 50 --per-host-workers 1 || true
     end=$(now_ms)
     stop_servers
     echo "hosts: 5000 URLs over 100 hosts in $((end - start))ms:" \

@@ -478,7 +478,7 @@ async fn reset(mut stream: TcpStream, body: Body) -> std::io::Result<()> {
     .into_bytes();
     reply.extend_from_slice(&bytes[..bytes.len() / 2]);
     stream.write_all(&reply).await?;
-    stream.set_linger(Some(Duration::ZERO))?;
+    stream.set_zero_linger()?;
     Ok(())
 }
 

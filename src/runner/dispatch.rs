@@ -9,11 +9,14 @@
 //! never waits for a host.
 //!
 //! What the claims should leave out is told to the database owner through a
-//! shared `HostFilter`: hosts blocked for more than a second (they also give
-//! back the jobs they hold, but one, so the buffer is free for others), and
-//! hosts with a per-host limit (`--per-host-workers`, a rate) that have a few
+//! shared `HostFilter`: hosts blocked for more than a second, and hosts with
+//! a per-host limit (`--per-host-workers`, a rate) that have a few
 //! seconds' worth of jobs waiting. Hosts without a limit are never left
 //! out: they are never blocked, and the buffer's bound holds them back.
+//! When the buffer is full, the hosts left out give back what they hold
+//! beyond one job (a limited host: beyond its cap), so that other hosts'
+//! jobs can come in; a paused host keeps the rest, and everything it holds
+//! goes the moment its pause ends, together.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -29,7 +32,7 @@ use super::{Event, Job};
 /// How often the claim filter is brought up to date.
 const REFRESH: Duration = Duration::from_millis(100);
 /// A host that cannot be sent a request for longer than this is left out of
-/// claims, and gives back all its queued jobs but one.
+/// claims.
 const LONG_WAIT: Duration = Duration::from_secs(1);
 /// The most hosts a claim leaves out.
 const MOST_SKIPPED: usize = 1000;
@@ -55,7 +58,7 @@ pub struct Dispatcher {
     per_host_workers: Option<usize>,
     /// Hosts blocked for long, and limited hosts with enough jobs waiting:
     /// together, what claims leave out.
-    blocked: Vec<String>,
+    blocked: HashSet<String>,
     full: HashSet<String>,
     filter: SharedFilter,
     last_refresh: Instant,
@@ -83,7 +86,7 @@ impl Dispatcher {
             queued: 0,
             limit,
             per_host_workers,
-            blocked: Vec::new(),
+            blocked: HashSet::new(),
             full: HashSet::new(),
             filter,
             last_refresh: Instant::now(),
@@ -195,14 +198,12 @@ impl Dispatcher {
     }
 
     fn write_filter(&self) {
-        let mut skip = self.blocked.clone();
-        skip.extend(
-            self.full
-                .iter()
-                .filter(|host| !self.blocked.contains(host))
-                .cloned(),
-        );
-        skip.truncate(MOST_SKIPPED);
+        let skip = self
+            .blocked
+            .union(&self.full)
+            .take(MOST_SKIPPED)
+            .cloned()
+            .collect();
         lock(&self.filter).skip = skip;
     }
 
@@ -243,22 +244,24 @@ impl Dispatcher {
         Err(earliest)
     }
 
-    /// Brings the claim filter up to date. Hosts blocked for long give back
-    /// their queued jobs but one; when the buffer is full, limited hosts
-    /// give back what they hold beyond their cap, so other hosts' jobs can
-    /// come in.
+    /// Brings the claim filter up to date, and tells the owner to claim at
+    /// once when a host blocked for long can take requests again. When the
+    /// buffer is full, blocked hosts give back their queued jobs but one,
+    /// and limited hosts what they hold beyond their cap.
     async fn refresh(&mut self, now: Instant, events: &flume::Sender<Event>) {
         self.last_refresh = now;
-        self.blocked = self.hosts.blocked_beyond(now + LONG_WAIT);
+        let blocked: HashSet<String> = self.hosts.blocked_beyond(now + LONG_WAIT).into_iter().collect();
+        let released = self.blocked.iter().any(|host| !blocked.contains(host));
+        self.blocked = blocked;
         let mut given_back = Vec::new();
-        for host in &self.blocked {
-            if let Some(queue) = self.queues.get_mut(host)
-                && queue.len() > 1
-            {
-                given_back.extend(queue.drain(1..));
+        if self.queued >= self.limit {
+            for host in &self.blocked {
+                if let Some(queue) = self.queues.get_mut(host)
+                    && queue.len() > 1
+                {
+                    given_back.extend(queue.drain(1..));
+                }
             }
-        }
-        if self.queued - given_back.len() >= self.limit {
             for host in &self.full {
                 let cap = self.queue_cap(host).unwrap_or(self.limit);
                 if let Some(queue) = self.queues.get_mut(host)
@@ -270,6 +273,9 @@ impl Dispatcher {
         }
         self.queued -= given_back.len();
         self.write_filter();
+        if released {
+            let _ = events.try_send(Event::ClaimNow);
+        }
         for job in given_back {
             if give_back(events, job).await.is_err() {
                 return;
