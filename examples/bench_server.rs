@@ -29,9 +29,9 @@
 //! `--listeners N` listens on N ports of each address (hosts are host:port for jobrun);
 //! `--url-file` then lists every `http://ADDR:PORT`, one a line.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -423,7 +423,11 @@ async fn connection(mut stream: TcpStream, api: &Api) -> std::io::Result<()> {
                 secs,
             ),
             (_, Some(body)) => (200, body, None),
-            (_, None) => (404, Body::Bytes(b"{\"error\": \"not found\"}\n".to_vec()), None),
+            (_, None) => (
+                404,
+                Body::Bytes(b"{\"error\": \"not found\"}\n".to_vec()),
+                None,
+            ),
         };
         api.faults.log(item, status);
         let retry_after = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));

@@ -363,7 +363,9 @@ impl Window {
     /// Answers per second, and accepted answers per second, over at least
     /// 100 ms (a first burst answered at once says little about a rate).
     fn rates(&self, now: Instant) -> (f64, f64) {
-        let span = (now - self.start).max(Duration::from_millis(100)).as_secs_f64();
+        let span = (now - self.start)
+            .max(Duration::from_millis(100))
+            .as_secs_f64();
         (
             f64::from(self.answers) / span,
             f64::from(self.answers - self.throttled) / span,
@@ -432,8 +434,7 @@ impl Throttle {
         };
         let share = window.share();
         let (answered, accepted) = window.rates(now);
-        let throttled =
-            window.throttled >= 3 && share > self.noise + self.margin(window.answers);
+        let throttled = window.throttled >= 3 && share > self.noise + self.margin(window.answers);
         // Over a second at least: a first burst does not count as a pace.
         let sustained = f64::from(window.answers - window.throttled)
             / (now - window.start).max(WINDOW).as_secs_f64();
@@ -491,7 +492,10 @@ impl Throttle {
         }
         if answered < rate * 0.5 && window.answers > 0 {
             // The rate is not what sets the pace (latency or workers are).
-            if self.capacity.is_none_or(|capacity| answered < capacity * 0.5) {
+            if self
+                .capacity
+                .is_none_or(|capacity| answered < capacity * 0.5)
+            {
                 self.rate = None;
                 self.capacity = None;
                 self.healthy = 0;
@@ -632,8 +636,7 @@ mod tests {
     fn against_a_token_bucket_the_rate_settles_just_under_it() {
         let mut sim = Sim::new();
         let server = bucket(50.0, 10.0, sim.start);
-        let (requests, throttled, accepted) =
-            sim.run(60.0, 50, Duration::from_millis(2), server);
+        let (requests, throttled, accepted) = sim.run(60.0, 50, Duration::from_millis(2), server);
         let goodput = accepted as f64 / sim.seconds();
         let share = throttled as f64 / requests as f64;
         assert!(goodput >= 45.0, "goodput {goodput:.1}/s of 50/s");
@@ -664,7 +667,10 @@ mod tests {
         let latency = Duration::from_millis(20);
         sim.run(2.0, 20, latency, |_| false);
         sim.run(2.0, 20, latency, |_| true);
-        assert!(sim.throttle.rate().is_some(), "a burst of 429s cuts the rate");
+        assert!(
+            sim.throttle.rate().is_some(),
+            "a burst of 429s cuts the rate"
+        );
         sim.run(10.0, 20, latency, |_| false);
         // 20 workers, 20 ms: 1,000 requests/s unthrottled.
         let (requests, _, _) = sim.run(2.0, 20, latency, |_| false);

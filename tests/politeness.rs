@@ -14,7 +14,11 @@ use support::*;
 /// URLs of `per_host` items on each server, interleaved: one of each in turn.
 fn interleaved(servers: &[&Server], per_host: u64) -> Vec<String> {
     (0..per_host)
-        .flat_map(|i| servers.iter().map(move |s| s.url(&format!("/items/{i}.json"))))
+        .flat_map(|i| {
+            servers
+                .iter()
+                .map(move |s| s.url(&format!("/items/{i}.json")))
+        })
         .collect()
 }
 
@@ -25,8 +29,9 @@ fn item_server_on(
     fault: impl Fn(u64, usize) -> Option<Reply> + Send + Sync + 'static,
 ) -> Server {
     Server::start_on(address, move |request| match item_of(&request.path) {
-        Some(i) => fault(i, request.previous)
-            .unwrap_or_else(|| Reply::ok(item_body(i)).delayed(delay)),
+        Some(i) => {
+            fault(i, request.previous).unwrap_or_else(|| Reply::ok(item_body(i)).delayed(delay))
+        }
         None => Reply::status(404),
     })
 }
@@ -137,7 +142,13 @@ fn a_capped_host_does_not_hold_workers_that_other_hosts_could_use() {
 #[test]
 fn per_host_caps_are_never_exceeded_on_any_host() {
     let servers: Vec<Server> = (1..=3)
-        .map(|i| item_server_on(&format!("127.0.0.{i}:0"), Duration::from_millis(20), |_, _| None))
+        .map(|i| {
+            item_server_on(
+                &format!("127.0.0.{i}:0"),
+                Duration::from_millis(20),
+                |_, _| None,
+            )
+        })
         .collect();
     let job = Job::new();
     let urls = interleaved(&servers.iter().collect::<Vec<_>>(), 30);
@@ -247,12 +258,24 @@ fn the_report_shows_429s_and_503s_per_host() {
         _ => None,
     });
     let fine = item_server_on("127.0.0.2:0", Duration::ZERO, |_, _| None);
+    // Attempts without an HTTP answer count too, with no status.
+    let closed = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let nobody = format!("http://{}/items/0.json", closed.local_addr().unwrap());
+    drop(closed);
     let job = Job::new();
-    job.import(&interleaved(&[&throttled, &fine], 10));
-    assert_success(
-        &job.run(&["--workers", "2", "--backoff-base", "1ms", "--no-adaptive"]),
-        "run",
-    );
+    let mut urls = interleaved(&[&throttled, &fine], 10);
+    urls.push(nobody);
+    job.import(&urls);
+    let output = job.run(&[
+        "--workers",
+        "2",
+        "--backoff-base",
+        "1ms",
+        "--no-adaptive",
+        "--max-attempts",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let report = job.report_json();
     let hosts = report["hosts"].as_array().expect("hosts");
     let of = |server: &Server| {
@@ -265,8 +288,26 @@ fn the_report_shows_429s_and_503s_per_host() {
             .clone()
     };
     let (t, f) = (of(&throttled), of(&fine));
-    assert_eq!((t["answers"].as_i64(), t["status_429"].as_i64(), t["status_503"].as_i64()), (Some(20), Some(5), Some(5)));
-    assert_eq!((f["answers"].as_i64(), f["status_429"].as_i64()), (Some(10), Some(0)));
+    let refused = hosts
+        .iter()
+        .find(|h| h["host"].as_str().unwrap().starts_with("127.0.0.3"))
+        .unwrap();
+    assert_eq!(
+        (refused["answers"].as_i64(), refused["status_429"].as_i64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(
+        (
+            t["answers"].as_i64(),
+            t["status_429"].as_i64(),
+            t["status_503"].as_i64()
+        ),
+        (Some(20), Some(5), Some(5))
+    );
+    assert_eq!(
+        (f["answers"].as_i64(), f["status_429"].as_i64()),
+        (Some(10), Some(0))
+    );
     let text = String::from_utf8_lossy(&job.jobrun(&["report"]).stdout).into_owned();
     assert!(
         text.contains("429: 5, 503: 5 of 20 answers (50.0%)"),

@@ -179,7 +179,10 @@ impl Dispatcher {
     /// claims leave it out; None for a host without a limit.
     fn queue_cap(&self, host: &str) -> Option<usize> {
         let by_slots = self.per_host_workers.map(|n| n * 4);
-        let by_rate = self.hosts.rate_of(host).map(|rate| (rate * 2.0).ceil() as usize);
+        let by_rate = self
+            .hosts
+            .rate_of(host)
+            .map(|rate| (rate * 2.0).ceil() as usize);
         let cap = match (by_slots, by_rate) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
@@ -250,7 +253,11 @@ impl Dispatcher {
     /// and limited hosts what they hold beyond their cap.
     async fn refresh(&mut self, now: Instant, events: &flume::Sender<Event>) {
         self.last_refresh = now;
-        let blocked: HashSet<String> = self.hosts.blocked_beyond(now + LONG_WAIT).into_iter().collect();
+        let blocked: HashSet<String> = self
+            .hosts
+            .blocked_beyond(now + LONG_WAIT)
+            .into_iter()
+            .collect();
         let released = self.blocked.iter().any(|host| !blocked.contains(host));
         self.blocked = blocked;
         let mut given_back = Vec::new();

@@ -21,9 +21,7 @@ use include_dir::{Dir, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
-pub use queue::{
-    Claim, Completion, HostFilter, ImportBatch, InsertResult, NewUrl, bucket_floor,
-};
+pub use queue::{Claim, Completion, HostFilter, ImportBatch, InsertResult, NewUrl, bucket_floor};
 pub use runs::{Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::Summary;
 

@@ -399,7 +399,8 @@ pub fn bucket_floor(bucket: i64) -> f64 {
 }
 
 /// Adds every finished attempt in `completions` to its host's answers, and
-/// the 429s and 503s among them: one statement per commit.
+/// the 429s and 503s among them: one statement per commit. An attempt that
+/// got no HTTP answer (a reset, a timeout) has no status.
 fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Result<()> {
     let answers: Vec<(i64, Option<u16>)> = completions
         .iter()
@@ -418,7 +419,8 @@ fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Resul
     // WHERE true: without it SQLite would read ON CONFLICT as part of the join.
     tx.prepare_cached(
         "INSERT INTO host_answers (host, answers, status_429, status_503)
-         SELECT u.host, count(*), sum(a.value ->> 1 = 429), sum(a.value ->> 1 = 503)
+         SELECT u.host, count(*), sum(coalesce(a.value ->> 1, 0) = 429),
+             sum(coalesce(a.value ->> 1, 0) = 503)
          FROM json_each(?1) AS a JOIN urls AS u ON u.id = a.value ->> 0
          WHERE true GROUP BY u.host
          ON CONFLICT (host) DO UPDATE SET answers = answers + excluded.answers,
@@ -488,10 +490,7 @@ fn claim_due(
         let picked = if filter.is_empty() {
             statement.query_map(params![run, now, wanted as i64], read)?
         } else {
-            statement.query_map(
-                params![run, now, wanted as i64, FILTER_WINDOW, skip],
-                read,
-            )?
+            statement.query_map(params![run, now, wanted as i64, FILTER_WINDOW, skip], read)?
         };
         for claim in picked {
             claims.push(claim?);
