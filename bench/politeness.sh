@@ -15,8 +15,8 @@
 #           Retry-After: 30: when the other 9,000 are done, against a run without that host
 #   hosts   100 hosts, --per-host-workers 1, 50 workers, 50 ms latency, 5,000 URLs: URLs/s
 #           against the bound of 1,000/s
-#   memory  1,000,000 URLs over 10,000 hosts (100 ports on each of 127.0.0.1-100), 50
-#           workers: peak RSS, next to 10,000 URLs over the same hosts
+#   memory  1,000,000 URLs over 10,000 hosts (100 ports on each of 127.0.0.1-100; MEMORY_HOSTS
+#           changes the count), 50 workers: peak RSS, next to 10,000 URLs over the same hosts
 #
 # JOBRUN=PATH measures another jobrun binary (e.g. one built from an older commit).
 # LIMIT=S (default 300) stops a run (SIGINT) that takes longer; its figure then says so.
@@ -64,8 +64,7 @@ stop_servers() {
 urls() {
     local n=${*: -1}
     local bases=("${@:1:$#-1}")
-    awk -v n="$n" -v bases="${bases[*]}" 'BEGIN {
-        k = split(bases, b, " ")
+    printf '%s\n' "${bases[@]}" | awk -v n="$n" '{ b[++k] = $0 } END {
         for (i = 0; i < n; i++) print b[(i % k) + 1] "/items/" i ".json"
     }'
 }
@@ -79,17 +78,18 @@ job() {
 check_files() {
     "$JOBRUN" --db "$DIR/$1/jobrun.db" export | python3 -c '
 import json, sys
-bad = 0
-rows = 0
+bad = undone = 0
 for line in sys.stdin:
     row = json.loads(line)
-    rows += 1
+    if row["state"] != "done":
+        undone += 1
+        continue
     item = row["url"].rsplit("/", 1)[1].split(".")[0]
     head = ("{\"id\": %s, \"pad\": \"" % item).encode()
     want = head + b"x" * (1021 - len(head)) + b"\"}\n"
-    if row["state"] != "done" or open(row["path"], "rb").read() != want:
+    if open(row["path"], "rb").read() != want:
         bad += 1
-print("ok" if bad == 0 else "%d of %d wrong" % (bad, rows))'
+print("%s%s" % ("ok" if bad == 0 else "%d wrong" % bad, ", %d not done" % undone if undone else ""))'
 }
 done_of() { # NAME: URLs done in that job
     "$JOBRUN" --db "$DIR/$1/jobrun.db" report --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["done"])'
@@ -117,23 +117,32 @@ bucket() {
         "files $(check_files bucket)"
 }
 
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
 mix() {
-    local mode
+    # Alternating, ROUNDS times (default 3): where the random pauses fall moves the time a lot.
+    local round mode results=()
+    for round in $(seq "${ROUNDS:-3}"); do
+        for mode in adaptive no-adaptive; do
+            serve mix --faults 500=5,429=5,reset=3
+            urls "$(cat "$DIR/mix.url")" 2000 > "$DIR/mix.txt"
+            job mix
+            local flags=(--workers 50)
+            [ "$mode" = no-adaptive ] && flags+=(--no-adaptive)
+            local start end done rate
+            start=$(now_ms)
+            timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/mix/jobrun.db" run "${flags[@]}" || true
+            end=$(now_ms)
+            stop_servers
+            done=$(done_of mix)
+            rate=$(echo "$done * 1000 / ($end - $start)" | bc -l | xargs printf '%.1f')
+            echo "mix, round $round ($mode): $done of 2000 URLs done in $((end - start))ms:" \
+                "$rate URLs/s, files $(check_files mix)"
+            results+=("$mode $rate")
+        done
+    done
     for mode in adaptive no-adaptive; do
-        serve mix --faults 500=5,429=5,reset=3
-        urls "$(cat "$DIR/mix.url")" 2000 > "$DIR/mix.txt"
-        job mix
-        local flags=(--workers 50)
-        [ "$mode" = no-adaptive ] && flags+=(--no-adaptive)
-        local start end
-        start=$(now_ms)
-        timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/mix/jobrun.db" run "${flags[@]}" || true
-        end=$(now_ms)
-        stop_servers
-        local done
-        done=$(done_of mix)
-        echo "mix ($mode): $done of 2000 URLs done in $((end - start))ms:" \
-            "$(echo "$done * 1000 / ($end - $start)" | bc -l | xargs printf '%.1f') URLs/s, files $(check_files mix)"
+        echo "mix ($mode): median $(printf '%s\n' "${results[@]}" | awk -v m="$mode" '$1 == m { print $2 }' | median) URLs/s"
     done
 }
 
@@ -204,14 +213,22 @@ paused() {
     done
     paste -d'\n' "${files[@]}" > "$DIR/with.txt"
     paste -d'\n' "${files[@]:0:9}" > "$DIR/alone.txt"
-    local alone with
-    alone=$(paused_run alone)
-    for i in $(seq 2 10); do : > "$DIR/free-$i.hits"; done
-    with=$(paused_run with)
+    # Alternating, ROUNDS times (default 3): the machine's load moves more than the effect.
+    local round alone=() with=() result
+    for round in $(seq "${ROUNDS:-3}"); do
+        for name in with alone; do
+            for i in $(seq 2 10); do : > "$DIR/free-$i.hits"; done
+            result=$(paused_run "$name")
+            echo "paused, round $round, $name: ${result#* }ms (${result% *} of 9000 served)"
+            if [ "$name" = alone ]; then alone+=("${result#* }"); else with+=("${result#* }"); fi
+        done
+    done
     stop_servers
-    echo "paused: 9000 free URLs: alone ${alone#* }ms (${alone% *} served)," \
-        "with a host answering 429 Retry-After 30: ${with#* }ms (${with% *} served):" \
-        "$(echo "${with#* } / ${alone#* }" | bc -l | xargs printf '%.2f')x"
+    local a w
+    a=$(printf '%s\n' "${alone[@]}" | median)
+    w=$(printf '%s\n' "${with[@]}" | median)
+    echo "paused: the 9000 free URLs, medians: alone ${a}ms, with a host answering 429" \
+        "Retry-After 30: ${w}ms: $(echo "$w / $a" | bc -l | xargs printf '%.2f')x"
 }
 
 hosts() {
@@ -229,9 +246,11 @@ hosts() {
 }
 
 memory() {
+    # MEMORY_HOSTS (default 10000; a multiple of 100) listeners, 100 per address. Each needs
+    # descriptors on both sides: 10,000 needs a limit well above 20,000 open files.
     local addresses
-    addresses=$(seq -s, -f '127.0.0.%g' 1 100)
-    serve memory --bind "$addresses" --listeners 100 --synthetic 64
+    addresses=$(seq -s, -f '127.0.0.%g' 1 $((${MEMORY_HOSTS:-10000} / 100)))
+    serve memory --bind "$addresses" --listeners 100
     mapfile -t bases < "$DIR/memory.url"
     local n
     for n in 10000 1000000; do
@@ -239,6 +258,7 @@ memory() {
         job memory
         /usr/bin/time -f '%e %M' -o "$DIR/time" \
             "$JOBRUN" -q --db "$DIR/memory/jobrun.db" run --workers 50 > /dev/null 2>&1 || true
+        echo "  $(done_of memory) done"
         read -r secs kb < "$DIR/time"
         echo "memory: $n URLs over ${#bases[@]} hosts: ${secs}s, peak RSS $((kb / 1024)) MB"
     done

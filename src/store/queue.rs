@@ -42,10 +42,11 @@ impl HostFilter {
     }
 }
 
-/// How many due rows, in claim order, a filtered claim looks at: enough to
-/// pass over a few blocked hosts, few enough that a claim stays cheap when
-/// the head of the list belongs to them.
-const FILTER_WINDOW: i64 = 16_384;
+/// How many due rows, in claim order, a filtered claim looks at: first four
+/// times the rows it wants (enough to pass over a few skipped hosts' rows),
+/// then more while it comes short, up to this many, so that a claim stays
+/// cheap when the head of the list belongs to skipped hosts.
+const FILTER_WINDOW: usize = 16_384;
 
 /// A URL to import.
 #[derive(Debug, Clone, Copy)]
@@ -466,13 +467,24 @@ fn claim_due(
     } else {
         [PICK_RETRIES_FILTERED, PICK_FRESH_FILTERED]
     };
+    let windows: &[usize] = if filter.is_empty() {
+        &[0]
+    } else {
+        &[4, 32, FILTER_WINDOW]
+    };
     let skip = serde_json::to_string(&filter.skip)?;
     let mut claims = Vec::new();
-    for pick in picks {
+    for (pick, &window) in picks
+        .into_iter()
+        .flat_map(|pick| windows.iter().map(move |window| (pick, window)))
+    {
         let wanted = limit - claims.len();
         if wanted == 0 {
             break;
         }
+        // Rows claimed by an earlier, smaller window are running now and
+        // are not seen again.
+        let window = (window * limit).min(FILTER_WINDOW) as i64;
         let mut statement = tx.prepare_cached(&format!(
             "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
              RETURNING id, url, request, path, attempts, host"
@@ -490,7 +502,7 @@ fn claim_due(
         let picked = if filter.is_empty() {
             statement.query_map(params![run, now, wanted as i64], read)?
         } else {
-            statement.query_map(params![run, now, wanted as i64, FILTER_WINDOW, skip], read)?
+            statement.query_map(params![run, now, wanted as i64, window, skip], read)?
         };
         for claim in picked {
             claims.push(claim?);
