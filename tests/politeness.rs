@@ -165,10 +165,10 @@ fn per_host_caps_are_never_exceeded_on_any_host() {
 
 #[test]
 fn throttling_recovers_after_a_burst_of_429s() {
-    // Answers 429, without Retry-After, to everything from 0.3 s to 1.3 s
+    // Answers 429, without Retry-After, to everything from 0.3 s to 2.3 s
     // after the first request: a passing overload.
     let first = Mutex::new(None::<Instant>);
-    let burst = (Duration::from_millis(300), Duration::from_millis(1300));
+    let burst = (Duration::from_millis(300), Duration::from_millis(2300));
     let server = Server::start(move |request| {
         let start = *first.lock().unwrap().get_or_insert_with(Instant::now);
         let since = start.elapsed();
@@ -213,7 +213,7 @@ fn throttling_recovers_after_a_burst_of_429s() {
         .fold(0.0, f64::max);
     eprintln!("requests/s before the burst: {before:.0}, best after: {after:.0}");
     assert!(
-        after >= before * 0.4,
+        after >= before * 0.75,
         "{before:.0} requests/s before the burst, at best {after:.0} in the 8 s after it"
     );
 }
