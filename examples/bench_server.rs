@@ -3,6 +3,8 @@
 //!     bench_server generate --items N --dir DIR
 //!     bench_server serve --dir DIR [--delay-ms MS] [--url-file FILE] [--note-first-request]
 //!     bench_server serve --synthetic BYTES [--delay-ms MS] [--url-file FILE]
+//!     bench_server serve ... [--bind ADDR] [--bucket RATE:BURST] [--faults 500=P,429=P,reset=P]
+//!                            [--first STATUS:SECS] [--always STATUS:SECS] [--hits FILE]
 //!     bench_server free-port
 //!
 //! `generate` writes `DIR/items/<i>.json` for i < N (JSON of 5 to 40 KB, about 20 KB on
@@ -15,12 +17,24 @@
 //! a thousand connections cost it little: the client, not the server, should be measured.
 //! Bodies come from `--dir`, or with `--synthetic` are made up: BYTES bytes starting with
 //! the item's number, for URL lists too long to keep as files.
+//!
+//! Faults, for the politeness benchmark (bench/politeness.sh), checked in this order:
+//! `--always STATUS:SECS` answers every request with STATUS and `Retry-After: SECS`;
+//! `--first STATUS:SECS` does so for the first request of each item; `--bucket RATE:BURST`
+//! is a token bucket that answers 429 (without Retry-After) when it is empty; `--faults`
+//! answers the given percentages of requests with 500, with 429 and `Retry-After: 1`, or
+//! with half the body and a TCP reset, at random. `--bind` listens on another loopback
+//! address (127.0.0.2, ...) to stand for another host; `--hits FILE` writes a line per
+//! request: unix milliseconds, item and status. `--bind` takes a comma-separated list, and
+//! `--listeners N` listens on N ports of each address (hosts are host:port for jobrun);
+//! `--url-file` then lists every `http://ADDR:PORT`, one a line.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -165,6 +179,149 @@ struct Api {
     delay: Duration,
     /// Whether to say when the first request came (for resume timings).
     note_first: AtomicBool,
+    faults: Faults,
+}
+
+/// How the API misbehaves on purpose.
+#[derive(Default)]
+struct Faults {
+    /// Every request: this status, with Retry-After seconds.
+    always: Option<(u16, u64)>,
+    /// The first request of each item: this status, with Retry-After seconds.
+    first: Option<(u16, u64)>,
+    seen: Mutex<HashSet<u64>>,
+    /// Requests per second and burst; 429 when empty.
+    bucket: Option<Mutex<Bucket>>,
+    /// Shares (0 to 1) of 500s, of 429s with Retry-After 1, and of resets.
+    mix: [f64; 3],
+    hits: Option<Mutex<std::io::BufWriter<std::fs::File>>>,
+}
+
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+/// What to answer instead of the item.
+enum Fault {
+    Status(u16, Option<u64>),
+    Reset,
+}
+
+impl Faults {
+    fn parse(options: &Options) -> Result<Faults, String> {
+        let status_secs = |name: &str| -> Result<Option<(u16, u64)>, String> {
+            options
+                .value(name)
+                .map(|v| {
+                    let (status, secs) = v.split_once(':').unwrap_or((v, "1"));
+                    match (status.parse(), secs.parse()) {
+                        (Ok(status), Ok(secs)) => Ok((status, secs)),
+                        _ => Err(format!("{name}: expected STATUS:SECS, got {v}")),
+                    }
+                })
+                .transpose()
+        };
+        let bucket = match options.value("--bucket") {
+            Some(v) => {
+                let (rate, burst) = v.split_once(':').unwrap_or((v, "1"));
+                let (Ok(rate), Ok(burst)) = (rate.parse::<f64>(), burst.parse::<f64>()) else {
+                    return Err(format!("--bucket: expected RATE:BURST, got {v}"));
+                };
+                Some(Mutex::new(Bucket {
+                    rate,
+                    burst,
+                    tokens: burst,
+                    at: Instant::now(),
+                }))
+            }
+            None => None,
+        };
+        let mut mix = [0.0; 3];
+        if let Some(v) = options.value("--faults") {
+            for part in v.split(',') {
+                let (kind, percent) = part
+                    .split_once('=')
+                    .ok_or_else(|| format!("--faults: expected KIND=PERCENT, got {part}"))?;
+                let percent: f64 = percent
+                    .parse()
+                    .map_err(|_| format!("--faults: not a number: {percent}"))?;
+                let slot = match kind {
+                    "500" => 0,
+                    "429" => 1,
+                    "reset" => 2,
+                    _ => return Err(format!("--faults: unknown kind {kind}")),
+                };
+                mix[slot] = percent / 100.0;
+            }
+        }
+        let hits = match options.value("--hits") {
+            Some(path) => Some(Mutex::new(std::io::BufWriter::new(
+                std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?,
+            ))),
+            None => None,
+        };
+        Ok(Faults {
+            always: status_secs("--always")?,
+            first: status_secs("--first")?,
+            seen: Mutex::default(),
+            bucket,
+            mix,
+            hits,
+        })
+    }
+
+    fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        mutex.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The fault for this request of `item`, if any.
+    fn pick(&self, item: u64) -> Option<Fault> {
+        if let Some((status, secs)) = self.always {
+            return Some(Fault::Status(status, Some(secs)));
+        }
+        if let Some((status, secs)) = self.first
+            && Self::lock(&self.seen).insert(item)
+        {
+            return Some(Fault::Status(status, Some(secs)));
+        }
+        if let Some(bucket) = &self.bucket {
+            let mut bucket = Self::lock(bucket);
+            let now = Instant::now();
+            bucket.tokens =
+                (bucket.tokens + (now - bucket.at).as_secs_f64() * bucket.rate).min(bucket.burst);
+            bucket.at = now;
+            if bucket.tokens < 1.0 {
+                return Some(Fault::Status(429, None));
+            }
+            bucket.tokens -= 1.0;
+        }
+        let roll = fastrand::f64();
+        let [p500, p429, reset] = self.mix;
+        if roll < p500 {
+            Some(Fault::Status(500, None))
+        } else if roll < p500 + p429 {
+            Some(Fault::Status(429, Some(1)))
+        } else if roll < p500 + p429 + reset {
+            Some(Fault::Reset)
+        } else {
+            None
+        }
+    }
+
+    fn log(&self, item: Option<u64>, status: u16) {
+        if let Some(hits) = &self.hits {
+            let ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let item = item.map_or("-".to_string(), |i| i.to_string());
+            let mut hits = Self::lock(hits);
+            // Flushed per line: the server is stopped with a signal.
+            let _ = writeln!(hits, "{ms} {item} {status}").and_then(|()| hits.flush());
+        }
+    }
 }
 
 fn serve(args: &[String]) -> Result<(), String> {
@@ -178,31 +335,46 @@ fn serve(args: &[String]) -> Result<(), String> {
         bodies,
         delay: Duration::from_millis(options.number("--delay-ms")?.unwrap_or(0)),
         note_first: AtomicBool::new(options.flag("--note-first-request")),
+        faults: Faults::parse(&options)?,
     });
     let port = options.number("--port")?.unwrap_or(0);
     let url_file = options.value("--url-file").map(PathBuf::from);
+    let bind = options.value("--bind").unwrap_or("127.0.0.1").to_string();
+    let listeners = options.number("--listeners")?.unwrap_or(1).max(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     runtime.block_on(async move {
-        let listener = TcpListener::bind(("127.0.0.1", port as u16))
-            .await
-            .map_err(|e| format!("cannot listen on port {port}: {e}"))?;
-        let address = listener.local_addr().map_err(|e| e.to_string())?;
+        let mut bases = Vec::new();
+        for address in bind.split(',') {
+            for _ in 0..listeners {
+                let listener = TcpListener::bind((address, port as u16))
+                    .await
+                    .map_err(|e| format!("cannot listen on {address} port {port}: {e}"))?;
+                bases.push(format!(
+                    "http://{}",
+                    listener.local_addr().map_err(|e| e.to_string())?
+                ));
+                let api = api.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else {
+                            continue;
+                        };
+                        let api = api.clone();
+                        tokio::spawn(async move {
+                            let _ = connection(stream, &api).await;
+                        });
+                    }
+                });
+            }
+        }
         if let Some(path) = url_file {
-            std::fs::write(&path, format!("http://{address}"))
+            std::fs::write(&path, bases.join("\n"))
                 .map_err(|e| format!("{}: {e}", path.display()))?;
         }
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let api = api.clone();
-            tokio::spawn(async move {
-                let _ = connection(stream, &api).await;
-            });
-        }
+        std::future::pending::<Result<(), String>>().await
     })
 }
 
@@ -230,24 +402,38 @@ async fn connection(mut stream: TcpStream, api: &Api) -> std::io::Result<()> {
         let close = head
             .lines()
             .any(|l| l.eq_ignore_ascii_case("connection: close"));
-        let body = head
+        let item: Option<u64> = head
             .split(' ')
             .nth(1)
             .and_then(|path| path.strip_prefix("/items/")?.strip_suffix(".json"))
-            .and_then(|i| i.parse().ok())
-            .and_then(|i| api.bodies.get(i));
+            .and_then(|i| i.parse().ok());
+        let body = item.and_then(|i| api.bodies.get(i));
         if !api.delay.is_zero() {
             tokio::time::sleep(api.delay).await;
         }
-        let (status, body) = match body {
-            Some(body) => ("200 OK", body),
-            None => (
-                "404 Not Found",
+        let fault = item.and_then(|i| api.faults.pick(i));
+        let (status, body, retry_after) = match (fault, body) {
+            (Some(Fault::Reset), Some(body)) => {
+                api.faults.log(item, 0);
+                return reset(stream, body).await;
+            }
+            (Some(Fault::Status(status, secs)), _) => (
+                status,
+                Body::Bytes(format!("{{\"error\": {status}}}\n").into_bytes()),
+                secs,
+            ),
+            (_, Some(body)) => (200, body, None),
+            (_, None) => (
+                404,
                 Body::Bytes(b"{\"error\": \"not found\"}\n".to_vec()),
+                None,
             ),
         };
+        api.faults.log(item, status);
+        let retry_after = retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
         let mut reply = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{retry_after}{}\r\n",
+            reason(status),
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )
@@ -266,6 +452,38 @@ async fn connection(mut stream: TcpStream, api: &Api) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+/// The headers and half the body, then a TCP reset.
+async fn reset(mut stream: TcpStream, body: Body) -> std::io::Result<()> {
+    let bytes = match body {
+        Body::Bytes(bytes) => bytes,
+        Body::File(mut file, _) => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut bytes)?;
+            bytes
+        }
+    };
+    let mut reply = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        bytes.len()
+    )
+    .into_bytes();
+    reply.extend_from_slice(&bytes[..bytes.len() / 2]);
+    stream.write_all(&reply).await?;
+    stream.set_zero_linger()?;
+    Ok(())
 }
 
 /// Sends `length` bytes of `file` to the socket with sendfile(2).

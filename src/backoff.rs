@@ -7,9 +7,10 @@
 
 use std::time::{Duration, SystemTime};
 
-/// The longest `Retry-After` honoured: a server asking for more would stall
-/// the run for longer than anyone watching it expects.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The longest `Retry-After` read: longer is as good as never, and a time
+/// that far ahead could overflow. What is honoured is capped much lower, by
+/// `--max-retry-after`, and said so.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {

@@ -220,10 +220,15 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_workers, help_heading = "Politeness")]
     pub per_host_workers: Option<usize>,
 
-    /// Turn off adaptive throttling (halving a host's rate on 429 and 503,
-    /// raising it again while its answers are healthy).
+    /// Turn off adaptive throttling (lowering a host's rate while that
+    /// reduces its 429s and 503s, raising it again while answers are healthy).
     #[arg(long, help_heading = "Politeness")]
     pub no_adaptive: bool,
+
+    /// The longest Retry-After honoured; a server asking for more is
+    /// called again after this, and the URL's error says so.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub max_retry_after: Duration,
 
     /// The User-Agent header [default: jobrun/VERSION].
     #[arg(short = 'A', long, value_parser = parse_user_agent, help_heading = "Requests")]

@@ -15,7 +15,7 @@ use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
-use crate::hosts::{Hosts, Politeness};
+use crate::hosts::{Answer, Hosts, Politeness};
 use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
@@ -39,6 +39,7 @@ pub struct Fetcher {
     /// Whether every request asks for a range (`--header "Range: …"`).
     range_for_all: bool,
     retry_on: RetryStatuses,
+    max_retry_after: Duration,
 }
 
 pub struct FetchOptions {
@@ -69,10 +70,10 @@ pub struct FetchOptions {
 /// A failed attempt, as the server or the network caused it.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("HTTP {}", status_text(*.status))]
+    #[error("HTTP {}{}", status_text(*.status), capped_text(*.retry_after))]
     Status {
         status: StatusCode,
-        retry_after: Option<Duration>,
+        retry_after: Option<RetryAfter>,
     },
     #[error("timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
@@ -137,9 +138,43 @@ impl FetchError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            FetchError::Status { retry_after, .. } => *retry_after,
+            FetchError::Status { retry_after, .. } => retry_after.map(|r| r.delay),
             _ => None,
         }
+    }
+}
+
+/// A `Retry-After` as honoured, and as the server asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryAfter {
+    pub delay: Duration,
+    pub asked: Duration,
+}
+
+impl RetryAfter {
+    /// `asked`, capped at `cap` (`--max-retry-after`).
+    fn capped(asked: Duration, cap: Duration) -> RetryAfter {
+        RetryAfter {
+            delay: asked.min(cap),
+            asked,
+        }
+    }
+
+    fn capped_from(&self) -> Option<Duration> {
+        (self.asked > self.delay).then_some(self.asked)
+    }
+}
+
+/// Says so when a Retry-After was capped: a URL retried long before the
+/// server asked must not look like a jobrun mistake.
+fn capped_text(retry_after: Option<RetryAfter>) -> String {
+    match retry_after.and_then(|r| r.capped_from().map(|asked| (asked, r.delay))) {
+        Some((asked, delay)) => format!(
+            " (Retry-After {} s capped to {} s by --max-retry-after)",
+            asked.as_secs(),
+            delay.as_secs()
+        ),
+        None => String::new(),
     }
 }
 
@@ -211,6 +246,7 @@ impl Fetcher {
             max_bytes: options.max_bytes,
             range_for_all,
             retry_on: options.retry_on,
+            max_retry_after: options.politeness.max_retry_after,
         })
     }
 
@@ -274,31 +310,58 @@ impl Fetcher {
         sent_at: &mut Option<Instant>,
     ) -> Result<Body, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
-        let host = host_key(&url);
+        // Politeness is kept per host as recorded at import (see Claim::host).
+        let host = &claim.host;
         let (request, asks_range) = self.build_request(claim, url)?;
-        let _permit = self.hosts.acquire(&host).await;
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
-        *sent_at = Some(Instant::now());
-        let mut response = request.send().await.map_err(|e| self.describe(e, false))?;
+        let started = Instant::now();
+        *sent_at = Some(started);
+        let mut response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                self.hosts.answered(host, started, Answer::Other);
+                return Err(self.describe(error, false));
+            }
+        };
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()))
+            .map(|asked| RetryAfter::capped(asked, self.max_retry_after));
+        let throttled = matches!(status.as_u16(), 429 | 503);
+        self.hosts.answered(
+            host,
+            started,
+            match (throttled, retry_after) {
+                (false, _) => Answer::Other,
+                (true, None) => Answer::Throttled,
+                (true, Some(_)) => Answer::Paused,
+            },
+        );
         if let Some(refused) = unfollowed_redirect(&response) {
             return Err(refused.into());
         }
-        if matches!(status.as_u16(), 429 | 503) {
-            self.hosts.throttled(&host);
-        }
         if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| parse_retry_after(v, SystemTime::now()));
-            if let Some(delay) = retry_after
-                && matches!(status.as_u16(), 429 | 503)
+            if let Some(retry_after) = retry_after
+                && throttled
             {
-                self.hosts.pause(&host, Instant::now() + delay);
+                if let Some(asked) = retry_after.capped_from() {
+                    tracing::warn!(
+                        "{host} asked not to be called for {} s; pausing it for {} s \
+                         (--max-retry-after)",
+                        asked.as_secs(),
+                        retry_after.delay.as_secs()
+                    );
+                }
+                self.hosts.pause(
+                    host,
+                    Instant::now() + retry_after.delay,
+                    retry_after.capped_from(),
+                );
             }
             drain(&mut response).await;
             return Err(FetchError::Status {
@@ -312,7 +375,6 @@ impl Fetcher {
             return Err(FetchError::UnaskedPartial.into());
         }
         self.check_size(response.content_length().unwrap_or(0))?;
-        self.hosts.healthy(&host);
         let mut file = temp.create().map_err(|e| {
             Fetch::Local(LocalError(local_write_error(
                 e,
@@ -539,15 +601,6 @@ async fn drain(response: &mut reqwest::Response) {
             _ => break,
         }
     }
-}
-
-/// The key politeness is kept under: host and port.
-fn host_key(url: &Url) -> String {
-    format!(
-        "{}:{}",
-        url.host_str().unwrap_or(""),
-        url.port_or_known_default().unwrap_or(0)
-    )
 }
 
 #[cfg(test)]

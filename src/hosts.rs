@@ -3,13 +3,16 @@
 //!
 //! - `--per-host-workers N` caps the requests in flight to one host.
 //! - `--per-host-rate R` spaces that host's requests at least 1/R apart.
-//! - A `Retry-After` on a 429 or 503 pauses every request to that host.
-//! - Adaptive throttling (AIMD): repeated 429s or 503s (at least two, and
-//!   at least 5% of the host's answers over the last second or two) halve
-//!   the host's rate, at most once per second; healthy
-//!   responses raise it again by about 5% (at least one request per second)
-//!   per second, up to `--per-host-rate`. A host that was never throttled is
-//!   not limited by it.
+//! - A `Retry-After` on a 429 or 503 pauses every request to that host until
+//!   then. Pauses overlap (the later end wins) and are not a reason to cut
+//!   the rate: the server said when to come back, and everything waiting for
+//!   the host goes then.
+//! - Adaptive throttling (`Throttle`) lowers a host's rate only while
+//!   lowering it reduces the 429s and 503s that come without Retry-After.
+//!
+//! A host is asked for a permit without waiting (`try_acquire`): the
+//! dispatcher (src/runner/dispatch.rs) hands a worker the next job of a host
+//! that is ready now, so no worker ever waits for a host.
 //!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
@@ -19,51 +22,84 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 use crate::rate::Rate;
 
 /// The lowest rate adaptive throttling goes down to.
-const MIN_RATE: f64 = 0.2;
-/// How often the rate may be halved.
-const DECREASE_EVERY: Duration = Duration::from_secs(1);
-/// Throttling starts when, over the last second or two, at least this share
-/// of a host's answers were 429 or 503 (and at least two were). A stray one,
-/// with its Retry-After, only pauses the host.
-const THROTTLED_SHARE: f64 = 0.05;
+const MIN_RATE: f64 = 0.5;
+/// A measurement window lasts at least this long...
+const WINDOW: Duration = Duration::from_secs(1);
+/// ...and holds at least this many answers, unless it has no throttled
+/// answer at all, or lasted `LONGEST_WINDOW`.
+const WINDOW_ANSWERS: u32 = 20;
+const LONGEST_WINDOW: Duration = Duration::from_secs(3);
+/// A window where at least this share of at least `WINDOW_ANSWERS / 2`
+/// answers were throttled ends at once: the host is overloaded, and every
+/// further request until the end of the window would be wasted.
+const OVERLOAD_SHARE: f64 = 0.5;
+/// Shares of throttled answers above this are never taken for background
+/// noise: a server that refuses half of everything is saying "slower".
+const NOISE_MAX: f64 = 0.25;
+/// The smallest share above the noise that counts as throttling.
+const MARGIN: f64 = 0.03;
+/// A cut takes the rate to this share of what the server accepted...
+const CUT_TO_ACCEPTED: f64 = 0.95;
+/// ...but always by at least 10%, and at most to an eighth.
+const SMALLEST_CUT: f64 = 0.9;
+const DEEPEST_CUT: f64 = 1.0 / 8.0;
+/// Near the capacity the server showed, the rate creeps up by 1% per
+/// healthy window; elsewhere growth starts at 2% and doubles with every
+/// healthy window in a row, up to doubling the rate.
+const CREEP: f64 = 0.01;
+const FIRST_GROWTH: f64 = 0.02;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Politeness {
     pub per_host_workers: Option<usize>,
     pub per_host_rate: Option<Rate>,
     pub adaptive: bool,
+    /// The longest Retry-After honoured (`--max-retry-after`).
+    pub max_retry_after: Duration,
+}
+
+impl Default for Politeness {
+    fn default() -> Politeness {
+        Politeness {
+            per_host_workers: None,
+            per_host_rate: None,
+            adaptive: false,
+            max_retry_after: Duration::from_secs(300),
+        }
+    }
 }
 
 pub struct Hosts {
     politeness: Politeness,
     hosts: Mutex<HashMap<String, HostState>>,
+    /// Woken when a request to some host ends, which may free a slot.
+    freed: Notify,
 }
 
 struct HostState {
-    slots: Option<Arc<Semaphore>>,
-    /// Requests per second allowed now; None for no limit.
-    rate: Option<f64>,
-    /// Whether `rate` was lowered by throttling.
-    adaptive: bool,
+    in_flight: usize,
     next_slot: Instant,
     paused_until: Option<Instant>,
-    last_decrease: Option<Instant>,
-    recent: Recent,
+    /// The Retry-After that was asked for, when it was longer than the cap.
+    capped_from: Option<Duration>,
+    throttle: Throttle,
+    /// Answers in this run, and how many were 429 or 503.
+    answers: u64,
+    throttled: u64,
 }
 
-/// Answers and throttling answers (429, 503) in the current second and the
-/// one before.
-struct Recent {
-    start: Instant,
-    responses: u32,
-    throttles: u32,
-    last_responses: u32,
-    last_throttles: u32,
+/// Why a host cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Paused or paced until then.
+    Until(Instant),
+    /// All its `--per-host-workers` slots are taken.
+    Slot,
 }
 
 /// What the progress display shows of a host.
@@ -71,13 +107,39 @@ struct Recent {
 pub struct HostView {
     pub host: String,
     pub paused_for: Option<Duration>,
+    /// The Retry-After the host asked for, when it was capped.
+    pub capped_from: Option<Duration>,
     /// Present when adaptive throttling holds the host below its limit.
     pub adaptive_rate: Option<f64>,
+    /// The share of this run's answers that were 429 or 503.
+    pub throttled_share: f64,
 }
 
 /// A request's place at a host; dropping it frees the slot.
 pub struct HostPermit {
-    _slot: Option<OwnedSemaphorePermit>,
+    hosts: Arc<Hosts>,
+    host: String,
+}
+
+impl Drop for HostPermit {
+    fn drop(&mut self) {
+        self.hosts.with_host(&self.host, Instant::now(), |state| {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        });
+        self.hosts.freed.notify_one();
+    }
+}
+
+/// What became of a request, as the politeness rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Anything but a 429 or 503: a body, another status, a network error.
+    Other,
+    /// A 429 or 503 without Retry-After: the signal adaptive throttling
+    /// acts on.
+    Throttled,
+    /// A 429 or 503 with Retry-After: the host is paused instead.
+    Paused,
 }
 
 impl Hosts {
@@ -85,6 +147,7 @@ impl Hosts {
         Hosts {
             politeness,
             hosts: Mutex::new(HashMap::new()),
+            freed: Notify::new(),
         }
     }
 
@@ -92,130 +155,135 @@ impl Hosts {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn with_host<T>(&self, host: &str, f: impl FnOnce(&mut HostState) -> T) -> T {
+    fn with_host<T>(&self, host: &str, now: Instant, f: impl FnOnce(&mut HostState) -> T) -> T {
         let mut hosts = self.lock();
-        if !hosts.contains_key(host) {
-            let state = HostState {
-                slots: self
-                    .politeness
-                    .per_host_workers
-                    .map(|n| Arc::new(Semaphore::new(n))),
-                rate: self.politeness.per_host_rate.map(Rate::per_second),
-                adaptive: false,
-                next_slot: Instant::now(),
-                paused_until: None,
-                last_decrease: None,
-                recent: Recent {
-                    start: Instant::now(),
-                    responses: 0,
-                    throttles: 0,
-                    last_responses: 0,
-                    last_throttles: 0,
-                },
-            };
-            hosts.insert(host.to_string(), state);
+        if let Some(state) = hosts.get_mut(host) {
+            return f(state);
         }
-        // Inserted just above when missing.
-        f(hosts.get_mut(host).expect("host state"))
-    }
-
-    /// Waits until `host` may be sent a request: a free slot, no pause, and
-    /// its turn under the host's rate.
-    pub async fn acquire(&self, host: &str) -> HostPermit {
-        let slots = self.with_host(host, |state| state.slots.clone());
-        let slot = match slots {
-            Some(slots) => slots.acquire_owned().await.ok(),
-            None => None,
+        let mut state = HostState {
+            in_flight: 0,
+            next_slot: now,
+            paused_until: None,
+            capped_from: None,
+            throttle: Throttle::new(now),
+            answers: 0,
+            throttled: 0,
         };
-        loop {
-            let wait = self.with_host(host, |state| {
-                let now = Instant::now();
-                let free_at = state.paused_until.unwrap_or(now).max(match state.rate {
-                    Some(_) => state.next_slot,
-                    None => now,
-                });
-                if free_at > now {
-                    return Some(free_at);
-                }
-                state.paused_until = None;
-                if let Some(rate) = state.rate {
-                    state.next_slot = state.next_slot.max(now) + interval(rate);
-                }
-                None
+        let result = f(&mut state);
+        hosts.insert(host.to_string(), state);
+        result
+    }
+
+    /// A permit for a request to `host` now, or why there is none: a free
+    /// slot, no pause, and its turn under the host's rate.
+    pub fn try_acquire(self: &Arc<Self>, host: &str) -> Result<HostPermit, Wait> {
+        let now = Instant::now();
+        let slots = self.politeness.per_host_workers;
+        let ceiling = self.ceiling();
+        self.with_host(host, now, |state| {
+            if slots.is_some_and(|slots| state.in_flight >= slots) {
+                return Err(Wait::Slot);
+            }
+            let rate = state.rate(ceiling);
+            let free_at = state.paused_until.unwrap_or(now).max(match rate {
+                Some(_) => state.next_slot,
+                None => now,
             });
-            match wait {
-                Some(until) => tokio::time::sleep_until(until.into()).await,
-                None => return HostPermit { _slot: slot },
+            if free_at > now {
+                return Err(Wait::Until(free_at));
             }
-        }
+            state.paused_until = None;
+            state.capped_from = None;
+            if let Some(rate) = rate {
+                // A slot left unused long ago is not saved up for a burst.
+                let unused_since = now.checked_sub(interval(rate)).unwrap_or(now);
+                state.next_slot = state.next_slot.max(unused_since) + interval(rate);
+            }
+            state.in_flight += 1;
+            Ok(HostPermit {
+                hosts: self.clone(),
+                host: host.to_string(),
+            })
+        })
     }
 
-    /// The host asked, with Retry-After, not to be called before `until`.
-    pub fn pause(&self, host: &str, until: Instant) {
-        self.with_host(host, |state| {
-            state.paused_until = Some(state.paused_until.unwrap_or(until).max(until));
+    /// Requests per second allowed to `host` now; None for no limit.
+    pub fn rate_of(&self, host: &str) -> Option<f64> {
+        let ceiling = self.ceiling();
+        self.lock()
+            .get(host)
+            .map_or(ceiling, |state| state.rate(ceiling))
+    }
+
+    /// Hosts that cannot be sent a request before `after`: paused, or paced
+    /// slower than that.
+    pub fn blocked_beyond(&self, after: Instant) -> Vec<String> {
+        let ceiling = self.ceiling();
+        self.lock()
+            .iter()
+            .filter(|(_, state)| {
+                let paused = state.paused_until.is_some_and(|until| until > after);
+                let paced = state.rate(ceiling).is_some() && state.next_slot > after;
+                paused || paced
+            })
+            .map(|(host, _)| host.clone())
+            .collect()
+    }
+
+    /// Resolves when a request to some host has ended since the last call.
+    pub async fn slot_freed(&self) {
+        self.freed.notified().await;
+    }
+
+    /// The host asked, with Retry-After, not to be called before `until`;
+    /// `capped_from` is what it asked for when that was longer than the cap.
+    pub fn pause(&self, host: &str, until: Instant, capped_from: Option<Duration>) {
+        self.with_host(host, Instant::now(), |state| {
+            if state.paused_until.is_none_or(|paused| until > paused) {
+                state.paused_until = Some(until);
+                state.capped_from = capped_from;
+            }
+        });
+    }
+
+    /// Records the answer to a request sent to `host` at `sent_at`.
+    pub fn answered(&self, host: &str, sent_at: Instant, answer: Answer) {
+        let adaptive = self.politeness.adaptive;
+        let now = Instant::now();
+        self.with_host(host, now, |state| {
+            state.answers += 1;
+            state.throttled += u64::from(answer != Answer::Other);
+            if adaptive && answer != Answer::Paused {
+                state
+                    .throttle
+                    .answered(now, sent_at, answer == Answer::Throttled);
+            }
         });
     }
 
-    /// A 429 or 503: halve the host's rate (adaptive throttling).
-    pub fn throttled(&self, host: &str) {
-        if !self.politeness.adaptive {
-            return;
-        }
-        self.with_host(host, |state| {
-            let now = Instant::now();
-            state.recent.count(now, true);
-            let (responses, throttles) = state.recent.totals();
-            let repeated =
-                throttles >= 2 && f64::from(throttles) >= THROTTLED_SHARE * f64::from(responses);
-            let halved_lately = state
-                .last_decrease
-                .is_some_and(|at| now - at < DECREASE_EVERY);
-            if !repeated || halved_lately {
-                return;
-            }
-            let current = state
-                .rate
-                .unwrap_or_else(|| state.recent.rate(now).max(1.0));
-            state.rate = Some((current / 2.0).max(MIN_RATE));
-            state.adaptive = true;
-            state.last_decrease = Some(now);
-        });
-    }
-
-    /// A healthy response: raise a throttled rate a little.
-    pub fn healthy(&self, host: &str) {
-        let ceiling = self.politeness.per_host_rate.map(Rate::per_second);
-        self.with_host(host, |state| {
-            state.recent.count(Instant::now(), false);
-            let Some(rate) = state.rate.filter(|_| state.adaptive) else {
-                return;
-            };
-            // About +5% (at least +1 request/s) per second of responses.
-            let raised = rate + (rate * 0.05).max(1.0) / rate;
-            match ceiling {
-                Some(ceiling) if raised >= ceiling => {
-                    state.rate = Some(ceiling);
-                    state.adaptive = false;
-                }
-                _ => state.rate = Some(raised),
-            }
-        });
+    fn ceiling(&self) -> Option<f64> {
+        self.politeness.per_host_rate.map(Rate::per_second)
     }
 
     /// Hosts that are paused or held back by adaptive throttling.
     pub fn restrained(&self) -> Vec<HostView> {
         let now = Instant::now();
+        let ceiling = self.ceiling();
         let mut views: Vec<HostView> = self
             .lock()
             .iter()
             .filter_map(|(host, state)| {
                 let paused_for = state.paused_until.filter(|&t| t > now).map(|t| t - now);
-                let adaptive_rate = state.rate.filter(|_| state.adaptive);
+                let adaptive_rate = state
+                    .throttle
+                    .rate()
+                    .filter(|&rate| ceiling.is_none_or(|ceiling| rate < ceiling));
                 (paused_for.is_some() || adaptive_rate.is_some()).then(|| HostView {
                     host: host.clone(),
                     paused_for,
+                    capped_from: paused_for.and(state.capped_from),
                     adaptive_rate,
+                    throttled_share: state.throttled as f64 / state.answers.max(1) as f64,
                 })
             })
             .collect();
@@ -224,42 +292,247 @@ impl Hosts {
     }
 }
 
-impl Recent {
-    fn count(&mut self, now: Instant, throttled: bool) {
-        let elapsed = now - self.start;
-        if elapsed >= Duration::from_secs(2) {
-            (self.last_responses, self.last_throttles) = (0, 0);
-            (self.responses, self.throttles) = (0, 0);
-            self.start = now;
-        } else if elapsed >= Duration::from_secs(1) {
-            (self.last_responses, self.last_throttles) = (self.responses, self.throttles);
-            (self.responses, self.throttles) = (0, 0);
-            self.start += Duration::from_secs(1);
+impl HostState {
+    /// Requests per second allowed now; None for no limit.
+    fn rate(&self, ceiling: Option<f64>) -> Option<f64> {
+        match (self.throttle.rate(), ceiling) {
+            (Some(rate), Some(ceiling)) => Some(rate.min(ceiling)),
+            (rate, ceiling) => rate.or(ceiling),
         }
-        self.responses += 1;
-        self.throttles += u32::from(throttled);
+    }
+}
+
+/// Adaptive throttling of one host: the rule written down in the README's
+/// Politeness paragraph.
+///
+/// Answers are counted in windows (a second and 20 answers, or 3 seconds;
+/// answers to requests sent before the window began do not count, since
+/// they were sent at another rate). At the end of a window whose share of
+/// throttled answers (429 or 503 without Retry-After) is above what the
+/// host answers anyway (its noise) by a clear margin, the rate is cut to
+/// just under what the server accepted in that window: against a token
+/// bucket that is the bucket's rate (as BBR paces at the delivery rate it
+/// measured). A cut is a trial: if the next window's share is not clearly
+/// lower, the throttling was not caused by the load, the cut is undone and
+/// that share is learnt as the host's noise, which later windows must
+/// clearly exceed before another cut. Healthy windows raise the rate: by
+/// 1% per window near the capacity the server showed (as TCP Vegas probes
+/// near its estimate), elsewhere by 2%, 4%, 8%, ... up to doubling, and back
+/// to no limit at all once the rate is no longer what sets the pace. After
+/// a cut far below the pace the host handled before (a passing burst of
+/// 429s), the first healthy window goes back to half that pace at once.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// Requests per second allowed; None while nothing calls for a limit.
+    rate: Option<f64>,
+    /// What the server accepted per second the last time a cut helped.
+    capacity: Option<f64>,
+    /// The share of throttled answers the host gives whatever the rate.
+    noise: f64,
+    window: Window,
+    trial: Option<Trial>,
+    /// Healthy windows in a row.
+    healthy: u32,
+    /// The most answers per second the host accepted (did not throttle) in
+    /// a window: a pace it handled.
+    best_accepted: f64,
+    /// The rate was just raised to half of `best_accepted` at once.
+    jumped: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    answers: u32,
+    throttled: u32,
+}
+
+/// A cut on probation, and the window that led to it.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    rate_before: Option<f64>,
+    before: Window,
+    accepted: f64,
+}
+
+impl Window {
+    fn share(&self) -> f64 {
+        f64::from(self.throttled) / f64::from(self.answers.max(1))
     }
 
-    /// Answers and throttling answers over both seconds.
-    fn totals(&self) -> (u32, u32) {
-        (
-            self.responses + self.last_responses,
-            self.throttles + self.last_throttles,
-        )
-    }
-
-    /// Answers per second over both seconds.
-    fn rate(&self, now: Instant) -> f64 {
-        let current = (now - self.start)
+    /// Answers per second, and accepted answers per second, over at least
+    /// 100 ms (a first burst answered at once says little about a rate).
+    fn rates(&self, now: Instant) -> (f64, f64) {
+        let span = (now - self.start)
             .max(Duration::from_millis(100))
             .as_secs_f64();
-        let span = if self.last_responses > 0 {
-            current + 1.0
-        } else {
-            current
-        };
-        f64::from(self.responses + self.last_responses) / span
+        (
+            f64::from(self.answers) / span,
+            f64::from(self.answers - self.throttled) / span,
+        )
     }
+}
+
+impl Throttle {
+    pub fn new(now: Instant) -> Throttle {
+        Throttle {
+            rate: None,
+            capacity: None,
+            noise: 0.0,
+            window: Window {
+                start: now,
+                answers: 0,
+                throttled: 0,
+            },
+            trial: None,
+            healthy: 0,
+            best_accepted: 0.0,
+            jumped: false,
+        }
+    }
+
+    /// Requests per second allowed now; None for no limit.
+    pub fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+
+    /// Counts one answer to a request sent at `sent_at`.
+    pub fn answered(&mut self, now: Instant, sent_at: Instant, throttled: bool) {
+        if sent_at < self.window.start {
+            return;
+        }
+        self.window.answers += 1;
+        self.window.throttled += u32::from(throttled);
+        let window = self.window;
+        let elapsed = now - window.start;
+        let overloaded = self.trial.is_none()
+            && window.answers >= WINDOW_ANSWERS / 2
+            && window.share() >= OVERLOAD_SHARE;
+        let full = elapsed >= WINDOW
+            && (window.answers >= WINDOW_ANSWERS
+                || window.throttled == 0
+                || elapsed >= LONGEST_WINDOW);
+        if overloaded || full {
+            self.close_window(now);
+        }
+    }
+
+    /// The margin by which a window's share must exceed the noise to count
+    /// as throttling: 3 points, or 2.5 standard deviations of the noise
+    /// over that many answers.
+    fn margin(&self, answers: u32) -> f64 {
+        let p = self.noise.max(0.02);
+        MARGIN.max(2.5 * (p * (1.0 - p) / f64::from(answers.max(1))).sqrt())
+    }
+
+    fn close_window(&mut self, now: Instant) {
+        let window = self.window;
+        self.window = Window {
+            start: now,
+            answers: 0,
+            throttled: 0,
+        };
+        let share = window.share();
+        let (answered, accepted) = window.rates(now);
+        let throttled = window.throttled >= 3 && share > self.noise + self.margin(window.answers);
+        // Over a second at least: a first burst does not count as a pace.
+        let sustained = f64::from(window.answers - window.throttled)
+            / (now - window.start).max(WINDOW).as_secs_f64();
+        if throttled && std::mem::take(&mut self.jumped) {
+            // Half the old pace was too much: the server changed.
+            self.best_accepted = sustained;
+        } else {
+            self.best_accepted = self.best_accepted.max(sustained);
+        }
+        if let Some(trial) = self.trial.take() {
+            if !throttled || clearly_lower(trial.before, window) || share >= NOISE_MAX {
+                // The cut helped: the server has a capacity, and this is it.
+                self.capacity = Some(trial.accepted);
+            } else {
+                // The same share at a lower rate: noise, not load.
+                self.rate = trial.rate_before;
+                let answers = f64::from(trial.before.answers + window.answers);
+                self.noise = f64::from(trial.before.throttled + window.throttled) / answers;
+                self.healthy = 0;
+                return;
+            }
+        }
+        if throttled {
+            self.healthy = 0;
+            let current = self.rate.unwrap_or(answered);
+            let cut = (accepted * CUT_TO_ACCEPTED)
+                .clamp(current * DEEPEST_CUT, current * SMALLEST_CUT)
+                .max(MIN_RATE);
+            self.rate = Some(cut);
+            self.trial = Some(Trial {
+                rate_before: self.rate_before_trial(current),
+                before: window,
+                accepted,
+            });
+            if share >= NOISE_MAX {
+                // Too much to be noise: no need to prove it.
+                self.capacity = Some(accepted);
+                self.trial = None;
+            }
+            return;
+        }
+        if share < self.noise {
+            self.noise = self.noise * 0.9 + share * 0.1;
+        }
+        let jumped = std::mem::take(&mut self.jumped);
+        let Some(rate) = self.rate else { return };
+        if rate < self.best_accepted / 2.0 && !jumped {
+            // Healthy again after a cut far below what the host handled
+            // before (a burst of 429s, say): back to half that at once,
+            // then doubling.
+            self.rate = Some(self.best_accepted / 2.0);
+            self.jumped = true;
+            self.healthy = 7;
+            return;
+        }
+        if answered < rate * 0.5 && window.answers > 0 {
+            // The rate is not what sets the pace (latency or workers are).
+            if self
+                .capacity
+                .is_none_or(|capacity| answered < capacity * 0.5)
+            {
+                self.rate = None;
+                self.capacity = None;
+                self.healthy = 0;
+                return;
+            }
+        }
+        let near_capacity = self
+            .capacity
+            .is_some_and(|capacity| rate >= capacity * 0.95 && rate <= capacity * 1.05);
+        let growth = if near_capacity {
+            // Growth past the band starts small again.
+            self.healthy = 0;
+            CREEP
+        } else {
+            self.healthy += 1;
+            (FIRST_GROWTH * 2f64.powi(self.healthy.min(7) as i32 - 1)).min(1.0)
+        };
+        self.rate = Some(rate * (1.0 + growth));
+    }
+
+    /// What a rejected trial goes back to: no limit if there was none.
+    fn rate_before_trial(&self, current: f64) -> Option<f64> {
+        self.rate.map(|_| current)
+    }
+}
+
+/// Whether `after`'s share of throttled answers is lower than `before`'s by
+/// more than chance explains (a two-proportion test at about two standard
+/// deviations).
+fn clearly_lower(before: Window, after: Window) -> bool {
+    let (n1, n2) = (f64::from(before.answers), f64::from(after.answers));
+    if n1 == 0.0 || n2 == 0.0 {
+        return false;
+    }
+    let pooled = f64::from(before.throttled + after.throttled) / (n1 + n2);
+    let spread = (pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)).sqrt();
+    before.share() - after.share() > 2.0 * spread
 }
 
 fn interval(rate: f64) -> Duration {
@@ -270,79 +543,243 @@ fn interval(rate: f64) -> Duration {
 mod tests {
     use super::*;
 
-    fn adaptive() -> Hosts {
-        Hosts::new(Politeness {
-            adaptive: true,
-            ..Default::default()
-        })
+    /// A simulated run: `workers` requests in flight at most, each answered
+    /// after `latency`, paced by the throttle, against a server that says
+    /// whether a request sent at a time is throttled. Returns the requests
+    /// and the throttled ones per simulated second.
+    struct Sim {
+        throttle: Throttle,
+        start: Instant,
+        now: Instant,
+        next_send: Instant,
+        in_flight: Vec<(Instant, Instant, bool)>,
     }
 
-    #[test]
-    fn throttling_halves_at_most_once_a_second_and_health_raises_it() {
-        let hosts = adaptive();
-        hosts.with_host("h", |s| s.rate = Some(40.0));
-        hosts.throttled("h");
-        assert!(
-            hosts.restrained().is_empty(),
-            "a single 429 does not throttle"
-        );
-        hosts.throttled("h");
-        hosts.throttled("h");
-        let rate = |hosts: &Hosts| hosts.restrained()[0].adaptive_rate.unwrap();
-        assert_eq!(rate(&hosts), 20.0, "429s in a row halve once a second");
-        for _ in 0..20 {
-            hosts.healthy("h");
+    impl Sim {
+        fn new() -> Sim {
+            let start = Instant::now();
+            Sim {
+                throttle: Throttle::new(start),
+                start,
+                now: start,
+                next_send: start,
+                in_flight: Vec::new(),
+            }
         }
-        let raised = rate(&hosts);
+
+        /// Runs for `seconds`; returns (requests, throttled, accepted).
+        fn run(
+            &mut self,
+            seconds: f64,
+            workers: usize,
+            latency: Duration,
+            mut server: impl FnMut(Instant) -> bool,
+        ) -> (u64, u64, u64) {
+            let step = Duration::from_micros(500);
+            let end = self.now + Duration::from_secs_f64(seconds);
+            let (mut requests, mut throttled) = (0, 0);
+            while self.now < end {
+                self.now += step;
+                let now = self.now;
+                let throttle = &mut self.throttle;
+                self.in_flight.retain(|&(sent, due, answer)| {
+                    if due <= now {
+                        throttle.answered(now, sent, answer);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                while self.in_flight.len() < workers && self.next_send <= now {
+                    let answer = server(now);
+                    requests += 1;
+                    throttled += u64::from(answer);
+                    self.in_flight.push((now, now + latency, answer));
+                    self.next_send = match self.throttle.rate() {
+                        Some(rate) => {
+                            let unused_since = now.checked_sub(interval(rate)).unwrap_or(now);
+                            self.next_send.max(unused_since) + interval(rate)
+                        }
+                        None => now,
+                    };
+                }
+            }
+            (requests, throttled, requests - throttled)
+        }
+
+        fn seconds(&self) -> f64 {
+            (self.now - self.start).as_secs_f64()
+        }
+    }
+
+    /// A token bucket of `rate` per second holding `burst`, in simulated time.
+    fn bucket(rate: f64, burst: f64, start: Instant) -> impl FnMut(Instant) -> bool {
+        let (mut tokens, mut at) = (burst, start);
+        move |now| {
+            tokens = (tokens + (now - at).as_secs_f64() * rate).min(burst);
+            at = now;
+            if tokens >= 1.0 {
+                tokens -= 1.0;
+                false
+            } else {
+                true
+            }
+        }
+    }
+
+    fn noise(share: f64, seed: u64) -> impl FnMut(Instant) -> bool {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        move |_| rng.f64() < share
+    }
+
+    #[test]
+    fn against_a_token_bucket_the_rate_settles_just_under_it() {
+        let mut sim = Sim::new();
+        let server = bucket(50.0, 10.0, sim.start);
+        let (requests, throttled, accepted) = sim.run(60.0, 50, Duration::from_millis(2), server);
+        let goodput = accepted as f64 / sim.seconds();
+        let share = throttled as f64 / requests as f64;
+        assert!(goodput >= 45.0, "goodput {goodput:.1}/s of 50/s");
+        assert!(share <= 0.03, "{throttled} of {requests} throttled");
+    }
+
+    #[test]
+    fn background_noise_does_not_lower_the_rate() {
+        for seed in 0..5 {
+            let mut sim = Sim::new();
+            // 50 workers, 50 ms: 1,000 requests/s when nothing holds them back.
+            let (requests, _, _) = sim.run(30.0, 50, Duration::from_millis(50), noise(0.05, seed));
+            let per_second = requests as f64 / sim.seconds();
+            assert!(
+                per_second >= 950.0,
+                "seed {seed}: {per_second:.0}/s against 5% random 429s"
+            );
+            assert!(
+                sim.throttle.noise > 0.02,
+                "seed {seed}: the noise was learnt"
+            );
+        }
+    }
+
+    #[test]
+    fn after_a_burst_of_429s_the_rate_recovers_within_seconds() {
+        let mut sim = Sim::new();
+        let latency = Duration::from_millis(20);
+        sim.run(2.0, 20, latency, |_| false);
+        sim.run(2.0, 20, latency, |_| true);
         assert!(
-            raised > 20.9 && raised < 21.1,
-            "20 responses at 20/s: +1/s, got {raised}"
+            sim.throttle.rate().is_some(),
+            "a burst of 429s cuts the rate"
+        );
+        sim.run(10.0, 20, latency, |_| false);
+        // 20 workers, 20 ms: 1,000 requests/s unthrottled.
+        let (requests, _, _) = sim.run(2.0, 20, latency, |_| false);
+        assert!(
+            requests >= 1900,
+            "{requests} requests in the 2 s after recovery, rate {:?}",
+            sim.throttle.rate()
         );
     }
 
     #[test]
-    fn a_ceiling_ends_adaptive_throttling() {
+    fn a_cut_that_does_not_help_is_undone() {
+        let start = Instant::now();
+        let mut throttle = Throttle::new(start);
+        throttle.rate = Some(100.0);
+        // 100 answers at 100/s, 10% throttled: a trial cut.
+        let mut now = start;
+        for i in 0..100 {
+            now += Duration::from_millis(10);
+            throttle.answered(now, now, i % 10 == 0);
+        }
+        now += Duration::from_millis(10);
+        throttle.answered(now, now, false);
+        let cut = throttle.rate().unwrap();
+        assert!(cut < 100.0, "cut to {cut}");
+        // The same 10% at the lower rate.
+        for i in 0..100 {
+            now += Duration::from_millis(12);
+            throttle.answered(now, now, i % 10 == 0);
+        }
+        now += Duration::from_millis(12);
+        throttle.answered(now, now, false);
+        assert_eq!(throttle.rate(), Some(100.0), "the cut is undone");
+        assert!(throttle.noise > 0.05, "noise learnt: {}", throttle.noise);
+    }
+
+    #[test]
+    fn answers_to_requests_sent_before_a_cut_do_not_count_against_it() {
+        let start = Instant::now();
+        let mut throttle = Throttle::new(start);
+        let mut now = start;
+        for _ in 0..10 {
+            now += Duration::from_millis(1);
+            throttle.answered(now, start, true);
+        }
+        let cut = throttle.rate().expect("an overloaded host is cut at once");
+        for _ in 0..100 {
+            now += Duration::from_millis(1);
+            throttle.answered(now, start, true);
+        }
+        assert_eq!(throttle.rate(), Some(cut), "late answers to old requests");
+    }
+
+    #[test]
+    fn retry_after_pauses_without_cutting_the_rate() {
         let hosts = Hosts::new(Politeness {
             adaptive: true,
-            per_host_rate: Some(Rate::parse("4/s").unwrap()),
             ..Default::default()
         });
-        hosts.throttled("h");
-        hosts.throttled("h");
-        assert_eq!(hosts.restrained()[0].adaptive_rate, Some(2.0));
-        for _ in 0..10 {
-            hosts.healthy("h");
+        let now = Instant::now();
+        for _ in 0..50 {
+            hosts.answered("h", now, Answer::Paused);
         }
+        hosts.pause("h", now + Duration::from_secs(2), None);
+        hosts.pause("h", now + Duration::from_secs(1), None);
+        let view = &hosts.restrained()[0];
+        assert_eq!(view.adaptive_rate, None, "no rate cut for Retry-After");
         assert!(
-            hosts.restrained().is_empty(),
-            "back at the --per-host-rate ceiling"
+            view.paused_for.unwrap() > Duration::from_millis(1500),
+            "pauses overlap: the later end wins"
         );
+        assert_eq!(view.throttled_share, 1.0);
     }
 
     #[test]
     fn without_adaptive_throttling_a_429_changes_nothing() {
         let hosts = Hosts::new(Politeness::default());
-        hosts.throttled("h");
+        let now = Instant::now();
+        for _ in 0..100 {
+            hosts.answered("h", now, Answer::Throttled);
+        }
         assert!(hosts.restrained().is_empty());
     }
 
-    #[tokio::test]
-    async fn a_per_host_rate_spaces_requests() {
-        let hosts = Hosts::new(Politeness {
+    #[test]
+    fn a_per_host_rate_spaces_requests_and_slots_cap_them() {
+        let hosts = Arc::new(Hosts::new(Politeness {
             per_host_rate: Some(Rate::parse("10/s").unwrap()),
+            per_host_workers: Some(2),
             ..Default::default()
-        });
-        let start = tokio::time::Instant::now();
-        for _ in 0..5 {
-            drop(hosts.acquire("h").await);
+        }));
+        let first = hosts.try_acquire("h").expect("a first request at once");
+        match hosts.try_acquire("h") {
+            Err(Wait::Until(at)) => {
+                let gap = at - Instant::now();
+                assert!(gap > Duration::from_millis(80), "{gap:?}");
+            }
+            other => panic!("the second must wait for its slot: {:?}", other.err()),
         }
-        let took = start.elapsed();
-        assert!(took >= Duration::from_millis(390), "{took:?}");
-        let other = tokio::time::Instant::now();
-        drop(hosts.acquire("other").await);
-        assert!(
-            other.elapsed() < Duration::from_millis(10),
-            "hosts are paced apart"
-        );
+        let other = hosts.try_acquire("other");
+        assert!(other.is_ok(), "hosts are paced apart");
+        drop(first);
+        let hosts_one = Arc::new(Hosts::new(Politeness {
+            per_host_workers: Some(1),
+            ..Default::default()
+        }));
+        let held = hosts_one.try_acquire("h").expect("a free slot");
+        assert_eq!(hosts_one.try_acquire("h").err(), Some(Wait::Slot));
+        drop(held);
+        assert!(hosts_one.try_acquire("h").is_ok(), "the slot came back");
     }
 }

@@ -183,14 +183,28 @@ fn rates(samples: &VecDeque<Sample>) -> Option<(f64, f64)> {
     })
 }
 
+/// Each paused or throttled host: how long it is paused for (and the
+/// Retry-After it asked for, when that was capped), its rate now, and the
+/// share of its answers that were 429 or 503.
 fn restrained(hosts: &Hosts) -> Vec<String> {
     hosts
         .restrained()
         .into_iter()
-        .map(|view| match (view.paused_for, view.adaptive_rate) {
-            (Some(pause), _) => format!("{} paused {}s", view.host, pause.as_secs() + 1),
-            (None, Some(rate)) => format!("{} at {rate:.1}/s", view.host),
-            (None, None) => view.host,
+        .map(|view| {
+            let mut text = view.host;
+            if let Some(pause) = view.paused_for {
+                text += &format!(" paused {}s", pause.as_secs() + 1);
+                if let Some(asked) = view.capped_from {
+                    text += &format!(" (Retry-After {} s capped)", asked.as_secs());
+                }
+            }
+            if let Some(rate) = view.adaptive_rate {
+                text += &format!(" at {rate:.1}/s");
+            }
+            if view.throttled_share > 0.0 {
+                text += &format!(" ({:.0}% 429/503)", view.throttled_share * 100.0);
+            }
+            text
         })
         .collect()
 }

@@ -216,14 +216,25 @@ fn render(report: &Report) -> String {
         let _ = writeln!(out, "Hosts:");
         let width = s.hosts.iter().map(|h| h.host.len()).max().unwrap_or(0);
         for host in &s.hosts {
-            let _ = writeln!(
-                out,
+            let mut line = format!(
                 "  {:<width$}  {} done, {} failed, {} to go",
                 host.host,
                 thousands(host.done),
                 thousands(host.failed),
                 thousands(host.pending)
             );
+            let throttled = host.status_429 + host.status_503;
+            if throttled > 0 {
+                let _ = write!(
+                    line,
+                    "; 429: {}, 503: {} of {} answers ({:.1}%)",
+                    thousands(host.status_429),
+                    thousands(host.status_503),
+                    thousands(host.answers),
+                    100.0 * throttled as f64 / host.answers.max(1) as f64
+                );
+            }
+            let _ = writeln!(out, "{line}");
         }
     }
     let _ = writeln!(

@@ -51,6 +51,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
                 per_host_workers: args.per_host_workers,
                 per_host_rate: args.per_host_rate,
                 adaptive: !args.no_adaptive,
+                max_retry_after: args.max_retry_after,
             },
             user_agent: args.user_agent,
             max_bytes: args.max_bytes,

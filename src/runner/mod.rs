@@ -1,12 +1,14 @@
 //! A run: the database owner on its own thread, the sync thread that makes
-//! bodies durable, N workers on a tokio runtime, and a supervisor that
-//! watches for Ctrl-C and for the workers to finish.
+//! bodies durable, N workers on a tokio runtime fed by a dispatcher that
+//! hands out jobs by host, and a supervisor that watches for Ctrl-C and for
+//! the workers to finish.
 //!
 //! Shutdown: the first Ctrl-C (or SIGTERM) stops claiming; workers finish
 //! what they hold for a short grace period and are then cut off; every row
 //! not done goes back to pending. A second Ctrl-C exits at once, which is
 //! safe too: the next run takes this one's rows back.
 
+mod dispatch;
 mod owner;
 mod peers;
 mod syncer;
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::fetch::{FetchOptions, Fetcher};
@@ -28,6 +30,7 @@ use crate::process;
 use crate::progress::{self, Counters};
 use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
 
+use dispatch::{DispatchChannels, Dispatcher};
 use owner::{Owner, OwnerChannels};
 use peers::Peers;
 
@@ -58,6 +61,8 @@ pub enum Event {
     Fatal(anyhow::Error),
     /// Ctrl-C: stop claiming.
     Shutdown,
+    /// A host that claims left out can take jobs again: claim now.
+    ClaimNow,
     /// Every worker has stopped.
     WorkersGone,
 }
@@ -113,6 +118,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             return Err(error);
         }
     };
+    let per_host_workers = plan.fetch.politeness.per_host_workers;
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
     let counts = store.state_counts()?;
     let counters = Arc::new(Counters::default());
@@ -136,6 +142,13 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
     let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
     let stopping = Arc::new(Notify::new());
+    let host_filter = Arc::default();
+    let dispatcher = Dispatcher::new(
+        fetcher.hosts(),
+        capacity,
+        per_host_workers,
+        Arc::clone(&host_filter),
+    );
     let owner = Owner::new(
         store,
         out,
@@ -146,6 +159,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             events: events_rx,
             events_tx: events_tx.clone(),
             stopping_signal: stopping.clone(),
+            host_filter,
         },
         counters.clone(),
         Peers::new(me, started.id, counters),
@@ -170,6 +184,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     runtime.block_on(supervise(
         plan.workers,
         fetcher,
+        dispatcher,
         jobs_rx,
         events_tx,
         stopping,
@@ -213,6 +228,7 @@ struct ProgressView {
 async fn supervise(
     workers: usize,
     fetcher: Arc<Fetcher>,
+    dispatcher: Dispatcher,
     jobs: flume::Receiver<Job>,
     events: flume::Sender<Event>,
     stopping: Arc<Notify>,
@@ -227,10 +243,25 @@ async fn supervise(
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
     let mut set = JoinSet::new();
+    // Hands a job over only when a worker is free to send it at once, so a
+    // host's permit is never held by a job waiting for a worker.
+    let (work_tx, work_rx) = flume::bounded(workers);
+    let idle = Arc::new(Semaphore::new(workers));
+    set.spawn(dispatcher.run(DispatchChannels {
+        jobs,
+        work: work_tx,
+        idle: idle.clone(),
+        events: events.clone(),
+    }));
     for _ in 0..workers {
-        set.spawn(worker::work(fetcher.clone(), jobs.clone(), events.clone()));
+        set.spawn(worker::work(
+            fetcher.clone(),
+            work_rx.clone(),
+            idle.clone(),
+            events.clone(),
+        ));
     }
-    drop(jobs);
+    drop(work_rx);
     let mut interrupted = false;
     let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {

@@ -17,6 +17,7 @@ use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, now_ms};
 
+use super::dispatch::SharedFilter;
 use super::peers::Peers;
 use super::syncer::Syncer;
 use super::{Event, Job, RunTotals};
@@ -33,6 +34,9 @@ const MIN_TURN: Duration = Duration::from_millis(2);
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often to look for new due rows when none were found.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// How soon to look again when a claim came short while hosts were left
+/// out: the rows there may all be theirs.
+const FILTERED_RECHECK: Duration = Duration::from_millis(100);
 
 pub struct Owner {
     store: Store,
@@ -46,6 +50,8 @@ pub struct Owner {
     events: flume::Receiver<Event>,
     /// Tells the supervisor that the run is stopping on its own.
     stopping_signal: Arc<Notify>,
+    /// Which hosts claims leave out, kept by the dispatcher.
+    host_filter: SharedFilter,
     /// Claimed rows not yet completed, with the file last recorded as
     /// theirs, if any.
     in_flight: HashMap<i64, Option<Written>>,
@@ -78,6 +84,7 @@ pub struct OwnerChannels {
     /// For the sync thread's answers.
     pub events_tx: flume::Sender<Event>,
     pub stopping_signal: Arc<Notify>,
+    pub host_filter: SharedFilter,
 }
 
 enum Tick {
@@ -107,6 +114,7 @@ impl Owner {
             queued: channels.queued,
             events: channels.events,
             stopping_signal: channels.stopping_signal,
+            host_filter: channels.host_filter,
             in_flight: HashMap::new(),
             batch: Vec::new(),
             batch_since: None,
@@ -171,6 +179,7 @@ impl Owner {
             }
             Event::Fatal(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
             Event::Shutdown => self.stop(RunEnd::Interrupted),
+            Event::ClaimNow => self.next_claim_at = Instant::now(),
             Event::WorkersGone => return true,
         }
         false
@@ -349,9 +358,14 @@ impl Owner {
                 next_due = self.store.next_due()?;
             }
             let recheck = now + IDLE_RECHECK;
+            let soonest = if self.filter().is_empty() {
+                Duration::from_millis(5)
+            } else {
+                FILTERED_RECHECK
+            };
             let due = next_due
                 .map_or(recheck, instant_of)
-                .clamp(now + Duration::from_millis(5), recheck);
+                .clamp(now + soonest, recheck);
             self.next_claim_at = due;
         }
         Ok(Tick::Continue)
@@ -372,9 +386,10 @@ impl Owner {
             .batch
             .iter()
             .any(|c| matches!(c, Completion::Done { .. }));
+        let filter = self.filter();
         let claims = self
             .store
-            .complete_and_claim(self.run, &self.batch, claim)?;
+            .complete_and_claim(self.run, &self.batch, claim, &filter)?;
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
@@ -384,6 +399,13 @@ impl Owner {
         self.commit_now = false;
         self.last_commit = Instant::now();
         Ok(claims)
+    }
+
+    fn filter(&self) -> crate::store::HostFilter {
+        self.host_filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Feeds the progress display with what was just committed.

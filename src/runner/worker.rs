@@ -1,19 +1,29 @@
-//! A worker: takes jobs from the queue one at a time, makes one attempt at
-//! each and reports the outcome to the database owner. It stops when the
-//! queue is closed and empty.
+//! A worker: takes jobs from the dispatcher one at a time, each with its
+//! host's permit, makes one attempt at each and reports the outcome to the
+//! database owner. It stops when the dispatcher is gone.
 
 use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
-use super::{Event, Job};
+use super::Event;
+use super::dispatch::Dispatched;
 
-pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flume::Sender<Event>) {
-    while let Ok(job) = jobs.recv_async().await {
-        let event = match fetcher.attempt(&job.claim, &job.temp).await {
+pub async fn work(
+    fetcher: Arc<Fetcher>,
+    jobs: flume::Receiver<Dispatched>,
+    idle: Arc<Semaphore>,
+    events: flume::Sender<Event>,
+) {
+    while let Ok((job, permit)) = jobs.recv_async().await {
+        let attempt = fetcher.attempt(&job.claim, &job.temp).await;
+        drop(permit);
+        let event = match attempt {
             Ok(Attempt::Body(body)) => {
                 tracing::trace!(
                     "fetched {}: HTTP {}, {} bytes in {} ms",
@@ -50,6 +60,7 @@ pub async fn work(fetcher: Arc<Fetcher>, jobs: flume::Receiver<Job>, events: flu
         if events.send_async(event).await.is_err() {
             return;
         }
+        idle.add_permits(1);
     }
 }
 

@@ -22,7 +22,7 @@ use include_dir::{Dir, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
-pub use queue::{Claim, Completion, InsertResult, NewUrl, RowState, bucket_floor};
+pub use queue::{Claim, Completion, HostFilter, InsertResult, NewUrl, RowState, bucket_floor};
 pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::{ExportRow, Summary};
 

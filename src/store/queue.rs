@@ -24,6 +24,10 @@ pub struct Claim {
     pub path: String,
     /// Attempts already made (and finished).
     pub attempts: u32,
+    /// The host as recorded at import: host[:port], the port only when it
+    /// is not the scheme's default. Politeness is kept per this key, so
+    /// http and https on one name share it, as they share the server.
+    pub host: String,
     /// The size and sha256 of the body last recorded as done, if any.
     pub recorded: Option<(u64, [u8; 32])>,
 }
@@ -38,6 +42,26 @@ pub enum RowState {
     /// Pending or failed: nobody is writing its file.
     Free,
 }
+
+/// Which due rows a claim leaves for later, so that claimed rows go to hosts
+/// that can take them now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFilter {
+    /// Hosts not to claim for now: paused, or with enough claimed already.
+    pub skip: Vec<String>,
+}
+
+impl HostFilter {
+    pub fn is_empty(&self) -> bool {
+        self.skip.is_empty()
+    }
+}
+
+/// How many due rows, in claim order, a filtered claim looks at: first four
+/// times the rows it wants (enough to pass over a few skipped hosts' rows),
+/// then more while it comes short, up to this many, so that a claim stays
+/// cheap when the head of the list belongs to skipped hosts.
+const FILTER_WINDOW: usize = 16_384;
 
 /// A URL to import.
 #[derive(Debug, Clone, Copy)]
@@ -226,6 +250,7 @@ impl Store {
         run: i64,
         completions: &[Completion],
         claim: usize,
+        filter: &HostFilter,
     ) -> Result<Vec<Claim>> {
         let now = now_ms();
         let tx = self.write_transaction()?;
@@ -261,6 +286,7 @@ impl Store {
                 tally.retried,
                 tally.bytes
             ])?;
+        count_host_answers(&tx, completions)?;
         if alive == 0 || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
             bail!(
@@ -270,7 +296,7 @@ impl Store {
             );
         }
         let claims = if claim > 0 {
-            claim_due(&tx, run, now, claim)?
+            claim_due(&tx, run, now, claim, filter)?
         } else {
             Vec::new()
         };
@@ -457,7 +483,46 @@ pub fn bucket_floor(bucket: i64) -> f64 {
     (2f64.powf(bucket as f64 / 4.0) - 1.0).max(0.0)
 }
 
-fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<Vec<Claim>> {
+/// Adds every finished attempt in `completions` to its host's answers, and
+/// the 429s and 503s among them: one statement per commit. An attempt that
+/// got no HTTP answer (a reset, a timeout) has no status.
+fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Result<()> {
+    let answers: Vec<(i64, Option<u16>)> = completions
+        .iter()
+        .filter_map(|completion| match *completion {
+            Completion::Done { id, status, .. } => Some((id, Some(status))),
+            Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
+                Some((id, status))
+            }
+            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
+        })
+        .collect();
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let answers = serde_json::to_string(&answers)?;
+    // WHERE true: without it SQLite would read ON CONFLICT as part of the join.
+    tx.prepare_cached(
+        "INSERT INTO host_answers (host, answers, status_429, status_503)
+         SELECT u.host, count(*), sum(coalesce(a.value ->> 1, 0) = 429),
+             sum(coalesce(a.value ->> 1, 0) = 503)
+         FROM json_each(?1) AS a JOIN urls AS u ON u.id = a.value ->> 0
+         WHERE true GROUP BY u.host
+         ON CONFLICT (host) DO UPDATE SET answers = answers + excluded.answers,
+             status_429 = status_429 + excluded.status_429,
+             status_503 = status_503 + excluded.status_503",
+    )?
+    .execute([answers])?;
+    Ok(())
+}
+
+fn claim_due(
+    tx: &Transaction<'_>,
+    run: i64,
+    now: i64,
+    limit: usize,
+    filter: &HostFilter,
+) -> Result<Vec<Claim>> {
     // Bundled SQLite has no UPDATE ... LIMIT; the subqueries do the picking.
     // Due retries (next_attempt_at > 0) come first, so that a retry happens
     // about when its backoff ends, not after the whole list; then rows never
@@ -467,17 +532,48 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
         ORDER BY next_attempt_at DESC LIMIT ?3";
     const PICK_FRESH: &str = "SELECT id FROM urls
         WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?3";
+    // The same two, leaving out the hosts to skip, among the first
+    // FILTER_WINDOW due rows. Only used while some host is skipped: reading
+    // every row's host costs more than walking the index.
+    const PICK_RETRIES_FILTERED: &str = "SELECT id FROM (
+            SELECT id, host, next_attempt_at FROM urls
+            WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= ?2
+            ORDER BY next_attempt_at DESC LIMIT ?4)
+        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        ORDER BY next_attempt_at DESC LIMIT ?3";
+    const PICK_FRESH_FILTERED: &str = "SELECT id FROM (
+            SELECT id, host FROM urls
+            WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?4)
+        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        ORDER BY id LIMIT ?3";
+    let picks = if filter.is_empty() {
+        [PICK_RETRIES, PICK_FRESH]
+    } else {
+        [PICK_RETRIES_FILTERED, PICK_FRESH_FILTERED]
+    };
+    let windows: &[usize] = if filter.is_empty() {
+        &[0]
+    } else {
+        &[4, 32, FILTER_WINDOW]
+    };
+    let skip = serde_json::to_string(&filter.skip)?;
     let mut claims = Vec::new();
-    for pick in [PICK_RETRIES, PICK_FRESH] {
+    for (pick, &window) in picks
+        .into_iter()
+        .flat_map(|pick| windows.iter().map(move |window| (pick, window)))
+    {
         let wanted = limit - claims.len();
         if wanted == 0 {
             break;
         }
+        // Rows claimed by an earlier, smaller window are running now and
+        // are not seen again.
+        let window = (window * limit).min(FILTER_WINDOW) as i64;
         let mut statement = tx.prepare_cached(&format!(
             "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
-             RETURNING id, url, request, path, attempts, bytes, sha256"
+             RETURNING id, url, request, path, attempts, bytes, sha256, host"
         ))?;
-        let picked = statement.query_map(params![run, now, wanted as i64], |row| {
+        let read = |row: &rusqlite::Row<'_>| {
             Ok(Claim {
                 id: row.get(0)?,
                 url: row.get(1)?,
@@ -493,8 +589,14 @@ fn claim_due(tx: &Transaction<'_>, run: i64, now: i64, limit: usize) -> Result<V
                         .map(|sha256| (bytes as u64, sha256)),
                     _ => None,
                 },
+                host: row.get(7)?,
             })
-        })?;
+        };
+        let picked = if filter.is_empty() {
+            statement.query_map(params![run, now, wanted as i64], read)?
+        } else {
+            statement.query_map(params![run, now, wanted as i64, window, skip], read)?
+        };
         for claim in picked {
             claims.push(claim?);
         }

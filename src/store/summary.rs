@@ -46,6 +46,10 @@ pub struct HostCount {
     pub done: i64,
     pub failed: i64,
     pub pending: i64,
+    /// Finished attempts, and how many were answered 429 or 503.
+    pub answers: i64,
+    pub status_429: i64,
+    pub status_503: i64,
 }
 
 /// Percentiles in milliseconds, each the lower edge of its histogram bucket
@@ -248,6 +252,7 @@ impl Store {
             .collect();
         if hosts.len() > 1 {
             hosts.sort_by(|a, b| a.host.cmp(&b.host));
+            self.add_host_answers(&mut hosts)?;
             summary.hosts = hosts;
         }
         let mut errors: Vec<ErrorCount> = errors
@@ -263,6 +268,32 @@ impl Store {
         summary.errors = errors;
         summary.durations = self.durations()?;
         Ok(summary)
+    }
+
+    /// Answers and 429s and 503s per host, as runs recorded them. A database
+    /// written by an older jobrun, opened read-only, may not have them.
+    fn add_host_answers(&self, hosts: &mut [HostCount]) -> Result<()> {
+        let recorded: i64 = self.conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'host_answers'",
+            [],
+            |row| row.get(0),
+        )?;
+        if recorded == 0 {
+            return Ok(());
+        }
+        let mut statement = self
+            .conn
+            .prepare("SELECT host, answers, status_429, status_503 FROM host_answers")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let host: String = row.get(0)?;
+            if let Ok(at) = hosts.binary_search_by(|h| h.host.cmp(&host)) {
+                hosts[at].answers = row.get(1)?;
+                hosts[at].status_429 = row.get(2)?;
+                hosts[at].status_503 = row.get(3)?;
+            }
+        }
+        Ok(())
     }
 
     fn durations(&self) -> Result<Option<Durations>> {

@@ -1,0 +1,316 @@
+//! Politeness as the servers see it: Retry-After honoured and capped, pauses
+//! and per-host caps that hold no worker another host could use, per-host
+//! caps never exceeded, throttling that recovers after a burst of 429s, and
+//! 429/503 counts per host in the report.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// URLs of `per_host` items on each server, interleaved: one of each in turn.
+fn interleaved(servers: &[&Server], per_host: u64) -> Vec<String> {
+    (0..per_host)
+        .flat_map(|i| {
+            servers
+                .iter()
+                .map(move |s| s.url(&format!("/items/{i}.json")))
+        })
+        .collect()
+}
+
+/// Serves items; `fault(item, earlier)` may answer instead.
+fn item_server_on(
+    address: &str,
+    delay: Duration,
+    fault: impl Fn(u64, usize) -> Option<Reply> + Send + Sync + 'static,
+) -> Server {
+    Server::start_on(address, move |request| match item_of(&request.path) {
+        Some(i) => {
+            fault(i, request.previous).unwrap_or_else(|| Reply::ok(item_body(i)).delayed(delay))
+        }
+        None => Reply::status(404),
+    })
+}
+
+#[test]
+fn retry_after_is_never_violated_as_timed_at_the_server() {
+    // Every item's first request is answered 429 with Retry-After: 1.
+    let server = faulty_item_server(Duration::from_millis(2), |_, earlier| {
+        (earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "1"))
+    });
+    let job = Job::new();
+    let urls = item_urls(&server, 40);
+    job.import(&urls);
+    assert_success(
+        &job.run(&["--workers", "10", "--backoff-base", "1ms"]),
+        "run",
+    );
+    job.assert_all_files_right(&server, &urls);
+    let hits = server.hits();
+    let mut by_path: HashMap<&str, Vec<Instant>> = HashMap::new();
+    for hit in &hits {
+        by_path.entry(&hit.path).or_default().push(hit.at);
+    }
+    for (path, times) in &by_path {
+        assert_eq!(times.len(), 2, "{path}: one 429, then the file");
+        assert!(
+            times[1] - times[0] >= Duration::from_secs(1),
+            "{path} was asked for again {:?} after its Retry-After: 1",
+            times[1] - times[0]
+        );
+    }
+    // The host is paused too: after a 429 has been answered (and the
+    // requests already on their way have arrived), nothing comes for a second.
+    let first_answers: Vec<Instant> = by_path.values().map(|times| times[0]).collect();
+    for &answered in &first_answers {
+        let early = hits
+            .iter()
+            .filter(|h| {
+                h.at > answered + Duration::from_millis(150)
+                    && h.at < answered + Duration::from_secs(1)
+            })
+            .count();
+        assert_eq!(early, 0, "requests during a Retry-After pause");
+    }
+}
+
+#[test]
+fn a_paused_host_does_not_hold_workers_that_other_hosts_could_use() {
+    let paused = item_server_on("127.0.0.1:0", Duration::ZERO, |_, _| {
+        Some(Reply::status(429).with_header("Retry-After", "30"))
+    });
+    let free = item_server_on("127.0.0.2:0", Duration::from_millis(5), |_, _| None);
+    let job = Job::new();
+    job.import(&interleaved(&[&paused, &free], 40));
+    let mut child = job.spawn_run(&["--workers", "4"]);
+    wait_for(Duration::from_secs(60), "the free host's 40 URLs", || {
+        free.hit_count() >= 40
+    });
+    let first_pause = paused.hits()[0].at;
+    let last_free = free.hits().iter().map(|h| h.at).max().unwrap();
+    assert!(
+        last_free < first_pause + Duration::from_secs(30),
+        "the free host's URLs waited {:?} for the paused host",
+        last_free - first_pause
+    );
+    assert!(
+        paused.hit_count() <= 4,
+        "a paused host got {} requests",
+        paused.hit_count()
+    );
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let report = job.report_json();
+    assert_eq!(report["done"], 40, "{report}");
+    assert_eq!(report["running"], 0, "{report}");
+}
+
+#[test]
+fn a_capped_host_does_not_hold_workers_that_other_hosts_could_use() {
+    let slow = item_server(Duration::from_millis(500));
+    let fast = item_server_on("127.0.0.2:0", Duration::from_millis(5), |_, _| None);
+    let job = Job::new();
+    // The slow host first: workers that waited for its one slot would leave
+    // the fast host's URLs until the slow host's were done.
+    let mut urls = item_urls(&slow, 8);
+    urls.extend(item_urls(&fast, 40));
+    job.import(&urls);
+    assert_success(
+        &job.run(&["--workers", "4", "--per-host-workers", "1"]),
+        "run",
+    );
+    assert_eq!(slow.most_in_flight(), 1, "the cap held at the slow host");
+    assert_eq!(fast.most_in_flight(), 1, "the cap held at the fast host");
+    let mut slow_hits: Vec<Instant> = slow.hits().iter().map(|h| h.at).collect();
+    slow_hits.sort();
+    let last_fast = fast.hits().iter().map(|h| h.at).max().unwrap();
+    assert!(
+        last_fast < slow_hits[3],
+        "the fast host finished {:?} after the slow host's first request, \
+         not before its fourth ({:?})",
+        last_fast - slow_hits[0],
+        slow_hits[3] - slow_hits[0]
+    );
+    assert_eq!(job.report_json()["done"], 48);
+}
+
+#[test]
+fn per_host_caps_are_never_exceeded_on_any_host() {
+    let servers: Vec<Server> = (1..=3)
+        .map(|i| {
+            item_server_on(
+                &format!("127.0.0.{i}:0"),
+                Duration::from_millis(20),
+                |_, _| None,
+            )
+        })
+        .collect();
+    let job = Job::new();
+    let urls = interleaved(&servers.iter().collect::<Vec<_>>(), 30);
+    job.import(&urls);
+    assert_success(
+        &job.run(&["--workers", "12", "--per-host-workers", "2"]),
+        "run",
+    );
+    for server in &servers {
+        assert_eq!(server.most_in_flight(), 2, "{}", server.url(""));
+    }
+    assert_eq!(job.report_json()["done"], 90);
+}
+
+#[test]
+fn throttling_recovers_after_a_burst_of_429s() {
+    // Answers 429, without Retry-After, to everything from 0.3 s to 2.3 s
+    // after the first request: a passing overload.
+    let first = Mutex::new(None::<Instant>);
+    let burst = (Duration::from_millis(300), Duration::from_millis(2300));
+    let server = Server::start(move |request| {
+        let start = *first.lock().unwrap().get_or_insert_with(Instant::now);
+        let since = start.elapsed();
+        if since >= burst.0 && since < burst.1 {
+            return Reply::status(429);
+        }
+        match item_of(&request.path) {
+            Some(i) => Reply::ok(item_body(i)).delayed(Duration::from_millis(2)),
+            None => Reply::status(404),
+        }
+    });
+    let job = Job::new();
+    job.import(&item_urls(&server, 4000));
+    assert_success(
+        &job.run(&[
+            "--workers",
+            "8",
+            "--max-attempts",
+            "50",
+            "--backoff-base",
+            "10ms",
+            "--backoff-max",
+            "100ms",
+        ]),
+        "run",
+    );
+    let hits: Vec<Instant> = server.hits().iter().map(|h| h.at).collect();
+    let start = hits[0];
+    let count = |from: Duration, to: Duration| {
+        hits.iter()
+            .filter(|&&at| at >= start + from && at < start + to)
+            .count() as f64
+            / (to - from).as_secs_f64()
+    };
+    let before = count(Duration::from_millis(50), burst.0);
+    // The best half second within eight seconds after the burst.
+    let after = (0..16)
+        .map(|k| {
+            let from = burst.1 + Duration::from_millis(500 * k);
+            count(from, from + Duration::from_millis(500))
+        })
+        .fold(0.0, f64::max);
+    eprintln!("requests/s before the burst: {before:.0}, best after: {after:.0}");
+    assert!(
+        after >= before * 0.75,
+        "{before:.0} requests/s before the burst, at best {after:.0} in the 8 s after it"
+    );
+}
+
+#[test]
+fn a_retry_after_longer_than_max_retry_after_is_capped_and_said_so() {
+    let server = faulty_item_server(Duration::ZERO, |_, _| {
+        Some(Reply::status(429).with_header("Retry-After", "3600"))
+    });
+    let job = Job::new();
+    job.import(&item_urls(&server, 1));
+    let output = job.run(&[
+        "--max-retry-after",
+        "1s",
+        "--max-attempts",
+        "2",
+        "--backoff-base",
+        "1ms",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("asked not to be called for 3600 s"),
+        "{}",
+        stderr(&output)
+    );
+    let times = server.times_of("/items/0.json");
+    assert_eq!(times.len(), 2);
+    assert!(times[1] - times[0] >= Duration::from_secs(1));
+    let failed = job.jobrun(&["report", "--failed"]);
+    let text = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        text.contains("Retry-After 3600 s capped to 1 s"),
+        "the URL's error says the Retry-After was capped: {text}"
+    );
+}
+
+#[test]
+fn the_report_shows_429s_and_503s_per_host() {
+    let throttled = faulty_item_server(Duration::ZERO, |item, earlier| match (item % 2, earlier) {
+        (0, 0) => Some(Reply::status(429)),
+        (1, 0) => Some(Reply::status(503)),
+        _ => None,
+    });
+    let fine = item_server_on("127.0.0.2:0", Duration::ZERO, |_, _| None);
+    // Attempts without an HTTP answer count too, with no status.
+    let closed = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let nobody = format!("http://{}/items/0.json", closed.local_addr().unwrap());
+    drop(closed);
+    let job = Job::new();
+    let mut urls = interleaved(&[&throttled, &fine], 10);
+    urls.push(nobody);
+    job.import(&urls);
+    let output = job.run(&[
+        "--workers",
+        "2",
+        "--backoff-base",
+        "1ms",
+        "--no-adaptive",
+        "--max-attempts",
+        "2",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report = job.report_json();
+    let hosts = report["hosts"].as_array().expect("hosts");
+    let of = |server: &Server| {
+        let name = server.url("");
+        let name = name.trim_start_matches("http://").trim_end_matches('/');
+        hosts
+            .iter()
+            .find(|h| h["host"] == name)
+            .unwrap_or_else(|| panic!("{name} in {report}"))
+            .clone()
+    };
+    let (t, f) = (of(&throttled), of(&fine));
+    let refused = hosts
+        .iter()
+        .find(|h| h["host"].as_str().unwrap().starts_with("127.0.0.3"))
+        .unwrap();
+    assert_eq!(
+        (refused["answers"].as_i64(), refused["status_429"].as_i64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(
+        (
+            t["answers"].as_i64(),
+            t["status_429"].as_i64(),
+            t["status_503"].as_i64()
+        ),
+        (Some(20), Some(5), Some(5))
+    );
+    assert_eq!(
+        (f["answers"].as_i64(), f["status_429"].as_i64()),
+        (Some(10), Some(0))
+    );
+    let text = String::from_utf8_lossy(&job.jobrun(&["report"]).stdout).into_owned();
+    assert!(
+        text.contains("429: 5, 503: 5 of 20 answers (50.0%)"),
+        "{text}"
+    );
+}
