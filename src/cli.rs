@@ -238,6 +238,12 @@ pub struct RunArgs {
     /// terminal (on a terminal, a progress bar is shown instead).
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Output")]
     pub progress_every: Duration,
+
+    /// Serve live metrics in the Prometheus text format at
+    /// `http://ADDR/metrics` while the run goes on: `127.0.0.1:9464`, or
+    /// `:PORT` for 127.0.0.1 (`:0`: any free port, logged at the start).
+    #[arg(long, value_name = "ADDR", help_heading = "Output")]
+    pub metrics: Option<String>,
     /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes
     /// (at most 8 EiB).
     /// A larger one fails for good and leaves no file.

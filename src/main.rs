@@ -9,6 +9,7 @@ mod crashpoint;
 mod fetch;
 mod hosts;
 mod log;
+mod metrics;
 mod output;
 mod process;
 mod progress;

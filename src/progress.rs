@@ -35,6 +35,8 @@ pub struct Counters {
     pub retries: RetrySchedule,
     /// Which other runs this one waits for, when it has nothing to claim.
     pub waiting_for: Mutex<Option<String>>,
+    /// Counted by the workers, for `--metrics`.
+    pub requests: crate::metrics::Requests,
 }
 
 /// Retry times, counted per second. A URL waits for its retry until its

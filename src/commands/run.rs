@@ -10,6 +10,7 @@ use crate::cli::{RunArgs, parse_headers};
 use crate::commands::{Status, human_bytes, thousands};
 use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
+use crate::metrics;
 use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
@@ -31,6 +32,13 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
         args.key.as_deref(),
     )?;
     let proxies = Proxies::from_options(args.proxy.as_deref(), args.noproxy.as_deref())?;
+    let metrics = match args.metrics.as_deref().map(metrics::bind).transpose()? {
+        Some((listener, at)) => {
+            tracing::info!("metrics at http://{at}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     let mut store = Store::open(db, Open::MustExist)?;
     let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
     let plan = RunPlan {
@@ -64,6 +72,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
         },
         command: resume_command(db, std::env::args().skip(1)),
         display,
+        metrics,
     };
     let totals = runner::execute(store, plan)?;
 

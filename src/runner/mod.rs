@@ -77,6 +77,8 @@ pub struct RunPlan {
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
     pub display: progress::Display,
+    /// Where `--metrics` serves, bound already.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// What one run committed.
@@ -181,6 +183,17 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    if let Some(listener) = plan.metrics {
+        // Dropped with the runtime: the metrics stop with the run.
+        runtime.spawn(crate::metrics::serve(
+            listener,
+            crate::metrics::Source {
+                counters: view.counters.clone(),
+                start: view.start,
+                hosts: fetcher.hosts(),
+            },
+        ));
+    }
     runtime.block_on(supervise(
         plan.workers,
         fetcher,
@@ -235,7 +248,7 @@ async fn supervise(
     view: ProgressView,
 ) -> Result<()> {
     let progress = tokio::spawn(progress::show(
-        view.counters,
+        view.counters.clone(),
         view.start,
         fetcher.hosts(),
         view.display,
@@ -259,6 +272,7 @@ async fn supervise(
             work_rx.clone(),
             idle.clone(),
             events.clone(),
+            view.counters.clone(),
         ));
     }
     drop(work_rx);

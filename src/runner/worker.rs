@@ -8,6 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
+use crate::progress::Counters;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
@@ -19,10 +20,15 @@ pub async fn work(
     jobs: flume::Receiver<Dispatched>,
     idle: Arc<Semaphore>,
     events: flume::Sender<Event>,
+    counters: Arc<Counters>,
 ) {
     while let Ok((job, permit)) = jobs.recv_async().await {
+        let in_flight = counters.requests.start();
         let attempt = fetcher.attempt(&job.claim, &job.temp).await;
-        drop(permit);
+        drop((permit, in_flight));
+        if let Ok(attempt) = &attempt {
+            counters.requests.observe(attempt);
+        }
         let event = match attempt {
             Ok(Attempt::Body(body)) => {
                 tracing::trace!(
