@@ -347,3 +347,45 @@ fn a_busy_or_bad_metrics_address_stops_the_run_at_its_start() {
     assert_eq!(job.report_json()["done"], 0);
     drop(taken);
 }
+
+#[test]
+fn a_paused_host_has_its_series_labelled_without_userinfo() {
+    let server = Server::start(|_| Reply::status(429).with_header("Retry-After", "30"));
+    let job = Job::new();
+    let port = server.addr().port();
+    job.import(&[format!("http://user:s3cret@127.0.0.1:{port}/a")]);
+    let mut child = job.spawn_run(&["--metrics", ":0"]);
+    let lines = stderr_lines(&mut child);
+    let addr = metrics_address(&lines);
+    let host = format!("127.0.0.1:{port}");
+    let paused = format!("jobrun_host_paused_seconds{{host=\"{host}\"}}");
+    let mut last = None;
+    wait_for(
+        Duration::from_secs(30),
+        "the host's pause in the metrics",
+        || {
+            let scrape = scrape(&addr);
+            // The pause comes with the answer, the retry with its commit.
+            let seen = scrape.samples.get(&paused).is_some_and(|&left| left > 20.0)
+                && scrape.value("jobrun_urls_waiting_for_retry") == 1.0;
+            last = Some(scrape);
+            seen
+        },
+    );
+    let last = last.unwrap();
+    assert_eq!(last.value("jobrun_hosts_restrained"), 1.0);
+    assert_eq!(
+        last.value(&format!("jobrun_host_throttled_ratio{{host=\"{host}\"}}")),
+        1.0
+    );
+    assert_eq!(last.value("jobrun_requests_total{outcome=\"4xx\"}"), 1.0);
+    assert_eq!(last.value("jobrun_retries_scheduled_total"), 1.0);
+    let (_, _, body) = http(&addr, "GET", "/metrics");
+    assert!(!body.contains("s3cret") && !body.contains("user"), "{body}");
+    signal(&child, libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    assert!(
+        TcpStream::connect(&addr).is_err(),
+        "metrics outlive the run"
+    );
+}
