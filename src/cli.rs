@@ -244,6 +244,7 @@ pub struct RunArgs {
     /// `:PORT` for 127.0.0.1 (`:0`: any free port, logged at the start).
     #[arg(long, value_name = "ADDR", help_heading = "Output")]
     pub metrics: Option<String>,
+
     /// Largest body kept, after decoding: `10MB`, `512KiB`, `2GiB`, or bytes
     /// (at most 8 EiB).
     /// A larger one fails for good and leaves no file.

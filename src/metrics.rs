@@ -190,38 +190,79 @@ fn escape_label(value: &str) -> String {
 /// A whole scrape, in the text exposition format.
 fn render(snapshot: &Snapshot) -> String {
     let mut out = String::with_capacity(4096);
-    let simple = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
-        Family::new(out, name, kind, help).sample("", &[], value);
-    };
     let s = snapshot;
-    simple(
-        &mut out,
-        "jobrun_urls_done_total",
-        "counter",
-        "URLs this run fetched and recorded as done.",
-        s.done,
-    );
-    simple(
-        &mut out,
-        "jobrun_urls_failed_total",
-        "counter",
-        "URLs this run recorded as failed for good.",
-        s.failed,
-    );
-    simple(
-        &mut out,
-        "jobrun_retries_scheduled_total",
-        "counter",
-        "Retries this run scheduled.",
-        s.retried,
-    );
-    simple(
-        &mut out,
-        "jobrun_written_bytes_total",
-        "counter",
-        "Body bytes this run wrote and recorded.",
-        s.bytes,
-    );
+    let finished = s.start.done + s.start.failed + s.done + s.failed;
+    let single = [
+        (
+            "jobrun_urls_done_total",
+            "counter",
+            "URLs this run fetched and recorded as done.",
+            s.done,
+        ),
+        (
+            "jobrun_urls_failed_total",
+            "counter",
+            "URLs this run recorded as failed for good.",
+            s.failed,
+        ),
+        (
+            "jobrun_retries_scheduled_total",
+            "counter",
+            "Retries this run scheduled.",
+            s.retried,
+        ),
+        (
+            "jobrun_written_bytes_total",
+            "counter",
+            "Body bytes this run wrote and recorded.",
+            s.bytes,
+        ),
+        (
+            "jobrun_requests_in_flight",
+            "gauge",
+            "Attempts under way now (a wait for --rate included).",
+            s.in_flight,
+        ),
+        (
+            "jobrun_urls_waiting_for_retry",
+            "gauge",
+            "URLs whose next attempt is not yet due.",
+            s.retry_waiting,
+        ),
+        (
+            "jobrun_job_urls",
+            "gauge",
+            "URLs in the job.",
+            s.start.total,
+        ),
+        (
+            "jobrun_job_urls_done",
+            "gauge",
+            "URLs of the job done (at the run's start, plus this run's).",
+            s.start.done + s.done,
+        ),
+        (
+            "jobrun_job_urls_failed",
+            "gauge",
+            "URLs of the job failed for good (at the run's start, plus this run's).",
+            s.start.failed + s.failed,
+        ),
+        (
+            "jobrun_job_urls_pending",
+            "gauge",
+            "URLs of the job neither done nor failed.",
+            s.start.total.saturating_sub(finished),
+        ),
+        (
+            "jobrun_hosts_restrained",
+            "gauge",
+            "Hosts paused or held below their rate; the most restrained 50 get host series.",
+            s.hosts.len() as u64,
+        ),
+    ];
+    for (name, kind, help, value) in single {
+        Family::new(&mut out, name, kind, help).sample("", &[], value);
+    }
     let mut requests = Family::new(
         &mut out,
         "jobrun_requests_total",
@@ -231,49 +272,6 @@ fn render(snapshot: &Snapshot) -> String {
     for (outcome, count) in OUTCOMES.iter().zip(s.by_outcome) {
         requests.sample("", &[("outcome", outcome)], count);
     }
-    simple(
-        &mut out,
-        "jobrun_requests_in_flight",
-        "gauge",
-        "Requests under way now.",
-        s.in_flight,
-    );
-    let finished = s.start.done + s.start.failed + s.done + s.failed;
-    simple(
-        &mut out,
-        "jobrun_job_urls",
-        "gauge",
-        "URLs in the job.",
-        s.start.total,
-    );
-    simple(
-        &mut out,
-        "jobrun_job_urls_done",
-        "gauge",
-        "URLs of the job done (at the run's start, plus this run's).",
-        s.start.done + s.done,
-    );
-    simple(
-        &mut out,
-        "jobrun_job_urls_failed",
-        "gauge",
-        "URLs of the job failed for good (at the run's start, plus this run's).",
-        s.start.failed + s.failed,
-    );
-    simple(
-        &mut out,
-        "jobrun_job_urls_pending",
-        "gauge",
-        "URLs of the job neither done nor failed.",
-        s.start.total.saturating_sub(finished),
-    );
-    simple(
-        &mut out,
-        "jobrun_urls_waiting_for_retry",
-        "gauge",
-        "URLs whose next attempt is not yet due.",
-        s.retry_waiting,
-    );
 
     let mut hosts: Vec<&HostView> = s.hosts.iter().collect();
     // The most restrained first, when there are too many to show.
@@ -284,13 +282,6 @@ fn render(snapshot: &Snapshot) -> String {
             .then_with(|| a.host.cmp(&b.host))
     });
     hosts.truncate(MAX_HOSTS);
-    simple(
-        &mut out,
-        "jobrun_hosts_restrained",
-        "gauge",
-        "Hosts paused or held below their rate (each gets host series, up to 50).",
-        s.hosts.len() as u64,
-    );
     let mut paused = Family::new(
         &mut out,
         "jobrun_host_paused_seconds",
