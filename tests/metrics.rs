@@ -214,6 +214,9 @@ fn metrics_are_served_during_a_run_and_agree_with_the_server() {
     ]);
     let lines = stderr_lines(&mut child);
     let addr = metrics_address(&lines);
+    // A client that never finishes its request holds up no scrape.
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
 
     let mut first = None;
     wait_for(Duration::from_secs(30), "a first URL done", || {
@@ -313,6 +316,7 @@ fn metrics_are_served_during_a_run_and_agree_with_the_server() {
     assert!(headers.contains("Allow: GET"), "{headers}");
 
     // The metrics stop with the run.
+    drop(idle);
     release.store(true, Ordering::SeqCst);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1), "some URLs failed for good");
