@@ -20,7 +20,10 @@ pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
         .map(|age| now_ms().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64));
     match store.start_refresh(cutoff)? {
         RefreshRound::Started { round, rows } => {
-            tracing::info!("refresh #{round}: {} done URLs to refresh", thousands(rows as u64));
+            tracing::info!(
+                "refresh #{round}: {} done URLs to refresh",
+                thousands(rows as u64)
+            );
         }
         RefreshRound::Resumed { round, rows } => {
             tracing::info!(

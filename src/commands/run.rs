@@ -67,12 +67,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
 
 /// Checks `run`'s options and opens the database and the output folder for
 /// a run that does `work`; `refresh` takes the same options.
-pub fn prepare(
-    db: &Path,
-    args: RunArgs,
-    display: Display,
-    work: Work,
-) -> Result<(Store, RunPlan)> {
+pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Store, RunPlan)> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");

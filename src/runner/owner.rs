@@ -394,9 +394,9 @@ impl Owner {
             .iter()
             .any(|c| matches!(c, Completion::Done { .. }));
         let filter = self.filter();
-        let claims = self
-            .store
-            .complete_and_claim(self.run, &self.batch, claim, &filter, self.work)?;
+        let claims =
+            self.store
+                .complete_and_claim(self.run, &self.batch, claim, &filter, self.work)?;
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
