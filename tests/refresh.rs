@@ -376,7 +376,7 @@ fn a_refresh_killed_mid_way_resumes_and_finishes_with_every_file_right() {
     let output = refresh(&job, &[]);
     assert_success(&output, "the resumed refresh");
     assert!(
-        stderr(&output).contains("was cut short"),
+        stderr(&output).contains("refresh #1 is not finished"),
         "{}",
         stderr(&output)
     );

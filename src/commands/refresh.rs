@@ -27,7 +27,8 @@ pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
         }
         RefreshRound::Resumed { round, rows } => {
             tracing::info!(
-                "refresh #{round} was cut short: finishing its {} URLs left{}",
+                "refresh #{round} is not finished (cut short, or still going elsewhere): \
+                 carrying on with its {} URLs left{}",
                 thousands(rows as u64),
                 if args.older_than.is_some() {
                     " (--older-than picks the URLs of the next refresh)"
