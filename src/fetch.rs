@@ -379,7 +379,11 @@ impl Fetcher {
                 (true, Some(_)) => Answer::Paused,
             },
         );
-        if claim.refresh && status == StatusCode::NOT_MODIFIED {
+        // Only an answer to a conditional request: a 304 to a request that
+        // asked for no condition says nothing about the stored body.
+        let asked_condition =
+            claim.validators.etag.is_some() || claim.validators.last_modified.is_some();
+        if claim.refresh && asked_condition && status == StatusCode::NOT_MODIFIED {
             return Ok(Fetched::NotModified(validators(response.headers())));
         }
         if let Some(refused) = unfollowed_redirect(&response) {

@@ -292,49 +292,59 @@ fn refresh_older_than_picks_only_old_files() {
 
 #[test]
 fn a_failed_refresh_keeps_the_old_file_and_says_so() {
-    // After its first fetch, item 1 answers 500 and item 2 answers 404.
+    // After its first fetch, item 1 answers 500, item 2 answers 404, and
+    // item 5, which has no validators to send, answers a 304 all the same.
     let server = VersionedServer::start(|item, previous| match (item, previous) {
         (1, 1..) => Some(Reply::status(500)),
         (2, 1..) => Some(Reply::status(404)),
+        (5, 1..) => Some(Reply::Full {
+            status: 304,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }),
         _ => None,
     });
-    let urls = item_urls(&server.server, 4);
+    let urls = item_urls(&server.server, 6);
     let job = Job::new();
     job.import(&urls);
     assert_success(&job.run(&[]), "run");
     let before = file_stamps(&job);
-    server.bump(0..4);
+    server.bump(0..6);
 
     let output = refresh(&job, &["--max-attempts", "2", "--backoff-base", "10ms"]);
 
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(
-        stderr(&output).contains("2 refreshes failed"),
+        stderr(&output).contains("3 refreshes failed"),
         "{}",
         stderr(&output)
     );
     let after = file_stamps(&job);
-    for url in &urls[1..3] {
+    let failed = [1, 2, 5];
+    for item in failed {
+        let url = &urls[item as usize];
         assert_eq!(before[url], after[url], "{url}: the old file stays");
     }
     // Still done, with their first bodies; the others changed.
     job.assert_all_files_are(&urls, |url| {
         let item = item_of(url.strip_prefix(&server.server.url("")).unwrap()).unwrap();
-        body_of(item, u32::from(item == 0 || item == 3))
+        body_of(item, u32::from(!failed.contains(&item)))
     });
-    assert_eq!(job.assert_done_rows_have_their_files(), 4);
+    assert_eq!(job.assert_done_rows_have_their_files(), 6);
     let round = &job.report_json()["refresh"];
-    assert_eq!(round["failed"], 2, "{round}");
-    assert_eq!(round["changed"], 2, "{round}");
+    assert_eq!(round["failed"], 3, "{round}");
+    assert_eq!(round["changed"], 3, "{round}");
+    assert_eq!(round["unchanged"], 0, "{round}");
     let text = String::from_utf8(job.jobrun(&["report"]).stdout).unwrap();
     assert!(
-        text.contains("2 failed (failed ones keep their old files)"),
+        text.contains("3 failed (failed ones keep their old files)"),
         "{text}"
     );
-    // The 500 was retried, the 404 was not.
+    // The 500 was retried, the 404 and the unasked-for 304 were not.
     let hits = server.server.hits_per_path();
     assert_eq!(hits["/items/1.json"], 3);
     assert_eq!(hits["/items/2.json"], 2);
+    assert_eq!(hits["/items/5.json"], 2);
 }
 
 #[test]
