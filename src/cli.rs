@@ -699,6 +699,25 @@ mod tests {
     }
 
     #[test]
+    fn refresh_takes_run_options_and_an_age_of_days() {
+        let Command::Refresh(refresh) = parse(&["refresh", "--older-than", "7days", "-j", "4"])
+            .unwrap()
+            .command
+        else {
+            panic!("not refresh");
+        };
+        assert_eq!(refresh.older_than, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(refresh.run.workers, 4);
+        let error = parse(&["refresh", "--older-than", "soon"]).unwrap_err();
+        assert!(error.to_string().contains("not an age"), "{error}");
+        let error = parse(&["refresh", "--older-than", "200years"]).unwrap_err();
+        assert!(
+            error.to_string().contains("longer than 100 years"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn extensions_are_normalised() {
         assert_eq!(parse_extension(".json").unwrap(), "json");
         assert_eq!(parse_extension("").unwrap(), "");
