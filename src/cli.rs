@@ -78,6 +78,9 @@ pub enum Command {
     Import(ImportArgs),
     /// Fetch every due URL into its file, with retries, until none is left.
     Run(RunArgs),
+    /// Fetch done URLs again, asking the server for changed bodies only
+    /// (If-None-Match, If-Modified-Since); unchanged files stay untouched.
+    Refresh(RefreshArgs),
     /// Say where the job stands: states, HTTP statuses, errors, the last run.
     Report(ReportArgs),
     /// Write one record per URL (state, file, status, size, sha256, error).
@@ -284,6 +287,18 @@ pub struct RunArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RefreshArgs {
+    /// Refresh only the done URLs whose file was fetched (or confirmed
+    /// unchanged) longer ago than this: `12h`, `7days`, `2weeks`
+    /// [default: every done URL].
+    #[arg(long, value_name = "DUR", value_parser = parse_age, help_heading = "Refresh")]
+    pub older_than: Option<Duration>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -363,6 +378,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Err(too_long());
     }
     Ok(duration)
+}
+
+/// An age such as `90m`, `7days` or `2weeks`, at most about a century.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let age = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not an age like 12h, 7days or 2weeks ({e})"))?;
+    if age > CENTURY {
+        return Err(format!("{text:?} is longer than 100 years"));
+    }
+    Ok(age)
 }
 
 /// A size such as `1GiB`, `10MB`, `512KiB`, `1.5GB` or plain bytes. kB, MB,
@@ -677,6 +703,25 @@ mod tests {
             let err = parse(args).unwrap_err().to_string();
             assert!(err.contains(reason), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn refresh_takes_run_options_and_an_age_of_days() {
+        let Command::Refresh(refresh) = parse(&["refresh", "--older-than", "7days", "-j", "4"])
+            .unwrap()
+            .command
+        else {
+            panic!("not refresh");
+        };
+        assert_eq!(refresh.older_than, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(refresh.run.workers, 4);
+        let error = parse(&["refresh", "--older-than", "soon"]).unwrap_err();
+        assert!(error.to_string().contains("not an age"), "{error}");
+        let error = parse(&["refresh", "--older-than", "200years"]).unwrap_err();
+        assert!(
+            error.to_string().contains("longer than 100 years"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
-use reqwest::header::{HeaderMap, LOCATION, RANGE, RETRY_AFTER};
+use reqwest::header::{
+    ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, RANGE,
+    RETRY_AFTER,
+};
 use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
@@ -20,8 +23,12 @@ use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
-use crate::store::{Claim, Completion, unix_ms};
+use crate::store::{Claim, Completion, Validators, unix_ms};
 use crate::tls::ClientTls;
+
+/// The longest validator (`ETag`, `Last-Modified`) stored; a longer one is
+/// not a validator but junk, and is not kept.
+const MAX_VALIDATOR: usize = 1024;
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
@@ -193,6 +200,15 @@ pub struct Body {
     pub sha256: [u8; 32],
     /// From sending the request to the end of the body.
     pub millis: u32,
+    /// The response's `ETag` and `Last-Modified`, for a later refresh.
+    pub validators: Validators,
+}
+
+/// What a request brought back.
+enum Fetched {
+    Body(Body),
+    /// A 304 to a refresh's conditional request.
+    NotModified(Validators),
 }
 
 /// The attempt could not write its file: a problem of this machine (disk
@@ -264,7 +280,25 @@ impl Fetcher {
             at.elapsed().as_millis().min(u32::MAX as u128) as u32
         });
         let settled = match result {
-            Ok(mut body) => {
+            Ok(Fetched::NotModified(validators)) => Attempt::Unchanged(Completion::Unchanged {
+                id: claim.id,
+                status: StatusCode::NOT_MODIFIED.as_u16(),
+                millis,
+                validators,
+            }),
+            // The same body again: the file stays as it is, untouched.
+            Ok(Fetched::Body(body))
+                if claim.refresh && claim.recorded == Some((body.bytes, body.sha256)) =>
+            {
+                temp.remove();
+                Attempt::Unchanged(Completion::Unchanged {
+                    id: claim.id,
+                    status: body.status,
+                    millis,
+                    validators: body.validators,
+                })
+            }
+            Ok(Fetched::Body(mut body)) => {
                 body.millis = millis;
                 Attempt::Body(body)
             }
@@ -308,11 +342,14 @@ impl Fetcher {
         claim: &Claim,
         temp: &TempFile,
         sent_at: &mut Option<Instant>,
-    ) -> Result<Body, Fetch> {
+    ) -> Result<Fetched, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         // Politeness is kept per host as recorded at import (see Claim::host).
         let host = &claim.host;
-        let (request, asks_range) = self.build_request(claim, url)?;
+        let (mut request, asks_range) = self.build_request(claim, url)?;
+        if claim.refresh {
+            request = conditional(request, &claim.validators);
+        }
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
         }
@@ -342,6 +379,13 @@ impl Fetcher {
                 (true, Some(_)) => Answer::Paused,
             },
         );
+        // Only an answer to a conditional request: a 304 to a request that
+        // asked for no condition says nothing about the stored body.
+        let asked_condition =
+            claim.validators.etag.is_some() || claim.validators.last_modified.is_some();
+        if claim.refresh && asked_condition && status == StatusCode::NOT_MODIFIED {
+            return Ok(Fetched::NotModified(validators(response.headers())));
+        }
         if let Some(refused) = unfollowed_redirect(&response) {
             return Err(refused.into());
         }
@@ -382,6 +426,7 @@ impl Fetcher {
                 &temp.path(),
             )))
         })?;
+        let validators = validators(response.headers());
         let mut hasher = Sha256::new();
         let mut bytes = 0u64;
         loop {
@@ -401,12 +446,13 @@ impl Fetcher {
                 )))
             })?;
         }
-        Ok(Body {
+        Ok(Fetched::Body(Body {
             status: status.as_u16(),
             bytes,
             sha256: hasher.finalize().into(),
             millis: 0,
-        })
+            validators,
+        }))
     }
 
     /// Refuses a body once it is known to be over the size limit, before
@@ -488,7 +534,44 @@ impl Fetcher {
 #[derive(Debug)]
 pub enum Attempt {
     Body(Body),
+    /// A refresh found the body unchanged; nothing was written.
+    Unchanged(Completion),
     Failed(Completion),
+}
+
+/// Asks only for a body that differs from the one stored: `If-None-Match`
+/// with the stored ETag, `If-Modified-Since` with the stored Last-Modified.
+/// A stored value that is no longer a valid header is not sent.
+fn conditional(
+    mut request: reqwest::RequestBuilder,
+    validators: &Validators,
+) -> reqwest::RequestBuilder {
+    let stored = [
+        (IF_NONE_MATCH, &validators.etag),
+        (IF_MODIFIED_SINCE, &validators.last_modified),
+    ];
+    for (name, value) in stored {
+        if let Some(value) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            request = request.header(name, value);
+        }
+    }
+    request
+}
+
+/// A response's `ETag` and `Last-Modified`, when they are short, visible
+/// text.
+fn validators(headers: &HeaderMap) -> Validators {
+    let read = |name| {
+        headers
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+            .filter(|value| !value.is_empty() && value.len() <= MAX_VALIDATOR)
+            .map(str::to_string)
+    };
+    Validators {
+        etag: read(ETAG),
+        last_modified: read(LAST_MODIFIED),
+    }
 }
 
 enum Fetch {

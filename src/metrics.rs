@@ -77,11 +77,14 @@ impl Requests {
     pub fn observe(&self, attempt: &Attempt) {
         match attempt {
             Attempt::Body(body) => self.finished(Some(body.status), body.millis),
+            Attempt::Unchanged(Completion::Unchanged { status, millis, .. }) => {
+                self.finished(Some(*status), *millis)
+            }
             Attempt::Failed(
                 Completion::Retry { status, millis, .. }
                 | Completion::Failed { status, millis, .. },
             ) => self.finished(*status, *millis),
-            Attempt::Failed(_) => {}
+            Attempt::Unchanged(_) | Attempt::Failed(_) => {}
         }
     }
 

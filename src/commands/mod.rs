@@ -5,6 +5,7 @@
 mod export;
 mod import;
 mod man;
+mod refresh;
 mod report;
 mod retry;
 mod run;
@@ -54,6 +55,13 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
                 other => other,
             };
             run::run(&cli.db, args, display)
+        }
+        Command::Refresh(args) => {
+            let display = match display {
+                Display::Lines(_) => Display::Lines(args.run.progress_every),
+                other => other,
+            };
+            refresh::run(&cli.db, args, display)
         }
         Command::Report(args) => report::run(&cli.db, args),
         Command::Export(args) => export::run(&cli.db, args),

@@ -15,7 +15,7 @@ use crate::commands::run::OUT_DIR_KEY;
 use crate::commands::{Status, human_bytes, thousands};
 use crate::process;
 use crate::redact::redact_url;
-use crate::store::{Liveness, Open, RunInfo, Store, Summary, now_ms};
+use crate::store::{Liveness, Open, RefreshCounts, RunInfo, Store, Summary, now_ms};
 
 /// How many distinct errors the report lists.
 const TOP_ERRORS: usize = 10;
@@ -28,6 +28,8 @@ struct Report {
     out_dir: Option<PathBuf>,
     #[serde(flatten)]
     summary: Summary,
+    /// The last `jobrun refresh` round, if any: its URLs by outcome.
+    refresh: Option<RefreshCounts>,
     /// The newest run, also first in `runs`.
     last_run: Option<RunView>,
     runs: Vec<RunView>,
@@ -76,6 +78,7 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
         database: db.to_path_buf(),
         out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
         summary,
+        refresh: store.refresh_counts()?,
         last_run: runs.first().cloned(),
         runs,
     };
@@ -196,6 +199,22 @@ fn render(report: &Report) -> String {
             );
         }
         let _ = writeln!(out, "{}", line.trim_end());
+    }
+    if let Some(round) = &report.refresh {
+        let mut line = format!(
+            "  refresh #{}: {} changed, {} unchanged, {} failed",
+            round.round,
+            thousands(round.changed),
+            thousands(round.unchanged),
+            thousands(round.failed)
+        );
+        if round.pending > 0 {
+            let _ = write!(line, ", {} not refreshed yet", thousands(round.pending));
+        }
+        if round.failed > 0 {
+            line.push_str(" (failed ones keep their old files)");
+        }
+        let _ = writeln!(out, "{line}");
     }
     if !s.http_statuses.is_empty() {
         let statuses: Vec<String> = s

@@ -15,65 +15,15 @@ use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan};
-use crate::store::{Open, RunEnd, Store};
+use crate::store::{Open, RunEnd, Store, Work};
 use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
 
 pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
-    let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
-    if args.backoff_max < args.backoff_base {
-        bail!("--backoff-max must not be shorter than --backoff-base");
-    }
-    let tls = ClientTls::load(
-        args.cacert.as_deref(),
-        args.cert.as_deref(),
-        args.key.as_deref(),
-    )?;
-    let proxies = Proxies::from_options(args.proxy.as_deref(), args.noproxy.as_deref())?;
-    let metrics = match args.metrics.as_deref().map(metrics::bind).transpose()? {
-        Some((listener, at)) => {
-            tracing::info!("metrics at http://{at}/metrics");
-            Some(listener)
-        }
-        None => None,
-    };
-    let mut store = Store::open(db, Open::MustExist)?;
-    let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
-    let plan = RunPlan {
-        out_dir: out_dir.clone(),
-        db: db.to_path_buf(),
-        workers: args.workers,
-        fetch: FetchOptions {
-            headers,
-            timeout: args.timeout,
-            workers: args.workers,
-            limiter: args.rate.map(|rate| rate.limiter()),
-            backoff: Backoff {
-                base: args.backoff_base,
-                max: args.backoff_max,
-            },
-            max_attempts: args.max_attempts,
-            politeness: Politeness {
-                per_host_workers: args.per_host_workers,
-                per_host_rate: args.per_host_rate,
-                adaptive: !args.no_adaptive,
-                max_retry_after: args.max_retry_after,
-            },
-            user_agent: args.user_agent,
-            max_bytes: args.max_bytes,
-            insecure: args.insecure,
-            connect_timeout: args.connect_timeout,
-            max_redirects: args.max_redirects.into(),
-            retry_on: args.retry_on,
-            tls,
-            proxies,
-        },
-        command: resume_command(db, std::env::args().skip(1)),
-        display,
-        metrics,
-    };
+    let (store, plan) = prepare(db, args, display, Work::Fetch)?;
+    let out_dir = plan.out_dir.clone();
     let totals = runner::execute(store, plan)?;
 
     let counts = Store::open(db, Open::MustExist)?.state_counts()?;
@@ -114,6 +64,65 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
         _ if counts.failed > 0 => Status::Partial,
         _ => Status::Success,
     })
+}
+
+/// Checks `run`'s options and opens the database and the output folder for
+/// a run that does `work`; `refresh` takes the same options.
+pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Store, RunPlan)> {
+    let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
+    if args.backoff_max < args.backoff_base {
+        bail!("--backoff-max must not be shorter than --backoff-base");
+    }
+    let tls = ClientTls::load(
+        args.cacert.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
+    let proxies = Proxies::from_options(args.proxy.as_deref(), args.noproxy.as_deref())?;
+    let metrics = match args.metrics.as_deref().map(metrics::bind).transpose()? {
+        Some((listener, at)) => {
+            tracing::info!("metrics at http://{at}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
+    let mut store = Store::open(db, Open::MustExist)?;
+    let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
+    let plan = RunPlan {
+        out_dir: out_dir.clone(),
+        db: db.to_path_buf(),
+        workers: args.workers,
+        work,
+        fetch: FetchOptions {
+            headers,
+            timeout: args.timeout,
+            workers: args.workers,
+            limiter: args.rate.map(|rate| rate.limiter()),
+            backoff: Backoff {
+                base: args.backoff_base,
+                max: args.backoff_max,
+            },
+            max_attempts: args.max_attempts,
+            politeness: Politeness {
+                per_host_workers: args.per_host_workers,
+                per_host_rate: args.per_host_rate,
+                adaptive: !args.no_adaptive,
+                max_retry_after: args.max_retry_after,
+            },
+            user_agent: args.user_agent,
+            max_bytes: args.max_bytes,
+            insecure: args.insecure,
+            connect_timeout: args.connect_timeout,
+            max_redirects: args.max_redirects.into(),
+            retry_on: args.retry_on,
+            tls,
+            proxies,
+        },
+        command: resume_command(db, std::env::args().skip(1)),
+        display,
+        metrics,
+    };
+    Ok((store, plan))
 }
 
 /// The output folder: the one recorded in the database, else `--out`, else

@@ -28,7 +28,7 @@ use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
 use crate::progress::{self, Counters};
-use crate::store::{Claim, Completion, RunEnd, Store, now_ms};
+use crate::store::{Claim, Completion, RunEnd, Store, Work, now_ms};
 
 use dispatch::{DispatchChannels, Dispatcher};
 use owner::{Owner, OwnerChannels};
@@ -73,6 +73,8 @@ pub struct RunPlan {
     /// The state database, which no output file may replace.
     pub db: PathBuf,
     pub workers: usize,
+    /// Rows to fetch, or done rows to refresh.
+    pub work: Work,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
@@ -129,10 +131,18 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     }
     let view = ProgressView {
         counters: counters.clone(),
-        start: progress::Start {
-            total: counts.total as u64,
-            done: counts.done as u64,
-            failed: counts.failed as u64,
+        start: match (plan.work, store.refresh_counts()?) {
+            // A refresh counts the rows of its round.
+            (Work::Refresh, Some(round)) => progress::Start {
+                total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
+                done: (round.changed + round.unchanged) as u64,
+                failed: round.failed as u64,
+            },
+            _ => progress::Start {
+                total: counts.total as u64,
+                done: counts.done as u64,
+                failed: counts.failed as u64,
+            },
         },
         display: plan.display,
     };
@@ -155,6 +165,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         store,
         out,
         started.id,
+        plan.work,
         OwnerChannels {
             jobs: jobs_tx,
             queued: jobs_rx.clone(),

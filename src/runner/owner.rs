@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use crate::crashpoint::{self, Step};
 use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
-use crate::store::{Completion, RunEnd, Store, now_ms};
+use crate::store::{Completion, RunEnd, Store, Work, now_ms};
 
 use super::dispatch::SharedFilter;
 use super::peers::Peers;
@@ -43,6 +43,8 @@ pub struct Owner {
     out: Arc<OutputDir>,
     syncer: Syncer,
     run: i64,
+    /// Rows to fetch, or done rows to refresh.
+    work: Work,
     jobs: Option<flume::Sender<Job>>,
     /// The queue's own receiver, to take unstarted jobs back on shutdown.
     queued: flume::Receiver<Job>,
@@ -97,6 +99,7 @@ impl Owner {
         store: Store,
         out: OutputDir,
         run: i64,
+        work: Work,
         channels: OwnerChannels,
         counters: Arc<Counters>,
         peers: Peers,
@@ -109,6 +112,7 @@ impl Owner {
             out,
             syncer,
             run,
+            work,
             capacity: channels.jobs.capacity().unwrap_or(64),
             jobs: Some(channels.jobs),
             queued: channels.queued,
@@ -331,7 +335,10 @@ impl Owner {
                     });
                     continue;
                 }
-                let recorded = claim.recorded.map(|(bytes, sha256)| Written {
+                // A failed refresh keeps its file: only a failed fetch
+                // removes the file recorded before.
+                let recorded = claim.recorded.filter(|_| !claim.refresh);
+                let recorded = recorded.map(|(bytes, sha256)| Written {
                     id: claim.id,
                     name: claim.path.clone(),
                     bytes,
@@ -349,13 +356,13 @@ impl Owner {
             self.collect(completion, None);
         }
         if claim_due && got < want {
-            let mut next_due = self.store.next_due()?;
+            let mut next_due = self.store.next_due(self.work)?;
             if next_due.is_none() && self.in_flight.is_empty() && self.batch.is_empty() {
                 // Every URL is done only when no other live run holds any.
                 if !self.peers.still_working(&mut self.store, &self.out)? {
                     return Ok(Tick::NothingLeft);
                 }
-                next_due = self.store.next_due()?;
+                next_due = self.store.next_due(self.work)?;
             }
             let recheck = now + IDLE_RECHECK;
             let soonest = if self.filter().is_empty() {
@@ -387,9 +394,9 @@ impl Owner {
             .iter()
             .any(|c| matches!(c, Completion::Done { .. }));
         let filter = self.filter();
-        let claims = self
-            .store
-            .complete_and_claim(self.run, &self.batch, claim, &filter)?;
+        let claims =
+            self.store
+                .complete_and_claim(self.run, &self.batch, claim, &filter, self.work)?;
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
@@ -416,6 +423,9 @@ impl Owner {
                 Completion::Done { bytes, .. } => {
                     counters.done.fetch_add(1, Ordering::Relaxed);
                     counters.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                }
+                Completion::Unchanged { .. } => {
+                    counters.done.fetch_add(1, Ordering::Relaxed);
                 }
                 Completion::Failed { .. } => {
                     counters.failed.fetch_add(1, Ordering::Relaxed);

@@ -45,6 +45,7 @@ pub async fn work(
                         bytes: body.bytes,
                         sha256: body.sha256,
                         millis: body.millis,
+                        validators: body.validators,
                     },
                     staged: Some(Written {
                         id: job.claim.id,
@@ -52,6 +53,13 @@ pub async fn work(
                         bytes: body.bytes,
                         sha256: body.sha256,
                     }),
+                }
+            }
+            Ok(Attempt::Unchanged(completion)) => {
+                tracing::trace!("unchanged: {}", redact_url(&job.claim.url));
+                Event::Finished {
+                    completion,
+                    staged: None,
                 }
             }
             Ok(Attempt::Failed(completion)) => {

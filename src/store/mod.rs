@@ -8,6 +8,7 @@
 
 mod lock;
 mod queue;
+mod refresh;
 mod runs;
 mod summary;
 
@@ -22,7 +23,10 @@ use include_dir::{Dir, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
-pub use queue::{Claim, Completion, HostFilter, InsertResult, NewUrl, RowState, bucket_floor};
+pub use queue::{
+    Claim, Completion, HostFilter, InsertResult, NewUrl, RowState, Validators, Work, bucket_floor,
+};
+pub use refresh::{RefreshCounts, RefreshRound};
 pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
 pub use summary::{ExportRow, Summary};
 

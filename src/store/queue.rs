@@ -30,6 +30,27 @@ pub struct Claim {
     pub host: String,
     /// The size and sha256 of the body last recorded as done, if any.
     pub recorded: Option<(u64, [u8; 32])>,
+    /// Claimed by `jobrun refresh`: a done row whose file stays until a
+    /// changed body replaces it.
+    pub refresh: bool,
+    /// The validators stored with the done body, sent as `If-None-Match`
+    /// and `If-Modified-Since` by a refresh.
+    pub validators: Validators,
+}
+
+/// A body's `ETag` and `Last-Modified`, as the server sent them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+/// What a run claims: rows to fetch, or done rows to refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Work {
+    #[default]
+    Fetch,
+    Refresh,
 }
 
 /// A row's state, as far as its output file is concerned.
@@ -86,6 +107,15 @@ pub enum Completion {
         bytes: u64,
         sha256: [u8; 32],
         millis: u32,
+        validators: Validators,
+    },
+    /// A refresh found the body unchanged (a 304, or the same sha256): the
+    /// file stays as it is.
+    Unchanged {
+        id: i64,
+        status: u16,
+        millis: u32,
+        validators: Validators,
     },
     /// A retryable failure: back to pending until `next_attempt_at`.
     Retry {
@@ -113,6 +143,7 @@ impl Completion {
     pub fn millis(&self) -> Option<u32> {
         match *self {
             Completion::Done { millis, .. }
+            | Completion::Unchanged { millis, .. }
             | Completion::Retry { millis, .. }
             | Completion::Failed { millis, .. } => Some(millis),
             Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
@@ -122,6 +153,7 @@ impl Completion {
     pub fn id(&self) -> i64 {
         match *self {
             Completion::Done { id, .. }
+            | Completion::Unchanged { id, .. }
             | Completion::Retry { id, .. }
             | Completion::Failed { id, .. }
             | Completion::Interrupted { id }
@@ -251,6 +283,7 @@ impl Store {
         completions: &[Completion],
         claim: usize,
         filter: &HostFilter,
+        work: Work,
     ) -> Result<Vec<Claim>> {
         let now = now_ms();
         let tx = self.write_transaction()?;
@@ -296,7 +329,7 @@ impl Store {
             );
         }
         let claims = if claim > 0 {
-            claim_due(&tx, run, now, claim, filter)?
+            claim_due(&tx, run, now, claim, filter, work)?
         } else {
             Vec::new()
         };
@@ -363,12 +396,18 @@ impl Store {
         Ok(settled)
     }
 
-    /// The earliest time a pending row becomes due, if any is pending.
-    pub fn next_due(&self) -> Result<Option<i64>> {
+    /// The earliest time a row waiting for `work` becomes due, if any waits.
+    pub fn next_due(&self, work: Work) -> Result<Option<i64>> {
         Ok(self
             .conn
             .query_row(
-                "SELECT min(next_attempt_at) FROM urls WHERE state = 'pending'",
+                match work {
+                    Work::Fetch => "SELECT min(next_attempt_at) FROM urls WHERE state = 'pending'",
+                    Work::Refresh => {
+                        "SELECT min(next_attempt_at) FROM urls
+                         WHERE refresh = 'pending' AND state = 'done'"
+                    }
+                },
                 [],
                 |row| row.get::<_, Option<i64>>(0),
             )
@@ -402,13 +441,16 @@ fn record(
             bytes,
             sha256,
             millis,
+            validators,
         } => {
             tally.done += 1;
             tally.bytes += *bytes as i64;
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'done', attempts = attempts + 1, http_status = ?3,
                      bytes = ?4, sha256 = ?5, error = NULL, next_attempt_at = 0, updated_at = ?6,
-                     duration_ms = ?7
+                     duration_ms = ?7, etag = ?8, last_modified = ?9, fetched_at = ?6,
+                     refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
+                     refresh_error = NULL
                  {GUARD}"
             ))?
             .execute(params![
@@ -418,8 +460,65 @@ fn record(
                 *bytes as i64,
                 &sha256[..],
                 now,
-                millis
+                millis,
+                validators.etag,
+                validators.last_modified
             ])?
+        }
+        Completion::Unchanged {
+            id,
+            status: _,
+            millis,
+            validators,
+        } => {
+            tally.done += 1;
+            // A 304 may carry newer validators; it need not repeat them.
+            tx.prepare_cached(&format!(
+                "UPDATE urls SET state = 'done', attempts = attempts + 1, next_attempt_at = 0,
+                     updated_at = ?3, duration_ms = ?4, etag = coalesce(?5, etag),
+                     last_modified = coalesce(?6, last_modified), fetched_at = ?3,
+                     refresh = 'unchanged', refresh_error = NULL
+                 {GUARD}"
+            ))?
+            .execute(params![
+                id,
+                run,
+                now,
+                millis,
+                validators.etag,
+                validators.last_modified
+            ])?
+        }
+        Completion::Retry {
+            id,
+            status: _,
+            error,
+            next_attempt_at,
+            millis,
+        } if refreshing(tx, *id)? => {
+            // The old file stays done while its refresh waits for a retry.
+            tally.retried += 1;
+            tx.prepare_cached(&format!(
+                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh_error = ?3,
+                     next_attempt_at = ?4, updated_at = ?5, duration_ms = ?6
+                 {GUARD}"
+            ))?
+            .execute(params![id, run, error, next_attempt_at, now, millis])?
+        }
+        Completion::Failed {
+            id,
+            status: _,
+            error,
+            millis,
+        } if refreshing(tx, *id)? => {
+            // The refresh failed, not the URL: its file and done state stay.
+            tally.failed += 1;
+            tx.prepare_cached(&format!(
+                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh = 'failed',
+                     refresh_error = ?3, next_attempt_at = 0, updated_at = ?4, duration_ms = ?5
+                 {GUARD}"
+            ))?
+            .execute(params![id, run, error, now, millis])?
         }
         Completion::Retry {
             id,
@@ -460,16 +559,31 @@ fn record(
         }
         Completion::Interrupted { id } => tx
             .prepare_cached(&format!(
-                "UPDATE urls SET state = 'pending', interrupted = interrupted + 1, updated_at = ?3
+                "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1,
+                     updated_at = ?3
                  {GUARD}"
             ))?
             .execute(params![id, run, now])?,
         Completion::Unstarted { id } => tx
-            .prepare_cached(&format!("UPDATE urls SET state = 'pending' {GUARD}"))?
+            .prepare_cached(&format!("UPDATE urls SET state = {UNCLAIMED} {GUARD}"))?
             .execute(params![id, run])?,
     };
     debug_assert!(changed <= 1);
     Ok(changed == 1)
+}
+
+/// The state a claimed row goes back to when its attempt did not finish:
+/// pending, or done for a row being refreshed (its old file is still there).
+pub(super) const UNCLAIMED: &str = "CASE WHEN refresh = 'pending' THEN 'done' ELSE 'pending' END";
+
+/// Whether row `id` is being refreshed rather than fetched.
+fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
+    Ok(tx
+        .prepare_cached("SELECT refresh = 'pending' FROM urls WHERE id = ?1")?
+        .query_row([id], |row| row.get::<_, Option<bool>>(0))
+        .optional()?
+        .flatten()
+        .unwrap_or(false))
 }
 
 /// The histogram bucket of a duration: quarter-octaves of milliseconds, so
@@ -490,7 +604,9 @@ fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Resul
     let answers: Vec<(i64, Option<u16>)> = completions
         .iter()
         .filter_map(|completion| match *completion {
-            Completion::Done { id, status, .. } => Some((id, Some(status))),
+            Completion::Done { id, status, .. } | Completion::Unchanged { id, status, .. } => {
+                Some((id, Some(status)))
+            }
             Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
                 Some((id, status))
             }
@@ -522,6 +638,7 @@ fn claim_due(
     now: i64,
     limit: usize,
     filter: &HostFilter,
+    work: Work,
 ) -> Result<Vec<Claim>> {
     // Bundled SQLite has no UPDATE ... LIMIT; the subqueries do the picking.
     // Due retries (next_attempt_at > 0) come first, so that a retry happens
@@ -546,10 +663,22 @@ fn claim_due(
             WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?4)
         WHERE host NOT IN (SELECT value FROM json_each(?5))
         ORDER BY id LIMIT ?3";
-    let picks = if filter.is_empty() {
-        [PICK_RETRIES, PICK_FRESH]
-    } else {
-        [PICK_RETRIES_FILTERED, PICK_FRESH_FILTERED]
+    // Done rows a refresh asked for, due ones by when they became due
+    // (rows not yet tried are due at 0), on the partial index.
+    const PICK_REFRESH: &str = "SELECT id FROM urls
+        WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
+        ORDER BY next_attempt_at, id LIMIT ?3";
+    const PICK_REFRESH_FILTERED: &str = "SELECT id FROM (
+            SELECT id, host, next_attempt_at FROM urls
+            WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
+            ORDER BY next_attempt_at, id LIMIT ?4)
+        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        ORDER BY next_attempt_at, id LIMIT ?3";
+    let picks: &[&str] = match (work, filter.is_empty()) {
+        (Work::Fetch, true) => &[PICK_RETRIES, PICK_FRESH],
+        (Work::Fetch, false) => &[PICK_RETRIES_FILTERED, PICK_FRESH_FILTERED],
+        (Work::Refresh, true) => &[PICK_REFRESH],
+        (Work::Refresh, false) => &[PICK_REFRESH_FILTERED],
     };
     let windows: &[usize] = if filter.is_empty() {
         &[0]
@@ -559,7 +688,7 @@ fn claim_due(
     let skip = serde_json::to_string(&filter.skip)?;
     let mut claims = Vec::new();
     for (pick, &window) in picks
-        .into_iter()
+        .iter()
         .flat_map(|pick| windows.iter().map(move |window| (pick, window)))
     {
         let wanted = limit - claims.len();
@@ -571,7 +700,8 @@ fn claim_due(
         let window = (window * limit).min(FILTER_WINDOW) as i64;
         let mut statement = tx.prepare_cached(&format!(
             "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
-             RETURNING id, url, request, path, attempts, bytes, sha256, host"
+             RETURNING id, url, request, path, attempts, bytes, sha256, host,
+                 refresh IS 'pending', etag, last_modified"
         ))?;
         let read = |row: &rusqlite::Row<'_>| {
             Ok(Claim {
@@ -590,6 +720,11 @@ fn claim_due(
                     _ => None,
                 },
                 host: row.get(7)?,
+                refresh: row.get(8)?,
+                validators: Validators {
+                    etag: row.get(9)?,
+                    last_modified: row.get(10)?,
+                },
             })
         };
         let picked = if filter.is_empty() {

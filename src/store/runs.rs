@@ -5,6 +5,7 @@
 use anyhow::Result;
 use rusqlite::{Row, Transaction, params};
 
+use super::queue::UNCLAIMED;
 use super::{Store, now_ms};
 
 /// Who is starting a run.
@@ -201,7 +202,7 @@ impl Store {
         };
         let tx = self.write_transaction()?;
         tx.execute(
-            "UPDATE urls SET state = 'pending' WHERE state = 'running' AND run_id = ?1",
+            &format!("UPDATE urls SET state = {UNCLAIMED} WHERE state = 'running' AND run_id = ?1"),
             [run],
         )?;
         // A run that another one found dead keeps the end recorded then.
@@ -249,8 +250,10 @@ fn reclaim_dead_runs(
             continue;
         }
         reclaimed.rows += tx.execute(
-            "UPDATE urls SET state = 'pending', interrupted = interrupted + 1
-             WHERE state = 'running' AND run_id = ?1",
+            &format!(
+                "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1
+                 WHERE state = 'running' AND run_id = ?1"
+            ),
             [run.id],
         )?;
         tx.execute(
@@ -260,10 +263,12 @@ fn reclaim_dead_runs(
         reclaimed.dead.push((run.id, state));
     }
     reclaimed.rows += tx.execute(
-        "UPDATE urls SET state = 'pending', interrupted = interrupted + 1
-         WHERE state = 'running'
-           AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = urls.run_id
-                           AND runs.ended_at IS NULL)",
+        &format!(
+            "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1
+             WHERE state = 'running'
+               AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = urls.run_id
+                               AND runs.ended_at IS NULL)"
+        ),
         [],
     )?;
     Ok(reclaimed)
