@@ -447,8 +447,14 @@ impl Throttle {
         }
         if let Some(trial) = self.trial.take() {
             if !throttled || clearly_lower(trial.before, window) || evident_load(window) {
-                // The cut helped: the server has a capacity, and this is it.
-                self.capacity = Some(trial.accepted);
+                // The cut helped: the server has a capacity, and this is it
+                // (what it accepts now, when it refused everything before).
+                let capacity = if trial.accepted > 0.0 {
+                    trial.accepted
+                } else {
+                    accepted
+                };
+                self.capacity = Some(capacity);
             } else {
                 // The same share at a lower rate: noise, not load.
                 self.rate = trial.rate_before;
