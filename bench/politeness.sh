@@ -15,8 +15,9 @@
 #           Retry-After: 30: when the other 9,000 are done, against a run without that host
 #   hosts   100 hosts, --per-host-workers 1, 50 workers, 50 ms latency, 5,000 URLs: URLs/s
 #           against the bound of 1,000/s
-#   memory  1,000,000 URLs over 10,000 hosts (100 ports on each of 127.0.0.1-100; MEMORY_HOSTS
-#           changes the count), 50 workers: peak RSS, next to 10,000 URLs over the same hosts
+#   memory  1,000,000 URLs over 10,000 hosts (addresses 127.0.0.2-127.0.39.251, one listener on
+#           0.0.0.0; MEMORY_HOSTS changes the count, MEMORY_URLS the list sizes), 50 workers:
+#           peak RSS, next to 10,000 URLs over the same hosts
 #
 # JOBRUN=PATH measures another jobrun binary (e.g. one built from an older commit).
 # LIMIT=S (default 300) stops a run (SIGINT) that takes longer; its figure then says so.
@@ -28,9 +29,15 @@ SCENARIOS=("$@")
 DIR=${BENCH_DIR:-/tmp/jobrun-bench}/polite-$$
 LIMIT=${LIMIT:-300}
 
-cargo build --release --locked --quiet --bin jobrun --example bench_server
-JOBRUN=${JOBRUN:-$PWD/target/release/jobrun}
-BENCH_SERVER=$PWD/target/release/examples/bench_server
+# PROFILE=debug measures debug builds (quicker to build, slower to run).
+PROFILE=${PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+    cargo build --release --locked --quiet --bin jobrun --example bench_server
+else
+    cargo build --locked --quiet --bin jobrun --example bench_server
+fi
+JOBRUN=${JOBRUN:-$PWD/target/$PROFILE/jobrun}
+BENCH_SERVER=$PWD/target/$PROFILE/examples/bench_server
 mkdir -p "$DIR"
 servers=()
 cleanup() {
@@ -246,14 +253,16 @@ hosts() {
 }
 
 memory() {
-    # MEMORY_HOSTS (default 10000; a multiple of 100) listeners, 100 per address. Each needs
-    # descriptors on both sides: 10,000 needs a limit well above 20,000 open files.
-    local addresses
-    addresses=$(seq -s, -f '127.0.0.%g' 1 $((${MEMORY_HOSTS:-10000} / 100)))
-    serve memory --bind "$addresses" --listeners 100
-    mapfile -t bases < "$DIR/memory.url"
+    # One listener on 0.0.0.0 answers every loopback address: MEMORY_HOSTS (default 10000)
+    # hosts are 127.0.(i / 250).(i % 250 + 2) on its port, with no listener per host.
+    serve memory --bind 0.0.0.0
+    local port
+    port=$(sed 's/.*://' "$DIR/memory.url")
+    mapfile -t bases < <(awk -v n="${MEMORY_HOSTS:-10000}" -v port="$port" 'BEGIN {
+        for (i = 0; i < n; i++) printf "http://127.0.%d.%d:%d\n", int(i / 250), i % 250 + 2, port
+    }')
     local n
-    for n in 10000 1000000; do
+    for n in ${MEMORY_URLS:-10000 1000000}; do
         urls "${bases[@]}" "$n" > "$DIR/memory.txt"
         job memory
         /usr/bin/time -f '%e %M' -o "$DIR/time" \

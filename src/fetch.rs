@@ -32,6 +32,8 @@ const MAX_VALIDATOR: usize = 1024;
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
+/// How long an unused connection stays open for a host's next request.
+const POOL_IDLE: Duration = Duration::from_secs(5);
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
@@ -243,6 +245,11 @@ impl Fetcher {
             // spares keeps every connection alive (20 workers: ~90 connections
             // for 20,000 URLs instead of ~2,000).
             .pool_max_idle_per_host(options.workers * 2)
+            // Over thousands of hosts, each visited now and then, connections
+            // kept idle for reqwest's default 90 s add up to one socket and
+            // its buffers per host; a few seconds still covers a host's next
+            // URL and its first retries.
+            .pool_idle_timeout(POOL_IDLE)
             .tcp_nodelay(true)
             .redirect(redirect_policy(options.max_redirects))
             // A Referer would hand the URL, query keys included, to whatever

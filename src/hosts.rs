@@ -38,8 +38,9 @@ const LONGEST_WINDOW: Duration = Duration::from_secs(3);
 /// answers were throttled ends at once: the host is overloaded, and every
 /// further request until the end of the window would be wasted.
 const OVERLOAD_SHARE: f64 = 0.5;
-/// Shares of throttled answers above this are never taken for background
-/// noise: a server that refuses half of everything is saying "slower".
+/// Shares of throttled answers above this, when some answers were accepted,
+/// are never taken for background noise: a server that refuses half of
+/// everything is saying "slower".
 const NOISE_MAX: f64 = 0.25;
 /// The smallest share above the noise that counts as throttling.
 const MARGIN: f64 = 0.03;
@@ -445,9 +446,15 @@ impl Throttle {
             self.best_accepted = self.best_accepted.max(sustained);
         }
         if let Some(trial) = self.trial.take() {
-            if !throttled || clearly_lower(trial.before, window) || share >= NOISE_MAX {
-                // The cut helped: the server has a capacity, and this is it.
-                self.capacity = Some(trial.accepted);
+            if !throttled || clearly_lower(trial.before, window) || evident_load(window) {
+                // The cut helped: the server has a capacity, and this is it
+                // (what it accepts now, when it refused everything before).
+                let capacity = if trial.accepted > 0.0 {
+                    trial.accepted
+                } else {
+                    accepted
+                };
+                self.capacity = Some(capacity);
             } else {
                 // The same share at a lower rate: noise, not load.
                 self.rate = trial.rate_before;
@@ -469,7 +476,7 @@ impl Throttle {
                 before: window,
                 accepted,
             });
-            if share >= NOISE_MAX {
+            if evident_load(window) {
                 // Too much to be noise: no need to prove it.
                 self.capacity = Some(accepted);
                 self.trial = None;
@@ -520,6 +527,15 @@ impl Throttle {
     fn rate_before_trial(&self, current: f64) -> Option<f64> {
         self.rate.map(|_| current)
     }
+}
+
+/// Whether a window's throttled share is too high to be background noise
+/// while the server still accepted some of its requests: it has a capacity
+/// and is saying "slower". A host that refused every request says nothing
+/// about a rate it would accept, so its cut is tried like any other, and
+/// undone when refusing everything goes on at the lower rate.
+fn evident_load(window: Window) -> bool {
+    window.share() >= NOISE_MAX && window.throttled < window.answers
 }
 
 /// Whether `after`'s share of throttled answers is lower than `before`'s by
@@ -666,11 +682,14 @@ mod tests {
         let mut sim = Sim::new();
         let latency = Duration::from_millis(20);
         sim.run(2.0, 20, latency, |_| false);
-        sim.run(2.0, 20, latency, |_| true);
+        sim.run(0.1, 20, latency, |_| true);
         assert!(
             sim.throttle.rate().is_some(),
             "a burst of 429s cuts the rate"
         );
+        // Cut or not by the end of the 2 s burst (refusing everything
+        // whatever the rate, it may well be undone), the rate recovers.
+        sim.run(1.9, 20, latency, |_| true);
         sim.run(10.0, 20, latency, |_| false);
         // 20 workers, 20 ms: 1,000 requests/s unthrottled.
         let (requests, _, _) = sim.run(2.0, 20, latency, |_| false);
@@ -679,6 +698,21 @@ mod tests {
             "{requests} requests in the 2 s after recovery, rate {:?}",
             sim.throttle.rate()
         );
+    }
+
+    #[test]
+    fn a_host_that_refuses_everything_is_not_held_below_the_pace_without_throttling() {
+        let mut sim = Sim::new();
+        // 20 workers, 20 ms: 1,000 requests/s when nothing holds them back.
+        let latency = Duration::from_millis(20);
+        sim.run(5.0, 20, latency, |_| true);
+        assert_eq!(
+            sim.throttle.rate(),
+            None,
+            "cutting did not reduce the 429s: the cut is undone"
+        );
+        let (requests, _, _) = sim.run(2.0, 20, latency, |_| true);
+        assert!(requests >= 1900, "{requests} requests in 2 s");
     }
 
     #[test]

@@ -314,3 +314,56 @@ fn the_report_shows_429s_and_503s_per_host() {
         "{text}"
     );
 }
+
+#[test]
+fn a_host_that_answers_every_request_429_is_not_held_slower_than_without_adaptive_throttling() {
+    let server = Server::start(|_| Reply::status(429));
+    let args = [
+        "--workers",
+        "8",
+        "--max-attempts",
+        "4",
+        "--backoff-base",
+        "10ms",
+        "--backoff-max",
+        "20ms",
+    ];
+    let urls = item_urls(&server, 60);
+    // The run without adaptive throttling, for comparison.
+    let plain = Job::new();
+    plain.import(&urls);
+    let started = Instant::now();
+    let output = plain.run(&[&args[..], &["--no-adaptive"]].concat());
+    let plain_took = started.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let job = Job::new();
+    job.import(&urls);
+    let started = Instant::now();
+    let mut child = job.spawn_run(&args);
+    // Held at 0.5 requests/s, its 240 requests would take 8 minutes.
+    let limit = plain_took + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the adaptive run took over {limit:?}; {} requests so far",
+                server.hit_count() - 240
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = started.elapsed();
+    eprintln!("every request 429: {took:?} adaptive, {plain_took:?} without");
+    assert_eq!(status.code(), Some(1));
+    let report = job.report_json();
+    assert_eq!(report["failed"], 60, "{report}");
+    assert_eq!(
+        server.hit_count(),
+        2 * 240,
+        "four attempts of each URL, in both runs"
+    );
+}
