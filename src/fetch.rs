@@ -242,8 +242,8 @@ impl Fetcher {
             // A worker's next request can start before its last connection
             // is back in the pool; hyper then opens another one, and a pool
             // capped at one per worker closes the spare again. Room for the
-            // spares keeps every connection alive (20 workers: ~90 connections
-            // for 20,000 URLs instead of ~2,000).
+            // spares keeps every connection alive instead of opening a new
+            // one for most requests.
             .pool_max_idle_per_host(options.workers * 2)
             // Over thousands of hosts, each visited now and then, connections
             // kept idle for reqwest's default 90 s add up to one socket and

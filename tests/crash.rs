@@ -217,21 +217,8 @@ fn a_crash_after_any_step_of_the_durability_protocol_costs_at_most_a_refetch() {
         "committed:2",
     ] {
         let server = item_server(Duration::from_millis(5));
-        let job = Job::new();
-        let urls = item_urls(&server, 100);
-        job.import(&urls);
-        let output = job
-            .command()
-            .args(["run", "--workers", "4"])
-            .env("JOBRUN_CRASH_AT", armed)
-            .output()
-            .unwrap();
-        assert_eq!(
-            output.status.signal(),
-            Some(libc::SIGKILL),
-            "{armed}: the run was not crashed\n{}",
-            stderr(&output)
-        );
+        let (job, urls) = Job::with_items(&server, 100);
+        job.run_crashing_at(armed, &["--workers", "4"]);
 
         // Before any repair: no done row lacks its file.
         let done = job.assert_done_rows_have_their_files();

@@ -44,6 +44,15 @@ fn run(job: &Job, args: &[&str]) -> Output {
     run_with_env(job, args, &[])
 }
 
+/// `jobrun run --cacert CACERT --cert CERT [--key KEY]`.
+fn run_with_client_cert(job: &Job, cacert: &Path, cert: &Path, key: Option<&Path>) -> Output {
+    let mut args = vec!["--cacert", path_arg(cacert), "--cert", path_arg(cert)];
+    if let Some(key) = key {
+        args.extend(["--key", path_arg(key)]);
+    }
+    run(job, &args)
+}
+
 fn item_handler(request: &Request) -> Reply {
     match item_of(&request.path) {
         Some(i) => Reply::ok(item_body(i)),
@@ -70,10 +79,7 @@ fn path_arg(path: &Path) -> &str {
 fn a_private_ca_given_with_cacert_is_trusted_and_the_refusal_names_cacert() {
     let ca = TestCa::new("jobrun test CA");
     let server = Server::start_tls_with(ca.server_config(None), item_handler);
-    let urls = item_urls(&server, 3);
-
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 3);
     let output = run(&job, &[]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     for error in failure_errors(&job) {
@@ -89,8 +95,7 @@ fn a_private_ca_given_with_cacert_is_trusted_and_the_refusal_names_cacert() {
         "a request went to an untrusted server"
     );
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let cacert = ca.write(&job.dir().join("ca.pem"));
     assert_success(&run(&job, &["--cacert", path_arg(&cacert)]), "run --cacert");
     job.assert_all_files_right(&server, &urls);
@@ -106,8 +111,7 @@ fn cacert_adds_to_the_platform_roots_instead_of_replacing_them() {
     let mut urls = item_urls(&public, 2);
     urls.extend((2..4).map(|i| private.url(&format!("/items/{i}.json"))));
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let system_store = system_ca.write(&job.dir().join("system.pem"));
     let cacert = private_ca.write(&job.dir().join("private.pem"));
     let output = run_with_env(
@@ -127,10 +131,7 @@ fn cacert_adds_to_the_platform_roots_instead_of_replacing_them() {
 fn a_server_that_requires_a_client_certificate_gets_one_from_cert_and_key() {
     let (ca, client_ca) = (TestCa::new("server CA"), TestCa::new("client CA"));
     let server = Server::start_tls_with(ca.server_config(Some(&client_ca)), item_handler);
-    let urls = item_urls(&server, 3);
-
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 3);
     let cacert = ca.write(&job.dir().join("ca.pem"));
     let output = run(&job, &["--cacert", path_arg(&cacert)]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
@@ -146,51 +147,25 @@ fn a_server_that_requires_a_client_certificate_gets_one_from_cert_and_key() {
 
     // A certificate from a CA the server does not know is refused too.
     let stranger = TestCa::new("unknown CA").client_cert();
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let (cert, key) = stranger.write(job.dir(), "stranger");
-    let output = run(
-        &job,
-        &[
-            "--cacert",
-            path_arg(&cacert),
-            "--cert",
-            path_arg(&cert),
-            "--key",
-            path_arg(&key),
-        ],
-    );
+    let output = run_with_client_cert(&job, &cacert, &cert, Some(&key));
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     assert!(failure_errors(&job).iter().all(|e| e.contains("--cert")));
     assert_eq!(server.hit_count(), 0);
 
     let client = client_ca.client_cert();
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let (cert, key) = client.write(job.dir(), "client");
-    let output = run(
-        &job,
-        &[
-            "--cacert",
-            path_arg(&cacert),
-            "--cert",
-            path_arg(&cert),
-            "--key",
-            path_arg(&key),
-        ],
-    );
+    let output = run_with_client_cert(&job, &cacert, &cert, Some(&key));
     assert_success(&output, "run --cert --key");
     job.assert_all_files_right(&server, &urls);
 
     // --cert alone, with the key in the same file.
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let both = job.dir().join("both.pem");
     std::fs::write(&both, format!("{}{}", client.cert_pem, client.key_pem)).unwrap();
-    let output = run(
-        &job,
-        &["--cacert", path_arg(&cacert), "--cert", path_arg(&both)],
-    );
+    let output = run_with_client_cert(&job, &cacert, &both, None);
     assert_success(&output, "run --cert with the key in its file");
     job.assert_all_files_right(&server, &urls);
 }
@@ -199,8 +174,7 @@ fn a_server_that_requires_a_client_certificate_gets_one_from_cert_and_key() {
 fn unusable_tls_files_stop_the_run_at_start_naming_the_file() {
     let ca = TestCa::new("server CA");
     let server = Server::start_tls_with(ca.server_config(None), item_handler);
-    let job = Job::new();
-    job.import(&item_urls(&server, 2));
+    let job = Job::with_urls(&item_urls(&server, 2));
     let dir = job.dir();
     let cacert = ca.write(&dir.join("ca.pem"));
     let (one, two) = (ca.client_cert(), ca.client_cert());
@@ -255,8 +229,7 @@ fn an_http_proxy_carries_every_request_and_noproxy_bypasses_it() {
     let urls = item_urls(&server, 4);
     let proxy = Proxy::http();
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     assert_success(&run(&job, &["-x", &proxy.url()]), "run -x");
     job.assert_all_files_right(&server, &urls);
     let mut targets = proxy.targets();
@@ -264,8 +237,7 @@ fn an_http_proxy_carries_every_request_and_noproxy_bypasses_it() {
     assert_eq!(targets, urls, "every request went through the proxy");
 
     // The environment, as curl reads it.
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     assert_success(
         &run_with_env(&job, &[], &[("http_proxy", &proxy.url())]),
         "run with http_proxy",
@@ -282,8 +254,7 @@ fn an_http_proxy_carries_every_request_and_noproxy_bypasses_it() {
             vec![("ALL_PROXY", url.as_str()), ("no_proxy", "127.0.0.0/8")],
         ),
     ] {
-        let job = Job::new();
-        job.import(&urls);
+        let job = Job::with_urls(&urls);
         assert_success(&run_with_env(&job, &args, &env), "run past the proxy");
         job.assert_all_files_right(&server, &urls);
         assert_eq!(proxy.count(), 8, "{args:?} {env:?}: the proxy was used");
@@ -293,9 +264,7 @@ fn an_http_proxy_carries_every_request_and_noproxy_bypasses_it() {
     // https URLs go through a CONNECT tunnel, from https_proxy.
     let ca = TestCa::new("server CA");
     let tls = Server::start_tls_with(ca.server_config(None), item_handler);
-    let urls = item_urls(&tls, 3);
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&tls, 3);
     let cacert = ca.write(&job.dir().join("ca.pem"));
     let output = run_with_env(
         &job,
@@ -326,9 +295,7 @@ fn a_socks5_proxy_carries_every_connection_also_from_all_proxy() {
         ("socks5", &plain, true),
     ] {
         let before = socks.count();
-        let urls = item_urls(server, 3);
-        let job = Job::new();
-        job.import(&urls);
+        let (job, urls) = Job::with_items(server, 3);
         let cacert = ca.write(&job.dir().join("ca.pem"));
         let url = socks.url_as(scheme);
         let output = if env {
@@ -350,9 +317,7 @@ fn a_socks5_proxy_carries_every_connection_also_from_all_proxy() {
         assert!(through.iter().all(|t| *t == target), "{through:?}");
     }
 
-    let urls = item_urls(&plain, 3);
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&plain, 3);
     let before = socks.count();
     let output = run(
         &job,
@@ -366,8 +331,7 @@ fn a_socks5_proxy_carries_every_connection_also_from_all_proxy() {
 #[test]
 fn an_unsupported_proxy_scheme_stops_the_run_before_any_request() {
     let server = Server::start(item_handler);
-    let job = Job::new();
-    job.import(&item_urls(&server, 2));
+    let job = Job::with_urls(&item_urls(&server, 2));
     for (args, env, names) in [
         (
             vec![],
@@ -405,9 +369,7 @@ fn curl_short_flags_mean_what_curl_means() {
         Some(i) => Reply::ok(item_body(i)).delayed(Duration::from_millis(30)),
         None => Reply::status(404),
     });
-    let urls = item_urls(&server, 8);
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 8);
     let output = run(
         &job,
         &[
@@ -650,11 +612,7 @@ fn man_pages_exist_for_every_command_and_name_their_options() {
 
     let output = job.jobrun(&["man", "nonsense"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("pages exist for: import, run"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "pages exist for: import, run");
 }
 
 #[test]

@@ -37,13 +37,9 @@ fn every_worker_is_busy_when_hosts_outnumber_workers() {
                 .map(move |s| s.url(&format!("/items/{i}.json")))
         })
         .collect();
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let workers = 10;
-    assert_success(
-        &job.run(&["--workers", &workers.to_string(), "--per-host-workers", "1"]),
-        "run",
-    );
+    job.run_ok(&["--workers", &workers.to_string(), "--per-host-workers", "1"]);
     let mut arrivals: Vec<Instant> = servers
         .iter()
         .flat_map(|s| s.hits().into_iter().map(|h| h.at))

@@ -8,10 +8,6 @@ use std::process::Stdio;
 
 use support::*;
 
-fn write(job: &Job, name: &str, bytes: &[u8]) {
-    std::fs::write(job.dir().join(name), bytes).unwrap();
-}
-
 #[test]
 fn bad_lines_are_reported_by_line_and_good_ones_imported() {
     let job = Job::new();
@@ -26,7 +22,7 @@ fn bad_lines_are_reported_by_line_and_good_ones_imported() {
                 mailto:someone@a.test\n\
                 http://a.test/3?q=1\n\
                 http://a.test/3?q=2";
-    write(&job, "urls.txt", text.as_bytes());
+    job.write("urls.txt", text.as_bytes());
     let output = job.jobrun(&["import", "urls.txt"]);
     assert_eq!(output.status.code(), Some(1), "rejected lines give exit 1");
     let message = stderr(&output);
@@ -58,8 +54,7 @@ fn bad_lines_are_reported_by_line_and_good_ones_imported() {
 #[test]
 fn urls_that_differ_only_in_their_query_get_their_own_files() {
     let job = Job::new();
-    write(
-        &job,
+    job.write(
         "urls.txt",
         b"http://a.test/x?page=1\nhttp://a.test/x?page=2\n",
     );
@@ -80,18 +75,12 @@ fn urls_that_differ_only_in_their_query_get_their_own_files() {
 #[test]
 fn importing_again_counts_duplicates_and_keeps_state() {
     let server = item_server(std::time::Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 3);
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server, 3);
+    job.run_ok(&[]);
     let mut more = urls.clone();
     more.push(server.url("/items/3.json"));
     let output = job.import(&more);
-    assert!(
-        stderr(&output).contains("1 imported, 3 duplicate, 0 rejected"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "1 imported, 3 duplicate, 0 rejected");
     let report = job.report_json();
     assert_eq!(report["done"], 3);
     assert_eq!(report["pending"], 1);
@@ -114,11 +103,7 @@ fn standard_input_works_and_is_named_in_messages() {
         .write_all(b"http://a.test/1\ngopher://a.test/\n")
         .unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(
-        stderr(&output).contains("<stdin>:2: unsupported scheme \"gopher\""),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "<stdin>:2: unsupported scheme \"gopher\"");
     assert_eq!(job.report_json()["total"], 1);
 }
 
@@ -128,7 +113,7 @@ fn binary_and_overlong_lines_are_rejected_without_harm() {
     let mut bytes = b"http://a.test/ok\n\xff\xfe\x00garbage\n".to_vec();
     bytes.extend(std::iter::repeat_n(b'a', 100_000));
     bytes.extend_from_slice(b"\nhttp://a.test/after\n");
-    write(&job, "urls.txt", &bytes);
+    job.write("urls.txt", &bytes);
     let output = job.jobrun(&["import", "urls.txt"]);
     let message = stderr(&output);
     assert!(message.contains("urls.txt:2: not valid UTF-8"), "{message}");
@@ -144,11 +129,7 @@ fn a_missing_file_says_which() {
     let job = Job::new();
     let output = job.jobrun(&["import", "nope.txt"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("cannot open nope.txt"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "cannot open nope.txt");
 }
 
 #[test]
@@ -193,19 +174,14 @@ fn bad_run_options_are_usage_errors() {
 #[test]
 fn a_file_that_is_not_a_database_is_refused_untouched() {
     let job = Job::new();
-    write(
-        &job,
+    job.write(
         "jobrun.db",
         b"this is a text file, not SQLite, and long enough to have a header....",
     );
     let before = std::fs::read(job.db()).unwrap();
     let output = job.jobrun(&["report"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("is not a SQLite database"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "is not a SQLite database");
     assert_eq!(std::fs::read(job.db()).unwrap(), before);
 }
 
@@ -222,12 +198,7 @@ fn a_new_database_is_private_to_its_owner() {
 fn a_database_from_the_first_schema_still_opens() {
     // tests/fixtures/v1.db was written by the first migration: three URLs,
     // one done, one failed, one pending, and one finished run.
-    let job = Job::new();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.db"),
-        job.db(),
-    )
-    .unwrap();
+    let job = Job::with_fixture("v1.db");
     let report = job.report_json();
     assert_eq!(report["total"], 3, "{report}");
     assert_eq!(report["done"], 1);

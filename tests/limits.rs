@@ -224,10 +224,8 @@ fn gateway_errors_are_retried() {
         1 => Some(Reply::status(504)),
         _ => None,
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 3);
-    job.import(&urls);
-    assert_success(&job.run(&["--backoff-base", "5ms"]), "run");
+    let (job, urls) = Job::with_items(&server, 3);
+    job.run_ok(&["--backoff-base", "5ms"]);
     job.assert_all_files_right(&server, &urls);
     for row in job.export().values() {
         assert_eq!(row["attempts"], 3, "{row}");
@@ -244,9 +242,7 @@ fn a_body_dripping_past_the_timeout_is_cut_and_retried() {
             gap: Duration::from_millis(5),
         })
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 2);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 2);
     let output = job.run(&["--timeout", "300ms", "--backoff-base", "5ms"]);
     assert_success(&output, "run");
     job.assert_all_files_right(&server, &urls);

@@ -43,9 +43,7 @@ fn a_hundred_thousand_urls_with_500_workers_in_bounded_memory_and_descriptors() 
         Some(i) => Reply::ok(small_body(i)),
         None => Reply::status(404),
     });
-    let job = Job::new();
-    let urls = item_urls(&server, URLS);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, URLS);
 
     let started = Instant::now();
     let workers = WORKERS.to_string();

@@ -160,6 +160,24 @@ fn scrape(addr: &str) -> Scrape {
 }
 
 /// The address of `--metrics :0`, from the run's log.
+/// Scrapes `addr` until a scrape meets `condition`, and returns that scrape;
+/// panics after `limit`.
+fn scrape_until(
+    addr: &str,
+    limit: Duration,
+    what: &str,
+    condition: impl Fn(&Scrape) -> bool,
+) -> Scrape {
+    let mut last = None;
+    wait_for(limit, what, || {
+        let scrape = scrape(addr);
+        let met = condition(&scrape);
+        last = Some(scrape);
+        met
+    });
+    last.expect("at least one scrape")
+}
+
 fn metrics_address(lines: &std::sync::mpsc::Receiver<String>) -> String {
     let mut seen = Vec::new();
     loop {
@@ -199,9 +217,7 @@ fn metrics_are_served_during_a_run_and_agree_with_the_server() {
             None
         }
     });
-    let job = Job::new();
-    let urls = item_urls(&server, URLS);
-    job.import(&urls);
+    let (job, _) = Job::with_items(&server, URLS);
     let mut child = job.spawn_run(&[
         "-j",
         "4",
@@ -218,32 +234,26 @@ fn metrics_are_served_during_a_run_and_agree_with_the_server() {
     let mut idle = TcpStream::connect(&addr).unwrap();
     idle.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
 
-    let mut first = None;
-    wait_for(Duration::from_secs(30), "a first URL done", || {
-        let scrape = scrape(&addr);
-        let done = scrape.value("jobrun_urls_done_total") >= 1.0;
-        first = Some(scrape);
-        done
-    });
-    let first = first.unwrap();
+    let first = scrape_until(
+        &addr,
+        Duration::from_secs(30),
+        "a first URL done",
+        |scrape| scrape.value("jobrun_urls_done_total") >= 1.0,
+    );
     assert!(child.try_wait().unwrap().is_none(), "the run ended early");
 
     let (failed_for_good, retried) = (URLS / 10, URLS / 10);
     let done = URLS - 1 - failed_for_good;
-    let mut last = None;
-    wait_for(
+    let last = scrape_until(
+        &addr,
         Duration::from_secs(60),
         "all but the held URL settled",
-        || {
-            let scrape = scrape(&addr);
-            let settled = scrape.value("jobrun_urls_done_total") as u64 == done
+        |scrape| {
+            scrape.value("jobrun_urls_done_total") as u64 == done
                 && scrape.value("jobrun_urls_failed_total") as u64 == failed_for_good
-                && scrape.value("jobrun_urls_waiting_for_retry") == 0.0;
-            last = Some(scrape);
-            settled
+                && scrape.value("jobrun_urls_waiting_for_retry") == 0.0
         },
     );
-    let last = last.unwrap();
     assert!(child.try_wait().unwrap().is_none(), "the run ended early");
 
     // Counters never go down between scrapes.
@@ -330,8 +340,7 @@ fn metrics_are_served_during_a_run_and_agree_with_the_server() {
 #[test]
 fn a_busy_or_bad_metrics_address_stops_the_run_at_its_start() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    job.import(&item_urls(&server, 3));
+    let job = Job::with_urls(&item_urls(&server, 3));
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let busy = taken.local_addr().unwrap().to_string();
     for address in [busy.as_str(), "not-an-address", "127.0.0.1:99999"] {
@@ -363,20 +372,16 @@ fn a_paused_host_has_its_series_labelled_without_userinfo() {
     let addr = metrics_address(&lines);
     let host = format!("127.0.0.1:{port}");
     let paused = format!("jobrun_host_paused_seconds{{host=\"{host}\"}}");
-    let mut last = None;
-    wait_for(
+    let last = scrape_until(
+        &addr,
         Duration::from_secs(30),
         "the host's pause in the metrics",
-        || {
-            let scrape = scrape(&addr);
+        |scrape| {
             // The pause comes with the answer, the retry with its commit.
-            let seen = scrape.samples.get(&paused).is_some_and(|&left| left > 20.0)
-                && scrape.value("jobrun_urls_waiting_for_retry") == 1.0;
-            last = Some(scrape);
-            seen
+            scrape.samples.get(&paused).is_some_and(|&left| left > 20.0)
+                && scrape.value("jobrun_urls_waiting_for_retry") == 1.0
         },
     );
-    let last = last.unwrap();
     assert_eq!(last.value("jobrun_hosts_restrained"), 1.0);
     assert_eq!(
         last.value(&format!("jobrun_host_throttled_ratio{{host=\"{host}\"}}")),

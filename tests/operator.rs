@@ -9,10 +9,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-fn write(job: &Job, name: &str, text: &str) {
-    std::fs::write(job.dir().join(name), text).unwrap();
-}
-
 #[test]
 fn json_lines_send_method_headers_and_body_into_named_files() {
     let server = Server::start(|request| {
@@ -53,7 +49,7 @@ fn json_lines_send_method_headers_and_body_into_named_files() {
             server.url("/folder")
         ),
     ];
-    write(&job, "jobs.jsonl", &lines.join("\n"));
+    job.write("jobs.jsonl", lines.join("\n"));
     let output = job.jobrun(&["import", "jobs.jsonl"]);
     let message = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{message}");
@@ -78,7 +74,7 @@ fn json_lines_send_method_headers_and_body_into_named_files() {
         "{message}"
     );
 
-    assert_success(&job.run(&["--user-agent", "shop-sync/2"]), "run");
+    job.run_ok(&["--user-agent", "shop-sync/2"]);
     let read = |name: &str| std::fs::read_to_string(job.out().join(name)).unwrap();
     assert_eq!(read("orders/17.json"), r#"POST /orders north {"id":17}"#);
     assert_eq!(read("orders/18.txt"), "POST /orders - id=18");
@@ -99,7 +95,7 @@ fn json_lines_send_method_headers_and_body_into_named_files() {
 
 #[test]
 fn the_same_url_with_two_bodies_is_two_jobs() {
-    let server = Server::start(|request| Reply::ok(request.body.clone()));
+    let server = echo_server();
     let job = Job::new();
     let url = server.url("/search");
     let lines = [
@@ -107,14 +103,10 @@ fn the_same_url_with_two_bodies_is_two_jobs() {
         format!(r#"{{"url": "{url}", "method": "POST", "body": "q=b"}}"#),
         format!(r#"{{"url": "{url}", "method": "POST", "body": "q=a"}}"#),
     ];
-    write(&job, "jobs.jsonl", &lines.join("\n"));
+    job.write("jobs.jsonl", lines.join("\n"));
     let output = job.jobrun(&["import", "--format", "jsonl", "jobs.jsonl"]);
-    assert!(
-        stderr(&output).contains("2 imported, 1 duplicate"),
-        "{}",
-        stderr(&output)
-    );
-    assert_success(&job.run(&[]), "run");
+    assert_stderr_contains(&output, "2 imported, 1 duplicate");
+    job.run_ok(&[]);
     let mut bodies: Vec<String> = job
         .files()
         .iter()
@@ -151,7 +143,7 @@ fn the_report_explains_hosts_errors_durations_and_runs() {
     assert_eq!(report["runs"].as_array().unwrap().len(), 1);
     assert!(report["runs"][0]["urls_per_s"].as_f64().unwrap() > 0.0);
 
-    let text = String::from_utf8(job.jobrun(&["report"]).stdout).unwrap();
+    let text = job.report_text();
     for part in [
         "Hosts:",
         "e.g. ",
@@ -182,19 +174,16 @@ fn retry_sends_matching_failures_back_with_a_fresh_budget() {
         Some(i) => Reply::ok(item_body(i)),
         None => Reply::status(404),
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 4);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 4);
     assert_eq!(job.run(&[]).status.code(), Some(1));
     assert_eq!(job.report_json()["failed"], 3);
     *fixed.lock().unwrap() = true;
 
     let output = job.jobrun(&["retry", "--status", "404"]);
     assert_success(&output, "retry");
-    assert!(
-        stderr(&output).contains("2 failed URLs with HTTP status 404 are pending again"),
-        "{}",
-        stderr(&output)
+    assert_stderr_contains(
+        &output,
+        "2 failed URLs with HTTP status 404 are pending again",
     );
     let report = job.report_json();
     assert_eq!(
@@ -202,11 +191,7 @@ fn retry_sends_matching_failures_back_with_a_fresh_budget() {
         (Some(1), Some(2))
     );
     let output = job.jobrun(&["retry", "--error", "410 Gone"]);
-    assert!(
-        stderr(&output).contains("1 failed URLs whose error contains"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "1 failed URLs whose error contains");
     assert_success(&job.run(&[]), "run after retry");
     job.assert_all_files_right(&server, &urls);
     for row in job.export().values() {
@@ -217,10 +202,8 @@ fn retry_sends_matching_failures_back_with_a_fresh_budget() {
 #[test]
 fn verify_finds_missing_and_damaged_files_and_requeue_repairs_them() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 5);
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server, 5);
+    job.run_ok(&[]);
     assert_success(&job.jobrun(&["verify"]), "verify of a good job");
 
     let rows = job.export();
@@ -257,12 +240,8 @@ fn verify_finds_missing_and_damaged_files_and_requeue_repairs_them() {
 #[test]
 fn per_host_workers_caps_requests_in_flight_to_one_host() {
     let server = item_server(Duration::from_millis(20));
-    let job = Job::new();
-    job.import(&item_urls(&server, 30));
-    assert_success(
-        &job.run(&["--workers", "10", "--per-host-workers", "2"]),
-        "run",
-    );
+    let job = Job::with_urls(&item_urls(&server, 30));
+    job.run_ok(&["--workers", "10", "--per-host-workers", "2"]);
     assert_eq!(server.most_in_flight(), 2);
 }
 
@@ -275,10 +254,7 @@ fn per_host_rate_spaces_one_host_and_not_another() {
     urls.extend(item_urls(&fast, 11));
     job.import(&urls);
     let started = Instant::now();
-    assert_success(
-        &job.run(&["--workers", "4", "--per-host-rate", "20/s"]),
-        "run",
-    );
+    job.run_ok(&["--workers", "4", "--per-host-rate", "20/s"]);
     let mut times: Vec<Instant> = slow.hits().into_iter().map(|h| h.at).collect();
     times.sort();
     let span = *times.last().unwrap() - times[0];
@@ -311,8 +287,7 @@ fn rate_limited_server(per_second: f64) -> Server {
 
 fn throttled_run(adaptive: bool) -> (usize, Value) {
     let server = rate_limited_server(40.0);
-    let job = Job::new();
-    job.import(&item_urls(&server, 120));
+    let job = Job::with_urls(&item_urls(&server, 120));
     let mut args = vec![
         "--workers",
         "16",
@@ -348,8 +323,7 @@ fn status_lines_show_counts_rates_and_paused_hosts_when_not_on_a_terminal() {
     let server = faulty_item_server(Duration::from_millis(20), |item, earlier| {
         (item == 0 && earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "2"))
     });
-    let job = Job::new();
-    job.import(&item_urls(&server, 60));
+    let job = Job::with_urls(&item_urls(&server, 60));
     let output = job.run(&[
         "--workers",
         "2",
@@ -377,8 +351,7 @@ fn status_lines_show_counts_rates_and_paused_hosts_when_not_on_a_terminal() {
 #[test]
 fn report_works_while_a_run_is_going() {
     let server = item_server(Duration::from_millis(10));
-    let job = Job::new();
-    job.import(&item_urls(&server, 400));
+    let job = Job::with_urls(&item_urls(&server, 400));
     let child = job.spawn_run(&["--workers", "4"]);
     wait_for(Duration::from_secs(30), "the run to start", || {
         server.hit_count() > 20
@@ -402,10 +375,7 @@ fn logging_is_verbose_json_or_quiet_on_request() {
     let server = faulty_item_server(Duration::ZERO, |_, earlier| {
         (earlier == 0).then(|| Reply::status(500))
     });
-    let urls = item_urls(&server, 2);
-
-    let job = Job::new();
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 2);
     let verbose = job.run(&["-v", "--backoff-base", "1ms"]);
     let text = stderr(&verbose);
     assert!(
@@ -413,8 +383,7 @@ fn logging_is_verbose_json_or_quiet_on_request() {
         "{text}"
     );
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let json = job.jobrun(&["--log-format", "json", "run", "--backoff-base", "1ms"]);
     assert_success(&json, "run with json logs");
     for line in stderr(&json).lines() {
@@ -425,8 +394,7 @@ fn logging_is_verbose_json_or_quiet_on_request() {
         );
     }
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let quiet = job.run(&["--quiet", "--backoff-base", "1ms"]);
     assert_success(&quiet, "quiet run");
     assert_eq!(stderr(&quiet), "", "--quiet printed something");
@@ -463,8 +431,7 @@ fn a_terminal_shows_a_progress_bar_with_count_rate_and_eta() {
     let server = faulty_item_server(Duration::from_millis(25), |item, earlier| {
         (item == 7 && earlier == 0).then(|| Reply::status(500))
     });
-    let job = Job::new();
-    job.import(&item_urls(&server, 300));
+    let job = Job::with_urls(&item_urls(&server, 300));
     let command = format!(
         "env -u http_proxy -u HTTP_PROXY -u https_proxy -u HTTPS_PROXY -u ALL_PROXY {} --db {} run -v --workers 2 --backoff-base 1ms; sleep 30",
         env!("CARGO_BIN_EXE_jobrun"),

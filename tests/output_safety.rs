@@ -7,7 +7,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, symlink};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -83,6 +82,17 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
     found
 }
 
+/// Creates the output folder, and a folder `elsewhere` beside it holding
+/// `files` (name, text) for a symlink to lead to.
+fn folder_beside_out(job: &Job, files: &[(&str, &str)]) -> PathBuf {
+    let elsewhere = job.dir().join("elsewhere");
+    for (name, text) in files {
+        write(&elsewhere.join(name), text);
+    }
+    std::fs::create_dir_all(job.out()).unwrap();
+    elsewhere
+}
+
 fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
@@ -99,9 +109,8 @@ fn assert_failed_naming(rows: &BTreeMap<String, (String, String)>, path: &str, n
 fn a_url_that_fails_for_good_deletes_no_file_jobrun_did_not_write() {
     let server = named_server();
     let job = Job::new();
-    let elsewhere = job.dir().join("elsewhere");
+    let elsewhere = folder_beside_out(&job, &[("x.json", "a file outside --out")]);
     write(&job.out().join("mine.json"), "the user's own file");
-    write(&elsewhere.join("x.json"), "a file outside --out");
     symlink(&elsewhere, job.out().join("link")).unwrap();
     import_named(
         &job,
@@ -149,10 +158,13 @@ fn a_url_that_fails_for_good_deletes_no_file_jobrun_did_not_write() {
 fn a_symlinked_folder_inside_out_never_leads_a_download_outside() {
     let server = named_server();
     let job = Job::new();
-    let elsewhere = job.dir().join("elsewhere");
-    write(&elsewhere.join("x.json"), "a file outside --out");
-    write(&elsewhere.join("target.json"), "another file outside --out");
-    std::fs::create_dir_all(job.out()).unwrap();
+    let elsewhere = folder_beside_out(
+        &job,
+        &[
+            ("x.json", "a file outside --out"),
+            ("target.json", "another file outside --out"),
+        ],
+    );
     symlink(&elsewhere, job.out().join("link")).unwrap();
     symlink(elsewhere.join("target.json"), job.out().join("y.json")).unwrap();
     symlink(&elsewhere, job.out().join("deep")).unwrap();
@@ -220,10 +232,13 @@ fn an_out_that_is_itself_a_symlink_to_a_folder_is_followed() {
 fn a_symlinked_temp_area_stops_the_run_and_what_it_points_to_is_untouched() {
     let server = named_server();
     let job = Job::new();
-    let elsewhere = job.dir().join("elsewhere");
-    write(&elsewhere.join("run-1/0/5"), "looks like a temp file");
-    write(&elsewhere.join("notes.txt"), "someone's notes");
-    std::fs::create_dir_all(job.out()).unwrap();
+    let elsewhere = folder_beside_out(
+        &job,
+        &[
+            ("run-1/0/5", "looks like a temp file"),
+            ("notes.txt", "someone's notes"),
+        ],
+    );
     symlink(&elsewhere, job.out().join(TEMP_DIR)).unwrap();
     import_named(&job, &server, &[("/ok/1", "a.json")]);
     let before = snapshot(&elsewhere);
@@ -469,18 +484,7 @@ fn a_file_renamed_before_a_crash_goes_if_its_url_then_fails_for_good() {
     let server = named_server();
     let job = Job::new();
     import_named(&job, &server, &[("/once/1", "a.json")]);
-    let crashed = job
-        .command()
-        .arg("run")
-        .env("JOBRUN_CRASH_AT", "names-synced")
-        .output()
-        .unwrap();
-    assert_eq!(
-        crashed.status.signal(),
-        Some(libc::SIGKILL),
-        "{}",
-        stderr(&crashed)
-    );
+    job.run_crashing_at("names-synced", &[]);
     let report = job.report_json();
     assert_eq!(report["done"], 0, "{report}");
     assert!(

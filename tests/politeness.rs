@@ -42,13 +42,8 @@ fn retry_after_is_never_violated_as_timed_at_the_server() {
     let server = faulty_item_server(Duration::from_millis(2), |_, earlier| {
         (earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "1"))
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 40);
-    job.import(&urls);
-    assert_success(
-        &job.run(&["--workers", "10", "--backoff-base", "1ms"]),
-        "run",
-    );
+    let (job, urls) = Job::with_items(&server, 40);
+    job.run_ok(&["--workers", "10", "--backoff-base", "1ms"]);
     job.assert_all_files_right(&server, &urls);
     let hits = server.hits();
     let mut by_path: HashMap<&str, Vec<Instant>> = HashMap::new();
@@ -120,10 +115,7 @@ fn a_capped_host_does_not_hold_workers_that_other_hosts_could_use() {
     let mut urls = item_urls(&slow, 8);
     urls.extend(item_urls(&fast, 40));
     job.import(&urls);
-    assert_success(
-        &job.run(&["--workers", "4", "--per-host-workers", "1"]),
-        "run",
-    );
+    job.run_ok(&["--workers", "4", "--per-host-workers", "1"]);
     assert_eq!(slow.most_in_flight(), 1, "the cap held at the slow host");
     assert_eq!(fast.most_in_flight(), 1, "the cap held at the fast host");
     let mut slow_hits: Vec<Instant> = slow.hits().iter().map(|h| h.at).collect();
@@ -153,10 +145,7 @@ fn per_host_caps_are_never_exceeded_on_any_host() {
     let job = Job::new();
     let urls = interleaved(&servers.iter().collect::<Vec<_>>(), 30);
     job.import(&urls);
-    assert_success(
-        &job.run(&["--workers", "12", "--per-host-workers", "2"]),
-        "run",
-    );
+    job.run_ok(&["--workers", "12", "--per-host-workers", "2"]);
     for server in &servers {
         assert_eq!(server.most_in_flight(), 2, "{}", server.url(""));
     }
@@ -180,21 +169,17 @@ fn throttling_recovers_after_a_burst_of_429s() {
             None => Reply::status(404),
         }
     });
-    let job = Job::new();
-    job.import(&item_urls(&server, 4000));
-    assert_success(
-        &job.run(&[
-            "--workers",
-            "8",
-            "--max-attempts",
-            "50",
-            "--backoff-base",
-            "10ms",
-            "--backoff-max",
-            "100ms",
-        ]),
-        "run",
-    );
+    let job = Job::with_urls(&item_urls(&server, 4000));
+    job.run_ok(&[
+        "--workers",
+        "8",
+        "--max-attempts",
+        "50",
+        "--backoff-base",
+        "10ms",
+        "--backoff-max",
+        "100ms",
+    ]);
     let hits: Vec<Instant> = server.hits().iter().map(|h| h.at).collect();
     let start = hits[0];
     let count = |from: Duration, to: Duration| {
@@ -223,8 +208,7 @@ fn a_retry_after_longer_than_max_retry_after_is_capped_and_said_so() {
     let server = faulty_item_server(Duration::ZERO, |_, _| {
         Some(Reply::status(429).with_header("Retry-After", "3600"))
     });
-    let job = Job::new();
-    job.import(&item_urls(&server, 1));
+    let job = Job::with_urls(&item_urls(&server, 1));
     let output = job.run(&[
         "--max-retry-after",
         "1s",
@@ -234,11 +218,7 @@ fn a_retry_after_longer_than_max_retry_after_is_capped_and_said_so() {
         "1ms",
     ]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("asked not to be called for 3600 s"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "asked not to be called for 3600 s");
     let times = server.times_of("/items/0.json");
     assert_eq!(times.len(), 2);
     assert!(times[1] - times[0] >= Duration::from_secs(1));
@@ -336,8 +316,7 @@ fn a_host_that_answers_every_request_429_is_not_held_slower_than_without_adaptiv
     let output = plain.run(&[&args[..], &["--no-adaptive"]].concat());
     let plain_took = started.elapsed();
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let started = Instant::now();
     let mut child = job.spawn_run(&args);
     // Held at 0.5 requests/s, its 240 requests would take 8 minutes.

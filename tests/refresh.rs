@@ -156,26 +156,18 @@ fn file_stamps(job: &Job) -> HashMap<String, (PathBuf, u64, i64, i64)> {
         .collect()
 }
 
-fn refresh(job: &Job, args: &[&str]) -> std::process::Output {
-    let mut all = vec!["refresh"];
-    all.extend_from_slice(args);
-    job.jobrun(&all)
-}
-
 #[test]
 fn refresh_replaces_changed_files_and_leaves_unchanged_ones_untouched() {
     let server = VersionedServer::start(|_, _| None);
-    let urls = item_urls(&server.server, 12);
-    let job = Job::new();
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server.server, 12);
+    job.run_ok(&[]);
     let before = file_stamps(&job);
     // One changed item of each kind of validator.
     let changed = [3, 4, 5];
     server.bump(changed);
     let hits_before = server.server.hit_count();
 
-    let output = refresh(&job, &[]);
+    let output = job.subcommand("refresh", &[]);
     assert_success(&output, "refresh");
 
     assert_eq!(
@@ -204,7 +196,7 @@ fn refresh_replaces_changed_files_and_leaves_unchanged_ones_untouched() {
     assert_eq!(round["unchanged"], 9, "{round}");
     assert_eq!(round["failed"], 0, "{round}");
     assert_eq!(round["pending"], 0, "{round}");
-    let text = String::from_utf8(job.jobrun(&["report"]).stdout).unwrap();
+    let text = job.report_text();
     assert!(
         text.contains("refresh #1: 3 changed, 9 unchanged, 0 failed"),
         "{text}"
@@ -214,12 +206,10 @@ fn refresh_replaces_changed_files_and_leaves_unchanged_ones_untouched() {
 #[test]
 fn refresh_sends_the_stored_validators_and_stores_new_ones() {
     let server = VersionedServer::start(|_, _| None);
-    let urls = item_urls(&server.server, 3);
-    let job = Job::new();
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, _) = Job::with_items(&server.server, 3);
+    job.run_ok(&[]);
     server.bump([0, 1]);
-    assert_success(&refresh(&job, &[]), "refresh");
+    assert_success(&job.subcommand("refresh", &[]), "refresh");
     let sent = |item: u64, header: &str| -> Vec<Option<String>> {
         server
             .server
@@ -242,7 +232,7 @@ fn refresh_sends_the_stored_validators_and_stores_new_ones() {
     assert_eq!(sent(2, "If-None-Match"), [None, None]);
     // The new validators are stored: a second refresh gets 304s for both.
     let before = server.not_modified.load(Ordering::SeqCst);
-    assert_success(&refresh(&job, &[]), "second refresh");
+    assert_success(&job.subcommand("refresh", &[]), "second refresh");
     assert_eq!(server.not_modified.load(Ordering::SeqCst) - before, 2);
     let round = &job.report_json()["refresh"];
     assert_eq!(round["round"], 2, "{round}");
@@ -252,10 +242,8 @@ fn refresh_sends_the_stored_validators_and_stores_new_ones() {
 #[test]
 fn refresh_older_than_picks_only_old_files() {
     let server = VersionedServer::start(|_, _| None);
-    let urls = item_urls(&server.server, 6);
-    let job = Job::new();
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server.server, 6);
+    job.run_ok(&[]);
     // Items 0 to 2 were fetched two days ago.
     let two_days_ago = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -272,7 +260,10 @@ fn refresh_older_than_picks_only_old_files() {
     server.bump(0..6);
     let before = server.server.hits_per_path();
 
-    assert_success(&refresh(&job, &["--older-than", "1day"]), "refresh");
+    assert_success(
+        &job.subcommand("refresh", &["--older-than", "1day"]),
+        "refresh",
+    );
 
     let after = server.server.hits_per_path();
     for i in 0..6u64 {
@@ -304,21 +295,18 @@ fn a_failed_refresh_keeps_the_old_file_and_says_so() {
         }),
         _ => None,
     });
-    let urls = item_urls(&server.server, 6);
-    let job = Job::new();
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server.server, 6);
+    job.run_ok(&[]);
     let before = file_stamps(&job);
     server.bump(0..6);
 
-    let output = refresh(&job, &["--max-attempts", "2", "--backoff-base", "10ms"]);
+    let output = job.subcommand(
+        "refresh",
+        &["--max-attempts", "2", "--backoff-base", "10ms"],
+    );
 
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    assert!(
-        stderr(&output).contains("3 refreshes failed"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "3 refreshes failed");
     let after = file_stamps(&job);
     let failed = [1, 2, 5];
     for item in failed {
@@ -335,7 +323,7 @@ fn a_failed_refresh_keeps_the_old_file_and_says_so() {
     assert_eq!(round["failed"], 3, "{round}");
     assert_eq!(round["changed"], 3, "{round}");
     assert_eq!(round["unchanged"], 0, "{round}");
-    let text = String::from_utf8(job.jobrun(&["report"]).stdout).unwrap();
+    let text = job.report_text();
     assert!(
         text.contains("3 failed (failed ones keep their old files)"),
         "{text}"
@@ -350,10 +338,8 @@ fn a_failed_refresh_keeps_the_old_file_and_says_so() {
 #[test]
 fn a_refresh_killed_mid_way_resumes_and_finishes_with_every_file_right() {
     let server = VersionedServer::start(|_, _| None);
-    let urls = item_urls(&server.server, 300);
-    let job = Job::new();
-    job.import(&urls);
-    assert_success(&job.run(&["--workers", "8"]), "run");
+    let (job, urls) = Job::with_items(&server.server, 300);
+    job.run_ok(&["--workers", "8"]);
     server.bump(0..300);
     let first = server.server.hit_count();
 
@@ -383,13 +369,9 @@ fn a_refresh_killed_mid_way_resumes_and_finishes_with_every_file_right() {
     let round = &job.report_json()["refresh"];
     assert!(round["pending"].as_i64().unwrap() > 0, "{round}");
 
-    let output = refresh(&job, &[]);
+    let output = job.subcommand("refresh", &[]);
     assert_success(&output, "the resumed refresh");
-    assert!(
-        stderr(&output).contains("refresh #1 is not finished"),
-        "{}",
-        stderr(&output)
-    );
+    assert_stderr_contains(&output, "refresh #1 is not finished");
 
     job.assert_all_files_are(&urls, |url| server.current_body(url));
     assert_eq!(job.assert_done_rows_have_their_files(), 300);

@@ -16,10 +16,6 @@ fn import_file(job: &Job, file: &str, lines: &[&str]) -> Output {
     job.jobrun(&["import", file])
 }
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// Everything `output` printed, on either stream.
 fn printed(output: &Output) -> String {
     stdout(output) + &stderr(output)
@@ -42,7 +38,7 @@ fn no_referer_is_sent_so_query_keys_stay_with_their_host() {
     let job = Job::new();
     let url = server.url("/start?api_key=k3y-s3cret");
     job.import(std::slice::from_ref(&url));
-    assert_success(&job.run(&[]), "run");
+    job.run_ok(&[]);
 
     let hits = other.hits();
     assert_eq!(hits.len(), 1, "the redirect was not followed: {hits:?}");
@@ -81,17 +77,16 @@ fn url_passwords_are_hidden_in_reports_failure_lists_verify_and_every_log() {
         with_password(&two, "/flaky"),
         with_password(&two, "/items/2.json"),
     ];
-    let job = Job::new();
-    job.import(&urls);
-    let run = job.run(&[
-        "-vv",
+    let job = Job::with_urls(&urls);
+    let quick = [
         "--max-attempts",
         "2",
         "--backoff-base",
         "10ms",
         "--progress-every",
         "20ms",
-    ]);
+    ];
+    let run = job.run(&[&["-vv"][..], &quick].concat());
     assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
     let authorized = one.hits().iter().chain(two.hits().iter()).all(|hit| {
         hit.headers.iter().any(|(name, value)| {
@@ -122,17 +117,7 @@ fn url_passwords_are_hidden_in_reports_failure_lists_verify_and_every_log() {
     }
     outputs.push((
         "run -vv --log-format json".into(),
-        job.run(&[
-            "-vv",
-            "--log-format",
-            "json",
-            "--max-attempts",
-            "2",
-            "--backoff-base",
-            "10ms",
-            "--progress-every",
-            "20ms",
-        ]),
+        job.run(&[&["-vv", "--log-format", "json"][..], &quick].concat()),
     ));
     for (what, output) in &outputs {
         let text = printed(output);
@@ -323,12 +308,8 @@ fn a_fragment_does_not_make_a_second_job() {
         &[&format!("{url}#1"), &format!("{url}#2")],
     );
     assert_success(&imported, "import");
-    assert!(
-        stderr(&imported).contains("1 imported, 1 duplicate, 0 rejected"),
-        "{}",
-        stderr(&imported)
-    );
-    assert_success(&job.run(&[]), "run");
+    assert_stderr_contains(&imported, "1 imported, 1 duplicate, 0 rejected");
+    job.run_ok(&[]);
     assert_eq!(server.hits_per_path().get("/items/3.json"), Some(&1));
     let rows = job.export();
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -424,7 +405,7 @@ fn a_repeated_json_lines_request_with_another_name_is_rejected_with_the_name_it_
 
 #[test]
 fn host_content_length_and_hop_by_hop_headers_from_json_lines_are_rejected() {
-    let server = Server::start(|request| Reply::ok(request.body.clone()));
+    let server = echo_server();
     let job = Job::new();
     let url = server.url("/echo");
     let names = [
@@ -462,7 +443,7 @@ fn host_content_length_and_hop_by_hop_headers_from_json_lines_are_rejected() {
         messages.contains("1 imported, 0 duplicate, 9 rejected"),
         "{messages}"
     );
-    assert_success(&job.run(&["--timeout", "10s"]), "run");
+    job.run_ok(&["--timeout", "10s"]);
     let hits = server.hits();
     assert_eq!(hits.len(), 1);
     let sent = |name: &str| {
@@ -481,53 +462,50 @@ fn numeric_options_are_refused_with_their_real_limits() {
     let job = Job::new();
     for (args, says, not_said) in [
         (
-            &["run", "--rate", "1e309"][..],
+            "run --rate 1e309",
             "more than 1,000,000 requests per second",
             "above zero",
         ),
         (
-            &["run", "--rate", "1e-300"],
+            "run --rate 1e-300",
             "less than one request a day",
             "not a rate",
         ),
-        (&["run", "--rate", "NaN"], "not a rate like", "above zero"),
+        ("run --rate NaN", "not a rate like", "above zero"),
         (
-            &["run", "--per-host-rate", "inf"],
+            "run --per-host-rate inf",
             "more than 1,000,000 requests per second",
             "above zero",
         ),
         (
-            &["run", "--workers", "100001"],
+            "run --workers 100001",
             "more than 100,000",
             "not a whole number",
         ),
         (
-            &["run", "--workers", "99999999999999999999999"],
+            "run --workers 99999999999999999999999",
             "more than 100,000",
             "not a whole number",
         ),
         (
-            &["run", "--max-attempts", "99999999999"],
+            "run --max-attempts 99999999999",
             "more than 1,000,000",
             "not a whole number",
         ),
         (
-            &["run", "--timeout", "1000000y"],
+            "run --timeout 1000000y",
             "longer than 24h",
             "not a duration",
         ),
         (
-            &["run", "--max-bytes", "99999999999TB"],
+            "run --max-bytes 99999999999TB",
             "more than 8 EiB",
             "not a size",
         ),
-        (
-            &["retry", "--status", "99999"],
-            "from 100 to 999",
-            "too large",
-        ),
+        ("retry --status 99999", "from 100 to 999", "too large"),
     ] {
-        let output = job.jobrun(args);
+        let args: Vec<&str> = args.split(' ').collect();
+        let output = job.jobrun(&args);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         let message = stderr(&output);
         assert!(message.contains(says), "{args:?}: {message}");
@@ -539,7 +517,7 @@ fn numeric_options_are_refused_with_their_real_limits() {
 #[test]
 fn a_stored_request_with_a_framing_header_fails_without_being_sent() {
     // A row imported before such headers were refused at import.
-    let server = Server::start(|request| Reply::ok(request.body.clone()));
+    let server = echo_server();
     let job = Job::new();
     let url = server.url("/echo");
     let line = format!(r#"{{"url": "{url}", "method": "POST", "body": "abc"}}"#);

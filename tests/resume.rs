@@ -9,13 +9,8 @@ use support::*;
 #[test]
 fn kill_9_mid_run_then_resume_gets_every_file_right() {
     let server = item_server(Duration::from_millis(10));
-    let job = Job::new();
-    let urls = item_urls(&server, 400);
-    job.import(&urls);
-    let mut child = job.spawn_run(&["--workers", "8"]);
-    wait_for(Duration::from_secs(30), "100 requests", || {
-        server.hit_count() >= 100
-    });
+    let (job, urls) = Job::with_items(&server, 400);
+    let mut child = job.spawn_run_until_hits(&["--workers", "8"], &server, 100);
     signal(&child, libc::SIGKILL);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), None, "killed by a signal");
@@ -59,13 +54,8 @@ fn kill_9_mid_run_then_resume_gets_every_file_right() {
 #[test]
 fn ctrl_c_exits_130_with_nothing_left_running_and_resume_finishes() {
     let server = item_server(Duration::from_millis(200));
-    let job = Job::new();
-    let urls = item_urls(&server, 60);
-    job.import(&urls);
-    let child = job.spawn_run(&["--workers", "4"]);
-    wait_for(Duration::from_secs(30), "some requests", || {
-        server.hit_count() >= 6
-    });
+    let (job, urls) = Job::with_items(&server, 60);
+    let child = job.spawn_run_until_hits(&["--workers", "4"], &server, 6);
     let interrupted_at = Instant::now();
     signal(&child, libc::SIGINT);
     let output = child.wait_with_output().unwrap();
@@ -92,13 +82,10 @@ fn ctrl_c_exits_130_with_nothing_left_running_and_resume_finishes() {
 #[test]
 fn a_second_ctrl_c_exits_at_once() {
     let server = Server::start(|_| Reply::Stall(Duration::from_secs(20)));
-    let job = Job::new();
-    job.import(&item_urls(&server, 4));
+    let job = Job::with_urls(&item_urls(&server, 4));
     let mut child = job.spawn_run(&["--workers", "4", "--timeout", "60s"]);
     let lines = stderr_lines(&mut child);
-    wait_for(Duration::from_secs(30), "requests", || {
-        server.hit_count() >= 4
-    });
+    server.wait_for_hits(4, "requests");
     signal(&child, libc::SIGINT);
     lines
         .recv_timeout(Duration::from_secs(5))
@@ -122,21 +109,14 @@ fn a_second_ctrl_c_exits_at_once() {
 #[test]
 fn two_runs_on_one_database_never_fetch_a_url_twice() {
     let server = item_server(Duration::from_millis(2));
-    let job = Job::new();
-    let urls = item_urls(&server, 600);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 600);
     let first = job.spawn_run(&["--workers", "6"]);
     let second = job.spawn_run(&["--workers", "6"]);
     let first = first.wait_with_output().unwrap();
     let second = second.wait_with_output().unwrap();
     assert_success(&first, "first run");
     assert_success(&second, "second run");
-    let twice: Vec<_> = server
-        .hits_per_path()
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
-    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
+    assert_no_url_fetched_twice(&server);
     assert_eq!(server.hit_count(), 600);
     job.assert_all_files_right(&server, &urls);
 }

@@ -10,9 +10,7 @@ use support::*;
 #[test]
 fn happy_path_every_file_is_byte_identical() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 300);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 300);
     let output = job.run(&["--workers", "8"]);
     assert_success(&output, "run");
     job.assert_all_files_right(&server, &urls);
@@ -29,9 +27,7 @@ fn a_500_is_retried_until_it_succeeds() {
     let server = faulty_item_server(Duration::ZERO, |_, earlier| {
         (earlier < 2).then(|| Reply::status(500))
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 5);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 5);
     let output = job.run(&["--backoff-base", "10ms"]);
     assert_success(&output, "run");
     job.assert_all_files_right(&server, &urls);
@@ -49,9 +45,7 @@ fn a_404_fails_at_once_without_retry_or_file() {
         Some(i) => Reply::ok(item_body(i)),
         None => Reply::status(404),
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 3);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 3);
     let output = job.run(&["--backoff-base", "10ms"]);
     assert_eq!(
         output.status.code(),
@@ -79,8 +73,7 @@ fn a_404_fails_at_once_without_retry_or_file() {
 #[test]
 fn retries_stop_at_max_attempts() {
     let server = Server::start(|_| Reply::status(503));
-    let job = Job::new();
-    job.import(&item_urls(&server, 2));
+    let job = Job::with_urls(&item_urls(&server, 2));
     let output = job.run(&["--max-attempts", "3", "--backoff-base", "5ms"]);
     assert_eq!(output.status.code(), Some(1));
     for row in job.export().values() {
@@ -103,13 +96,8 @@ fn retry_after_in_seconds_delays_the_retry_and_pauses_the_host() {
     let server = faulty_item_server(Duration::ZERO, |item, earlier| {
         (item == 0 && earlier == 0).then(|| Reply::status(429).with_header("Retry-After", "1"))
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 2);
-    job.import(&urls);
-    assert_success(
-        &job.run(&["--workers", "1", "--backoff-base", "1ms"]),
-        "run",
-    );
+    let (job, urls) = Job::with_items(&server, 2);
+    job.run_ok(&["--workers", "1", "--backoff-base", "1ms"]);
     job.assert_all_files_right(&server, &urls);
     let first = server.times_of("/items/0.json");
     assert_eq!(first.len(), 2);
@@ -131,10 +119,8 @@ fn retry_after_as_an_http_date_is_honoured() {
             Reply::status(503).with_header("Retry-After", &date)
         })
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 1);
-    job.import(&urls);
-    assert_success(&job.run(&["--backoff-base", "1ms"]), "run");
+    let (job, urls) = Job::with_items(&server, 1);
+    job.run_ok(&["--backoff-base", "1ms"]);
     let times = server.times_of("/items/0.json");
     // The date has whole seconds: 2 s ahead is at least 1 s ahead.
     assert!(
@@ -154,10 +140,8 @@ fn a_reset_mid_body_is_retried_and_leaves_no_truncated_file() {
             Reply::ResetMidBody { body, sent }
         })
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 20);
-    job.import(&urls);
-    assert_success(&job.run(&["--backoff-base", "1ms"]), "run");
+    let (job, urls) = Job::with_items(&server, 20);
+    job.run_ok(&["--backoff-base", "1ms"]);
     job.assert_all_files_right(&server, &urls);
     assert!(server.hits_per_path().values().all(|&n| n == 2));
 }
@@ -171,10 +155,8 @@ fn a_body_shorter_than_its_length_is_retried() {
             Reply::ShortBody { body, claimed }
         })
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 5);
-    job.import(&urls);
-    assert_success(&job.run(&["--backoff-base", "1ms"]), "run");
+    let (job, urls) = Job::with_items(&server, 5);
+    job.run_ok(&["--backoff-base", "1ms"]);
     job.assert_all_files_right(&server, &urls);
 }
 
@@ -183,22 +165,16 @@ fn a_stalled_request_times_out_and_is_retried() {
     let server = faulty_item_server(Duration::ZERO, |_, earlier| {
         (earlier == 0).then(|| Reply::Stall(Duration::from_secs(3)))
     });
-    let job = Job::new();
-    let urls = item_urls(&server, 2);
-    job.import(&urls);
-    assert_success(
-        &job.run(&["--timeout", "300ms", "--backoff-base", "1ms"]),
-        "run",
-    );
+    let (job, urls) = Job::with_items(&server, 2);
+    job.run_ok(&["--timeout", "300ms", "--backoff-base", "1ms"]);
     job.assert_all_files_right(&server, &urls);
 }
 
 #[test]
 fn rate_holds_at_the_server() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    job.import(&item_urls(&server, 40));
-    assert_success(&job.run(&["--workers", "8", "--rate", "20/s"]), "run");
+    let job = Job::with_urls(&item_urls(&server, 40));
+    job.run_ok(&["--workers", "8", "--rate", "20/s"]);
     let mut times: Vec<_> = server.hits().into_iter().map(|h| h.at).collect();
     times.sort();
     assert_eq!(times.len(), 40);
@@ -221,9 +197,7 @@ fn rate_holds_at_the_server() {
 #[test]
 fn headers_are_sent_and_never_stored() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 3);
-    job.import(&urls);
+    let (job, _) = Job::with_items(&server, 3);
     let output = job.run(&[
         "--header",
         "Authorization: Bearer s3cret-token",
@@ -252,10 +226,8 @@ fn headers_are_sent_and_never_stored() {
 #[test]
 fn the_output_folder_is_fixed_on_first_use() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 2);
-    job.import(&urls);
-    assert_success(&job.run(&["--out", "files"]), "run");
+    let (job, _) = Job::with_items(&server, 2);
+    job.run_ok(&["--out", "files"]);
     assert!(job.dir().join("files").is_dir());
     job.import(&[server.url("/items/9.json")]);
     let output = job.run(&["--out", "elsewhere"]);
@@ -273,10 +245,8 @@ fn the_output_folder_is_fixed_on_first_use() {
 #[test]
 fn export_gives_every_field_as_jsonl_and_csv() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 2);
-    job.import(&urls);
-    assert_success(&job.run(&[]), "run");
+    let (job, urls) = Job::with_items(&server, 2);
+    job.run_ok(&[]);
     let rows = job.export();
     let row = &rows[&urls[1]];
     for field in [

@@ -51,15 +51,6 @@ fn runs_recorded(job: &Job) -> i64 {
         .expect("count runs")
 }
 
-fn assert_no_url_fetched_twice(server: &Server) {
-    let twice: Vec<_> = server
-        .hits_per_path()
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
-    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
-}
-
 #[test]
 fn a_run_in_another_pid_namespace_is_judged_by_its_heartbeat_not_taken_for_dead() {
     if !is_root() {
@@ -67,16 +58,12 @@ fn a_run_in_another_pid_namespace_is_judged_by_its_heartbeat_not_taken_for_dead(
         return;
     }
     let server = item_server(Duration::from_millis(40));
-    let job = Job::new();
-    let urls = item_urls(&server, 300);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 300);
     let mut run = job.command();
     run.args(["run", "--workers", "4"]);
     // It claims 256 URLs at once, and holds most of them for a while.
     let inside = spawn_piped(in_new_pid_namespace(&run));
-    wait_for(Duration::from_secs(30), "the first run's requests", || {
-        server.hit_count() >= 8
-    });
+    server.wait_for_hits(8, "the first run's requests");
     assert_eq!(runs_recorded(&job), 1);
     let outside = job.spawn_run(&["--workers", "4"]);
     wait_for(Duration::from_secs(30), "the second run to start", || {
@@ -112,14 +99,9 @@ fn a_run_in_another_pid_namespace_is_judged_by_its_heartbeat_not_taken_for_dead(
 #[test]
 fn a_run_exits_0_only_when_every_url_is_done_and_waits_for_live_runs_that_hold_some() {
     let server = item_server(Duration::from_millis(300));
-    let job = Job::new();
-    let urls = item_urls(&server, 16);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 16);
     // The first run claims all sixteen and fetches two at a time.
-    let first = job.spawn_run(&["--workers", "2"]);
-    wait_for(Duration::from_secs(30), "the first run's requests", || {
-        server.hit_count() >= 1
-    });
+    let first = job.spawn_run_until_hits(&["--workers", "2"], &server, 1);
     let second = job.spawn_run(&["--workers", "2", "--progress-every", "100ms"]);
     let second = second.wait_with_output().unwrap();
     assert_success(&second, "the second run");
@@ -128,11 +110,7 @@ fn a_run_exits_0_only_when_every_url_is_done_and_waits_for_live_runs_that_hold_s
         report["done"], 16,
         "the second run exited 0 before every URL was done: {report}"
     );
-    assert!(
-        stderr(&second).contains("waiting for run #1 (pid"),
-        "{}",
-        stderr(&second)
-    );
+    assert_stderr_contains(&second, "waiting for run #1 (pid");
     assert_success(&first.wait_with_output().unwrap(), "the first run");
     assert_no_url_fetched_twice(&server);
     job.assert_all_files_right(&server, &urls);
@@ -141,13 +119,8 @@ fn a_run_exits_0_only_when_every_url_is_done_and_waits_for_live_runs_that_hold_s
 #[test]
 fn a_waiting_run_takes_over_the_urls_of_a_run_that_dies_meanwhile() {
     let server = item_server(Duration::from_millis(300));
-    let job = Job::new();
-    let urls = item_urls(&server, 40);
-    job.import(&urls);
-    let first = job.spawn_run(&["--workers", "2"]);
-    wait_for(Duration::from_secs(30), "the first run's requests", || {
-        server.hit_count() >= 1
-    });
+    let (job, urls) = Job::with_items(&server, 40);
+    let first = job.spawn_run_until_hits(&["--workers", "2"], &server, 1);
     let mut second = job.spawn_run(&["--workers", "4", "--progress-every", "100ms"]);
     let lines = stderr_lines(&mut second);
     let mut seen = Vec::new();
@@ -182,9 +155,7 @@ fn of_two_first_runs_racing_with_different_out_one_is_refused_and_nothing_lands_
     // Started together, the two runs often both find no folder recorded;
     // a few rounds make sure the race is met.
     for round in 0..5 {
-        let job = Job::new();
-        let urls = item_urls(&server, 20);
-        job.import(&urls);
+        let (job, _) = Job::with_items(&server, 20);
         let folders = [job.dir().join("one"), job.dir().join("two")];
         let runs: Vec<Child> = folders
             .iter()
@@ -274,11 +245,7 @@ fn assert_read_only_commands_read(job: &Job, db: &Path, urls: usize) {
     );
     let verify = jobrun_on(job, db, &["verify"]);
     assert_success(&verify, "verify");
-    assert!(
-        stderr(&verify).contains(&format!("checked {urls} files: 0 missing")),
-        "{}",
-        stderr(&verify)
-    );
+    assert_stderr_contains(&verify, &format!("checked {urls} files: 0 missing"));
     assert!(
         snapshot() == before,
         "a read-only command changed {}",
@@ -289,16 +256,14 @@ fn assert_read_only_commands_read(job: &Job, db: &Path, urls: usize) {
 #[test]
 fn report_export_and_verify_only_read_and_work_on_a_read_only_filesystem_or_file() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 30);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 30);
     // A connection held open keeps the run's last commits in the
     // write-ahead log, as after a crash.
     let holder = job.sql();
     holder
         .query_row("SELECT count(*) FROM urls", [], |_| Ok(()))
         .unwrap();
-    assert_success(&job.run(&[]), "run");
+    job.run_ok(&[]);
     let copy = |folder: &Path, with_log: bool| {
         std::fs::create_dir_all(folder).unwrap();
         let suffixes: &[&str] = if with_log {
@@ -348,11 +313,8 @@ fn report_export_and_verify_only_read_and_work_on_a_read_only_filesystem_or_file
     let db = job.dir().join("mnt/plain/jobrun.db");
     let retry = jobrun_on(&job, &db, &["retry"]);
     assert_eq!(retry.status.code(), Some(2));
-    assert!(
-        stderr(&retry).contains("cannot be written here") && stderr(&retry).contains("only read"),
-        "{}",
-        stderr(&retry)
-    );
+    assert_stderr_contains(&retry, "cannot be written here");
+    assert_stderr_contains(&retry, "only read");
 }
 
 #[test]
@@ -388,12 +350,7 @@ fn read_only_commands_refuse_a_missing_empty_or_foreign_file_and_change_nothing(
 
 #[test]
 fn a_database_of_an_older_schema_is_read_as_it_is_and_left_unchanged() {
-    let job = Job::new();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1.db"),
-        job.db(),
-    )
-    .unwrap();
+    let job = Job::with_fixture("v1.db");
     let before = std::fs::read(job.db()).unwrap();
     assert_eq!(job.report_json()["total"], 3);
     assert_eq!(job.export().len(), 3);
@@ -435,11 +392,7 @@ fn an_import_from_a_slow_pipe_holds_up_no_other_command_and_lands_as_it_comes() 
     drop(input);
     let import = import.wait_with_output().unwrap();
     assert_success(&import, "import");
-    assert!(
-        stderr(&import).contains("5 imported, 0 duplicate, 0 rejected"),
-        "{}",
-        stderr(&import)
-    );
+    assert_stderr_contains(&import, "5 imported, 0 duplicate, 0 rejected");
     assert_success(&job.run(&[]), "the last run");
     job.assert_all_files_right(&server, &urls);
 }
@@ -480,8 +433,7 @@ fn stop_while_it_holds_the_lock(job: &Job, child: &Child) {
 #[test]
 fn a_lock_held_by_jobrun_names_the_run_or_process_and_blames_no_other_program() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    job.import(&item_urls(&server, 5_000));
+    let job = Job::with_urls(&item_urls(&server, 5_000));
 
     let run = job.spawn_run(&["--workers", "16"]);
     wait_for(Duration::from_secs(30), "requests", || {
@@ -545,13 +497,8 @@ fn a_lock_held_by_another_program_names_it() {
 #[test]
 fn a_run_taken_for_dead_by_another_stops_with_an_error_and_claims_nothing_more() {
     let server = item_server(Duration::from_millis(100));
-    let job = Job::new();
-    let urls = item_urls(&server, 600);
-    job.import(&urls);
-    let run = job.spawn_run(&["--workers", "4"]);
-    wait_for(Duration::from_secs(30), "requests", || {
-        server.hit_count() >= 8
-    });
+    let (job, _) = Job::with_items(&server, 600);
+    let run = job.spawn_run_until_hits(&["--workers", "4"], &server, 8);
     // What another run does to a run it judges dead: its URLs go back to
     // pending and its row is ended.
     job.sql()
@@ -583,9 +530,7 @@ fn unix_ms() -> i64 {
 #[test]
 fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_once_it_is_stale() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 20);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 20);
     // A run on another machine holds five URLs; its pid means nothing here.
     job.sql()
         .execute_batch(&format!(

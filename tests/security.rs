@@ -17,8 +17,7 @@ fn a_self_signed_certificate_is_refused_unless_insecure() {
     let urls = item_urls(&server, 3);
     assert!(urls[0].starts_with("https://127.0.0.1:"));
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     let output = job.run(&[]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     for row in job.export().values() {
@@ -40,8 +39,7 @@ fn a_self_signed_certificate_is_refused_unless_insecure() {
     );
     assert!(job.files().is_empty());
 
-    let job = Job::new();
-    job.import(&urls);
+    let job = Job::with_urls(&urls);
     assert_success(&job.run(&["--insecure"]), "run --insecure");
     job.assert_all_files_right(&server, &urls);
 }
@@ -141,9 +139,7 @@ fn header_values_stay_secret_whatever_goes_wrong() {
 #[test]
 fn a_recorded_file_name_that_leads_outside_out_is_refused() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 4);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 4);
     let outside = job.dir().join("outside.json");
     let bad_names = [
         "../escaped.json".to_string(),

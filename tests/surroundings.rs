@@ -56,10 +56,8 @@ fn a_full_disk_stops_the_run_clearly_and_a_run_after_freeing_space_finishes() {
 
 #[test]
 fn a_read_only_output_folder_is_refused_and_nothing_is_recorded() {
-    let job = Job::new();
     let server = item_server(Duration::ZERO);
-    let urls = item_urls(&server, 20);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 20);
     // Root writes through permissions, so root gets a read-only mount.
     let mount = Mount::tmpfs(&job.out(), 16 << 20, "read-only output folder");
     let expected = match &mount {
@@ -93,10 +91,8 @@ fn set_mode(path: &Path, mode: u32) {
 
 #[test]
 fn an_out_that_is_a_file_is_refused_and_not_recorded() {
-    let job = Job::new();
     let server = item_server(Duration::ZERO);
-    let urls = item_urls(&server, 5);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 5);
     std::fs::write(job.dir().join("notes.txt"), b"mine").unwrap();
     let output = job.run(&["--out", "notes.txt"]);
     assert_stopped_cleanly(&job, &output, &["notes.txt is a file; give --out a folder"]);
@@ -108,10 +104,8 @@ fn an_out_that_is_a_file_is_refused_and_not_recorded() {
 
 #[test]
 fn an_output_folder_removed_during_the_run_stops_it_and_a_new_run_finishes() {
-    let job = Job::new();
     let server = item_server(Duration::from_millis(20));
-    let urls = item_urls(&server, 200);
-    job.import(&urls);
+    let (job, _) = Job::with_items(&server, 200);
     let child = job.spawn_run(&["--workers", "4"]);
     wait_for(Duration::from_secs(30), "some files", || {
         job.files().len() >= 10
@@ -153,9 +147,7 @@ fn assert_done_files_in(job: &Job, folders: &[PathBuf]) -> usize {
 #[test]
 fn a_database_locked_by_another_process_is_reported_after_the_lock_wait() {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    let urls = item_urls(&server, 10);
-    job.import(&urls);
+    let (job, urls) = Job::with_items(&server, 10);
     let holder = job.sql();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
 
@@ -191,9 +183,8 @@ fn a_database_locked_by_another_process_is_reported_after_the_lock_wait() {
 /// everything and no -wal file is left.
 fn finished_job(rows: u64) -> Job {
     let server = item_server(Duration::ZERO);
-    let job = Job::new();
-    job.import(&item_urls(&server, rows));
-    assert_success(&job.run(&["--workers", "8"]), "run");
+    let job = Job::with_urls(&item_urls(&server, rows));
+    job.run_ok(&["--workers", "8"]);
     job.sql()
         .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
         .unwrap();

@@ -71,6 +71,14 @@ impl Job {
         self.command().args(args).output().expect("run jobrun")
     }
 
+    /// Starts `jobrun run ARGS` and returns once `server` has seen `hits`
+    /// requests (30 s at most).
+    pub fn spawn_run_until_hits(&self, args: &[&str], server: &Server, hits: usize) -> Child {
+        let child = self.spawn_run(args);
+        server.wait_for_hits(hits, &format!("{hits} requests"));
+        child
+    }
+
     /// Starts `jobrun run ARGS` without waiting for it.
     pub fn spawn_run(&self, args: &[&str]) -> Child {
         self.command()
@@ -82,19 +90,85 @@ impl Job {
             .expect("start jobrun run")
     }
 
+    /// A fresh job whose database is a copy of `tests/fixtures/NAME`.
+    pub fn with_fixture(name: &str) -> Job {
+        let job = Job::new();
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        std::fs::copy(&fixture, job.db()).expect("copy the fixture database");
+        job
+    }
+
+    /// A fresh job with `urls` imported.
+    pub fn with_urls(urls: &[String]) -> Job {
+        let job = Job::new();
+        job.import(urls);
+        job
+    }
+
+    /// A fresh job with `count` item URLs on `server` imported, and those URLs.
+    pub fn with_items(server: &Server, count: u64) -> (Job, Vec<String>) {
+        let urls = item_urls(server, count);
+        (Job::with_urls(&urls), urls)
+    }
+
+    /// Writes `bytes` to the file `name` in the job folder.
+    pub fn write(&self, name: &str, bytes: impl AsRef<[u8]>) {
+        std::fs::write(self.dir().join(name), bytes).expect("write a file in the job folder");
+    }
+
     /// Writes `lines` to urls.txt and imports it.
     pub fn import(&self, lines: &[String]) -> Output {
-        let file = self.dir().join("urls.txt");
-        std::fs::write(&file, lines.join("\n") + "\n").expect("write urls.txt");
+        self.write("urls.txt", lines.join("\n") + "\n");
         let output = self.jobrun(&["import", "urls.txt"]);
         assert_success(&output, "import");
         output
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut all = vec!["run"];
-        all.extend_from_slice(args);
-        self.jobrun(&all)
+        self.subcommand("run", args)
+    }
+
+    /// `jobrun run ARGS` with the `JOBRUN_CRASH_AT=AT` test hook, which must
+    /// kill the run there.
+    pub fn run_crashing_at(&self, at: &str, args: &[&str]) -> Output {
+        use std::os::unix::process::ExitStatusExt;
+        let output = self
+            .command()
+            .arg("run")
+            .args(args)
+            .env("JOBRUN_CRASH_AT", at)
+            .output()
+            .expect("run jobrun");
+        assert_eq!(
+            output.status.signal(),
+            Some(libc::SIGKILL),
+            "{at}: the run was not crashed\n{}",
+            stderr(&output)
+        );
+        output
+    }
+
+    /// `jobrun run ARGS`, which must exit 0.
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let output = self.run(args);
+        assert_success(&output, &format!("run {}", args.join(" ")));
+        output
+    }
+
+    /// `jobrun COMMAND ARGS`.
+    pub fn subcommand(&self, command: &str, args: &[&str]) -> Output {
+        self.command()
+            .arg(command)
+            .args(args)
+            .output()
+            .expect("run jobrun")
+    }
+
+    /// `jobrun report`, as text.
+    pub fn report_text(&self) -> String {
+        stdout(&self.jobrun(&["report"]))
     }
 
     pub fn report_json(&self) -> Value {
@@ -329,6 +403,10 @@ pub fn faulty_item_server(
     })
 }
 
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -338,9 +416,30 @@ pub fn assert_success(output: &Output, what: &str) {
         output.status.success(),
         "{what} failed with {:?}\nstdout:\n{}\nstderr:\n{}",
         output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
+        stdout(output),
         stderr(output)
     );
+}
+
+/// Asserts that the server saw no path asked for twice.
+pub fn assert_no_url_fetched_twice(server: &Server) {
+    let twice: Vec<_> = server
+        .hits_per_path()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
+}
+
+/// Asserts that standard error holds `text`.
+pub fn assert_stderr_contains(output: &Output, text: &str) {
+    let stderr = stderr(output);
+    assert!(stderr.contains(text), "{stderr}");
+}
+
+/// A server that answers every request with the request's own body.
+pub fn echo_server() -> Server {
+    Server::start(|request| Reply::ok(request.body.clone()))
 }
 
 /// Waits for `condition`, polling; panics after `limit`.

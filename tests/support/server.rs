@@ -343,6 +343,18 @@ impl Server {
         self.log.lock().unwrap().len()
     }
 
+    /// Waits until the server has seen `count` requests; panics after 30 s.
+    pub fn wait_for_hits(&self, count: usize, what: &str) {
+        let start = Instant::now();
+        while self.hit_count() < count {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Requests so far, per path.
     pub fn hits_per_path(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
