@@ -5,11 +5,14 @@
 mod backoff;
 mod cli;
 mod commands;
+mod counters;
 mod crashpoint;
 mod fetch;
+mod format;
 mod hosts;
 mod log;
 mod metrics;
+mod out_dir;
 mod output;
 mod process;
 mod progress;

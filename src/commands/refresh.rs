@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::cli::RefreshArgs;
-use crate::commands::{Status, thousands};
+use crate::commands::Status;
+use crate::format::thousands;
 use crate::progress::Display;
 use crate::runner;
 use crate::store::{Open, RefreshRound, RunEnd, Store, Work, now_ms};

@@ -24,10 +24,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::counters::{self, Counters};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
-use crate::progress::{self, Counters};
+use crate::progress;
 use crate::store::{Claim, Completion, RunEnd, Store, Work, now_ms};
 
 use dispatch::{DispatchChannels, Dispatcher};
@@ -133,12 +134,12 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         counters: counters.clone(),
         start: match (plan.work, store.refresh_counts()?) {
             // A refresh counts the rows of its round.
-            (Work::Refresh, Some(round)) => progress::Start {
+            (Work::Refresh, Some(round)) => counters::Start {
                 total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
                 done: (round.changed + round.unchanged) as u64,
                 failed: round.failed as u64,
             },
-            _ => progress::Start {
+            _ => counters::Start {
                 total: counts.total as u64,
                 done: counts.done as u64,
                 failed: counts.failed as u64,
@@ -244,7 +245,7 @@ pub(super) fn settle_leftovers(
 /// What the progress display needs.
 struct ProgressView {
     counters: Arc<Counters>,
-    start: progress::Start,
+    start: counters::Start,
     display: progress::Display,
 }
 

@@ -12,9 +12,9 @@ use anyhow::Result;
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
+use crate::counters::Counters;
 use crate::crashpoint::{self, Step};
 use crate::output::{OutputDir, Written, check_output_name};
-use crate::progress::Counters;
 use crate::store::{Completion, RunEnd, Store, Work, now_ms};
 
 use super::dispatch::SharedFilter;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::commands::thousands;
+use crate::counters::Counters;
+use crate::format::thousands;
 use crate::output::OutputDir;
 use crate::process;
-use crate::progress::Counters;
 use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
 
 pub struct Peers {

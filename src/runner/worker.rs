@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::counters::Counters;
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
-use crate::progress::Counters;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
