@@ -20,6 +20,7 @@ use clap::CommandFactory;
 use crate::cli::{Cli, Command};
 use crate::log::LogFormat;
 use crate::progress::Display;
+use crate::runner::StopSignal;
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,18 +35,26 @@ pub enum Status {
     Interrupted,
 }
 
-impl From<Status> for ExitCode {
-    fn from(status: Status) -> ExitCode {
-        ExitCode::from(match status {
+impl Status {
+    /// The exit code: 0, 1, 2 or 130.
+    pub fn code(self) -> u8 {
+        match self {
             Status::Success => 0,
             Status::Partial => 1,
             Status::Fatal => 2,
             Status::Interrupted => 130,
-        })
+        }
     }
 }
 
-pub fn dispatch(cli: Cli) -> Result<Status> {
+impl From<Status> for ExitCode {
+    fn from(status: Status) -> ExitCode {
+        ExitCode::from(status.code())
+    }
+}
+
+/// Runs the command; `stop` is what stops a run (`run`, `refresh`).
+pub fn dispatch(cli: Cli, stop: StopSignal) -> Result<Status> {
     let display = progress_display(&cli);
     crate::store::set_lock_wait(cli.lock_wait);
     match cli.command {
@@ -55,14 +64,14 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
                 Display::Lines(_) => Display::Lines(args.progress_every),
                 other => other,
             };
-            run::run(&cli.db, args, display)
+            run::run(&cli.db, args, display, stop)
         }
         Command::Refresh(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.run.progress_every),
                 other => other,
             };
-            refresh::run(&cli.db, args, display)
+            refresh::run(&cli.db, args, display, stop)
         }
         Command::Report(args) => report::run(&cli.db, args),
         Command::Export(args) => export::run(&cli.db, args),

@@ -15,14 +15,14 @@ use crate::metrics;
 use crate::out_dir;
 use crate::progress::Display;
 use crate::proxy::Proxies;
-use crate::runner::{self, RunPlan};
+use crate::runner::{self, RunPlan, StopSignal};
 use crate::store::{Open, RunEnd, Store, Work};
 use crate::tls::ClientTls;
 
-pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
+pub fn run(db: &Path, args: RunArgs, display: Display, stop: StopSignal) -> Result<Status> {
     let (store, plan) = prepare(db, args, display, Work::Fetch)?;
     let out_dir = plan.out_dir.clone();
-    let totals = runner::execute(store, plan)?;
+    let totals = runner::execute(store, plan, stop)?;
 
     let counts = Store::open(db, Open::MustExist)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
