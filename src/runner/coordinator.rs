@@ -24,10 +24,10 @@ use crate::store::{Claim, Completion, HostFilter, RunEnd, Store, Work, now_ms};
 
 use super::dispatch::SharedFilter;
 use super::durability::{Durability, MAX_BATCH};
+use super::messages::{Event, Job};
 use super::peers::Peers;
 use super::schedule::ClaimSchedule;
 use super::syncer::Syncer;
-use super::{Event, Job, RunTotals};
 
 /// The shortest time between two turns of the loop while events come in.
 /// Waking for every event costs a thread switch per URL; events that come
@@ -109,8 +109,8 @@ impl Coordinator {
     }
 
     /// Runs until no URL is left, or until the workers are gone after a
-    /// stop; records how the run ended.
-    pub fn run(mut self) -> Result<RunTotals> {
+    /// stop; records how the run ended, and returns it.
+    pub fn run(mut self) -> Result<RunEnd> {
         loop {
             let first = match self.events.recv_deadline(self.deadline()) {
                 Ok(event) => event,
@@ -332,7 +332,7 @@ impl Coordinator {
 
     /// Commits what is left, records how the run ended and closes the
     /// output folder.
-    fn finish(mut self) -> Result<RunTotals> {
+    fn finish(mut self) -> Result<RunEnd> {
         // Whatever is still claimed was cut short.
         let now = Instant::now();
         for (id, _) in std::mem::take(&mut self.in_flight) {
@@ -376,16 +376,7 @@ impl Coordinator {
             Ok(out) => out.close(matches!(end, RunEnd::Error(_)))?,
             Err(_) => anyhow::bail!("the output folder is still in use"),
         }
-        // What this run committed, as the progress display counted it.
-        let counters = &self.counters;
-        Ok(RunTotals {
-            done: counters.done.load(Ordering::Relaxed),
-            failed: counters.failed.load(Ordering::Relaxed),
-            retried: counters.retried.load(Ordering::Relaxed),
-            bytes: counters.bytes.load(Ordering::Relaxed),
-            end: Some(end),
-            ..RunTotals::default()
-        })
+        Ok(end)
     }
 }
 

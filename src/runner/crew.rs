@@ -16,7 +16,8 @@ use crate::counters::Counters;
 use crate::fetch::Fetcher;
 
 use super::dispatch::{DispatchChannels, Dispatcher};
-use super::{Event, Job, worker};
+use super::messages::{Event, Job};
+use super::worker;
 
 /// How long in-flight requests may go on after a stop.
 const GRACE: Duration = Duration::from_millis(1500);

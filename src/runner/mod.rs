@@ -2,7 +2,7 @@
 //! and decides everything: what to claim, when to commit, when to stop. The
 //! sync thread makes bodies durable for it. On an async runtime, the crew:
 //! N workers fed by a dispatcher that hands out jobs by host. Jobs go down
-//! to the crew, events come up to the coordinator; that is the only traffic.
+//! to the crew, events come up to the coordinator (`messages.rs`).
 //!
 //! Shutdown: the stop signal (the first Ctrl-C or SIGTERM, which `main`
 //! watches) stops claiming; workers finish what they hold for a short grace
@@ -12,14 +12,15 @@ mod coordinator;
 mod crew;
 mod dispatch;
 mod durability;
+mod messages;
 mod peers;
 mod schedule;
 mod syncer;
 mod worker;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -27,10 +28,10 @@ use tokio::sync::Notify;
 
 use crate::counters::{self, Counters};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::output::{Leftover, OutputDir, TempFile, Written};
+use crate::output::OutputDir;
 use crate::process;
 use crate::progress;
-use crate::store::{Claim, Completion, RunEnd, RunStart, Store, Work, now_ms};
+use crate::store::{RunEnd, RunStart, Store, Work, now_ms};
 
 use coordinator::{Coordinator, Links};
 use crew::Crew;
@@ -38,40 +39,10 @@ use dispatch::Dispatcher;
 use peers::Peers;
 
 pub use crew::StopSignal;
+use messages::{Event, Job};
 
 /// Up to this many workers run on one thread.
 const SINGLE_THREAD_WORKERS: usize = 64;
-
-/// A claimed row on its way to a worker.
-#[derive(Debug)]
-pub struct Job {
-    pub claim: Claim,
-    pub temp: TempFile,
-}
-
-/// Everything that reaches the coordinator.
-pub enum Event {
-    /// A worker finished an attempt, or the dispatcher gave a job back
-    /// unstarted; a done body comes with what it wrote.
-    Finished {
-        completion: Completion,
-        staged: Option<Written>,
-    },
-    /// The sync thread's answer for the batch it was given: the rows whose
-    /// names could not be used, with why, or the error that stops the run.
-    Durable(Result<Vec<(i64, String)>>),
-    /// A worker could not write its file, or the stop signal could not be
-    /// watched: the run stops.
-    Fatal(anyhow::Error),
-    /// The stop signal: stop claiming, finish what is in flight.
-    Stop,
-    /// A host that claims left out can take jobs again: claim now.
-    ClaimNow,
-    /// Nothing came in before the coordinator's next deadline.
-    Tick,
-    /// Every worker has stopped.
-    WorkersGone,
-}
 
 /// What a run is asked to do.
 pub struct RunPlan {
@@ -97,8 +68,6 @@ pub struct RunTotals {
     pub failed: u64,
     pub retried: u64,
     pub bytes: u64,
-    /// Rows taken back from runs found dead at the start.
-    pub reclaimed: usize,
     pub elapsed: Duration,
     pub end: Option<RunEnd>,
 }
@@ -108,7 +77,7 @@ pub struct RunTotals {
 pub fn execute(mut store: Store, plan: RunPlan, stop: StopSignal) -> Result<RunTotals> {
     let started_at = Instant::now();
     let me = process::this_process(plan.command.clone());
-    let (run, reclaimed, out) = start(&mut store, &plan, &me)?;
+    let (run, out) = start(&mut store, &plan, &me)?;
     let per_host_workers = plan.fetch.politeness.per_host_workers;
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
     let counters = Arc::new(Counters::default());
@@ -157,35 +126,64 @@ pub fn execute(mut store: Store, plan: RunPlan, stop: StopSignal) -> Result<RunT
         .spawn(move || coordinator.run())
         .context("cannot start the database thread")?;
 
-    let runtime = runtime(plan.workers)?;
-    if let Some(listener) = plan.metrics {
+    run_crew(crew, stop, plan.display, plan.metrics, progress_start)?;
+    let end = coordinator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
+    Ok(RunTotals {
+        run,
+        elapsed: started_at.elapsed(),
+        end: Some(end),
+        ..RunTotals::counted(&counters)
+    })
+}
+
+impl RunTotals {
+    /// What this run committed, as the progress display counted it.
+    fn counted(counters: &Counters) -> RunTotals {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RunTotals {
+            done: load(&counters.done),
+            failed: load(&counters.failed),
+            retried: load(&counters.retried),
+            bytes: load(&counters.bytes),
+            ..RunTotals::default()
+        }
+    }
+}
+
+/// Runs the crew on an async runtime until its workers are gone, with the
+/// progress display beside it, and the metrics endpoint if asked for.
+fn run_crew(
+    crew: Crew,
+    stop: StopSignal,
+    display: progress::Display,
+    metrics: Option<std::net::TcpListener>,
+    start: counters::Start,
+) -> Result<()> {
+    let runtime = runtime(crew.workers)?;
+    let counters = crew.counters.clone();
+    let hosts = crew.fetcher.hosts();
+    if let Some(listener) = metrics {
         // Dropped with the runtime: the metrics stop with the run.
         runtime.spawn(crate::metrics::serve(
             listener,
             crate::metrics::Source {
                 counters: counters.clone(),
-                start: progress_start,
-                hosts: fetcher.hosts(),
+                start,
+                hosts: hosts.clone(),
             },
         ));
     }
-    let progress = progress::show(counters, progress_start, fetcher.hosts(), plan.display);
+    let progress = progress::show(counters, start, hosts, display);
     runtime.block_on(crew.run(stop, progress));
-    drop(runtime);
-
-    let mut totals = coordinator
-        .join()
-        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
-    totals.run = run;
-    totals.reclaimed = reclaimed;
-    totals.elapsed = started_at.elapsed();
-    Ok(totals)
+    Ok(())
 }
 
 /// Registers the run, taking back dead runs' rows, and opens the output
 /// folder; a folder that cannot be used ends the run at once, recorded.
-/// Returns the run's id, how many rows it took back, and the folder.
-fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, usize, OutputDir)> {
+/// Returns the run's id and the folder.
+fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, OutputDir)> {
     let now = now_ms();
     let started = store.start_run(me, |run| process::liveness(run, me, now))?;
     for (id, state) in &started.dead {
@@ -199,9 +197,9 @@ fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, usize
     }
     let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
     let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| settle_leftovers(store, &out, leftovers).map(|()| out));
+        .and_then(|(out, leftovers)| peers::settle_leftovers(store, &out, leftovers).map(|()| out));
     match opened {
-        Ok(out) => Ok((started.id, started.reclaimed, out)),
+        Ok(out) => Ok((started.id, out)),
         Err(error) => {
             store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
             Err(error)
@@ -246,22 +244,6 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-}
-
-/// Settles what runs that died left in the output folder, with the rows'
-/// states read under the write lock: no run may claim one of those rows
-/// while its file is being looked at.
-pub(super) fn settle_leftovers(
-    store: &mut Store,
-    out: &OutputDir,
-    leftovers: Vec<Leftover>,
-) -> Result<()> {
-    let ids: Vec<i64> = leftovers.iter().flat_map(Leftover::ids).collect();
-    if ids.is_empty() {
-        out.settle(leftovers, &HashMap::new());
-        return Ok(());
-    }
-    store.with_row_states(&ids, |states| out.settle(leftovers, states))
 }
 
 #[cfg(test)]

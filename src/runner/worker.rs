@@ -12,8 +12,8 @@ use crate::output::Written;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
-use super::Event;
 use super::dispatch::Dispatched;
+use super::messages::Event;
 
 pub async fn work(
     fetcher: Arc<Fetcher>,
