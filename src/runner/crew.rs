@@ -45,37 +45,10 @@ impl Crew {
     /// all done; on a wind-down, cuts off those still busy after the grace
     /// period.
     pub async fn run(self, stop: StopSignal, progress: impl Future<Output = ()> + Send + 'static) {
-        let Crew {
-            workers,
-            fetcher,
-            dispatcher,
-            jobs,
-            events,
-            wind_down,
-            counters,
-        } = self;
         let progress = tokio::spawn(progress);
-        let mut set = JoinSet::new();
-        // Hands a job over only when a worker is free to send it at once,
-        // so a host's permit is never held by a job waiting for a worker.
-        let (work_tx, work_rx) = flume::bounded(workers);
-        let idle = Arc::new(Semaphore::new(workers));
-        set.spawn(dispatcher.run(DispatchChannels {
-            jobs,
-            work: work_tx,
-            idle: idle.clone(),
-            events: events.clone(),
-        }));
-        for _ in 0..workers {
-            set.spawn(worker::work(
-                fetcher.clone(),
-                work_rx.clone(),
-                idle.clone(),
-                events.clone(),
-                counters.clone(),
-            ));
-        }
-        drop(work_rx);
+        let events = self.events.clone();
+        let wind_down = self.wind_down.clone();
+        let mut set = self.spawn();
         let mut stop = Some(stop);
         let mut grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut cut_off = false;
@@ -107,5 +80,30 @@ impl Crew {
         progress.abort();
         let _ = progress.await;
         let _ = events.send_async(Event::WorkersGone).await;
+    }
+
+    /// Starts the dispatcher and the workers.
+    fn spawn(self) -> JoinSet<()> {
+        let mut set = JoinSet::new();
+        // Hands a job over only when a worker is free to send it at once,
+        // so a host's permit is never held by a job waiting for a worker.
+        let (work_tx, work_rx) = flume::bounded(self.workers);
+        let idle = Arc::new(Semaphore::new(self.workers));
+        set.spawn(self.dispatcher.run(DispatchChannels {
+            jobs: self.jobs,
+            work: work_tx,
+            idle: idle.clone(),
+            events: self.events.clone(),
+        }));
+        for _ in 0..self.workers {
+            set.spawn(worker::work(
+                self.fetcher.clone(),
+                work_rx.clone(),
+                idle.clone(),
+                self.events.clone(),
+                self.counters.clone(),
+            ));
+        }
+        set
     }
 }
