@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::log::LogFormat;
 use crate::rate::Rate;
 use crate::request::unsendable_header;
 use crate::retryable::RetryStatuses;
@@ -60,14 +61,6 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Lines for people; a live progress bar on a terminal.
-    Text,
-    /// One JSON object per line, progress included, for log collectors.
-    Json,
 }
 
 // Parsed once per process: the size of `run`'s options costs nothing.
@@ -341,7 +334,7 @@ fn parse_count(text: &str, max: u64) -> Result<u64, String> {
     let too_many = || {
         format!(
             "{trimmed} is more than {}, the most this option takes",
-            crate::commands::thousands(max)
+            crate::format::thousands(max)
         )
     };
     match trimmed.parse::<i128>() {
@@ -418,7 +411,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if bytes >= MAX_SIZE as f64 {
         return Err(format!(
             "{text:?} is more than 8 EiB ({} bytes), the largest size jobrun takes",
-            crate::commands::thousands(MAX_SIZE)
+            crate::format::thousands(MAX_SIZE)
         ));
     }
     match bytes as u64 {

@@ -98,7 +98,7 @@ pub enum FetchError {
     InvalidUrl(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("body larger than --max-bytes ({limit} bytes)", limit = crate::commands::thousands(*.0))]
+    #[error("body larger than --max-bytes ({limit} bytes)", limit = crate::format::thousands(*.0))]
     TooLarge(u64),
     #[error(
         "TLS certificate not trusted: {0} (--cacert FILE trusts a private CA; --insecure accepts any certificate)"

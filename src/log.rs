@@ -15,7 +15,14 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::cli::LogFormat;
+/// How messages are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people; a live progress bar on a terminal.
+    Text,
+    /// One JSON object per line, progress included, for log collectors.
+    Json,
+}
 
 /// The progress bar on screen, if any.
 static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);

@@ -19,19 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::fetch::Attempt;
+use crate::counters::{BUCKETS_MS, Counters, OUTCOMES, Start};
 use crate::hosts::{HostView, Hosts};
-use crate::progress::{Counters, Start};
-use crate::store::{Completion, now_ms};
-
-/// The histogram's upper bounds, in milliseconds (the resolution requests
-/// are timed at): 5 ms to 60 s.
-const BUCKETS_MS: [u64; 13] = [
-    5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000,
-];
-
-/// The outcome classes of `jobrun_requests_total`, in [`Requests`] order.
-const OUTCOMES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
+use crate::store::now_ms;
 
 /// At most this many hosts get their own series, so that a job over a
 /// million hosts does not make a million series.
@@ -45,65 +35,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The largest request head read; a scrape needs a few hundred bytes.
 const MAX_REQUEST: usize = 8 * 1024;
-
-/// What the workers count per request: atomics only.
-#[derive(Debug, Default)]
-pub struct Requests {
-    in_flight: AtomicU64,
-    by_outcome: [AtomicU64; OUTCOMES.len()],
-    /// Per bucket, not cumulative; the last one is above the largest bound.
-    buckets: [AtomicU64; BUCKETS_MS.len() + 1],
-    sum_ms: AtomicU64,
-}
-
-/// Counts a request as in flight until dropped (also when its worker is
-/// cut off at a stop).
-pub struct InFlight<'a>(&'a Requests);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Requests {
-    /// A request starts.
-    pub fn start(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
-    }
-
-    /// Counts an attempt that reached an end.
-    pub fn observe(&self, attempt: &Attempt) {
-        match attempt {
-            Attempt::Body(body) => self.finished(Some(body.status), body.millis),
-            Attempt::Unchanged(Completion::Unchanged { status, millis, .. }) => {
-                self.finished(Some(*status), *millis)
-            }
-            Attempt::Failed(
-                Completion::Retry { status, millis, .. }
-                | Completion::Failed { status, millis, .. },
-            ) => self.finished(*status, *millis),
-            Attempt::Unchanged(_) | Attempt::Failed(_) => {}
-        }
-    }
-
-    /// An attempt ended with `status` (None: no HTTP answer) after `millis`.
-    fn finished(&self, status: Option<u16>, millis: u32) {
-        let outcome = match status {
-            Some(200..=299) => 0,
-            Some(300..=399) => 1,
-            Some(400..=499) => 2,
-            Some(500..=599) => 3,
-            _ => 4,
-        };
-        self.by_outcome[outcome].fetch_add(1, Ordering::Relaxed);
-        let millis = u64::from(millis);
-        let bucket = BUCKETS_MS.partition_point(|&bound| bound < millis);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_ms.fetch_add(millis, Ordering::Relaxed);
-    }
-}
 
 /// Everything a scrape shows, read at one moment.
 #[derive(Debug, Default)]
@@ -461,30 +392,6 @@ mod tests {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
             .map(str::to_string)
-    }
-
-    #[test]
-    fn requests_fall_into_their_class_and_bucket() {
-        let requests = Requests::default();
-        {
-            let _a = requests.start();
-            let _b = requests.start();
-            assert_eq!(requests.in_flight.load(Ordering::Relaxed), 2);
-        }
-        assert_eq!(requests.in_flight.load(Ordering::Relaxed), 0);
-        requests.finished(Some(200), 5);
-        requests.finished(Some(404), 6);
-        requests.finished(Some(503), 70_000);
-        requests.finished(None, 0);
-        requests.finished(Some(301), 1_000);
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        assert_eq!(requests.by_outcome.each_ref().map(load), [1, 1, 1, 1, 1]);
-        let buckets = requests.buckets.each_ref().map(load);
-        assert_eq!(buckets[0], 2, "0 and 5 ms are within le=0.005");
-        assert_eq!(buckets[1], 1, "6 ms is within le=0.01");
-        assert_eq!(buckets[7], 1, "1 s is within le=1");
-        assert_eq!(buckets[13], 1, "70 s is above every bound");
-        assert_eq!(load(&requests.sum_ms), 71_011);
     }
 
     #[test]

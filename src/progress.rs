@@ -6,14 +6,15 @@
 //! It is drawn from counters that the database owner bumps as it commits,
 //! never from polling the database.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::commands::{human_bytes, thousands};
+use crate::counters::{Counters, Start};
+use crate::format::{human_bytes, thousands};
 use crate::hosts::Hosts;
 use crate::store::now_ms;
 
@@ -21,72 +22,6 @@ use crate::store::now_ms;
 const WINDOW: Duration = Duration::from_secs(10);
 /// How often the bar is redrawn.
 const BAR_EVERY: Duration = Duration::from_millis(200);
-
-/// Counts committed by this run.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub done: AtomicU64,
-    pub failed: AtomicU64,
-    /// Retries scheduled.
-    pub retried: AtomicU64,
-    pub bytes: AtomicU64,
-    /// When the URLs waiting for a retry are due: those known at the
-    /// start, and the retries recorded since.
-    pub retries: RetrySchedule,
-    /// Which other runs this one waits for, when it has nothing to claim.
-    pub waiting_for: Mutex<Option<String>>,
-    /// Counted by the workers, for `--metrics`.
-    pub requests: crate::metrics::Requests,
-}
-
-/// Retry times, counted per second. A URL waits for its retry until its
-/// time comes, whether or not it has been taken yet; to the second is close
-/// enough for a display, and keeps memory to the span of the retry delays
-/// whatever the number of URLs waiting.
-#[derive(Debug, Default)]
-pub struct RetrySchedule {
-    /// The end of each second (unix ms) -> retries due within it.
-    by_second: Mutex<BTreeMap<i64, u64>>,
-}
-
-impl RetrySchedule {
-    /// Adds `count` retries due at `due` (unix ms); one already due is not
-    /// waiting. Seconds gone by are dropped here too, so that the schedule
-    /// stays small when nothing displays it.
-    pub fn add(&self, due: i64, count: u64) {
-        let now = now_ms();
-        let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
-        drop_past(&mut by_second, now);
-        if due > now {
-            let second_end = due.saturating_add(999).div_euclid(1000) * 1000;
-            *by_second.entry(second_end).or_default() += count;
-        }
-    }
-
-    /// How many retries are not yet due at `now` (unix ms).
-    pub fn waiting(&self, now: i64) -> u64 {
-        let mut by_second = self.by_second.lock().unwrap_or_else(|e| e.into_inner());
-        drop_past(&mut by_second, now);
-        by_second.values().sum()
-    }
-}
-
-/// Drops the seconds that ended by `now`.
-fn drop_past(by_second: &mut BTreeMap<i64, u64>, now: i64) {
-    while let Some(second) = by_second.first_entry()
-        && *second.key() <= now
-    {
-        second.remove();
-    }
-}
-
-/// Where the job stood when the run started.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Start {
-    pub total: u64,
-    pub done: u64,
-    pub failed: u64,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Display {
@@ -277,26 +212,6 @@ impl Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_retry_waits_only_until_its_time() {
-        let retries = RetrySchedule::default();
-        // A whole second an hour from now.
-        let at = (now_ms() / 1000 + 3600) * 1000;
-        retries.add(at + 500, 2);
-        retries.add(at + 900, 1);
-        retries.add(at + 2000, 4);
-        retries.add(now_ms() - 10, 8);
-        assert_eq!(
-            retries.waiting(at - 1000),
-            7,
-            "one already due is not waiting"
-        );
-        assert_eq!(retries.waiting(at + 999), 7, "due within the second");
-        assert_eq!(retries.waiting(at + 1000), 4);
-        assert_eq!(retries.waiting(at + 2000), 0);
-        assert!(retries.by_second.lock().unwrap().is_empty());
-    }
 
     #[test]
     fn the_status_names_counts_rates_and_an_eta() {

@@ -8,12 +8,12 @@ use anyhow::Result;
 
 use crate::cli::{ExportArgs, ExportFormat};
 use crate::commands::Status;
-use crate::commands::run::out_dir_of;
+use crate::out_dir;
 use crate::store::{ExportRow, Open, Store};
 
 pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
     let store = Store::open(db, Open::ReadOnly)?;
-    let out_dir = out_dir_of(&store, db)?;
+    let out_dir = out_dir::recorded_or_default(&store, db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {

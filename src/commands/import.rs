@@ -19,7 +19,8 @@ use reqwest::Url;
 use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
-use crate::commands::{Status, thousands};
+use crate::commands::Status;
+use crate::format::thousands;
 use crate::request::RequestSpec;
 use crate::store::{InsertResult, NewUrl, Open, Store, unix_ms};
 use crate::urlfile::{self, Entry, Format, Line};

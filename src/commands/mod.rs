@@ -17,8 +17,10 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::CommandFactory;
 
-use crate::cli::{Cli, Command, LogFormat};
+use crate::cli::{Cli, Command};
+use crate::log::LogFormat;
 use crate::progress::Display;
+use crate::runner::StopSignal;
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,18 +35,26 @@ pub enum Status {
     Interrupted,
 }
 
-impl From<Status> for ExitCode {
-    fn from(status: Status) -> ExitCode {
-        ExitCode::from(match status {
+impl Status {
+    /// The exit code: 0, 1, 2 or 130.
+    pub fn code(self) -> u8 {
+        match self {
             Status::Success => 0,
             Status::Partial => 1,
             Status::Fatal => 2,
             Status::Interrupted => 130,
-        })
+        }
     }
 }
 
-pub fn dispatch(cli: Cli) -> Result<Status> {
+impl From<Status> for ExitCode {
+    fn from(status: Status) -> ExitCode {
+        ExitCode::from(status.code())
+    }
+}
+
+/// Runs the command; `stop` is what stops a run (`run`, `refresh`).
+pub fn dispatch(cli: Cli, stop: StopSignal) -> Result<Status> {
     let display = progress_display(&cli);
     crate::store::set_lock_wait(cli.lock_wait);
     match cli.command {
@@ -54,14 +64,14 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
                 Display::Lines(_) => Display::Lines(args.progress_every),
                 other => other,
             };
-            run::run(&cli.db, args, display)
+            run::run(&cli.db, args, display, stop)
         }
         Command::Refresh(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.run.progress_every),
                 other => other,
             };
-            refresh::run(&cli.db, args, display)
+            refresh::run(&cli.db, args, display, stop)
         }
         Command::Report(args) => report::run(&cli.db, args),
         Command::Export(args) => export::run(&cli.db, args),
@@ -84,54 +94,5 @@ fn progress_display(cli: &Cli) -> Display {
         Display::Bar
     } else {
         Display::Lines(std::time::Duration::from_secs(5))
-    }
-}
-
-/// `1234567` as `1,234,567`.
-pub fn thousands(n: impl Into<i128>) -> String {
-    let n: i128 = n.into();
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
-    if n < 0 {
-        out.push('-');
-    }
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// A byte count for people: `412.3 MB`.
-pub fn human_bytes(bytes: i64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "kB", "MB", "GB", "TB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1000.0 && unit + 1 < UNITS.len() {
-        value /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_read_well() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1234567), "1,234,567");
-        assert_eq!(thousands(-20000), "-20,000");
-        assert_eq!(human_bytes(512), "512 bytes");
-        assert_eq!(human_bytes(412_300_000), "412.3 MB");
     }
 }

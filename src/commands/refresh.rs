@@ -6,14 +6,15 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::cli::RefreshArgs;
-use crate::commands::{Status, thousands};
+use crate::commands::Status;
+use crate::format::thousands;
 use crate::progress::Display;
-use crate::runner;
+use crate::runner::{self, StopSignal};
 use crate::store::{Open, RefreshRound, RunEnd, Store, Work, now_ms};
 
 use super::run::prepare;
 
-pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
+pub fn run(db: &Path, args: RefreshArgs, display: Display, stop: StopSignal) -> Result<Status> {
     let (mut store, plan) = prepare(db, args.run, display, Work::Refresh)?;
     let cutoff = args
         .older_than
@@ -38,7 +39,7 @@ pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
             );
         }
     }
-    let totals = runner::execute(store, plan)?;
+    let totals = runner::execute(store, plan, stop)?;
 
     let round = Store::open(db, Open::MustExist)?
         .refresh_counts()?

@@ -11,8 +11,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::cli::ReportArgs;
-use crate::commands::run::OUT_DIR_KEY;
-use crate::commands::{Status, human_bytes, thousands};
+use crate::commands::Status;
+use crate::format::{human_bytes, thousands};
+use crate::out_dir::OUT_DIR_KEY;
 use crate::process;
 use crate::redact::redact_url;
 use crate::store::{Liveness, Open, RefreshCounts, RunInfo, Store, Summary, now_ms};

@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::cli::RetryArgs;
-use crate::commands::{Status, thousands};
+use crate::commands::Status;
+use crate::format::thousands;
 use crate::store::{Open, Store};
 
 pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {

@@ -10,8 +10,9 @@ use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
-use crate::commands::run::out_dir_of;
-use crate::commands::{Status, thousands};
+use crate::commands::Status;
+use crate::format::thousands;
+use crate::out_dir;
 use crate::redact::redact_url;
 use crate::store::{Open, Store};
 
@@ -24,7 +25,7 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
             Open::ReadOnly
         },
     )?;
-    let out_dir = out_dir_of(&store, db)?;
+    let out_dir = out_dir::recorded_or_default(&store, db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();
     store.done_files(|file| {

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use crate::hosts::{HostPermit, Hosts, Wait};
 use crate::store::{Completion, HostFilter};
 
-use super::{Event, Job};
+use super::messages::{Event, Job};
 
 /// How often the claim filter is brought up to date.
 const REFRESH: Duration = Duration::from_millis(100);

@@ -1,71 +1,48 @@
-//! A run: the database owner on its own thread, the sync thread that makes
-//! bodies durable, N workers on a tokio runtime fed by a dispatcher that
-//! hands out jobs by host, and a supervisor that watches for Ctrl-C and for
-//! the workers to finish.
+//! A run. The coordinator, on the database thread, owns the run's state
+//! and decides everything: what to claim, when to commit, when to stop. The
+//! sync thread makes bodies durable for it. On an async runtime, the crew:
+//! N workers fed by a dispatcher that hands out jobs by host. Jobs go down
+//! to the crew, events come up to the coordinator (`messages.rs`).
 //!
-//! Shutdown: the first Ctrl-C (or SIGTERM) stops claiming; workers finish
-//! what they hold for a short grace period and are then cut off; every row
-//! not done goes back to pending. A second Ctrl-C exits at once, which is
-//! safe too: the next run takes this one's rows back.
+//! Shutdown: the stop signal (the first Ctrl-C or SIGTERM, which `main`
+//! watches) stops claiming; workers finish what they hold for a short grace
+//! period and are then cut off; every row not done goes back to pending.
 
+mod coordinator;
+mod crew;
 mod dispatch;
-mod owner;
+mod durability;
+mod messages;
 mod peers;
+mod schedule;
 mod syncer;
 mod worker;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Notify;
 
+use crate::counters::{self, Counters};
 use crate::fetch::{FetchOptions, Fetcher};
-use crate::output::{Leftover, OutputDir, TempFile, Written};
+use crate::output::OutputDir;
 use crate::process;
-use crate::progress::{self, Counters};
-use crate::store::{Claim, Completion, RunEnd, Store, Work, now_ms};
+use crate::progress;
+use crate::store::{RunEnd, RunStart, Store, Work, now_ms};
 
-use dispatch::{DispatchChannels, Dispatcher};
-use owner::{Owner, OwnerChannels};
+use coordinator::{Coordinator, Links};
+use crew::Crew;
+use dispatch::Dispatcher;
 use peers::Peers;
+
+pub use crew::StopSignal;
+use messages::{Event, Job};
 
 /// Up to this many workers run on one thread.
 const SINGLE_THREAD_WORKERS: usize = 64;
-
-/// How long in-flight requests may go on after a stop.
-const GRACE: Duration = Duration::from_millis(1500);
-
-/// A claimed row on its way to a worker.
-#[derive(Debug)]
-pub struct Job {
-    pub claim: Claim,
-    pub temp: TempFile,
-}
-
-/// What reaches the database owner.
-pub enum Event {
-    /// A worker finished an attempt; a done body comes with what it wrote.
-    Finished {
-        completion: Completion,
-        staged: Option<Written>,
-    },
-    /// The sync thread's answer for the batch it was given: the rows whose
-    /// names could not be used, with why, or the error that stops the run.
-    Durable(Result<Vec<(i64, String)>>),
-    /// A worker could not write its file: the run stops.
-    Fatal(anyhow::Error),
-    /// Ctrl-C: stop claiming.
-    Shutdown,
-    /// A host that claims left out can take jobs again: claim now.
-    ClaimNow,
-    /// Every worker has stopped.
-    WorkersGone,
-}
 
 /// What a run is asked to do.
 pub struct RunPlan {
@@ -90,19 +67,125 @@ pub struct RunTotals {
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
-    pub interrupted: u64,
     pub bytes: u64,
-    /// Rows taken back from runs found dead at the start.
-    pub reclaimed: usize,
     pub elapsed: Duration,
     pub end: Option<RunEnd>,
 }
 
-pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
+/// Runs `plan` until no URL is left, or until `stop` completes and the
+/// work in flight is settled.
+pub fn execute(mut store: Store, plan: RunPlan, stop: StopSignal) -> Result<RunTotals> {
     let started_at = Instant::now();
     let me = process::this_process(plan.command.clone());
+    let (run, out) = start(&mut store, &plan, &me)?;
+    let per_host_workers = plan.fetch.politeness.per_host_workers;
+    let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
+    let counters = Arc::new(Counters::default());
+    let progress_start = progress_start(&store, plan.work, &counters)?;
+
+    // Enough claimed rows that the workers never wait for the next claim
+    // (at 10,000 URLs/s, 256 last 25 ms), few enough that a stop hands back
+    // little.
+    let capacity = (plan.workers * 2).max(256);
+    let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
+    let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
+    let wind_down = Arc::new(Notify::new());
+    let host_filter = Arc::default();
+    let crew = Crew {
+        workers: plan.workers,
+        fetcher: fetcher.clone(),
+        dispatcher: Dispatcher::new(
+            fetcher.hosts(),
+            capacity,
+            per_host_workers,
+            Arc::clone(&host_filter),
+        ),
+        jobs: jobs_rx.clone(),
+        events: events_tx.clone(),
+        wind_down: wind_down.clone(),
+        counters: counters.clone(),
+    };
+    let coordinator = Coordinator::new(
+        store,
+        out,
+        run,
+        plan.work,
+        Links {
+            jobs: jobs_tx,
+            queued: jobs_rx,
+            events: events_rx,
+            events_tx,
+            wind_down,
+            host_filter,
+            counters: counters.clone(),
+            peers: Peers::new(me, run, counters.clone()),
+        },
+    )?;
+    let coordinator = std::thread::Builder::new()
+        .name("jobrun-db".into())
+        .spawn(move || coordinator.run())
+        .context("cannot start the database thread")?;
+
+    run_crew(crew, stop, plan.display, plan.metrics, progress_start)?;
+    let end = coordinator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
+    Ok(RunTotals {
+        run,
+        elapsed: started_at.elapsed(),
+        end: Some(end),
+        ..RunTotals::counted(&counters)
+    })
+}
+
+impl RunTotals {
+    /// What this run committed, as the progress display counted it.
+    fn counted(counters: &Counters) -> RunTotals {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RunTotals {
+            done: load(&counters.done),
+            failed: load(&counters.failed),
+            retried: load(&counters.retried),
+            bytes: load(&counters.bytes),
+            ..RunTotals::default()
+        }
+    }
+}
+
+/// Runs the crew on an async runtime until its workers are gone, with the
+/// progress display beside it, and the metrics endpoint if asked for.
+fn run_crew(
+    crew: Crew,
+    stop: StopSignal,
+    display: progress::Display,
+    metrics: Option<std::net::TcpListener>,
+    start: counters::Start,
+) -> Result<()> {
+    let runtime = runtime(crew.workers)?;
+    let counters = crew.counters.clone();
+    let hosts = crew.fetcher.hosts();
+    if let Some(listener) = metrics {
+        // Dropped with the runtime: the metrics stop with the run.
+        runtime.spawn(crate::metrics::serve(
+            listener,
+            crate::metrics::Source {
+                counters: counters.clone(),
+                start,
+                hosts: hosts.clone(),
+            },
+        ));
+    }
+    let progress = progress::show(counters, start, hosts, display);
+    runtime.block_on(crew.run(stop, progress));
+    Ok(())
+}
+
+/// Registers the run, taking back dead runs' rows, and opens the output
+/// folder; a folder that cannot be used ends the run at once, recorded.
+/// Returns the run's id and the folder.
+fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, OutputDir)> {
     let now = now_ms();
-    let started = store.start_run(&me, |run| process::liveness(run, &me, now))?;
+    let started = store.start_run(me, |run| process::liveness(run, me, now))?;
     for (id, state) in &started.dead {
         peers::log_dead_run(*id, *state);
     }
@@ -114,214 +197,153 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     }
     let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
     let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| settle_leftovers(&mut store, &out, leftovers).map(|()| out));
-    let out = match opened {
-        Ok(out) => out,
+        .and_then(|(out, leftovers)| peers::settle_leftovers(store, &out, leftovers).map(|()| out));
+    match opened {
+        Ok(out) => Ok((started.id, out)),
         Err(error) => {
             store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
-            return Err(error);
+            Err(error)
         }
-    };
-    let per_host_workers = plan.fetch.politeness.per_host_workers;
-    let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
-    let counts = store.state_counts()?;
-    let counters = Arc::new(Counters::default());
+    }
+}
+
+/// Where the job stands as the run starts, for the progress display; the
+/// retries already scheduled go into `counters`.
+fn progress_start(store: &Store, work: Work, counters: &Counters) -> Result<counters::Start> {
     for (due, count) in store.retry_schedule(now_ms())? {
         counters.retries.add(due, count);
     }
-    let view = ProgressView {
-        counters: counters.clone(),
-        start: match (plan.work, store.refresh_counts()?) {
-            // A refresh counts the rows of its round.
-            (Work::Refresh, Some(round)) => progress::Start {
-                total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
-                done: (round.changed + round.unchanged) as u64,
-                failed: round.failed as u64,
-            },
-            _ => progress::Start {
+    Ok(match (work, store.refresh_counts()?) {
+        // A refresh counts the rows of its round.
+        (Work::Refresh, Some(round)) => counters::Start {
+            total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
+            done: (round.changed + round.unchanged) as u64,
+            failed: round.failed as u64,
+        },
+        _ => {
+            let counts = store.state_counts()?;
+            counters::Start {
                 total: counts.total as u64,
                 done: counts.done as u64,
                 failed: counts.failed as u64,
-            },
-        },
-        display: plan.display,
-    };
+            }
+        }
+    })
+}
 
-    // Enough claimed rows that the workers never wait for the next claim
-    // (at 10,000 URLs/s, 256 last 25 ms), few enough that a stop hands back
-    // little.
-    let capacity = (plan.workers * 2).max(256);
-    let (jobs_tx, jobs_rx) = flume::bounded::<Job>(capacity);
-    let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
-    let stopping = Arc::new(Notify::new());
-    let host_filter = Arc::default();
-    let dispatcher = Dispatcher::new(
-        fetcher.hosts(),
-        capacity,
-        per_host_workers,
-        Arc::clone(&host_filter),
-    );
-    let owner = Owner::new(
-        store,
-        out,
-        started.id,
-        plan.work,
-        OwnerChannels {
-            jobs: jobs_tx,
-            queued: jobs_rx.clone(),
-            events: events_rx,
-            events_tx: events_tx.clone(),
-            stopping_signal: stopping.clone(),
-            host_filter,
-        },
-        counters.clone(),
-        Peers::new(me, started.id, counters),
-    )?;
-    let owner = std::thread::Builder::new()
-        .name("jobrun-db".into())
-        .spawn(move || owner.run())
-        .context("cannot start the database thread")?;
-
-    // One thread costs less CPU per URL (no work stealing, no wake-ups
-    // across cores) and is enough for a few dozen workers; a thousand need a
-    // thread per core.
-    let mut runtime = if plan.workers <= SINGLE_THREAD_WORKERS {
+/// One thread costs less CPU per URL (no work stealing, no wake-ups across
+/// cores) and is enough for a few dozen workers; a thousand need a thread
+/// per core.
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    let mut runtime = if workers <= SINGLE_THREAD_WORKERS {
         tokio::runtime::Builder::new_current_thread()
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
-    let runtime = runtime
+    runtime
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    if let Some(listener) = plan.metrics {
-        // Dropped with the runtime: the metrics stop with the run.
-        runtime.spawn(crate::metrics::serve(
-            listener,
-            crate::metrics::Source {
-                counters: view.counters.clone(),
-                start: view.start,
-                hosts: fetcher.hosts(),
+        .context("cannot start the async runtime")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use reqwest::header::HeaderMap;
+
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::hosts::Politeness;
+    use crate::store::{NewUrl, Open};
+
+    fn plan(dir: &std::path::Path, db: PathBuf) -> RunPlan {
+        RunPlan {
+            out_dir: dir.join("out"),
+            db,
+            workers: 2,
+            work: Work::Fetch,
+            fetch: FetchOptions {
+                headers: HeaderMap::new(),
+                timeout: Duration::from_secs(60),
+                workers: 2,
+                limiter: None,
+                backoff: Backoff {
+                    base: Duration::from_secs(1),
+                    max: Duration::from_secs(60),
+                },
+                max_attempts: 5,
+                politeness: Politeness::default(),
+                user_agent: None,
+                max_bytes: 1 << 20,
+                insecure: false,
+                connect_timeout: None,
+                max_redirects: 10,
+                retry_on: Default::default(),
+                tls: Default::default(),
+                proxies: Default::default(),
             },
-        ));
-    }
-    runtime.block_on(supervise(
-        plan.workers,
-        fetcher,
-        dispatcher,
-        jobs_rx,
-        events_tx,
-        stopping,
-        view,
-    ))?;
-    drop(runtime);
-
-    let mut totals = owner
-        .join()
-        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
-    totals.run = started.id;
-    totals.reclaimed = started.reclaimed;
-    totals.elapsed = started_at.elapsed();
-    Ok(totals)
-}
-
-/// Settles what runs that died left in the output folder, with the rows'
-/// states read under the write lock: no run may claim one of those rows
-/// while its file is being looked at.
-pub(super) fn settle_leftovers(
-    store: &mut Store,
-    out: &OutputDir,
-    leftovers: Vec<Leftover>,
-) -> Result<()> {
-    let ids: Vec<i64> = leftovers.iter().flat_map(Leftover::ids).collect();
-    if ids.is_empty() {
-        out.settle(leftovers, &HashMap::new());
-        return Ok(());
-    }
-    store.with_row_states(&ids, |states| out.settle(leftovers, states))
-}
-
-/// What the progress display needs.
-struct ProgressView {
-    counters: Arc<Counters>,
-    start: progress::Start,
-    display: progress::Display,
-}
-
-/// Runs the workers until they are done, handling Ctrl-C and SIGTERM.
-async fn supervise(
-    workers: usize,
-    fetcher: Arc<Fetcher>,
-    dispatcher: Dispatcher,
-    jobs: flume::Receiver<Job>,
-    events: flume::Sender<Event>,
-    stopping: Arc<Notify>,
-    view: ProgressView,
-) -> Result<()> {
-    let progress = tokio::spawn(progress::show(
-        view.counters.clone(),
-        view.start,
-        fetcher.hosts(),
-        view.display,
-    ));
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-    let mut set = JoinSet::new();
-    // Hands a job over only when a worker is free to send it at once, so a
-    // host's permit is never held by a job waiting for a worker.
-    let (work_tx, work_rx) = flume::bounded(workers);
-    let idle = Arc::new(Semaphore::new(workers));
-    set.spawn(dispatcher.run(DispatchChannels {
-        jobs,
-        work: work_tx,
-        idle: idle.clone(),
-        events: events.clone(),
-    }));
-    for _ in 0..workers {
-        set.spawn(worker::work(
-            fetcher.clone(),
-            work_rx.clone(),
-            idle.clone(),
-            events.clone(),
-            view.counters.clone(),
-        ));
-    }
-    drop(work_rx);
-    let mut interrupted = false;
-    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => {
-                if interrupted {
-                    tracing::warn!("stopped at once; the next run takes the unfinished URLs back");
-                    std::process::exit(130);
-                }
-                interrupted = true;
-                tracing::warn!("stopping: finishing requests in flight (Ctrl-C again to stop at once)");
-                let _ = events.send_async(Event::Shutdown).await;
-                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
-            }
-            _ = terminate.recv() => {
-                interrupted = true;
-                let _ = events.send_async(Event::Shutdown).await;
-                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
-            }
-            _ = stopping.notified() => {
-                grace.get_or_insert_with(|| Box::pin(tokio::time::sleep(GRACE)));
-            }
-            _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
-                set.abort_all();
-                grace = None;
-            }
-            joined = set.join_next() => {
-                if joined.is_none() {
-                    break;
-                }
-            }
+            command: "jobrun run".into(),
+            display: progress::Display::Off,
+            metrics: None,
         }
     }
-    progress.abort();
-    let _ = progress.await;
-    let _ = events.send_async(Event::WorkersGone).await;
-    Ok(())
+
+    /// A run is stopped by the future it is given, without any signal: the
+    /// requests in flight (to a server that never answers) are cut off and
+    /// every URL goes back to pending.
+    #[test]
+    fn a_run_stops_when_its_stop_future_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("jobrun.db");
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = server.local_addr().unwrap();
+        let mut store = Store::open(&db, Open::CreateIfMissing).unwrap();
+        let urls: Vec<String> = (0..4).map(|i| format!("http://{at}/{i}.json")).collect();
+        let paths: Vec<String> = (0..4).map(|i| format!("{i}.json")).collect();
+        let import = store.import_batch().unwrap();
+        for (url, path) in urls.iter().zip(&paths) {
+            let new = NewUrl {
+                url,
+                request: None,
+                request_hash: "",
+                host: &at.to_string(),
+                path,
+            };
+            import.insert(&new, true).unwrap();
+        }
+        import.commit().unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+
+        // The stop comes once the server holds a request; its connections
+        // stay open and unanswered until the test ends.
+        let (requested, stop) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let mut requested = Some(requested);
+            for connection in server.incoming() {
+                held.push(connection);
+                if let Some(requested) = requested.take() {
+                    let _ = requested.send(());
+                }
+            }
+        });
+        let stop: StopSignal = Box::pin(async {
+            stop.await
+                .map_err(|_| anyhow::anyhow!("the server thread ended"))
+        });
+        let totals = execute(store, plan(dir.path(), db.clone()), stop).unwrap();
+
+        assert!(
+            matches!(totals.end, Some(RunEnd::Interrupted)),
+            "{:?}",
+            totals.end
+        );
+        assert_eq!(totals.done, 0);
+        let counts = Store::open(&db, Open::MustExist)
+            .unwrap()
+            .state_counts()
+            .unwrap();
+        assert_eq!((counts.pending, counts.running, counts.done), (4, 0, 0));
+    }
 }

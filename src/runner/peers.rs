@@ -4,14 +4,15 @@
 //! So it waits, says for whom, and looks again every second, taking back
 //! the URLs of any run found dead meanwhile.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Result;
 
-use crate::commands::thousands;
-use crate::output::OutputDir;
+use crate::counters::Counters;
+use crate::format::thousands;
+use crate::output::{Leftover, OutputDir};
 use crate::process;
-use crate::progress::Counters;
 use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
 
 pub struct Peers {
@@ -46,7 +47,7 @@ impl Peers {
             log_dead_run(*id, *state);
             leftovers.extend(out.leftover_of(*id));
         }
-        super::settle_leftovers(store, out, leftovers)?;
+        settle_leftovers(store, out, leftovers)?;
         if reclaimed.rows > 0 {
             tracing::info!(
                 "took back {} URLs from runs that were cut short",
@@ -99,4 +100,20 @@ pub fn log_dead_run(id: i64, state: Liveness) {
         _ => "its process is gone",
     };
     tracing::info!("run #{id} was cut short ({how})");
+}
+
+/// Settles what runs that died left in the output folder, with the rows'
+/// states read under the write lock: no run may claim one of those rows
+/// while its file is being looked at.
+pub(super) fn settle_leftovers(
+    store: &mut Store,
+    out: &OutputDir,
+    leftovers: Vec<Leftover>,
+) -> Result<()> {
+    let ids: Vec<i64> = leftovers.iter().flat_map(Leftover::ids).collect();
+    if ids.is_empty() {
+        out.settle(leftovers, &HashMap::new());
+        return Ok(());
+    }
+    store.with_row_states(&ids, |states| out.settle(leftovers, states))
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 
 use crate::output::{OutputDir, Written};
 
-use super::Event;
+use super::messages::Event;
 
 pub struct Syncer {
     batches: flume::Sender<Vec<Written>>,

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::counters::Counters;
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
-use crate::progress::Counters;
 use crate::redact::redact_url;
 use crate::store::{Completion, now_ms};
 
-use super::Event;
 use super::dispatch::Dispatched;
+use super::messages::Event;
 
 pub async fn work(
     fetcher: Arc<Fetcher>,
