@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
-use crate::commands::{Status, human_bytes, thousands};
+use crate::commands::{Database, Status, human_bytes, thousands};
+use crate::domain::{RunEnd, Work};
 use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
 use crate::metrics;
@@ -15,18 +16,18 @@ use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan};
-use crate::store::{Open, RunEnd, Store, Work};
+use crate::store::{Open, Store};
 use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
 
-pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
+pub fn run(db: &Database, args: RunArgs, display: Display) -> Result<Status> {
     let (store, plan) = prepare(db, args, display, Work::Fetch)?;
     let out_dir = plan.out_dir.clone();
     let totals = runner::execute(store, plan)?;
 
-    let counts = Store::open(db, Open::MustExist)?.state_counts()?;
+    let counts = db.open(Open::MustExist)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
     tracing::info!(
@@ -68,7 +69,12 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
 
 /// Checks `run`'s options and opens the database and the output folder for
 /// a run that does `work`; `refresh` takes the same options.
-pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Store, RunPlan)> {
+pub fn prepare(
+    db: &Database,
+    args: RunArgs,
+    display: Display,
+    work: Work,
+) -> Result<(Box<dyn Store>, RunPlan)> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
@@ -86,11 +92,11 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
         }
         None => None,
     };
-    let mut store = Store::open(db, Open::MustExist)?;
-    let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
+    let mut store = db.open(Open::MustExist)?;
+    let out_dir = settle_out_dir(&mut *store, db, args.out.as_deref())?;
     let plan = RunPlan {
         out_dir: out_dir.clone(),
-        db: db.to_path_buf(),
+        db: db.path.clone(),
         workers: args.workers,
         work,
         fetch: FetchOptions {
@@ -118,7 +124,7 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
             tls,
             proxies,
         },
-        command: resume_command(db, std::env::args().skip(1)),
+        command: resume_command(&db.path, std::env::args().skip(1)),
         display,
         metrics,
     };
@@ -128,7 +134,11 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
 /// The output folder: the one recorded in the database, else `--out`, else
 /// `out` beside the database; recorded on first use, once: of two first
 /// runs racing with different folders, the second is refused.
-fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
+fn settle_out_dir(
+    store: &mut dyn Store,
+    db: &Database,
+    requested: Option<&Path>,
+) -> Result<PathBuf> {
     let requested = requested.map(absolute).transpose()?;
     let recorded = match store.setting(OUT_DIR_KEY)? {
         Some(recorded) => PathBuf::from(recorded),
@@ -142,8 +152,8 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
             })?;
             // A folder that cannot be one (a file, say) must not be
             // recorded: the user could then never choose another.
-            let holds =
-                store.setting_or_insert(OUT_DIR_KEY, text, || output::ensure_folder(&chosen))?;
+            let holds = store
+                .setting_or_insert(OUT_DIR_KEY, text, &mut || output::ensure_folder(&chosen))?;
             let holds = PathBuf::from(holds);
             if same_place(&holds, &chosen) {
                 return Ok(holds);
@@ -157,7 +167,7 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
         bail!(
             "{} writes its files to {} (recorded on its first run), not {}. \
              Run without --out, or use another database for another folder",
-            db.display(),
+            db.path.display(),
             recorded.display(),
             requested.display()
         );
@@ -166,15 +176,19 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
 }
 
 /// The output folder as recorded, or where the first run will put it.
-pub fn out_dir_of(store: &Store, db: &Path) -> Result<PathBuf> {
+pub fn out_dir_of(store: &dyn Store, db: &Database) -> Result<PathBuf> {
     match store.setting(OUT_DIR_KEY)? {
         Some(dir) => Ok(PathBuf::from(dir)),
         None => default_out_dir(db),
     }
 }
 
-fn default_out_dir(db: &Path) -> Result<PathBuf> {
-    absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))
+fn default_out_dir(db: &Database) -> Result<PathBuf> {
+    let beside = match db.location.sqlite_path() {
+        Some(file) => file.parent().unwrap_or(Path::new(".")),
+        None => Path::new("."),
+    };
+    absolute(&beside.join("out"))
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {

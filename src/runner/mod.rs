@@ -24,11 +24,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::clock::now_ms;
+use crate::domain::{Claim, Completion, RunEnd, RunId, Work};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
 use crate::progress::{self, Counters};
-use crate::store::{Claim, Completion, RunEnd, Store, Work, now_ms};
+use crate::store::Store;
 
 use dispatch::{DispatchChannels, Dispatcher};
 use owner::{Owner, OwnerChannels};
@@ -86,23 +88,23 @@ pub struct RunPlan {
 /// What one run committed.
 #[derive(Debug, Default)]
 pub struct RunTotals {
-    pub run: i64,
+    pub run: RunId,
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
     pub interrupted: u64,
     pub bytes: u64,
     /// Rows taken back from runs found dead at the start.
-    pub reclaimed: usize,
+    pub reclaimed: u64,
     pub elapsed: Duration,
     pub end: Option<RunEnd>,
 }
 
-pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
+pub fn execute(mut store: Box<dyn Store>, plan: RunPlan) -> Result<RunTotals> {
     let started_at = Instant::now();
     let me = process::this_process(plan.command.clone());
     let now = now_ms();
-    let started = store.start_run(&me, |run| process::liveness(run, &me, now))?;
+    let started = store.start_run(&me, &|run| process::liveness(run, &me, now))?;
     for (id, state) in &started.dead {
         peers::log_dead_run(*id, *state);
     }
@@ -112,9 +114,9 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             started.reclaimed
         );
     }
-    let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
-    let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| settle_leftovers(&mut store, &out, leftovers).map(|()| out));
+    let live: Vec<i64> = started.live.iter().map(|run| run.id.0).collect();
+    let opened = OutputDir::open(&plan.out_dir, started.id.0, &live, &plan.db)
+        .and_then(|(out, leftovers)| settle_leftovers(&mut *store, &out, leftovers).map(|()| out));
     let out = match opened {
         Ok(out) => out,
         Err(error) => {
@@ -134,14 +136,14 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
         start: match (plan.work, store.refresh_counts()?) {
             // A refresh counts the rows of its round.
             (Work::Refresh, Some(round)) => progress::Start {
-                total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
-                done: (round.changed + round.unchanged) as u64,
-                failed: round.failed as u64,
+                total: round.changed + round.unchanged + round.failed + round.pending,
+                done: round.changed + round.unchanged,
+                failed: round.failed,
             },
             _ => progress::Start {
-                total: counts.total as u64,
-                done: counts.done as u64,
-                failed: counts.failed as u64,
+                total: counts.total,
+                done: counts.done,
+                failed: counts.failed,
             },
         },
         display: plan.display,
@@ -229,7 +231,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
 /// states read under the write lock: no run may claim one of those rows
 /// while its file is being looked at.
 pub(super) fn settle_leftovers(
-    store: &mut Store,
+    store: &mut dyn Store,
     out: &OutputDir,
     leftovers: Vec<Leftover>,
 ) -> Result<()> {
@@ -238,7 +240,11 @@ pub(super) fn settle_leftovers(
         out.settle(leftovers, &HashMap::new());
         return Ok(());
     }
-    store.with_row_states(&ids, |states| out.settle(leftovers, states))
+    let mut leftovers = Some(leftovers);
+    store.with_row_states(&ids, &mut |states| {
+        out.settle(leftovers.take().unwrap_or_default(), states);
+        Ok(())
+    })
 }
 
 /// What the progress display needs.

@@ -12,10 +12,12 @@ use anyhow::Result;
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::crashpoint::{self, Step};
+use crate::domain::{Claim, Completion, HostFilter, Lease, RunEnd, RunId, Work};
 use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
-use crate::store::{Completion, RunEnd, Store, Work, now_ms};
+use crate::store::Store;
 
 use super::dispatch::SharedFilter;
 use super::peers::Peers;
@@ -39,10 +41,10 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 const FILTERED_RECHECK: Duration = Duration::from_millis(100);
 
 pub struct Owner {
-    store: Store,
+    store: Box<dyn Store>,
     out: Arc<OutputDir>,
     syncer: Syncer,
-    run: i64,
+    run: RunId,
     /// Rows to fetch, or done rows to refresh.
     work: Work,
     jobs: Option<flume::Sender<Job>>,
@@ -54,9 +56,9 @@ pub struct Owner {
     stopping_signal: Arc<Notify>,
     /// Which hosts claims leave out, kept by the dispatcher.
     host_filter: SharedFilter,
-    /// Claimed rows not yet completed, with the file last recorded as
-    /// theirs, if any.
-    in_flight: HashMap<i64, Option<Written>>,
+    /// Claimed rows not yet completed, with their lease and the file last
+    /// recorded as theirs, if any.
+    in_flight: HashMap<i64, (Lease, Option<Written>)>,
     /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
     batch_since: Option<Instant>,
@@ -96,9 +98,9 @@ enum Tick {
 
 impl Owner {
     pub fn new(
-        store: Store,
+        store: Box<dyn Store>,
         out: OutputDir,
-        run: i64,
+        run: RunId,
         work: Work,
         channels: OwnerChannels,
         counters: Arc<Counters>,
@@ -190,7 +192,10 @@ impl Owner {
     }
 
     fn collect(&mut self, completion: Completion, staged: Option<Written>) {
-        let recorded = self.in_flight.remove(&completion.id()).flatten();
+        let recorded = self
+            .in_flight
+            .remove(&completion.id())
+            .and_then(|(_, recorded)| recorded);
         match &completion {
             Completion::Retry {
                 next_attempt_at, ..
@@ -227,13 +232,18 @@ impl Owner {
                 let mut refused: HashMap<i64, String> = refused.into_iter().collect();
                 for completion in &mut completions {
                     if let Completion::Done {
-                        id, status, millis, ..
+                        id,
+                        lease,
+                        status,
+                        millis,
+                        ..
                     } = *completion
                         && let Some(error) = refused.remove(&id)
                     {
                         tracing::debug!("failed: {error}");
                         *completion = Completion::Failed {
                             id,
+                            lease,
                             status: Some(status),
                             error,
                             millis,
@@ -244,8 +254,8 @@ impl Owner {
             Err(error) => {
                 // They go back to pending instead.
                 for completion in &mut completions {
-                    if let Completion::Done { id, .. } = *completion {
-                        *completion = Completion::Interrupted { id };
+                    if let Completion::Done { id, lease, .. } = *completion {
+                        *completion = Completion::Interrupted { id, lease };
                     }
                 }
                 self.stop(RunEnd::Error(format!("{error:#}")));
@@ -329,6 +339,7 @@ impl Owner {
                 if let Err(error) = check_output_name(&claim.path) {
                     refused.push(Completion::Failed {
                         id: claim.id,
+                        lease: claim.lease,
                         status: None,
                         error,
                         millis: 0,
@@ -344,7 +355,7 @@ impl Owner {
                     bytes,
                     sha256,
                 });
-                self.in_flight.insert(claim.id, recorded);
+                self.in_flight.insert(claim.id, (claim.lease, recorded));
                 let temp = self.out.temp_file(claim.id);
                 // Room was counted above and only this thread sends.
                 if jobs.try_send(Job { claim, temp }).is_err() {
@@ -359,7 +370,7 @@ impl Owner {
             let mut next_due = self.store.next_due(self.work)?;
             if next_due.is_none() && self.in_flight.is_empty() && self.batch.is_empty() {
                 // Every URL is done only when no other live run holds any.
-                if !self.peers.still_working(&mut self.store, &self.out)? {
+                if !self.peers.still_working(&mut *self.store, &self.out)? {
                     return Ok(Tick::NothingLeft);
                 }
                 next_due = self.store.next_due(self.work)?;
@@ -379,7 +390,7 @@ impl Owner {
     }
 
     /// Commits the batch and claims up to `claim` rows in one transaction.
-    fn commit(&mut self, claim: usize) -> Result<Vec<crate::store::Claim>> {
+    fn commit(&mut self, claim: usize) -> Result<Vec<Claim>> {
         let claim = if self.stopping.is_some() { 0 } else { claim };
         for recorded in self.failed_targets.drain(..) {
             if let Err(error) = self.out.remove_if_written(&recorded) {
@@ -408,7 +419,7 @@ impl Owner {
         Ok(claims)
     }
 
-    fn filter(&self) -> crate::store::HostFilter {
+    fn filter(&self) -> HostFilter {
         self.host_filter
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -458,7 +469,10 @@ impl Owner {
         self.stopping = Some(end);
         while let Ok(job) = self.queued.try_recv() {
             self.in_flight.remove(&job.claim.id);
-            self.batch.push(Completion::Unstarted { id: job.claim.id });
+            self.batch.push(Completion::Unstarted {
+                id: job.claim.id,
+                lease: job.claim.lease,
+            });
         }
         self.batch_since.get_or_insert_with(Instant::now);
         self.jobs = None;
@@ -467,12 +481,16 @@ impl Owner {
 
     fn finish(mut self) -> Result<RunTotals> {
         // Whatever is still claimed was cut short.
-        let cut_short: Vec<i64> = self.in_flight.drain().map(|(id, _)| id).collect();
+        let cut_short: Vec<(i64, Lease)> = self
+            .in_flight
+            .drain()
+            .map(|(id, (lease, _))| (id, lease))
+            .collect();
         self.totals.interrupted = cut_short.len() as u64;
         self.batch.extend(
             cut_short
                 .into_iter()
-                .map(|id| Completion::Interrupted { id }),
+                .map(|(id, lease)| Completion::Interrupted { id, lease }),
         );
         self.jobs = None;
         // The sync thread's batch first, committed before the rest is made

@@ -8,22 +8,24 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use crate::clock::now_ms;
 use crate::commands::thousands;
+use crate::domain::{Holder, Liveness, RunId, RunStart};
 use crate::output::OutputDir;
 use crate::process;
 use crate::progress::Counters;
-use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
+use crate::store::Store;
 
 pub struct Peers {
     me: RunStart,
-    run: i64,
+    run: RunId,
     counters: Arc<Counters>,
     /// The holders last told about, to say it once and not every second.
-    told: Vec<i64>,
+    told: Vec<RunId>,
 }
 
 impl Peers {
-    pub fn new(me: RunStart, run: i64, counters: Arc<Counters>) -> Peers {
+    pub fn new(me: RunStart, run: RunId, counters: Arc<Counters>) -> Peers {
         Peers {
             me,
             run,
@@ -34,23 +36,23 @@ impl Peers {
 
     /// For a run with nothing left to claim: whether other runs still hold
     /// URLs (or held them and were found dead, so that there is work again).
-    pub fn still_working(&mut self, store: &mut Store, out: &OutputDir) -> Result<bool> {
+    pub fn still_working(&mut self, store: &mut dyn Store, out: &OutputDir) -> Result<bool> {
         if store.held_by_others(self.run)?.is_empty() {
             self.stop_waiting();
             return Ok(false);
         }
         let now = now_ms();
-        let reclaimed = store.reclaim_dead_runs(|run| process::liveness(run, &self.me, now))?;
+        let reclaimed = store.reclaim_dead_runs(&|run| process::liveness(run, &self.me, now))?;
         let mut leftovers = Vec::new();
         for (id, state) in &reclaimed.dead {
             log_dead_run(*id, *state);
-            leftovers.extend(out.leftover_of(*id));
+            leftovers.extend(out.leftover_of(id.0));
         }
         super::settle_leftovers(store, out, leftovers)?;
         if reclaimed.rows > 0 {
             tracing::info!(
                 "took back {} URLs from runs that were cut short",
-                thousands(reclaimed.rows as i64)
+                thousands(reclaimed.rows)
             );
             self.stop_waiting();
             return Ok(true);
@@ -60,7 +62,7 @@ impl Peers {
             self.stop_waiting();
             return Ok(false);
         }
-        let ids: Vec<i64> = holders.iter().map(|h| h.run).collect();
+        let ids: Vec<RunId> = holders.iter().map(|h| h.run).collect();
         let waiting = describe(&holders);
         if ids != self.told {
             tracing::info!("nothing left to claim; {waiting}");
@@ -93,7 +95,7 @@ fn describe(holders: &[Holder]) -> String {
     format!("waiting for {} to finish", runs.join(", "))
 }
 
-pub fn log_dead_run(id: i64, state: Liveness) {
+pub fn log_dead_run(id: RunId, state: Liveness) {
     let how = match state {
         Liveness::Rebooted => "the machine restarted",
         _ => "its process is gone",
