@@ -14,7 +14,7 @@ use crate::cli::ReportArgs;
 use crate::clock::now_ms;
 use crate::commands::run::OUT_DIR_KEY;
 use crate::commands::{Database, Status, human_bytes, thousands};
-use crate::domain::{RefreshCounts, RunInfo, RunOutcome, RunStart, Summary};
+use crate::domain::{JobState, RefreshCounts, RunInfo, RunOutcome, RunStart, Summary};
 use crate::process;
 use crate::redact::redact_url;
 use crate::store::{Open, Store};
@@ -202,14 +202,15 @@ fn render(report: &Report) -> String {
         }
     };
     let width = thousands(s.counts.total).len().max(5);
-    for (label, n) in [
-        ("done", s.counts.done),
-        ("failed", s.counts.failed),
-        ("pending", s.counts.pending),
-        ("running", s.counts.running),
+    for (state, n) in [
+        (JobState::Done, s.counts.done),
+        (JobState::Failed, s.counts.failed),
+        (JobState::Pending, s.counts.pending),
+        (JobState::Running, s.counts.running),
     ] {
+        let label = state.as_str();
         let mut line = format!("  {label:<8} {:>width$}  {}", thousands(n), share(n));
-        if label == "pending" && s.counts.retry_waiting > 0 {
+        if state == JobState::Pending && s.counts.retry_waiting > 0 {
             let _ = write!(
                 line,
                 "  ({} waiting for a retry)",
