@@ -5,6 +5,8 @@
 //! backend from `--db`.
 
 mod backend;
+#[cfg(test)]
+pub(crate) mod contract;
 mod sqlite;
 
 use std::path::{Path, PathBuf};

@@ -596,6 +596,7 @@ fn create_private_file(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::contract;
 
     #[test]
     fn migrations_are_valid() {
@@ -622,6 +623,34 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "delete");
+    }
+
+    /// Runs a check of the store contract on new databases in a folder of
+    /// its own.
+    fn check(contract: fn(contract::Fresh<'_>)) {
+        let dir = tempfile::tempdir().unwrap();
+        let count = std::cell::Cell::new(0);
+        contract(&|| {
+            count.set(count.get() + 1);
+            let path = dir.path().join(format!("{}.db", count.get()));
+            let options = OpenOptions::new(Open::CreateIfMissing);
+            Box::new(SqliteStore::open(&path, &options).unwrap())
+        });
+    }
+
+    #[test]
+    fn every_claim_gives_a_row_a_new_fence() {
+        check(contract::every_claim_gives_a_row_a_new_fence);
+    }
+
+    #[test]
+    fn an_outcome_under_an_earlier_claim_of_the_row_is_refused() {
+        check(contract::an_outcome_under_an_earlier_claim_of_the_row_is_refused);
+    }
+
+    #[test]
+    fn a_run_taken_for_dead_cannot_complete_what_another_claimed() {
+        check(contract::a_run_taken_for_dead_cannot_complete_what_another_claimed);
     }
 
     #[test]
