@@ -6,8 +6,8 @@ use anyhow::Result;
 
 use super::{Store, TakenForDead};
 use crate::domain::{
-    Claim, Completion, ExportRow, HostFilter, JobState, Liveness, NewUrl, RunId, RunStart,
-    Validators, Work,
+    Claim, Completion, ExportRow, HostFilter, InsertResult, JobState, Liveness, NewUrl, RunEnd,
+    RunId, RunOutcome, RunStart, Validators, Work,
 };
 
 /// Opens a new, empty store.
@@ -160,4 +160,94 @@ pub fn a_run_taken_for_dead_cannot_complete_what_another_claimed(fresh: Fresh<'_
     store.heartbeat(new).unwrap();
     complete_and_claim(&mut *store, new, &[done(&fresh_claim)], 0).unwrap();
     assert_eq!(rows(&*store)[0].1, JobState::Done);
+}
+
+pub fn an_import_says_what_became_of_each_url_in_order(fresh: Fresh<'_>) {
+    let mut store = store_with(fresh, &["a"]);
+    let new = |url: &'static str, path: &'static str, named: bool| NewUrl {
+        url,
+        request: None,
+        request_hash: "",
+        host: "example.test",
+        path,
+        named,
+    };
+    let results = store
+        .import(&[
+            new("http://example.test/a", "other", false),
+            new("http://example.test/b", "b", false),
+            new("http://example.test/c", "a", true),
+            new("http://example.test/b", "b", true),
+            new("http://example.test/d", "a/inside", true),
+        ])
+        .unwrap();
+    assert_eq!(results[0], InsertResult::Duplicate);
+    assert_eq!(results[1], InsertResult::Inserted);
+    assert!(
+        matches!(results[2], InsertResult::NameTaken(_)),
+        "{results:?}"
+    );
+    assert_eq!(results[3], InsertResult::Duplicate);
+    assert!(
+        matches!(results[4], InsertResult::NameTaken(_)),
+        "{results:?}"
+    );
+    let paths: Vec<String> = rows(&*store).into_iter().map(|row| row.0).collect();
+    assert_eq!(paths, ["a", "b"]);
+}
+
+pub fn an_ended_run_gives_its_rows_back_and_says_how_it_ended(fresh: Fresh<'_>) {
+    let mut store = store_with(fresh, &["a", "b"]);
+    let run = start(&mut *store, Liveness::Alive);
+    let claims = complete_and_claim(&mut *store, run, &[], 2).unwrap();
+    complete_and_claim(&mut *store, run, &[done(&claims[0])], 0).unwrap();
+    assert_eq!(store.held_by_others(RunId(run.0 + 1)).unwrap().len(), 1);
+    store
+        .end_run(run, &RunEnd::Error("it broke".into()))
+        .unwrap();
+    let states: Vec<JobState> = rows(&*store).into_iter().map(|row| row.1).collect();
+    assert_eq!(states, [JobState::Done, JobState::Pending]);
+    let ended = store.recent_runs(1).unwrap().remove(0);
+    assert_eq!((ended.id, ended.outcome), (run, Some(RunOutcome::Error)));
+    assert_eq!(ended.message.as_deref(), Some("it broke"));
+    assert_eq!((ended.done, ended.bytes), (1, 3));
+    assert!(store.heartbeat(run).is_err());
+}
+
+pub fn failed_rows_go_back_with_a_fresh_budget(fresh: Fresh<'_>) {
+    let mut store = store_with(fresh, &["a", "b"]);
+    let run = start(&mut *store, Liveness::Alive);
+    let claims = complete_and_claim(&mut *store, run, &[], 2).unwrap();
+    let failed = |claim: &Claim, status| Completion::Failed {
+        id: claim.id,
+        lease: claim.lease,
+        status: Some(status),
+        error: format!("HTTP {status}"),
+        millis: 1,
+    };
+    let outcomes = [failed(&claims[0], 404), failed(&claims[1], 410)];
+    complete_and_claim(&mut *store, run, &outcomes, 0).unwrap();
+    assert_eq!(store.state_counts().unwrap().failed, 2);
+    assert_eq!(store.requeue_failed(Some(404), None).unwrap(), 1);
+    assert_eq!(store.requeue_failed(None, Some("HTTP 4")).unwrap(), 1);
+    assert_eq!(
+        rows(&*store),
+        [
+            ("a".to_string(), JobState::Pending, 0),
+            ("b".to_string(), JobState::Pending, 0)
+        ]
+    );
+}
+
+pub fn a_setting_keeps_its_first_value(fresh: Fresh<'_>) {
+    let mut store = fresh();
+    assert_eq!(store.setting("out_dir").unwrap(), None);
+    let refused = store.setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"));
+    assert!(refused.is_err());
+    assert_eq!(store.setting("out_dir").unwrap(), None);
+    let recorded = store.setting_or_insert("out_dir", "/a", &mut || Ok(()));
+    assert_eq!(recorded.unwrap(), "/a");
+    let mut not_asked = || panic!("prepare runs only when recording");
+    let held = store.setting_or_insert("out_dir", "/b", &mut not_asked);
+    assert_eq!(held.unwrap(), "/a");
 }

@@ -654,26 +654,22 @@ mod tests {
     }
 
     #[test]
-    fn settings_keep_their_first_value() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = OpenOptions::new(Open::CreateIfMissing);
-        let mut store = SqliteStore::open(&dir.path().join("s.db"), &options).unwrap();
-        assert_eq!(store.setting("out_dir").unwrap(), None);
-        let refused = store.setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"));
-        assert!(refused.is_err());
-        assert_eq!(store.setting("out_dir").unwrap(), None);
-        assert_eq!(
-            store
-                .setting_or_insert("out_dir", "/a", &mut || Ok(()))
-                .unwrap(),
-            "/a"
-        );
-        let mut not_asked = || panic!("prepare runs only when recording");
-        assert_eq!(
-            store
-                .setting_or_insert("out_dir", "/b", &mut not_asked)
-                .unwrap(),
-            "/a"
-        );
+    fn a_setting_keeps_its_first_value() {
+        check(contract::a_setting_keeps_its_first_value);
+    }
+
+    #[test]
+    fn an_import_says_what_became_of_each_url_in_order() {
+        check(contract::an_import_says_what_became_of_each_url_in_order);
+    }
+
+    #[test]
+    fn an_ended_run_gives_its_rows_back_and_says_how_it_ended() {
+        check(contract::an_ended_run_gives_its_rows_back_and_says_how_it_ended);
+    }
+
+    #[test]
+    fn failed_rows_go_back_with_a_fresh_budget() {
+        check(contract::failed_rows_go_back_with_a_fresh_budget);
     }
 }
