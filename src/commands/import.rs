@@ -189,7 +189,6 @@ fn write_batch(
         })
         .collect();
     let mut results = store.import(&new)?.into_iter();
-    drop(new);
     let mut reject = |line: u64, reason: &str| {
         counts.rejected += 1;
         if counts.rejected <= MAX_SHOWN {
