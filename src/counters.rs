@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::clock::now_ms;
+use crate::domain::Completion;
 use crate::fetch::Attempt;
-use crate::store::{Completion, now_ms};
 
 /// The histogram's upper bounds, in milliseconds (the resolution requests
 /// are timed at): 5 ms to 60 s.

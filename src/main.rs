@@ -1,31 +1,6 @@
-//! jobrun: fetch long lists of HTTP URLs into files, from a crash-safe
-//! SQLite queue. `main` parses the command line, runs the command and turns
-//! its outcome into the exit status. It also watches Ctrl-C: the first
-//! stops a run, the second ends the process at once.
-
-mod backoff;
-mod cli;
-mod commands;
-mod counters;
-mod crashpoint;
-mod fetch;
-mod format;
-mod hosts;
-mod log;
-mod metrics;
-mod out_dir;
-mod output;
-mod process;
-mod progress;
-mod proxy;
-mod rate;
-mod redact;
-mod request;
-mod retryable;
-mod runner;
-mod store;
-mod tls;
-mod urlfile;
+//! The `jobrun` command: parses the command line, runs the command and
+//! turns how it ended into the exit status. It also watches Ctrl-C: the
+//! first stops a run, the second ends the process at once.
 
 use std::process::ExitCode;
 
@@ -33,24 +8,12 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
-use commands::Status;
-use runner::StopSignal;
+use jobrun::{Status, StopSignal};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    log::init(cli.verbose, cli.quiet, cli.log_format);
-    let db = cli.db.clone();
-    match commands::dispatch(cli, ctrl_c()) {
-        Ok(status) => status.into(),
-        Err(error) if is_broken_pipe(&error) => Status::Success.into(),
-        Err(error) => {
-            tracing::error!("{error:#}");
-            if let Some(hint) = store::damage_hint(&error, &db) {
-                tracing::error!("{hint}");
-            }
-            Status::Fatal.into()
-        }
-    }
+    let cli = jobrun::cli::Cli::parse();
+    jobrun::log::init(cli.verbose, cli.quiet, cli.log_format);
+    jobrun::run(cli, ctrl_c()).into()
 }
 
 /// A run's stop signal: the first Ctrl-C or SIGTERM. After it, a second
@@ -72,16 +35,5 @@ fn ctrl_c() -> StopSignal {
             std::process::exit(Status::Interrupted.code().into());
         });
         Ok(())
-    })
-}
-
-/// A reader that stopped reading (`jobrun export | head`) is not an error.
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            || cause.downcast_ref::<csv::Error>().is_some_and(|e| {
-                matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
-            })
-            || cause.downcast_ref::<serde_json::Error>().is_some_and(|e| e.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
     })
 }

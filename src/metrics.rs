@@ -19,9 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::clock::now_ms;
 use crate::counters::{BUCKETS_MS, Counters, OUTCOMES, Start};
 use crate::hosts::{HostView, Hosts};
-use crate::store::now_ms;
 
 /// At most this many hosts get their own series, so that a job over a
 /// million hosts does not make a million series.

@@ -2,23 +2,23 @@
 //! output. `path` is the absolute path of the URL's file.
 
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
 
 use anyhow::Result;
 
 use crate::cli::{ExportArgs, ExportFormat};
-use crate::commands::Status;
-use crate::out_dir;
-use crate::store::{ExportRow, Open, Store};
+use crate::commands::run::out_dir_of;
+use crate::commands::{Database, Status};
+use crate::domain::ExportRow;
+use crate::store::Open;
 
-pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
-    let store = Store::open(db, Open::ReadOnly)?;
-    let out_dir = out_dir::recorded_or_default(&store, db)?;
+pub fn run(db: &Database, args: ExportArgs) -> Result<Status> {
+    let store = db.open(Open::ReadOnly)?;
+    let out_dir = out_dir_of(&*store, db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {
             let mut writer = BufWriter::new(stdout);
-            store.export(|mut row| {
+            store.export(&mut |mut row| {
                 row.path = out_dir.join(&row.path).display().to_string();
                 serde_json::to_writer(&mut writer, &row)?;
                 writer.write_all(b"\n")?;
@@ -33,7 +33,7 @@ pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
                 .has_headers(false)
                 .from_writer(stdout);
             writer.write_record(ExportRow::FIELDS)?;
-            store.export(|mut row| {
+            store.export(&mut |mut row| {
                 row.path = out_dir.join(&row.path).display().to_string();
                 Ok(writer.serialize(row)?)
             })?;

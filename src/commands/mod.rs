@@ -12,7 +12,9 @@ mod run;
 mod verify;
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::CommandFactory;
@@ -21,6 +23,7 @@ use crate::cli::{Cli, Command};
 use crate::log::LogFormat;
 use crate::progress::Display;
 use crate::runner::StopSignal;
+use crate::store::{self, Location, Open, OpenOptions, Store};
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,30 +56,54 @@ impl From<Status> for ExitCode {
     }
 }
 
+/// The state database as `--db` names it, and how long to wait for its
+/// lock: what every command needs to open it.
+pub struct Database {
+    /// As given, for messages and for commands to run next.
+    pub path: PathBuf,
+    pub location: Location,
+    lock_wait: Duration,
+}
+
+impl Database {
+    pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
+        let options = OpenOptions {
+            lock_wait: self.lock_wait,
+            ..OpenOptions::new(mode)
+        };
+        store::open(&self.location, &options)
+    }
+}
+
 /// Runs the command; `stop` is what stops a run (`run`, `refresh`).
 pub fn dispatch(cli: Cli, stop: StopSignal) -> Result<Status> {
     let display = progress_display(&cli);
-    crate::store::set_lock_wait(cli.lock_wait);
+    let db = Database {
+        location: Location::parse(&cli.db),
+        path: cli.db,
+        lock_wait: cli.lock_wait,
+    };
+    let db = &db;
     match cli.command {
-        Command::Import(args) => import::run(&cli.db, args),
+        Command::Import(args) => import::run(db, args),
         Command::Run(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.progress_every),
                 other => other,
             };
-            run::run(&cli.db, args, display, stop)
+            run::run(db, args, display, stop)
         }
         Command::Refresh(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.run.progress_every),
                 other => other,
             };
-            refresh::run(&cli.db, args, display, stop)
+            refresh::run(db, args, display, stop)
         }
-        Command::Report(args) => report::run(&cli.db, args),
-        Command::Export(args) => export::run(&cli.db, args),
-        Command::Retry(args) => retry::run(&cli.db, args),
-        Command::Verify(args) => verify::run(&cli.db, args),
+        Command::Report(args) => report::run(db, args),
+        Command::Export(args) => export::run(db, args),
+        Command::Retry(args) => retry::run(db, args),
+        Command::Verify(args) => verify::run(db, args),
         Command::Completions(args) => {
             let mut command = Cli::command();
             clap_complete::generate(args.shell, &mut command, "jobrun", &mut std::io::stdout());

@@ -1,17 +1,15 @@
 //! `jobrun retry`: failed URLs, all or those matching a status or an error,
 //! go back to pending with a fresh retry budget.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use crate::cli::RetryArgs;
-use crate::commands::Status;
+use crate::commands::{Database, Status};
 use crate::format::thousands;
-use crate::store::{Open, Store};
+use crate::store::Open;
 
-pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
-    let mut store = Store::open(db, Open::MustExist)?;
+pub fn run(db: &Database, args: RetryArgs) -> Result<Status> {
+    let mut store = db.open(Open::MustExist)?;
     let requeued = store.requeue_failed(args.status, args.error.as_deref())?;
     let which = match (args.status, &args.error) {
         (None, None) => String::new(),
@@ -23,10 +21,10 @@ pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
     };
     tracing::info!(
         "{} failed URLs{which} are pending again, each with a fresh retry budget",
-        thousands(requeued as i64)
+        thousands(requeued)
     );
     if requeued > 0 {
-        tracing::info!("fetch them with `jobrun --db {} run`", db.display());
+        tracing::info!("fetch them with `jobrun --db {} run`", db.path.display());
     }
     Ok(Status::Success)
 }

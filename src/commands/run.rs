@@ -1,30 +1,34 @@
 //! `jobrun run`: turns the options into a run plan, settles the output
 //! folder, runs, and sums up.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
-use crate::commands::Status;
+use crate::commands::{Database, Status};
+use crate::domain::{RunEnd, Work};
 use crate::fetch::FetchOptions;
 use crate::format::{human_bytes, thousands};
 use crate::hosts::Politeness;
 use crate::metrics;
-use crate::out_dir;
+use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan, StopSignal};
-use crate::store::{Open, RunEnd, Store, Work};
+use crate::store::{Open, Store};
 use crate::tls::ClientTls;
 
-pub fn run(db: &Path, args: RunArgs, display: Display, stop: StopSignal) -> Result<Status> {
+/// The settings key of the output folder.
+pub const OUT_DIR_KEY: &str = "out_dir";
+
+pub fn run(db: &Database, args: RunArgs, display: Display, stop: StopSignal) -> Result<Status> {
     let (store, plan) = prepare(db, args, display, Work::Fetch)?;
     let out_dir = plan.out_dir.clone();
     let totals = runner::execute(store, plan, stop)?;
 
-    let counts = Store::open(db, Open::MustExist)?.state_counts()?;
+    let counts = db.open(Open::MustExist)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
     tracing::info!(
@@ -66,7 +70,12 @@ pub fn run(db: &Path, args: RunArgs, display: Display, stop: StopSignal) -> Resu
 
 /// Checks `run`'s options and opens the database and the output folder for
 /// a run that does `work`; `refresh` takes the same options.
-pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Store, RunPlan)> {
+pub fn prepare(
+    db: &Database,
+    args: RunArgs,
+    display: Display,
+    work: Work,
+) -> Result<(Box<dyn Store>, RunPlan)> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
@@ -84,11 +93,11 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
         }
         None => None,
     };
-    let mut store = Store::open(db, Open::MustExist)?;
-    let out_dir = out_dir::settle(&mut store, db, args.out.as_deref())?;
+    let mut store = db.open(Open::MustExist)?;
+    let out_dir = settle_out_dir(&mut *store, db, args.out.as_deref())?;
     let plan = RunPlan {
         out_dir: out_dir.clone(),
-        db: db.to_path_buf(),
+        db: db.path.clone(),
         workers: args.workers,
         work,
         fetch: FetchOptions {
@@ -116,11 +125,89 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
             tls,
             proxies,
         },
-        command: resume_command(db, std::env::args().skip(1)),
+        command: resume_command(&db.path, std::env::args().skip(1)),
         display,
         metrics,
     };
     Ok((store, plan))
+}
+
+/// The output folder: the one recorded in the database, else `--out`, else
+/// `out` beside the database; recorded on first use, once: of two first
+/// runs racing with different folders, the second is refused.
+fn settle_out_dir(
+    store: &mut dyn Store,
+    db: &Database,
+    requested: Option<&Path>,
+) -> Result<PathBuf> {
+    let requested = requested.map(absolute).transpose()?;
+    let recorded = match store.setting(OUT_DIR_KEY)? {
+        Some(recorded) => PathBuf::from(recorded),
+        None => {
+            let chosen = match &requested {
+                Some(dir) => dir.clone(),
+                None => default_out_dir(db)?,
+            };
+            let text = chosen.to_str().with_context(|| {
+                format!("the output folder {} is not valid UTF-8", chosen.display())
+            })?;
+            // A folder that cannot be one (a file, say) must not be
+            // recorded: the user could then never choose another.
+            let holds = store
+                .setting_or_insert(OUT_DIR_KEY, text, &mut || output::ensure_folder(&chosen))?;
+            let holds = PathBuf::from(holds);
+            if same_place(&holds, &chosen) {
+                return Ok(holds);
+            }
+            holds
+        }
+    };
+    if let Some(requested) = requested
+        && !same_place(&requested, &recorded)
+    {
+        bail!(
+            "{} writes its files to {} (recorded on its first run), not {}. \
+             Run without --out, or use another database for another folder",
+            db.path.display(),
+            recorded.display(),
+            requested.display()
+        );
+    }
+    Ok(recorded)
+}
+
+/// The output folder as recorded, or where the first run will put it.
+pub fn out_dir_of(store: &dyn Store, db: &Database) -> Result<PathBuf> {
+    match store.setting(OUT_DIR_KEY)? {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => default_out_dir(db),
+    }
+}
+
+fn default_out_dir(db: &Database) -> Result<PathBuf> {
+    let beside = match db.location.sqlite_path() {
+        Some(file) => file.parent().unwrap_or(Path::new(".")),
+        None => Path::new("."),
+    };
+    absolute(&beside.join("out"))
+}
+
+pub fn absolute(path: &Path) -> Result<PathBuf> {
+    let path = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    let absolute = std::path::absolute(path)
+        .with_context(|| format!("cannot resolve the path {}", path.display()))?;
+    Ok(absolute.canonicalize().unwrap_or(absolute))
+}
+
+fn same_place(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// The command that resumes this run: the same options with `--db` made

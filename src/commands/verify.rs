@@ -4,31 +4,28 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
-use crate::commands::Status;
+use crate::commands::run::out_dir_of;
+use crate::commands::{Database, Status};
 use crate::format::thousands;
-use crate::out_dir;
 use crate::redact::redact_url;
-use crate::store::{Open, Store};
+use crate::store::Open;
 
-pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
-    let mut store = Store::open(
-        db,
-        if args.requeue {
-            Open::MustExist
-        } else {
-            Open::ReadOnly
-        },
-    )?;
-    let out_dir = out_dir::recorded_or_default(&store, db)?;
+pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
+    let mut store = db.open(if args.requeue {
+        Open::MustExist
+    } else {
+        Open::ReadOnly
+    })?;
+    let out_dir = out_dir_of(&*store, db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();
-    store.done_files(|file| {
+    store.done_files(&mut |file| {
         checked += 1;
         let path = out_dir.join(&file.path);
         if let Some(problem) = check(&path, file.bytes, &file.sha256)? {
@@ -39,8 +36,8 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
     })?;
     tracing::info!(
         "checked {} files: {} missing or damaged",
-        thousands(checked as i64),
-        thousands(bad.len() as i64)
+        thousands(checked),
+        thousands(bad.len() as u64)
     );
     if bad.is_empty() {
         return Ok(Status::Success);
@@ -49,8 +46,8 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
         store.requeue_damaged(&bad)?;
         tracing::info!(
             "{} URLs are pending again; fetch them with `jobrun --db {} run`",
-            thousands(bad.len() as i64),
-            db.display()
+            thousands(bad.len() as u64),
+            db.path.display()
         );
     } else {
         tracing::info!("`jobrun verify --requeue` sends them back to pending to fetch again");
@@ -59,7 +56,7 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
 }
 
 /// What is wrong with a done file, if anything.
-fn check(path: &PathBuf, bytes: i64, sha256: &[u8]) -> Result<Option<String>> {
+fn check(path: &Path, bytes: Option<u64>, sha256: &[u8]) -> Result<Option<String>> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some("missing".into())),
@@ -67,20 +64,22 @@ fn check(path: &PathBuf, bytes: i64, sha256: &[u8]) -> Result<Option<String>> {
     };
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 256 * 1024];
-    let mut size = 0i64;
+    let mut size = 0u64;
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 hasher.update(&buf[..n]);
-                size += n as i64;
+                size += n as u64;
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Ok(Some(format!("unreadable ({e})"))),
         }
     }
-    if size != bytes {
-        return Ok(Some(format!("damaged: {size} bytes, {bytes} expected")));
+    match bytes {
+        Some(bytes) if bytes == size => {}
+        Some(bytes) => return Ok(Some(format!("damaged: {size} bytes, {bytes} expected"))),
+        None => return Ok(Some(format!("damaged: {size} bytes, no size recorded"))),
     }
     if hasher.finalize().as_slice() != sha256 {
         return Ok(Some("damaged: sha256 differs".into()));

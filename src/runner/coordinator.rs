@@ -17,10 +17,12 @@ use anyhow::Result;
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::counters::Counters;
 use crate::crashpoint::{self, Step};
+use crate::domain::{Claim, Completion, HostFilter, Lease, RunEnd, RunId, Work};
 use crate::output::{OutputDir, Written, check_output_name};
-use crate::store::{Claim, Completion, HostFilter, RunEnd, Store, Work, now_ms};
+use crate::store::Store;
 
 use super::dispatch::SharedFilter;
 use super::durability::{Durability, MAX_BATCH};
@@ -35,17 +37,17 @@ use super::syncer::Syncer;
 const MIN_TURN: Duration = Duration::from_millis(2);
 
 pub struct Coordinator {
-    store: Store,
+    store: Box<dyn Store>,
     out: Arc<OutputDir>,
     syncer: Syncer,
-    run: i64,
+    run: RunId,
     /// Rows to fetch, or done rows to refresh.
     work: Work,
     events: flume::Receiver<Event>,
     queue: JobQueue,
     /// Claimed rows not yet completed, with the file last recorded as
     /// theirs, if any.
-    in_flight: HashMap<i64, Option<Written>>,
+    in_flight: HashMap<i64, (Lease, Option<Written>)>,
     durability: Durability,
     schedule: ClaimSchedule,
     /// Which hosts claims leave out, kept by the dispatcher.
@@ -80,9 +82,9 @@ enum Turn {
 
 impl Coordinator {
     pub fn new(
-        store: Store,
+        store: Box<dyn Store>,
         out: OutputDir,
-        run: i64,
+        run: RunId,
         work: Work,
         links: Links,
     ) -> Result<Coordinator> {
@@ -168,7 +170,10 @@ impl Coordinator {
     /// Takes a worker's outcome (or a job given back unstarted).
     fn collect(&mut self, completion: Completion, staged: Option<Written>) {
         let now = Instant::now();
-        let recorded = self.in_flight.remove(&completion.id()).flatten();
+        let recorded = self
+            .in_flight
+            .remove(&completion.id())
+            .and_then(|(_, recorded)| recorded);
         match &completion {
             Completion::Retry {
                 next_attempt_at, ..
@@ -229,7 +234,7 @@ impl Coordinator {
             if next_due.is_none() && self.in_flight.is_empty() && self.durability.batch().is_empty()
             {
                 // Every URL is done only when no other live run holds any.
-                if !self.peers.still_working(&mut self.store, &self.out)? {
+                if !self.peers.still_working(&mut *self.store, &self.out)? {
                     return Ok(Turn::NothingLeft);
                 }
                 next_due = self.store.next_due(self.work)?;
@@ -249,6 +254,7 @@ impl Coordinator {
             if let Err(error) = check_output_name(&claim.path) {
                 refused.push(Completion::Failed {
                     id: claim.id,
+                    lease: claim.lease,
                     status: None,
                     error,
                     millis: 0,
@@ -264,7 +270,7 @@ impl Coordinator {
                 bytes,
                 sha256,
             });
-            self.in_flight.insert(claim.id, recorded);
+            self.in_flight.insert(claim.id, (claim.lease, recorded));
             let temp = self.out.temp_file(claim.id);
             self.queue.send(Job { claim, temp })?;
         }
@@ -324,8 +330,13 @@ impl Coordinator {
         let now = Instant::now();
         for job in self.queue.close() {
             self.in_flight.remove(&job.claim.id);
-            self.durability
-                .ready(Completion::Unstarted { id: job.claim.id }, now);
+            self.durability.ready(
+                Completion::Unstarted {
+                    id: job.claim.id,
+                    lease: job.claim.lease,
+                },
+                now,
+            );
         }
         self.wind_down.notify_one();
     }
@@ -335,8 +346,9 @@ impl Coordinator {
     fn finish(mut self) -> Result<RunEnd> {
         // Whatever is still claimed was cut short.
         let now = Instant::now();
-        for (id, _) in std::mem::take(&mut self.in_flight) {
-            self.durability.ready(Completion::Interrupted { id }, now);
+        for (id, (lease, _)) in std::mem::take(&mut self.in_flight) {
+            self.durability
+                .ready(Completion::Interrupted { id, lease }, now);
         }
         // Jobs still queued were in flight too: counted just above.
         self.queue.close();

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::domain::Completion;
 use crate::output::Written;
-use crate::store::Completion;
 
 /// Outcomes committed together at most, and bodies synced together at most.
 pub const MAX_BATCH: usize = 1024;
@@ -120,13 +120,18 @@ impl Durability {
                 let mut refused: HashMap<i64, String> = refused.into_iter().collect();
                 for completion in &mut completions {
                     if let Completion::Done {
-                        id, status, millis, ..
+                        id,
+                        lease,
+                        status,
+                        millis,
+                        ..
                     } = *completion
                         && let Some(error) = refused.remove(&id)
                     {
                         tracing::debug!("failed: {error}");
                         *completion = Completion::Failed {
                             id,
+                            lease,
                             status: Some(status),
                             error,
                             millis,
@@ -136,8 +141,8 @@ impl Durability {
             }
             Err(error) => {
                 for completion in &mut completions {
-                    if let Completion::Done { id, .. } = *completion {
-                        *completion = Completion::Interrupted { id };
+                    if let Completion::Done { id, lease, .. } = *completion {
+                        *completion = Completion::Interrupted { id, lease };
                     }
                 }
                 stopped = Some(error);
@@ -201,10 +206,17 @@ impl Durability {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Lease, RunId};
+
+    const LEASE: Lease = Lease {
+        run: RunId(1),
+        fence: 1,
+    };
 
     fn done(id: i64) -> (Completion, Written) {
         let completion = Completion::Done {
             id,
+            lease: LEASE,
             status: 200,
             bytes: 3,
             sha256: [0; 32],
@@ -301,7 +313,7 @@ mod tests {
         assert_eq!(error.map(|e| e.to_string()).as_deref(), Some("disk full"));
         assert!(matches!(
             pipeline.batch(),
-            [Completion::Interrupted { id: 3 }]
+            [Completion::Interrupted { id: 3, .. }]
         ));
     }
 
@@ -313,7 +325,13 @@ mod tests {
         assert!(!pipeline.heartbeat_due(start));
         assert!(pipeline.heartbeat_due(start + HEARTBEAT));
 
-        pipeline.ready(Completion::Unstarted { id: 7 }, start);
+        pipeline.ready(
+            Completion::Unstarted {
+                id: 7,
+                lease: LEASE,
+            },
+            start,
+        );
         assert_eq!(pipeline.deadline(), start + MAX_BATCH_DELAY);
         assert!(!pipeline.commit_due(start));
         assert!(pipeline.commit_due(start + MAX_BATCH_DELAY));

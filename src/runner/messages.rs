@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 
+use crate::domain::{Claim, Completion};
 use crate::output::{TempFile, Written};
-use crate::store::{Claim, Completion};
 
 /// A claimed row on its way to a worker.
 #[derive(Debug)]

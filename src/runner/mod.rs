@@ -26,12 +26,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::counters::{self, Counters};
+use crate::domain::{RunEnd, RunId, RunStart, Work};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::OutputDir;
 use crate::process;
 use crate::progress;
-use crate::store::{RunEnd, RunStart, Store, Work, now_ms};
+use crate::store::Store;
 
 use coordinator::{Coordinator, Links};
 use crew::Crew;
@@ -63,7 +65,7 @@ pub struct RunPlan {
 /// What one run committed.
 #[derive(Debug, Default)]
 pub struct RunTotals {
-    pub run: i64,
+    pub run: RunId,
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
@@ -74,14 +76,14 @@ pub struct RunTotals {
 
 /// Runs `plan` until no URL is left, or until `stop` completes and the
 /// work in flight is settled.
-pub fn execute(mut store: Store, plan: RunPlan, stop: StopSignal) -> Result<RunTotals> {
+pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Result<RunTotals> {
     let started_at = Instant::now();
     let me = process::this_process(plan.command.clone());
     let (run, out) = start(&mut store, &plan, &me)?;
     let per_host_workers = plan.fetch.politeness.per_host_workers;
     let fetcher = Arc::new(Fetcher::new(plan.fetch)?);
     let counters = Arc::new(Counters::default());
-    let progress_start = progress_start(&store, plan.work, &counters)?;
+    let progress_start = progress_start(&*store, plan.work, &counters)?;
 
     // Enough claimed rows that the workers never wait for the next claim
     // (at 10,000 URLs/s, 256 last 25 ms), few enough that a stop hands back
@@ -183,9 +185,9 @@ fn run_crew(
 /// Registers the run, taking back dead runs' rows, and opens the output
 /// folder; a folder that cannot be used ends the run at once, recorded.
 /// Returns the run's id and the folder.
-fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, OutputDir)> {
+fn start(store: &mut Box<dyn Store>, plan: &RunPlan, me: &RunStart) -> Result<(RunId, OutputDir)> {
     let now = now_ms();
-    let started = store.start_run(me, |run| process::liveness(run, me, now))?;
+    let started = store.start_run(me, &|run| process::liveness(run, me, now))?;
     for (id, state) in &started.dead {
         peers::log_dead_run(*id, *state);
     }
@@ -195,9 +197,10 @@ fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, Outpu
             started.reclaimed
         );
     }
-    let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
-    let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| peers::settle_leftovers(store, &out, leftovers).map(|()| out));
+    let live: Vec<i64> = started.live.iter().map(|run| run.id.0).collect();
+    let opened = OutputDir::open(&plan.out_dir, started.id.0, &live, &plan.db).and_then(
+        |(out, leftovers)| peers::settle_leftovers(&mut **store, &out, leftovers).map(|()| out),
+    );
     match opened {
         Ok(out) => Ok((started.id, out)),
         Err(error) => {
@@ -209,23 +212,23 @@ fn start(store: &mut Store, plan: &RunPlan, me: &RunStart) -> Result<(i64, Outpu
 
 /// Where the job stands as the run starts, for the progress display; the
 /// retries already scheduled go into `counters`.
-fn progress_start(store: &Store, work: Work, counters: &Counters) -> Result<counters::Start> {
+fn progress_start(store: &dyn Store, work: Work, counters: &Counters) -> Result<counters::Start> {
     for (due, count) in store.retry_schedule(now_ms())? {
         counters.retries.add(due, count);
     }
     Ok(match (work, store.refresh_counts()?) {
         // A refresh counts the rows of its round.
         (Work::Refresh, Some(round)) => counters::Start {
-            total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
-            done: (round.changed + round.unchanged) as u64,
-            failed: round.failed as u64,
+            total: round.changed + round.unchanged + round.failed + round.pending,
+            done: round.changed + round.unchanged,
+            failed: round.failed,
         },
         _ => {
             let counts = store.state_counts()?;
             counters::Start {
-                total: counts.total as u64,
-                done: counts.done as u64,
-                failed: counts.failed as u64,
+                total: counts.total,
+                done: counts.done,
+                failed: counts.failed,
             }
         }
     })
@@ -254,8 +257,13 @@ mod tests {
 
     use super::*;
     use crate::backoff::Backoff;
+    use crate::domain::NewUrl;
     use crate::hosts::Politeness;
-    use crate::store::{NewUrl, Open};
+    use crate::store::{self, Location, Open, OpenOptions};
+
+    fn open(db: &std::path::Path, mode: Open) -> Box<dyn Store> {
+        store::open(&Location::Sqlite(db.to_path_buf()), &OpenOptions::new(mode)).unwrap()
+    }
 
     fn plan(dir: &std::path::Path, db: PathBuf) -> RunPlan {
         RunPlan {
@@ -298,21 +306,23 @@ mod tests {
         let db = dir.path().join("jobrun.db");
         let server = TcpListener::bind("127.0.0.1:0").unwrap();
         let at = server.local_addr().unwrap();
-        let mut store = Store::open(&db, Open::CreateIfMissing).unwrap();
+        let mut store = open(&db, Open::CreateIfMissing);
         let urls: Vec<String> = (0..4).map(|i| format!("http://{at}/{i}.json")).collect();
         let paths: Vec<String> = (0..4).map(|i| format!("{i}.json")).collect();
-        let import = store.import_batch().unwrap();
-        for (url, path) in urls.iter().zip(&paths) {
-            let new = NewUrl {
+        let host = at.to_string();
+        let batch: Vec<NewUrl<'_>> = urls
+            .iter()
+            .zip(&paths)
+            .map(|(url, path)| NewUrl {
                 url,
                 request: None,
                 request_hash: "",
-                host: &at.to_string(),
+                host: &host,
                 path,
-            };
-            import.insert(&new, true).unwrap();
-        }
-        import.commit().unwrap();
+                named: true,
+            })
+            .collect();
+        store.import(&batch).unwrap();
         std::fs::create_dir(dir.path().join("out")).unwrap();
 
         // The stop comes once the server holds a request; its connections
@@ -340,10 +350,7 @@ mod tests {
             totals.end
         );
         assert_eq!(totals.done, 0);
-        let counts = Store::open(&db, Open::MustExist)
-            .unwrap()
-            .state_counts()
-            .unwrap();
+        let counts = open(&db, Open::MustExist).state_counts().unwrap();
         assert_eq!((counts.pending, counts.running, counts.done), (4, 0, 0));
     }
 }

@@ -9,22 +9,24 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use crate::clock::now_ms;
 use crate::counters::Counters;
+use crate::domain::{Holder, Liveness, RunId, RunStart};
 use crate::format::thousands;
 use crate::output::{Leftover, OutputDir};
 use crate::process;
-use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
+use crate::store::Store;
 
 pub struct Peers {
     me: RunStart,
-    run: i64,
+    run: RunId,
     counters: Arc<Counters>,
     /// The holders last told about, to say it once and not every second.
-    told: Vec<i64>,
+    told: Vec<RunId>,
 }
 
 impl Peers {
-    pub fn new(me: RunStart, run: i64, counters: Arc<Counters>) -> Peers {
+    pub fn new(me: RunStart, run: RunId, counters: Arc<Counters>) -> Peers {
         Peers {
             me,
             run,
@@ -35,23 +37,23 @@ impl Peers {
 
     /// For a run with nothing left to claim: whether other runs still hold
     /// URLs (or held them and were found dead, so that there is work again).
-    pub fn still_working(&mut self, store: &mut Store, out: &OutputDir) -> Result<bool> {
+    pub fn still_working(&mut self, store: &mut dyn Store, out: &OutputDir) -> Result<bool> {
         if store.held_by_others(self.run)?.is_empty() {
             self.stop_waiting();
             return Ok(false);
         }
         let now = now_ms();
-        let reclaimed = store.reclaim_dead_runs(|run| process::liveness(run, &self.me, now))?;
+        let reclaimed = store.reclaim_dead_runs(&|run| process::liveness(run, &self.me, now))?;
         let mut leftovers = Vec::new();
         for (id, state) in &reclaimed.dead {
             log_dead_run(*id, *state);
-            leftovers.extend(out.leftover_of(*id));
+            leftovers.extend(out.leftover_of(id.0));
         }
         settle_leftovers(store, out, leftovers)?;
         if reclaimed.rows > 0 {
             tracing::info!(
                 "took back {} URLs from runs that were cut short",
-                thousands(reclaimed.rows as i64)
+                thousands(reclaimed.rows)
             );
             self.stop_waiting();
             return Ok(true);
@@ -61,7 +63,7 @@ impl Peers {
             self.stop_waiting();
             return Ok(false);
         }
-        let ids: Vec<i64> = holders.iter().map(|h| h.run).collect();
+        let ids: Vec<RunId> = holders.iter().map(|h| h.run).collect();
         let waiting = describe(&holders);
         if ids != self.told {
             tracing::info!("nothing left to claim; {waiting}");
@@ -94,7 +96,7 @@ fn describe(holders: &[Holder]) -> String {
     format!("waiting for {} to finish", runs.join(", "))
 }
 
-pub fn log_dead_run(id: i64, state: Liveness) {
+pub fn log_dead_run(id: RunId, state: Liveness) {
     let how = match state {
         Liveness::Rebooted => "the machine restarted",
         _ => "its process is gone",
@@ -106,7 +108,7 @@ pub fn log_dead_run(id: i64, state: Liveness) {
 /// states read under the write lock: no run may claim one of those rows
 /// while its file is being looked at.
 pub(super) fn settle_leftovers(
-    store: &mut Store,
+    store: &mut dyn Store,
     out: &OutputDir,
     leftovers: Vec<Leftover>,
 ) -> Result<()> {
@@ -115,5 +117,9 @@ pub(super) fn settle_leftovers(
         out.settle(leftovers, &HashMap::new());
         return Ok(());
     }
-    store.with_row_states(&ids, |states| out.settle(leftovers, states))
+    let mut leftovers = Some(leftovers);
+    store.with_row_states(&ids, &mut |states| {
+        out.settle(leftovers.take().unwrap_or_default(), states);
+        Ok(())
+    })
 }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::clock::now_ms;
 use crate::counters::Counters;
+use crate::domain::Completion;
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
 use crate::redact::redact_url;
-use crate::store::{Completion, now_ms};
 
 use super::dispatch::Dispatched;
 use super::messages::Event;
@@ -41,6 +42,7 @@ pub async fn work(
                 Event::Finished {
                     completion: Completion::Done {
                         id: job.claim.id,
+                        lease: job.claim.lease,
                         status: body.status,
                         bytes: body.bytes,
                         sha256: body.sha256,
