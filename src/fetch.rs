@@ -288,7 +288,7 @@ impl Fetcher {
         });
         let settled = match result {
             Ok(Fetched::NotModified(validators)) => Attempt::Unchanged(Completion::Unchanged {
-                id: claim.id,
+                key: claim.key(),
                 status: StatusCode::NOT_MODIFIED.as_u16(),
                 millis,
                 validators,
@@ -299,7 +299,7 @@ impl Fetcher {
             {
                 temp.remove();
                 Attempt::Unchanged(Completion::Unchanged {
-                    id: claim.id,
+                    key: claim.key(),
                     status: body.status,
                     millis,
                     validators: body.validators,
@@ -484,7 +484,7 @@ impl Fetcher {
                 format!("{message} (gave up after {attempts} attempts)")
             };
             return Completion::Failed {
-                id: claim.id,
+                key: claim.key(),
                 status,
                 error,
                 millis,
@@ -495,7 +495,7 @@ impl Fetcher {
             .delay(attempts)
             .max(error.retry_after().unwrap_or_default());
         Completion::Retry {
-            id: claim.id,
+            key: claim.key(),
             status,
             error: message,
             next_attempt_at: unix_ms(SystemTime::now() + delay),

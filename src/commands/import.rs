@@ -189,8 +189,9 @@ fn write_batch(
                     request_hash: &row.request_hash,
                     host: &row.host,
                     path: &row.path,
+                    named: row.named,
                 };
-                match writer.insert(&new, row.named)? {
+                match writer.insert(&new)? {
                     InsertResult::Inserted => counts.imported += 1,
                     InsertResult::Duplicate => counts.duplicate += 1,
                     InsertResult::NameTaken(reason) => reject(line, &reason),

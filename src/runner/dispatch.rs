@@ -305,7 +305,7 @@ impl Dispatcher {
 
 /// Sends a job back to pending, unstarted.
 async fn give_back(events: &flume::Sender<Event>, job: Job) -> Result<(), ()> {
-    let completion = Completion::Unstarted { id: job.claim.id };
+    let completion = Completion::Unstarted { key: job.claim.key() };
     events
         .send_async(Event::Finished {
             completion,

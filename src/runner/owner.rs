@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use crate::crashpoint::{self, Step};
 use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
+use crate::store::backend::{ClaimKey, Lease};
 use crate::store::{Completion, RunEnd, Store, Work, now_ms};
 
 use super::dispatch::SharedFilter;
@@ -56,7 +57,7 @@ pub struct Owner {
     host_filter: SharedFilter,
     /// Claimed rows not yet completed, with the file last recorded as
     /// theirs, if any.
-    in_flight: HashMap<i64, Option<Written>>,
+    in_flight: HashMap<i64, (Lease, Option<Written>)>,
     /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
     batch_since: Option<Instant>,
@@ -190,7 +191,10 @@ impl Owner {
     }
 
     fn collect(&mut self, completion: Completion, staged: Option<Written>) {
-        let recorded = self.in_flight.remove(&completion.id()).flatten();
+        let recorded = self
+            .in_flight
+            .remove(&completion.id())
+            .and_then(|(_, written)| written);
         match &completion {
             Completion::Retry {
                 next_attempt_at, ..
@@ -227,13 +231,13 @@ impl Owner {
                 let mut refused: HashMap<i64, String> = refused.into_iter().collect();
                 for completion in &mut completions {
                     if let Completion::Done {
-                        id, status, millis, ..
+                        key, status, millis, ..
                     } = *completion
-                        && let Some(error) = refused.remove(&id)
+                        && let Some(error) = refused.remove(&key.id)
                     {
                         tracing::debug!("failed: {error}");
                         *completion = Completion::Failed {
-                            id,
+                            key,
                             status: Some(status),
                             error,
                             millis,
@@ -244,8 +248,8 @@ impl Owner {
             Err(error) => {
                 // They go back to pending instead.
                 for completion in &mut completions {
-                    if let Completion::Done { id, .. } = *completion {
-                        *completion = Completion::Interrupted { id };
+                    if let Completion::Done { key, .. } = *completion {
+                        *completion = Completion::Interrupted { key };
                     }
                 }
                 self.stop(RunEnd::Error(format!("{error:#}")));
@@ -328,7 +332,7 @@ impl Owner {
             for claim in claims {
                 if let Err(error) = check_output_name(&claim.path) {
                     refused.push(Completion::Failed {
-                        id: claim.id,
+                        key: claim.key(),
                         status: None,
                         error,
                         millis: 0,
@@ -344,7 +348,7 @@ impl Owner {
                     bytes,
                     sha256,
                 });
-                self.in_flight.insert(claim.id, recorded);
+                self.in_flight.insert(claim.id, (claim.lease, recorded));
                 let temp = self.out.temp_file(claim.id);
                 // Room was counted above and only this thread sends.
                 if jobs.try_send(Job { claim, temp }).is_err() {
@@ -458,7 +462,7 @@ impl Owner {
         self.stopping = Some(end);
         while let Ok(job) = self.queued.try_recv() {
             self.in_flight.remove(&job.claim.id);
-            self.batch.push(Completion::Unstarted { id: job.claim.id });
+            self.batch.push(Completion::Unstarted { key: job.claim.key() });
         }
         self.batch_since.get_or_insert_with(Instant::now);
         self.jobs = None;
@@ -467,12 +471,16 @@ impl Owner {
 
     fn finish(mut self) -> Result<RunTotals> {
         // Whatever is still claimed was cut short.
-        let cut_short: Vec<i64> = self.in_flight.drain().map(|(id, _)| id).collect();
+        let cut_short: Vec<ClaimKey> = self
+            .in_flight
+            .drain()
+            .map(|(id, (lease, _))| ClaimKey { id, lease })
+            .collect();
         self.totals.interrupted = cut_short.len() as u64;
         self.batch.extend(
             cut_short
                 .into_iter()
-                .map(|id| Completion::Interrupted { id }),
+                .map(|key| Completion::Interrupted { key }),
         );
         self.jobs = None;
         // The sync thread's batch first, committed before the rest is made

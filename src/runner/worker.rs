@@ -40,7 +40,7 @@ pub async fn work(
                 );
                 Event::Finished {
                     completion: Completion::Done {
-                        id: job.claim.id,
+                        key: job.claim.key(),
                         status: body.status,
                         bytes: body.bytes,
                         sha256: body.sha256,

@@ -6,7 +6,9 @@
 //! Times are stored as unix milliseconds. The schema is built by the SQL files
 //! under `migrations/`, embedded in the binary.
 
+pub mod backend;
 mod lock;
+mod postgres;
 mod queue;
 mod refresh;
 mod runs;
@@ -19,7 +21,7 @@ use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use include_dir::{Dir, include_dir};
+use include_dir::{Dir, DirEntry, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
@@ -27,10 +29,22 @@ pub use queue::{
     Claim, Completion, HostFilter, InsertResult, NewUrl, RowState, Validators, Work, bucket_floor,
 };
 pub use refresh::{RefreshCounts, RefreshRound};
-pub use runs::{Holder, Liveness, RunEnd, RunInfo, RunStart};
-pub use summary::{ExportRow, Summary};
+pub use postgres::PostgresStore;
+pub use runs::{Holder, Liveness, Reclaimed, RunEnd, RunInfo, RunStart, Started};
+pub use summary::{DoneFile, ExportRow, FailedRow, StateCounts, Summary};
 
-static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+static ALL_MIGRATIONS: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+
+/// SQLite's migrations: the numbered folders. `postgres/` holds PostgreSQL's.
+static MIGRATIONS_DIR: LazyLock<Dir<'static>> = LazyLock::new(|| {
+    let entries: Vec<DirEntry<'static>> = ALL_MIGRATIONS
+        .entries()
+        .iter()
+        .filter(|entry| entry.path() != Path::new("postgres"))
+        .cloned()
+        .collect();
+    Dir::new("", Box::leak(entries.into_boxed_slice()))
+});
 
 static MIGRATIONS: LazyLock<Result<Migrations<'static>, String>> =
     LazyLock::new(|| Migrations::from_directory(&MIGRATIONS_DIR).map_err(|e| e.to_string()));

@@ -8,9 +8,10 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use rusqlite::{OptionalExtension, Transaction, params};
 
+use super::backend::{ClaimKey, Lease, RunId};
 use super::{Store, now_ms};
 
 /// A URL claimed by a run.
@@ -36,6 +37,18 @@ pub struct Claim {
     /// The validators stored with the done body, sent as `If-None-Match`
     /// and `If-Modified-Since` by a refresh.
     pub validators: Validators,
+    /// The run's hold on the row, which every outcome carries back.
+    pub lease: Lease,
+}
+
+impl Claim {
+    /// What an outcome of this claim names it by.
+    pub fn key(&self) -> ClaimKey {
+        ClaimKey {
+            id: self.id,
+            lease: self.lease,
+        }
+    }
 }
 
 /// A body's `ETag` and `Last-Modified`, as the server sent them.
@@ -95,6 +108,8 @@ pub struct NewUrl<'a> {
     pub request_hash: &'a str,
     pub host: &'a str,
     pub path: &'a str,
+    /// The file name was given by the user, not made from the URL.
+    pub named: bool,
 }
 
 /// What became of a claimed URL.
@@ -102,7 +117,7 @@ pub struct NewUrl<'a> {
 pub enum Completion {
     /// The body is in its final file, and that file is durable.
     Done {
-        id: i64,
+        key: ClaimKey,
         status: u16,
         bytes: u64,
         sha256: [u8; 32],
@@ -112,14 +127,14 @@ pub enum Completion {
     /// A refresh found the body unchanged (a 304, or the same sha256): the
     /// file stays as it is.
     Unchanged {
-        id: i64,
+        key: ClaimKey,
         status: u16,
         millis: u32,
         validators: Validators,
     },
     /// A retryable failure: back to pending until `next_attempt_at`.
     Retry {
-        id: i64,
+        key: ClaimKey,
         status: Option<u16>,
         error: String,
         next_attempt_at: i64,
@@ -127,15 +142,15 @@ pub enum Completion {
     },
     /// A permanent failure, or the last attempt failed.
     Failed {
-        id: i64,
+        key: ClaimKey,
         status: Option<u16>,
         error: String,
         millis: u32,
     },
     /// The attempt was cut short by a shutdown: back to pending, budget kept.
-    Interrupted { id: i64 },
+    Interrupted { key: ClaimKey },
     /// Claimed but never started: back to pending, nothing recorded.
-    Unstarted { id: i64 },
+    Unstarted { key: ClaimKey },
 }
 
 impl Completion {
@@ -150,15 +165,31 @@ impl Completion {
         }
     }
 
-    pub fn id(&self) -> i64 {
+    /// For an attempt that reached an end, its HTTP status (None when no
+    /// answer came: a reset, a timeout).
+    pub fn answer(&self) -> Option<Option<u16>> {
         match *self {
-            Completion::Done { id, .. }
-            | Completion::Unchanged { id, .. }
-            | Completion::Retry { id, .. }
-            | Completion::Failed { id, .. }
-            | Completion::Interrupted { id }
-            | Completion::Unstarted { id } => id,
+            Completion::Done { status, .. } | Completion::Unchanged { status, .. } => {
+                Some(Some(status))
+            }
+            Completion::Retry { status, .. } | Completion::Failed { status, .. } => Some(status),
+            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
         }
+    }
+
+    pub fn key(&self) -> ClaimKey {
+        match *self {
+            Completion::Done { key, .. }
+            | Completion::Unchanged { key, .. }
+            | Completion::Retry { key, .. }
+            | Completion::Failed { key, .. }
+            | Completion::Interrupted { key }
+            | Completion::Unstarted { key } => key,
+        }
+    }
+
+    pub fn id(&self) -> i64 {
+        self.key().id
     }
 }
 
@@ -183,17 +214,14 @@ impl ImportBatch<'_> {
     /// where another name needs a folder, would make two URLs share a path;
     /// and the same request under another name would be dropped as a
     /// duplicate, leaving the name the user asked for without its file.
-    pub fn insert(&self, new: &NewUrl<'_>, named: bool) -> Result<InsertResult> {
-        if named {
+    pub fn insert(&self, new: &NewUrl<'_>) -> Result<InsertResult> {
+        if new.named {
             if let Some(existing) = self.path_of(new)? {
                 if existing == new.path {
                     return Ok(InsertResult::Duplicate);
                 }
-                return Ok(InsertResult::NameTaken(format!(
-                    "the same request is already imported with the name {existing:?}, \
-                     not {:?}: one request is one job and one file (drop this line, or \
-                     make its request differ)",
-                    new.path
+                return Ok(InsertResult::NameTaken(same_request_message(
+                    &existing, new.path,
                 )));
             }
             if let Some(clash) = self.name_clash(new.path)? {
@@ -218,10 +246,7 @@ impl ImportBatch<'_> {
             Ok(1) => Ok(InsertResult::Inserted),
             Ok(_) => Ok(InsertResult::Duplicate),
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                Ok(InsertResult::NameTaken(format!(
-                    "\"name\" {:?} is already used by another URL",
-                    new.path
-                )))
+                Ok(InsertResult::NameTaken(name_used_message(new.path)))
             }
             Err(e) => Err(e.into()),
         }
@@ -247,9 +272,7 @@ impl ImportBatch<'_> {
                 .query_row([&folder], |row| row.get(0))
                 .optional()?;
             if taken.is_some() {
-                return Ok(Some(format!(
-                    "\"name\" {path:?} needs a folder {folder:?}, which is another URL's file"
-                )));
+                return Ok(Some(needs_folder_message(path, &folder)));
             }
         }
         // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
@@ -260,13 +283,44 @@ impl ImportBatch<'_> {
                 row.get(0)
             })
             .optional()?;
-        Ok(inside
-            .map(|other| format!("\"name\" {path:?} is a folder of another URL's file {other:?}")))
+        Ok(inside.map(|other| folder_of_file_message(path, &other)))
     }
 
     pub fn commit(self) -> Result<()> {
         Ok(self.tx.commit()?)
     }
+}
+
+/// Why a run stops when another run took its rows back.
+pub(crate) fn taken_for_dead(run: i64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "run #{run} was taken for dead by another run, which gave its URLs to others (its \
+         heartbeat had not been renewed for too long); it stopped so that no URL is fetched \
+         twice. Run again to carry on"
+    )
+}
+
+/// A named line whose request is imported already under another name.
+pub(crate) fn same_request_message(existing: &str, path: &str) -> String {
+    format!(
+        "the same request is already imported with the name {existing:?}, not {path:?}: one \
+         request is one job and one file (drop this line, or make its request differ)"
+    )
+}
+
+/// A line whose file name another URL has.
+pub(crate) fn name_used_message(path: &str) -> String {
+    format!("\"name\" {path:?} is already used by another URL")
+}
+
+/// A named line whose file needs a folder where another URL's file is.
+pub(crate) fn needs_folder_message(path: &str, folder: &str) -> String {
+    format!("\"name\" {path:?} needs a folder {folder:?}, which is another URL's file")
+}
+
+/// A named line whose file would be a folder holding another URL's file.
+pub(crate) fn folder_of_file_message(path: &str, other: &str) -> String {
+    format!("\"name\" {path:?} is a folder of another URL's file {other:?}")
 }
 
 impl Store {
@@ -322,11 +376,7 @@ impl Store {
         count_host_answers(&tx, completions)?;
         if alive == 0 || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
-            bail!(
-                "run #{run} was taken for dead by another run, which gave its URLs to others \
-                 (its heartbeat had not been renewed for too long); it stopped so that no URL \
-                 is fetched twice. Run again to carry on"
-            );
+            return Err(taken_for_dead(run));
         }
         let claims = if claim > 0 {
             claim_due(&tx, run, now, claim, filter, work)?
@@ -434,9 +484,10 @@ fn record(
 ) -> Result<bool> {
     // Each statement ends in the same guard: the row is still ours.
     const GUARD: &str = "WHERE id = ?1 AND run_id = ?2 AND state = 'running'";
+    let id = completion.id();
     let changed = match completion {
         Completion::Done {
-            id,
+            key: _,
             status,
             bytes,
             sha256,
@@ -466,7 +517,7 @@ fn record(
             ])?
         }
         Completion::Unchanged {
-            id,
+            key: _,
             status: _,
             millis,
             validators,
@@ -490,12 +541,12 @@ fn record(
             ])?
         }
         Completion::Retry {
-            id,
+            key: _,
             status: _,
             error,
             next_attempt_at,
             millis,
-        } if refreshing(tx, *id)? => {
+        } if refreshing(tx, id)? => {
             // The old file stays done while its refresh waits for a retry.
             tally.retried += 1;
             tx.prepare_cached(&format!(
@@ -506,11 +557,11 @@ fn record(
             .execute(params![id, run, error, next_attempt_at, now, millis])?
         }
         Completion::Failed {
-            id,
+            key: _,
             status: _,
             error,
             millis,
-        } if refreshing(tx, *id)? => {
+        } if refreshing(tx, id)? => {
             // The refresh failed, not the URL: its file and done state stay.
             tally.failed += 1;
             tx.prepare_cached(&format!(
@@ -521,7 +572,7 @@ fn record(
             .execute(params![id, run, error, now, millis])?
         }
         Completion::Retry {
-            id,
+            key: _,
             status,
             error,
             next_attempt_at,
@@ -544,7 +595,7 @@ fn record(
             ])?
         }
         Completion::Failed {
-            id,
+            key: _,
             status,
             error,
             millis,
@@ -557,14 +608,14 @@ fn record(
             ))?
             .execute(params![id, run, status, error, now, millis])?
         }
-        Completion::Interrupted { id } => tx
+        Completion::Interrupted { .. } => tx
             .prepare_cached(&format!(
                 "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1,
                      updated_at = ?3
                  {GUARD}"
             ))?
             .execute(params![id, run, now])?,
-        Completion::Unstarted { id } => tx
+        Completion::Unstarted { .. } => tx
             .prepare_cached(&format!("UPDATE urls SET state = {UNCLAIMED} {GUARD}"))?
             .execute(params![id, run])?,
     };
@@ -603,15 +654,7 @@ pub fn bucket_floor(bucket: i64) -> f64 {
 fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Result<()> {
     let answers: Vec<(i64, Option<u16>)> = completions
         .iter()
-        .filter_map(|completion| match *completion {
-            Completion::Done { id, status, .. } | Completion::Unchanged { id, status, .. } => {
-                Some((id, Some(status)))
-            }
-            Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
-                Some((id, status))
-            }
-            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
-        })
+        .filter_map(|completion| Some((completion.id(), completion.answer()?)))
         .collect();
     if answers.is_empty() {
         return Ok(());
@@ -724,6 +767,11 @@ fn claim_due(
                 validators: Validators {
                     etag: row.get(9)?,
                     last_modified: row.get(10)?,
+                },
+                // One machine's runs are told apart by their id alone here.
+                lease: Lease {
+                    run: RunId(run),
+                    fence: 0,
                 },
             })
         };

@@ -123,6 +123,33 @@ impl ExportRow {
     ];
 }
 
+/// Percentiles of a duration histogram, (bucket, count) in bucket order.
+pub(crate) fn durations_of(buckets: &[(i64, i64)]) -> Option<Durations> {
+    let requests: i64 = buckets.iter().map(|(_, count)| count).sum();
+    if requests == 0 {
+        return None;
+    }
+    let percentile = |p: f64| {
+        let rank = (p * requests as f64).ceil().max(1.0) as i64;
+        let mut seen = 0;
+        for (bucket, count) in buckets {
+            seen += count;
+            if seen >= rank {
+                return bucket_floor(*bucket);
+            }
+        }
+        buckets
+            .last()
+            .map_or(0.0, |(bucket, _)| bucket_floor(*bucket))
+    };
+    Some(Durations {
+        requests,
+        p50_ms: percentile(0.50),
+        p95_ms: percentile(0.95),
+        p99_ms: percentile(0.99),
+    })
+}
+
 impl Store {
     /// Counts by state; cheap even on millions of rows, since both queries
     /// are answered by the (state, next_attempt_at) index.
@@ -302,29 +329,7 @@ impl Store {
             .prepare("SELECT bucket, count FROM durations ORDER BY bucket")?
             .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
-        let requests: i64 = buckets.iter().map(|(_, count)| count).sum();
-        if requests == 0 {
-            return Ok(None);
-        }
-        let percentile = |p: f64| {
-            let rank = (p * requests as f64).ceil().max(1.0) as i64;
-            let mut seen = 0;
-            for (bucket, count) in &buckets {
-                seen += count;
-                if seen >= rank {
-                    return bucket_floor(*bucket);
-                }
-            }
-            buckets
-                .last()
-                .map_or(0.0, |(bucket, _)| bucket_floor(*bucket))
-        };
-        Ok(Some(Durations {
-            requests,
-            p50_ms: percentile(0.50),
-            p95_ms: percentile(0.95),
-            p99_ms: percentile(0.99),
-        }))
+        Ok(durations_of(&buckets))
     }
 
     /// Calls `each` with every done URL's file record, in import order.
