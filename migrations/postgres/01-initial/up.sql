@@ -95,43 +95,73 @@ CREATE TABLE refresh_tallies (
 
 -- One function for inserts and updates (rows are never deleted): old rows count -1, new rows
 -- +1, one upsert per counter table for the whole statement, in key order so that two
--- transactions never take the same counters' locks in opposite orders.
+-- transactions never take the same counters' locks in opposite orders. Static SQL, so that
+-- its plans are kept; each trigger only runs the branch whose transition tables it has.
 CREATE FUNCTION tally_urls() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    source text := CASE TG_OP
-        WHEN 'INSERT' THEN 'SELECT *, 1 AS n FROM changed_new'
-        ELSE 'SELECT *, -1 AS n FROM changed_old UNION ALL SELECT *, 1 AS n FROM changed_new'
-    END;
 BEGIN
-    EXECUTE format($q$
+    IF TG_OP = 'INSERT' THEN
         INSERT INTO tallies AS t (slot, host, state, status, rows, bytes)
         SELECT pg_backend_pid(), host, state, coalesce(http_status, 0), sum(n),
                sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
-        FROM (%s) AS d
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
         GROUP BY 2, 3, 4
-        HAVING sum(n) <> 0 OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
+        HAVING sum(n) <> 0
+            OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
         ORDER BY 2, 3, 4
         ON CONFLICT (slot, host, state, status)
-        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes
-    $q$, source);
-    EXECUTE format($q$
+        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
         INSERT INTO error_tallies AS t (slot, error, rows, example)
         SELECT pg_backend_pid(), error, sum(n), min(url)
-        FROM (%s) AS d
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
         WHERE state <> 'done' AND error IS NOT NULL
         GROUP BY 2 HAVING sum(n) <> 0
         ORDER BY 2
-        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows
-    $q$, source);
-    EXECUTE format($q$
+        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows;
         INSERT INTO refresh_tallies AS t (slot, round, refresh, rows)
         SELECT pg_backend_pid(), refresh_round, coalesce(refresh, ''), sum(n)
-        FROM (%s) AS d
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
         WHERE refresh_round IS NOT NULL
         GROUP BY 2, 3 HAVING sum(n) <> 0
         ORDER BY 2, 3
-        ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows
-    $q$, source);
+        ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
+    ELSE
+        INSERT INTO tallies AS t (slot, host, state, status, rows, bytes)
+        SELECT pg_backend_pid(), host, state, coalesce(http_status, 0), sum(n),
+               sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+              FROM changed_old
+              UNION ALL
+              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
+              FROM changed_new) AS d
+        GROUP BY 2, 3, 4
+        HAVING sum(n) <> 0
+            OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
+        ORDER BY 2, 3, 4
+        ON CONFLICT (slot, host, state, status)
+        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
+        INSERT INTO error_tallies AS t (slot, error, rows, example)
+        SELECT pg_backend_pid(), error, sum(n), min(url)
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+              FROM changed_old
+              UNION ALL
+              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
+              FROM changed_new) AS d
+        WHERE state <> 'done' AND error IS NOT NULL
+        GROUP BY 2 HAVING sum(n) <> 0
+        ORDER BY 2
+        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows;
+        INSERT INTO refresh_tallies AS t (slot, round, refresh, rows)
+        SELECT pg_backend_pid(), refresh_round, coalesce(refresh, ''), sum(n)
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+              FROM changed_old
+              UNION ALL
+              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
+              FROM changed_new) AS d
+        WHERE refresh_round IS NOT NULL
+        GROUP BY 2, 3 HAVING sum(n) <> 0
+        ORDER BY 2, 3
+        ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
+    END IF;
     RETURN NULL;
 END $$;
 

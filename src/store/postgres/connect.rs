@@ -139,9 +139,12 @@ pub fn connect(url: &str, lock_wait: Duration) -> Result<Client> {
         )
     })?;
     let wait = lock_wait.as_millis().max(1);
+    // Plans made for each batch's own arrays and limits: a generic plan
+    // guesses their sizes and may scan where an index finds a batch.
     client
         .batch_execute(&format!(
-            "SET lock_timeout = '{wait}ms'; SET TIME ZONE 'UTC'; SET client_min_messages = warning"
+            "SET lock_timeout = '{wait}ms'; SET TIME ZONE 'UTC'; SET client_min_messages = warning;
+             SET plan_cache_mode = force_custom_plan"
         ))
         .at(&name)?;
     Ok(client)

@@ -46,6 +46,9 @@ impl PostgresStore {
                 .at(name)?;
         }
         writer.finish().at(name)?;
+        // Temporary tables are never analyzed by themselves: without it, the
+        // results below are matched to their lines by a nested loop.
+        tx.batch_execute("ANALYZE import_staging").at(name)?;
         let mut results = vec![InsertResult::Duplicate; batch.len()];
         let mut start = 0;
         while start < batch.len() {

@@ -24,7 +24,9 @@ pub(super) const UNCLAIMED: &str = "CASE WHEN u.refresh = 'pending' THEN 'done' 
 const GUARD: &str = "u.id = c.id AND u.run_id = $1 AND u.fence = c.fence AND u.state = 'running'";
 
 /// Retries that are due first (the latest due first, as SQLite picks them),
-/// then rows never tried in import order; `$4` lists hosts to skip.
+/// then rows never tried in import order; `$4` lists hosts to skip. Both
+/// walk the partial index of pending rows in its own order (ordering new
+/// rows by id alone would walk the primary key past every done row).
 const CLAIM_FETCH: &str = "WITH retries AS (
         SELECT id FROM urls
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
@@ -33,7 +35,8 @@ const CLAIM_FETCH: &str = "WITH retries AS (
     fresh AS (
         SELECT id FROM urls
         WHERE state = 'pending' AND next_attempt_at = 0 AND NOT (host = ANY($4))
-        ORDER BY id LIMIT $3 - (SELECT count(*) FROM retries) FOR UPDATE SKIP LOCKED),
+        ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
+        FOR UPDATE SKIP LOCKED),
     picked AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
@@ -80,7 +83,7 @@ impl PostgresStore {
             // Dropping the transaction keeps nothing of it.
             return Err(taken_for_dead(run.0));
         }
-        count_answers(&mut tx, completions, name)?;
+        count_durations(&mut tx, completions, name)?;
         let claims = if claim > 0 {
             claim_due(&mut tx, run, now, claim, filter, work, lease_ms, name)?
         } else {
@@ -288,9 +291,13 @@ fn record(
                 done.validators(validators);
             }
             Completion::Unchanged {
-                millis, validators, ..
+                status,
+                millis,
+                validators,
+                ..
             } => {
                 unchanged.key(key.id, key.lease);
+                unchanged.status.push(Some(i32::from(*status)));
                 unchanged.millis.push(i64::from(*millis));
                 unchanged.validators(validators);
             }
@@ -323,12 +330,26 @@ fn record(
         }
     }
     let mut recorded = 0;
-    let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
-        recorded += tx.execute(sql.as_str(), params).at(name)?;
+    // Attempts that reached an end also count as their host's answers, in
+    // the same statement: the updated rows say which host they belong to.
+    let mut answered = |update: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
+        let sql = format!(
+            "WITH updated AS ({update} RETURNING u.host, c.status),
+             answered AS (
+                 INSERT INTO host_answers AS h (slot, host, answers, status_429, status_503)
+                 SELECT pg_backend_pid(), host, count(*), count(*) FILTER (WHERE status = 429),
+                        count(*) FILTER (WHERE status = 503)
+                 FROM updated GROUP BY host ORDER BY host
+                 ON CONFLICT (slot, host) DO UPDATE SET answers = h.answers + excluded.answers,
+                     status_429 = h.status_429 + excluded.status_429,
+                     status_503 = h.status_503 + excluded.status_503)
+             SELECT count(*) FROM updated"
+        );
+        recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
         Ok(())
     };
     if !done.ids.is_empty() {
-        apply(
+        answered(
             format!(
                 "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
                      http_status = c.status, bytes = c.bytes, sha256 = c.sha256, error = NULL,
@@ -357,15 +378,16 @@ fn record(
     }
     if !unchanged.ids.is_empty() {
         // A 304 may carry newer validators; it need not repeat them.
-        apply(
+        answered(
             format!(
                 "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = coalesce(c.etag, u.etag),
                      last_modified = coalesce(c.last_modified, u.last_modified),
                      fetched_at = $2, refresh = 'unchanged', refresh_error = NULL
-                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::text[])
-                      AS c(id, fence, millis, etag, last_modified)
+                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::text[],
+                             $8::integer[])
+                      AS c(id, fence, millis, etag, last_modified, status)
                  WHERE {GUARD}"
             ),
             &[
@@ -376,13 +398,14 @@ fn record(
                 &unchanged.millis,
                 &unchanged.etag,
                 &unchanged.last_modified,
+                &unchanged.status,
             ],
         )?;
     }
     if !retry.ids.is_empty() {
         // A row being refreshed stays done with its old file while its
         // refresh waits for the retry; the URL's own status and error stay.
-        apply(
+        answered(
             format!(
                 "UPDATE urls u SET
                      state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'pending' END,
@@ -413,7 +436,7 @@ fn record(
     }
     if !failed.ids.is_empty() {
         // A failed refresh fails the refresh, not the URL: its file stays.
-        apply(
+        answered(
             format!(
                 "UPDATE urls u SET
                      state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'failed' END,
@@ -442,6 +465,10 @@ fn record(
             ],
         )?;
     }
+    let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
+        recorded += tx.execute(sql.as_str(), params).at(name)?;
+        Ok(())
+    };
     if !interrupted.ids.is_empty() {
         apply(
             format!(
@@ -493,9 +520,13 @@ impl Columns {
     }
 }
 
-/// The duration histogram and each host's answers, 429s and 503s, in the
-/// connection's own slot: runs never wait on each other's counters.
-fn count_answers(tx: &mut Transaction<'_>, completions: &[Completion], name: &str) -> Result<()> {
+/// The duration histogram, in the connection's own slot: runs never wait
+/// on each other's counters.
+fn count_durations(
+    tx: &mut Transaction<'_>,
+    completions: &[Completion],
+    name: &str,
+) -> Result<()> {
     let buckets: Vec<i32> = completions
         .iter()
         .filter_map(|c| c.millis())
@@ -508,25 +539,6 @@ fn count_answers(tx: &mut Transaction<'_>, completions: &[Completion], name: &st
              GROUP BY b ORDER BY b
              ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count",
             &[&buckets],
-        )
-        .at(name)?;
-    }
-    let (ids, statuses): (Vec<i64>, Vec<Option<i32>>) = completions
-        .iter()
-        .filter_map(|c| Some((c.id(), c.answer()?.map(i32::from))))
-        .unzip();
-    if !ids.is_empty() {
-        tx.execute(
-            "INSERT INTO host_answers AS h (slot, host, answers, status_429, status_503)
-             SELECT pg_backend_pid(), u.host, count(*),
-                    count(*) FILTER (WHERE a.status = 429), count(*) FILTER (WHERE a.status = 503)
-             FROM unnest($1::bigint[], $2::integer[]) AS a(id, status)
-             JOIN urls u ON u.id = a.id
-             GROUP BY u.host ORDER BY u.host
-             ON CONFLICT (slot, host) DO UPDATE SET answers = h.answers + excluded.answers,
-                 status_429 = h.status_429 + excluded.status_429,
-                 status_503 = h.status_503 + excluded.status_503",
-            &[&ids, &statuses],
         )
         .at(name)?;
     }
@@ -548,13 +560,15 @@ fn claim_due(
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
     };
+    // `= ANY(ARRAY(…))` finds the picked rows by primary key; a join with
+    // the pick is planned for far more rows than a batch, as a scan.
     let rows = tx
         .query(
             &format!(
                 "{pick}
                  UPDATE urls u SET state = 'running', run_id = $1, fence = u.fence + 1,
                      lease_until = {SERVER_NOW} + $5
-                 FROM picked WHERE u.id = picked.id
+                 WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
                  RETURNING u.id, u.url, u.request, u.path, u.attempts, u.bytes, u.sha256,
                      u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
                      u.fence"

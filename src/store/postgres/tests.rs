@@ -162,7 +162,12 @@ fn claims_and_outcomes_keep_the_counters() -> Result<()> {
         .map(|e| (e.error.as_str(), e.count))
         .collect();
     assert_eq!(errors, [("HTTP 404", 1), ("HTTP 503", 1)]);
-    assert_eq!(summary.hosts.len(), 2);
+    let hosts: Vec<(&str, i64, i64, i64)> = summary
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.total, h.answers, h.status_503))
+        .collect();
+    assert_eq!(hosts, [("a", 3, 3, 1), ("b", 2, 0, 0)]);
     assert_eq!(summary.durations.map(|d| d.requests), Some(3));
     assert_eq!(store.requeue_failed(Some(404), None)?, 1);
     assert_eq!(counts(&store), (4, 0, 1, 0));
