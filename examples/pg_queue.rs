@@ -58,6 +58,7 @@ fn open(url: &str) -> Result<PostgresStore> {
         mode: Open::CreateIfMissing,
         lock_wait: Duration::from_secs(30),
         cache_kib: None,
+        lease: None,
     };
     PostgresStore::open(url, &options)
 }

@@ -146,6 +146,9 @@ pub struct OpenOptions {
     pub lock_wait: Duration,
     /// The page cache, where the backend has one to size.
     pub cache_kib: Option<u32>,
+    /// How long a run's heartbeat may be silent before other runs take its
+    /// rows (PostgreSQL; on SQLite a run's own machine tells at once).
+    pub lease: Option<Duration>,
 }
 
 /// Where the state lives, as `--db` or `JOBRUN_DB` says.

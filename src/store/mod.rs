@@ -12,9 +12,10 @@ mod postgres;
 mod queue;
 mod refresh;
 mod runs;
+mod sqlite_backend;
 mod summary;
 
-use std::fs::OpenOptions;
+
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, OnceLock};
@@ -29,6 +30,7 @@ pub use queue::{
     Claim, Completion, HostFilter, InsertResult, NewUrl, RowState, Validators, Work, bucket_floor,
 };
 pub use refresh::{RefreshCounts, RefreshRound};
+pub use backend::{Location, OpenOptions};
 pub use postgres::PostgresStore;
 pub use runs::{Holder, Liveness, Reclaimed, RunEnd, RunInfo, RunStart, Started};
 pub use summary::{DoneFile, ExportRow, FailedRow, StateCounts, Summary};
@@ -63,6 +65,18 @@ pub fn set_lock_wait(wait: Duration) {
 
 fn lock_wait() -> Duration {
     LOCK_WAIT.get().copied().unwrap_or(DEFAULT_LOCK_WAIT)
+}
+
+/// Opens the store `location` names: a SQLite file, or a PostgreSQL
+/// database shared by several machines.
+pub fn open(location: &Location, options: &OpenOptions) -> Result<Box<dyn backend::Store>> {
+    match location {
+        Location::Sqlite(path) => {
+            set_lock_wait(options.lock_wait);
+            Ok(Box::new(Store::open(path, options.mode)?))
+        }
+        Location::Postgres(url) => Ok(Box::new(PostgresStore::open(url, options)?)),
+    }
 }
 
 /// Whether opening may create the database, or write to it at all.
@@ -486,7 +500,7 @@ fn schema_version(conn: &Connection, path: &Path) -> Result<usize> {
 /// Creates an empty file readable and writable by its owner only, since URLs
 /// often carry API keys. SQLite gives its -wal and -shm files the same mode.
 fn create_private_file(path: &Path) -> Result<()> {
-    let mut options = OpenOptions::new();
+    let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);

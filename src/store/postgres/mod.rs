@@ -60,21 +60,28 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to the database at `url` and brings its schema up to date
     /// (`Open::ReadOnly`: checks it, changes nothing). A database without
-    /// jobrun's tables is refused unless `Open::CreateIfMissing`.
+    /// jobrun's tables is refused unless `Open::CreateIfMissing`. Runs
+    /// started through it hold the lease `options` give, else the job's
+    /// setting `lease`, else 30 s.
     pub fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore> {
         let name = without_password(url);
         let mut client = connect::connect(url, options.lock_wait)?;
         connect::check_schema(&mut client, &name, options.mode)?;
-        Ok(PostgresStore {
+        let mut store = PostgresStore {
             client: RefCell::new(client),
             name,
             lease: DEFAULT_LEASE,
-        })
-    }
-
-    /// The lease of runs this store starts from now on.
-    pub fn set_lease(&mut self, lease: Duration) {
-        self.lease = lease;
+        };
+        store.lease = match options.lease {
+            Some(lease) => lease,
+            None => match store.get_setting("lease")? {
+                Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                    anyhow!("the setting lease = {text:?} in {} is not a duration: {e}", store.name)
+                })?,
+                None => DEFAULT_LEASE,
+            },
+        };
+        Ok(store)
     }
 
     fn lease_ms(&self) -> i64 {

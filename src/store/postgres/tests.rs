@@ -37,10 +37,15 @@ impl Schema {
     }
 
     pub(crate) fn open(&self) -> PostgresStore {
+        self.open_with_lease(None)
+    }
+
+    pub(crate) fn open_with_lease(&self, lease: Option<Duration>) -> PostgresStore {
         let options = OpenOptions {
             mode: Open::CreateIfMissing,
             lock_wait: Duration::from_secs(5),
             cache_kib: None,
+            lease,
         };
         PostgresStore::open(&self.url, &options).unwrap()
     }
@@ -221,8 +226,7 @@ fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Re
 #[test]
 fn a_run_silent_past_its_lease_loses_its_rows_to_another() -> Result<()> {
     let schema = Schema::new();
-    let mut first = schema.open();
-    first.set_lease(Duration::from_millis(1));
+    let mut first = schema.open_with_lease(Some(Duration::from_millis(1)));
     import(&mut first, &[("a1", "a"), ("a2", "a")]);
     let run = RunId(first.start_run(&me(1), &alive)?.id);
     let claims = claim(&mut first, run, 2);
@@ -341,6 +345,7 @@ fn settings_keep_their_first_value_and_schemas_are_checked() -> Result<()> {
         mode: Open::MustExist,
         lock_wait: Duration::from_secs(5),
         cache_kib: None,
+        lease: None,
     };
     let error = PostgresStore::open(&empty.url, &options).err().unwrap();
     assert!(error.to_string().contains("holds no jobrun data"), "{error:#}");
