@@ -9,16 +9,17 @@ use anyhow::Result;
 use crate::cli::{ExportArgs, ExportFormat};
 use crate::commands::Status;
 use crate::commands::run::out_dir_of;
-use crate::store::{ExportRow, Open, Store};
+use crate::commands::open_store;
+use crate::store::{ExportRow, Open};
 
 pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
-    let store = Store::open(db, Open::ReadOnly)?;
-    let out_dir = out_dir_of(&store, db)?;
+    let store = open_store(db, Open::ReadOnly, None)?;
+    let out_dir = out_dir_of(store.as_ref(), db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {
             let mut writer = BufWriter::new(stdout);
-            store.export(|mut row| {
+            store.export(&mut |mut row| {
                 row.path = out_dir.join(&row.path).display().to_string();
                 serde_json::to_writer(&mut writer, &row)?;
                 writer.write_all(b"\n")?;
@@ -33,7 +34,7 @@ pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
                 .has_headers(false)
                 .from_writer(stdout);
             writer.write_record(ExportRow::FIELDS)?;
-            store.export(|mut row| {
+            store.export(&mut |mut row| {
                 row.path = out_dir.join(&row.path).display().to_string();
                 Ok(writer.serialize(row)?)
             })?;

@@ -19,9 +19,10 @@ use reqwest::Url;
 use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
-use crate::commands::{Status, thousands};
+use crate::commands::{Status, open_store, thousands};
 use crate::request::RequestSpec;
-use crate::store::{InsertResult, NewUrl, Open, Store, unix_ms};
+use crate::store::backend::Store;
+use crate::store::{InsertResult, NewUrl, Open, unix_ms};
 use crate::urlfile::{self, Entry, Format, Line};
 
 /// URLs per transaction: big enough to be fast, small enough that a run
@@ -84,14 +85,14 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     } else {
         format!(".{}", args.ext)
     };
-    let mut store = Store::open(db, Open::CreateIfMissing)?;
+    let mut store = open_store(db, Open::CreateIfMissing, None)?;
     let format = match args.format {
         ImportFormat::Auto => None,
         ImportFormat::Lines => Some(Format::Lines),
         ImportFormat::Jsonl => Some(Format::JsonLines),
     };
     store.expect_bulk_writes()?;
-    let counts = import(&mut store, input, &name, suffix, format)?;
+    let counts = import(store.as_mut(), input, &name, suffix, format)?;
     if counts.rejected > MAX_SHOWN {
         tracing::info!(
             "{name}: {} more rejected lines not shown",
@@ -100,7 +101,7 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     }
     tracing::info!(
         "{}: {} imported, {} duplicate, {} rejected",
-        db.display(),
+        store.describe(),
         thousands(counts.imported),
         thousands(counts.duplicate),
         thousands(counts.rejected)
@@ -115,7 +116,7 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
 /// Writes what the reading thread parses, a batch per transaction. A read
 /// error ends the import after what came before it is written.
 fn import(
-    store: &mut Store,
+    store: &mut dyn Store,
     input: Input,
     name: &str,
     suffix: String,
@@ -164,7 +165,7 @@ fn import(
 /// Writes `batch` in one transaction, and says which lines were rejected,
 /// in order.
 fn write_batch(
-    store: &mut Store,
+    store: &mut dyn Store,
     batch: &mut Vec<Parsed>,
     name: &str,
     counts: &mut Counts,
@@ -172,7 +173,21 @@ fn write_batch(
     if batch.is_empty() {
         return Ok(());
     }
-    let writer = store.import_batch()?;
+    let new: Vec<NewUrl<'_>> = batch
+        .iter()
+        .filter_map(|parsed| match parsed {
+            Parsed::Entry { row, .. } => Some(NewUrl {
+                url: row.url.as_str(),
+                request: row.request.as_deref(),
+                request_hash: &row.request_hash,
+                host: &row.host,
+                path: &row.path,
+                named: row.named,
+            }),
+            Parsed::Reject { .. } => None,
+        })
+        .collect();
+    let mut results = store.import(&new)?.into_iter();
     let mut reject = |line: u64, reason: &str| {
         counts.rejected += 1;
         if counts.rejected <= MAX_SHOWN {
@@ -182,24 +197,15 @@ fn write_batch(
     for parsed in batch.drain(..) {
         match parsed {
             Parsed::Reject { line, reason } => reject(line, &reason),
-            Parsed::Entry { line, row } => {
-                let new = NewUrl {
-                    url: row.url.as_str(),
-                    request: row.request.as_deref(),
-                    request_hash: &row.request_hash,
-                    host: &row.host,
-                    path: &row.path,
-                    named: row.named,
-                };
-                match writer.insert(&new)? {
-                    InsertResult::Inserted => counts.imported += 1,
-                    InsertResult::Duplicate => counts.duplicate += 1,
-                    InsertResult::NameTaken(reason) => reject(line, &reason),
-                }
-            }
+            Parsed::Entry { line, .. } => match results.next() {
+                Some(InsertResult::Inserted) => counts.imported += 1,
+                Some(InsertResult::Duplicate) => counts.duplicate += 1,
+                Some(InsertResult::NameTaken(reason)) => reject(line, &reason),
+                None => anyhow::bail!("the store answered for fewer lines than it was given"),
+            },
         }
     }
-    writer.commit()
+    Ok(())
 }
 
 /// The reading thread: parses the list and hands the lines over in chunks,

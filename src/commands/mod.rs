@@ -12,13 +12,17 @@ mod run;
 mod verify;
 
 use std::io::IsTerminal;
+use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::CommandFactory;
 
 use crate::cli::{Cli, Command, LogFormat};
 use crate::progress::Display;
+use crate::store::backend::Store;
+use crate::store::{Location, Open, OpenOptions};
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +78,19 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
         }
         Command::Man(args) => man::run(args),
     }
+}
+
+/// Opens the store `--db` names: a SQLite file, or a PostgreSQL database
+/// (`postgres://…`) that runs on several machines share. `lease` is how
+/// long a run's heartbeat may be silent before others take its URLs.
+pub fn open_store(db: &Path, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
+    let options = OpenOptions {
+        mode,
+        lock_wait: crate::store::lock_wait(),
+        cache_kib: None,
+        lease,
+    };
+    crate::store::open(&Location::parse(db)?, &options)
 }
 
 /// A bar on a terminal, status lines elsewhere, nothing when quiet.

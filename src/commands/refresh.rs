@@ -9,7 +9,8 @@ use crate::cli::RefreshArgs;
 use crate::commands::{Status, thousands};
 use crate::progress::Display;
 use crate::runner;
-use crate::store::{Open, RefreshRound, RunEnd, Store, Work, now_ms};
+use crate::commands::open_store;
+use crate::store::{Open, RefreshRound, RunEnd, Work, now_ms};
 
 use super::run::prepare;
 
@@ -40,7 +41,7 @@ pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
     }
     let totals = runner::execute(store, plan)?;
 
-    let round = Store::open(db, Open::MustExist)?
+    let round = open_store(db, Open::MustExist, None)?
         .refresh_counts()?
         .unwrap_or_default();
     tracing::info!(

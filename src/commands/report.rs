@@ -12,10 +12,11 @@ use serde::Serialize;
 
 use crate::cli::ReportArgs;
 use crate::commands::run::OUT_DIR_KEY;
-use crate::commands::{Status, human_bytes, thousands};
+use crate::commands::{Status, human_bytes, open_store, thousands};
 use crate::process;
 use crate::redact::redact_url;
-use crate::store::{Liveness, Open, RefreshCounts, RunInfo, Store, Summary, now_ms};
+use crate::store::backend::Store;
+use crate::store::{Liveness, Open, RefreshCounts, RunInfo, Summary, now_ms};
 
 /// How many distinct errors the report lists.
 const TOP_ERRORS: usize = 10;
@@ -57,9 +58,9 @@ struct RunView {
 }
 
 pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
-    let store = Store::open(db, Open::ReadOnly)?;
+    let store = open_store(db, Open::ReadOnly, None)?;
     if args.failed {
-        return list_failed(&store, args.json);
+        return list_failed(store.as_ref(), args.json);
     }
     let mut summary = store.summary(TOP_ERRORS)?;
     for error in &mut summary.errors {
@@ -75,7 +76,7 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
         .map(|(i, run)| view(run, &me, now, i == 0 && unfinished))
         .collect();
     let report = Report {
-        database: db.to_path_buf(),
+        database: PathBuf::from(store.describe()),
         out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
         summary,
         refresh: store.refresh_counts()?,
@@ -90,9 +91,9 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
     Ok(Status::Success)
 }
 
-fn list_failed(store: &Store, json: bool) -> Result<Status> {
+fn list_failed(store: &dyn Store, json: bool) -> Result<Status> {
     let mut out = BufWriter::new(std::io::stdout().lock());
-    store.failed(|mut row| {
+    store.failed(&mut |mut row| {
         row.url = redact_url(&row.url).into_owned();
         if json {
             serde_json::to_writer(&mut out, &row)?;

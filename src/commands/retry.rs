@@ -6,11 +6,11 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::cli::RetryArgs;
-use crate::commands::{Status, thousands};
-use crate::store::{Open, Store};
+use crate::commands::{Status, open_store, thousands};
+use crate::store::Open;
 
 pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
-    let mut store = Store::open(db, Open::MustExist)?;
+    let mut store = open_store(db, Open::MustExist, None)?;
     let requeued = store.requeue_failed(args.status, args.error.as_deref())?;
     let which = match (args.status, &args.error) {
         (None, None) => String::new(),
@@ -22,10 +22,10 @@ pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
     };
     tracing::info!(
         "{} failed URLs{which} are pending again, each with a fresh retry budget",
-        thousands(requeued as i64)
+        thousands(requeued)
     );
     if requeued > 0 {
-        tracing::info!("fetch them with `jobrun --db {} run`", db.display());
+        tracing::info!("fetch them with `jobrun --db {} run`", store.describe());
     }
     Ok(Status::Success)
 }

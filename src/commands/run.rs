@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
-use crate::commands::{Status, human_bytes, thousands};
+use crate::commands::{Status, human_bytes, open_store, thousands};
 use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
 use crate::metrics;
@@ -15,7 +15,9 @@ use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan};
-use crate::store::{Open, RunEnd, Store, Work};
+use crate::redact::redact_url;
+use crate::store::backend::Store;
+use crate::store::{Location, Open, RunEnd, Work};
 use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
@@ -26,7 +28,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
     let out_dir = plan.out_dir.clone();
     let totals = runner::execute(store, plan)?;
 
-    let counts = Store::open(db, Open::MustExist)?.state_counts()?;
+    let counts = open_store(db, Open::MustExist, None)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
     tracing::info!(
@@ -68,7 +70,7 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
 
 /// Checks `run`'s options and opens the database and the output folder for
 /// a run that does `work`; `refresh` takes the same options.
-pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Store, RunPlan)> {
+pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Box<dyn Store>, RunPlan)> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
@@ -86,13 +88,20 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
         }
         None => None,
     };
-    let mut store = Store::open(db, Open::MustExist)?;
-    let out_dir = settle_out_dir(&mut store, db, args.out.as_deref())?;
+    let mut store = open_store(db, Open::MustExist, args.lease)?;
+    let out_dir = settle_out_dir(store.as_mut(), db, args.out.as_deref())?;
+    let lease = match args.lease {
+        Some(lease) => Some(lease),
+        None => store
+            .setting("lease")?
+            .and_then(|text| humantime::parse_duration(&text).ok()),
+    };
     let plan = RunPlan {
         out_dir: out_dir.clone(),
         db: db.to_path_buf(),
         workers: args.workers,
         work,
+        lease,
         fetch: FetchOptions {
             headers,
             timeout: args.timeout,
@@ -128,9 +137,10 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
 /// The output folder: the one recorded in the database, else `--out`, else
 /// `out` beside the database; recorded on first use, once: of two first
 /// runs racing with different folders, the second is refused.
-fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
+fn settle_out_dir(store: &mut dyn Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
     let requested = requested.map(absolute).transpose()?;
-    let recorded = match store.setting(OUT_DIR_KEY)? {
+    let key = out_dir_key(db)?;
+    let recorded = match store.setting(&key)? {
         Some(recorded) => PathBuf::from(recorded),
         None => {
             let chosen = match &requested {
@@ -143,7 +153,7 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
             // A folder that cannot be one (a file, say) must not be
             // recorded: the user could then never choose another.
             let holds =
-                store.setting_or_insert(OUT_DIR_KEY, text, || output::ensure_folder(&chosen))?;
+                store.setting_or_insert(&key, text, &mut || output::ensure_folder(&chosen))?;
             let holds = PathBuf::from(holds);
             if same_place(&holds, &chosen) {
                 return Ok(holds);
@@ -155,10 +165,11 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
         && !same_place(&requested, &recorded)
     {
         bail!(
-            "{} writes its files to {} (recorded on its first run), not {}. \
+            "{} writes its files to {} (recorded on its first run{}), not {}. \
              Run without --out, or use another database for another folder",
-            db.display(),
+            store.describe(),
             recorded.display(),
+            if key == OUT_DIR_KEY { "" } else { " on this machine" },
             requested.display()
         );
     }
@@ -166,15 +177,29 @@ fn settle_out_dir(store: &mut Store, db: &Path, requested: Option<&Path>) -> Res
 }
 
 /// The output folder as recorded, or where the first run will put it.
-pub fn out_dir_of(store: &Store, db: &Path) -> Result<PathBuf> {
-    match store.setting(OUT_DIR_KEY)? {
+pub fn out_dir_of(store: &dyn Store, db: &Path) -> Result<PathBuf> {
+    match store.setting(&out_dir_key(db)?)? {
         Some(dir) => Ok(PathBuf::from(dir)),
         None => default_out_dir(db),
     }
 }
 
+/// The settings key of the output folder: one for the job on SQLite; one
+/// per machine on PostgreSQL, where each machine writes to its own folder.
+fn out_dir_key(db: &Path) -> Result<String> {
+    Ok(match Location::parse(db)? {
+        Location::Sqlite(_) => OUT_DIR_KEY.to_string(),
+        Location::Postgres(_) => format!("{OUT_DIR_KEY}@{}", crate::process::hostname()),
+    })
+}
+
+/// `out` beside a database file; `out` in the current folder for a
+/// database on a server.
 fn default_out_dir(db: &Path) -> Result<PathBuf> {
-    absolute(&db.parent().unwrap_or(Path::new(".")).join("out"))
+    match Location::parse(db)? {
+        Location::Sqlite(_) => absolute(&db.parent().unwrap_or(Path::new(".")).join("out")),
+        Location::Postgres(_) => absolute(Path::new("out")),
+    }
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {
@@ -202,7 +227,7 @@ fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
     let mut words = vec![
         "jobrun".to_string(),
         "--db".into(),
-        shell_quote(&db.display().to_string()),
+        shell_quote(&redact_url(&db.display().to_string())),
     ];
     let mut args = args.peekable();
     while let Some(arg) = args.next() {

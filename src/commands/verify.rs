@@ -11,23 +11,21 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
 use crate::commands::run::out_dir_of;
-use crate::commands::{Status, thousands};
+use crate::commands::{Status, open_store, thousands};
 use crate::redact::redact_url;
-use crate::store::{Open, Store};
+use crate::store::Open;
 
 pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
-    let mut store = Store::open(
-        db,
-        if args.requeue {
-            Open::MustExist
-        } else {
-            Open::ReadOnly
-        },
-    )?;
-    let out_dir = out_dir_of(&store, db)?;
+    let mode = if args.requeue {
+        Open::MustExist
+    } else {
+        Open::ReadOnly
+    };
+    let mut store = open_store(db, mode, None)?;
+    let out_dir = out_dir_of(store.as_ref(), db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();
-    store.done_files(|file| {
+    store.done_files(&mut |file| {
         checked += 1;
         let path = out_dir.join(&file.path);
         if let Some(problem) = check(&path, file.bytes, &file.sha256)? {
@@ -49,7 +47,7 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
         tracing::info!(
             "{} URLs are pending again; fetch them with `jobrun --db {} run`",
             thousands(bad.len() as i64),
-            db.display()
+            store.describe()
         );
     } else {
         tracing::info!("`jobrun verify --requeue` sends them back to pending to fetch again");

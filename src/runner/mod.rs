@@ -28,7 +28,8 @@ use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
 use crate::progress::{self, Counters};
-use crate::store::{Claim, Completion, RunEnd, Store, Work, now_ms};
+use crate::store::backend::{RunId, Store};
+use crate::store::{Claim, Completion, RunEnd, Work, now_ms};
 
 use dispatch::{DispatchChannels, Dispatcher};
 use owner::{Owner, OwnerChannels};
@@ -75,6 +76,8 @@ pub struct RunPlan {
     pub workers: usize,
     /// Rows to fetch, or done rows to refresh.
     pub work: Work,
+    /// The lease of a run on a shared database, which its heartbeat renews.
+    pub lease: Option<Duration>,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
@@ -98,11 +101,11 @@ pub struct RunTotals {
     pub end: Option<RunEnd>,
 }
 
-pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
+pub fn execute(mut store: Box<dyn Store>, plan: RunPlan) -> Result<RunTotals> {
     let started_at = Instant::now();
     let me = process::this_process(plan.command.clone());
     let now = now_ms();
-    let started = store.start_run(&me, |run| process::liveness(run, &me, now))?;
+    let started = store.start_run(&me, &|run| process::liveness(run, &me, now))?;
     for (id, state) in &started.dead {
         peers::log_dead_run(*id, *state);
     }
@@ -114,11 +117,11 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
     }
     let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
     let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| settle_leftovers(&mut store, &out, leftovers).map(|()| out));
+        .and_then(|(out, leftovers)| settle_leftovers(store.as_mut(), &out, leftovers).map(|()| out));
     let out = match opened {
         Ok(out) => out,
         Err(error) => {
-            store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
+            store.end_run(RunId(started.id), &RunEnd::Error(format!("{error:#}")))?;
             return Err(error);
         }
     };
@@ -175,7 +178,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
             host_filter,
         },
         counters.clone(),
-        Peers::new(me, started.id, counters),
+        Peers::new(me, started.id, counters, plan.lease),
     )?;
     let owner = std::thread::Builder::new()
         .name("jobrun-db".into())
@@ -229,7 +232,7 @@ pub fn execute(mut store: Store, plan: RunPlan) -> Result<RunTotals> {
 /// states read under the write lock: no run may claim one of those rows
 /// while its file is being looked at.
 pub(super) fn settle_leftovers(
-    store: &mut Store,
+    store: &mut dyn Store,
     out: &OutputDir,
     leftovers: Vec<Leftover>,
 ) -> Result<()> {
@@ -238,7 +241,13 @@ pub(super) fn settle_leftovers(
         out.settle(leftovers, &HashMap::new());
         return Ok(());
     }
-    store.with_row_states(&ids, |states| out.settle(leftovers, states))
+    let mut leftovers = Some(leftovers);
+    store.with_row_states(&ids, &mut |states| {
+        if let Some(leftovers) = leftovers.take() {
+            out.settle(leftovers, states);
+        }
+        Ok(())
+    })
 }
 
 /// What the progress display needs.

@@ -15,8 +15,8 @@ use tokio::sync::Notify;
 use crate::crashpoint::{self, Step};
 use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
-use crate::store::backend::{ClaimKey, Lease};
-use crate::store::{Completion, RunEnd, Store, Work, now_ms};
+use crate::store::backend::{ClaimKey, Lease, RunId, Store};
+use crate::store::{Completion, RunEnd, Work, now_ms};
 
 use super::dispatch::SharedFilter;
 use super::peers::Peers;
@@ -32,7 +32,6 @@ const MAX_BATCH_DELAY: Duration = Duration::from_millis(20);
 /// in during this pause are taken in one go instead.
 const MIN_TURN: Duration = Duration::from_millis(2);
 /// How often the run says it is alive when nothing else is committed.
-const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How often to look for new due rows when none were found.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// How soon to look again when a claim came short while hosts were left
@@ -40,7 +39,7 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 const FILTERED_RECHECK: Duration = Duration::from_millis(100);
 
 pub struct Owner {
-    store: Store,
+    store: Box<dyn Store>,
     out: Arc<OutputDir>,
     syncer: Syncer,
     run: i64,
@@ -97,7 +96,7 @@ enum Tick {
 
 impl Owner {
     pub fn new(
-        store: Store,
+        store: Box<dyn Store>,
         out: OutputDir,
         run: i64,
         work: Work,
@@ -263,7 +262,7 @@ impl Owner {
     /// When the loop must wake up even if no event comes.
     fn deadline(&self) -> Instant {
         let now = Instant::now();
-        let mut deadline = self.last_commit + HEARTBEAT;
+        let mut deadline = self.last_commit + self.peers.heartbeat;
         if let Some(since) = self.batch_since {
             deadline = deadline.min(since + MAX_BATCH_DELAY);
         }
@@ -313,8 +312,14 @@ impl Owner {
                 .batch_since
                 .is_some_and(|since| now >= since + MAX_BATCH_DELAY);
         let claim_due = self.wants_jobs() && now >= self.next_claim_at;
-        let heartbeat_due = now >= self.last_commit + HEARTBEAT;
+        let heartbeat_due = now >= self.last_commit + self.peers.heartbeat;
         if !(batch_due || claim_due || heartbeat_due) {
+            return Ok(Tick::Continue);
+        }
+        if !(batch_due || claim_due) && self.batch.is_empty() {
+            // Only alive to say: no transaction needed.
+            self.store.heartbeat(RunId(self.run))?;
+            self.last_commit = now;
             return Ok(Tick::Continue);
         }
         let want = match (&self.jobs, claim_due) {
@@ -363,7 +368,7 @@ impl Owner {
             let mut next_due = self.store.next_due(self.work)?;
             if next_due.is_none() && self.in_flight.is_empty() && self.batch.is_empty() {
                 // Every URL is done only when no other live run holds any.
-                if !self.peers.still_working(&mut self.store, &self.out)? {
+                if !self.peers.still_working(self.store.as_mut(), &self.out)? {
                     return Ok(Tick::NothingLeft);
                 }
                 next_due = self.store.next_due(self.work)?;
@@ -400,7 +405,7 @@ impl Owner {
         let filter = self.filter();
         let claims =
             self.store
-                .complete_and_claim(self.run, &self.batch, claim, &filter, self.work)?;
+                .complete_and_claim(RunId(self.run), &self.batch, claim, &filter, self.work)?;
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
@@ -510,7 +515,7 @@ impl Owner {
             Err(error) => RunEnd::Error(format!("{error:#}")),
             Ok(_) => end,
         };
-        self.store.end_run(self.run, &end)?;
+        self.store.end_run(RunId(self.run), &end)?;
         self.syncer.stop()?;
         match Arc::try_unwrap(self.out) {
             // After an error a batch may be in place and not committed: its

@@ -5,6 +5,7 @@
 //! the URLs of any run found dead meanwhile.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -12,10 +13,18 @@ use crate::commands::thousands;
 use crate::output::OutputDir;
 use crate::process;
 use crate::progress::Counters;
-use crate::store::{Holder, Liveness, RunStart, Store, now_ms};
+use crate::store::backend::{RunId, Store};
+use crate::store::{Holder, Liveness, RunStart, now_ms};
+
+/// How often a run says it is alive when nothing else brings it to the
+/// database, unless its lease asks for more often.
+const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub struct Peers {
     me: RunStart,
+    /// How often this run renews its heartbeat: a third of its lease at
+    /// most, so that a late renewal or two does not lose it its URLs.
+    pub heartbeat: Duration,
     run: i64,
     counters: Arc<Counters>,
     /// The holders last told about, to say it once and not every second.
@@ -23,9 +32,15 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(me: RunStart, run: i64, counters: Arc<Counters>) -> Peers {
+    pub fn new(
+        me: RunStart,
+        run: i64,
+        counters: Arc<Counters>,
+        lease: Option<Duration>,
+    ) -> Peers {
         Peers {
             me,
+            heartbeat: lease.map_or(HEARTBEAT, |lease| (lease / 3).min(HEARTBEAT)),
             run,
             counters,
             told: Vec::new(),
@@ -34,13 +49,13 @@ impl Peers {
 
     /// For a run with nothing left to claim: whether other runs still hold
     /// URLs (or held them and were found dead, so that there is work again).
-    pub fn still_working(&mut self, store: &mut Store, out: &OutputDir) -> Result<bool> {
-        if store.held_by_others(self.run)?.is_empty() {
+    pub fn still_working(&mut self, store: &mut dyn Store, out: &OutputDir) -> Result<bool> {
+        if store.held_by_others(RunId(self.run))?.is_empty() {
             self.stop_waiting();
             return Ok(false);
         }
         let now = now_ms();
-        let reclaimed = store.reclaim_dead_runs(|run| process::liveness(run, &self.me, now))?;
+        let reclaimed = store.reclaim_dead_runs(&|run| process::liveness(run, &self.me, now))?;
         let mut leftovers = Vec::new();
         for (id, state) in &reclaimed.dead {
             log_dead_run(*id, *state);
@@ -55,7 +70,7 @@ impl Peers {
             self.stop_waiting();
             return Ok(true);
         }
-        let holders = store.held_by_others(self.run)?;
+        let holders = store.held_by_others(RunId(self.run))?;
         if holders.is_empty() {
             self.stop_waiting();
             return Ok(false);

@@ -63,7 +63,8 @@ pub fn set_lock_wait(wait: Duration) {
     let _ = LOCK_WAIT.set(wait);
 }
 
-fn lock_wait() -> Duration {
+/// How long statements wait for another's lock, as `--lock-wait` says.
+pub fn lock_wait() -> Duration {
     LOCK_WAIT.get().copied().unwrap_or(DEFAULT_LOCK_WAIT)
 }
 
@@ -73,7 +74,13 @@ pub fn open(location: &Location, options: &OpenOptions) -> Result<Box<dyn backen
     match location {
         Location::Sqlite(path) => {
             set_lock_wait(options.lock_wait);
-            Ok(Box::new(Store::open(path, options.mode)?))
+            let store = Store::open(path, options.mode)?;
+            if let Some(kib) = options.cache_kib {
+                store
+                    .conn
+                    .pragma_update(None, "cache_size", -i64::from(kib))?;
+            }
+            Ok(Box::new(store))
         }
         Location::Postgres(url) => Ok(Box::new(PostgresStore::open(url, options)?)),
     }
