@@ -69,6 +69,10 @@ impl PostgresStore {
         let lease_ms = self.lease_ms();
         let mut client = self.client()?;
         let mut tx = client.transaction().at(&name)?;
+        // Runs start one at a time, so that each sees every run started
+        // before it as live (and does not clear its files as a dead run's).
+        tx.batch_execute("LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE")
+            .at(&name)?;
         let reclaimed = reclaim(&mut tx, liveness, &name)?;
         let id: i64 = tx
             .query_one(
