@@ -178,7 +178,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan) -> Result<RunTotals> {
             host_filter,
         },
         counters.clone(),
-        Peers::new(me, started.id, counters, plan.lease),
+        Peers::new(me, started.id, counters, plan.lease, fetcher.hosts()),
     )?;
     let owner = std::thread::Builder::new()
         .name("jobrun-db".into())

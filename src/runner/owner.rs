@@ -105,6 +105,7 @@ impl Owner {
         peers: Peers,
     ) -> Result<Owner> {
         let now = Instant::now();
+        peers.share_limits(store.as_ref())?;
         let out = Arc::new(out);
         let syncer = Syncer::start(out.clone(), channels.events_tx)?;
         Ok(Owner {
@@ -315,6 +316,9 @@ impl Owner {
         let heartbeat_due = now >= self.last_commit + self.peers.heartbeat;
         if !(batch_due || claim_due || heartbeat_due) {
             return Ok(Tick::Continue);
+        }
+        if heartbeat_due {
+            self.peers.share_limits(self.store.as_ref())?;
         }
         if !(batch_due || claim_due) && self.batch.is_empty() {
             // Only alive to say: no transaction needed.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::commands::thousands;
+use crate::hosts::Hosts;
 use crate::output::OutputDir;
 use crate::process;
 use crate::progress::Counters;
@@ -29,6 +30,8 @@ pub struct Peers {
     counters: Arc<Counters>,
     /// The holders last told about, to say it once and not every second.
     told: Vec<i64>,
+    /// Per-host limits, shared with the other live runs.
+    hosts: Arc<Hosts>,
 }
 
 impl Peers {
@@ -37,6 +40,7 @@ impl Peers {
         run: i64,
         counters: Arc<Counters>,
         lease: Option<Duration>,
+        hosts: Arc<Hosts>,
     ) -> Peers {
         Peers {
             me,
@@ -44,7 +48,15 @@ impl Peers {
             run,
             counters,
             told: Vec::new(),
+            hosts,
         }
+    }
+
+    /// Gives this run its part of the per-host limits, as many runs as are
+    /// live now share them (PostgreSQL; elsewhere a run has them whole).
+    pub fn share_limits(&self, store: &dyn Store) -> Result<()> {
+        self.hosts.share_among(store.live_runs()?);
+        Ok(())
     }
 
     /// For a run with nothing left to claim: whether other runs still hold

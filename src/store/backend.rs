@@ -72,6 +72,11 @@ pub trait Store: Send {
     fn end_run(&mut self, run: RunId, end: &RunEnd) -> Result<()>;
     /// The most recent runs, newest first.
     fn recent_runs(&self, limit: usize) -> Result<Vec<RunInfo>>;
+    /// How many runs share the job's per-host limits now: on PostgreSQL the
+    /// live runs on every machine; elsewhere each run has them whole.
+    fn live_runs(&self) -> Result<u64> {
+        Ok(1)
+    }
 
     // ---- the queue ----
     /// Records `completions` (only where owner and fence still match; durable files first is

@@ -143,6 +143,10 @@ impl Store for PostgresStore {
         self.runs(limit)
     }
 
+    fn live_runs(&self) -> Result<u64> {
+        self.live_run_count()
+    }
+
     fn complete_and_claim(
         &mut self,
         run: RunId,

@@ -174,7 +174,7 @@ impl PostgresStore {
 
     /// How many runs are going now, this one included: what per-host limits
     /// are shared among.
-    pub fn live_runs(&self) -> Result<u64> {
+    pub(super) fn live_run_count(&self) -> Result<u64> {
         let live: i64 = self
             .client()?
             .query_one(
