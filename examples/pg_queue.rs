@@ -10,15 +10,13 @@
 //! run owner does) until the queue is empty. Prints the seconds of each
 //! phase, jobs per second, and checks that every row is done exactly once.
 
-#[path = "../src/store/mod.rs"]
-#[allow(dead_code, unused_imports)]
-mod store;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use store::backend::{OpenOptions, RunId, Store};
-use store::{Completion, HostFilter, Liveness, NewUrl, Open, PostgresStore, RunStart, Validators, Work};
+use jobrun::domain::{
+    Completion, HostFilter, InsertResult, Liveness, NewUrl, RunEnd, RunStart, Validators, Work,
+};
+use jobrun::store::{Open, OpenOptions, PostgresStore, Store};
 
 fn main() -> Result<()> {
     let mut urls = 1_000_000usize;
@@ -55,10 +53,8 @@ fn main() -> Result<()> {
 
 fn open(url: &str) -> Result<PostgresStore> {
     let options = OpenOptions {
-        mode: Open::CreateIfMissing,
         lock_wait: Duration::from_secs(30),
-        cache_kib: None,
-        lease: None,
+        ..OpenOptions::new(Open::CreateIfMissing)
     };
     PostgresStore::open(url, &options)
 }
@@ -70,7 +66,11 @@ fn bench(url: &str, urls: usize, batch: usize, runs: usize, import_batch: usize)
     let mut imported = 0;
     for i in 0..urls {
         let host = format!("h{}.example", i % 1000);
-        lines.push((format!("https://{host}/items/{i}.json"), host, format!("{i}.json")));
+        lines.push((
+            format!("https://{host}/items/{i}.json"),
+            host,
+            format!("{i}.json"),
+        ));
         if lines.len() == import_batch || i + 1 == urls {
             let batch: Vec<NewUrl<'_>> = lines
                 .iter()
@@ -86,7 +86,7 @@ fn bench(url: &str, urls: usize, batch: usize, runs: usize, import_batch: usize)
             imported += store
                 .import(&batch)?
                 .iter()
-                .filter(|r| **r == store::InsertResult::Inserted)
+                .filter(|r| **r == InsertResult::Inserted)
                 .count();
             lines.clear();
         }
@@ -105,7 +105,9 @@ fn bench(url: &str, urls: usize, batch: usize, runs: usize, import_batch: usize)
         .collect();
     let mut jobs = 0;
     for worker in workers {
-        jobs += worker.join().map_err(|_| anyhow::anyhow!("a run panicked"))??;
+        jobs += worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a run panicked"))??;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -113,7 +115,7 @@ fn bench(url: &str, urls: usize, batch: usize, runs: usize, import_batch: usize)
         jobs as f64 / secs
     );
     let counts = store.state_counts()?;
-    if counts.done as usize != urls || jobs != urls {
+    if counts.done != urls as u64 || jobs != urls {
         bail!("{} rows done, {jobs} completed, of {urls}", counts.done);
     }
     Ok(())
@@ -130,12 +132,17 @@ fn work(url: &str, n: u32, batch: usize) -> Result<usize> {
         proc_start: 0,
         command: "pg_queue".to_string(),
     };
-    let run = RunId(store.start_run(&me, &|_| Liveness::Alive)?.id);
+    let run = store.start_run(&me, &|_| Liveness::Alive)?.id;
     let mut completions = Vec::new();
     let mut jobs = 0;
     loop {
-        let claims =
-            store.complete_and_claim(run, &completions, batch, &HostFilter::default(), Work::Fetch)?;
+        let claims = store.complete_and_claim(
+            run,
+            &completions,
+            batch,
+            &HostFilter::default(),
+            Work::Fetch,
+        )?;
         jobs += completions.len();
         if claims.is_empty() {
             break;
@@ -143,7 +150,8 @@ fn work(url: &str, n: u32, batch: usize) -> Result<usize> {
         completions = claims
             .iter()
             .map(|claim| Completion::Done {
-                key: claim.key(),
+                id: claim.id,
+                lease: claim.lease,
                 status: 200,
                 bytes: 1024,
                 sha256: [0; 32],
@@ -152,6 +160,6 @@ fn work(url: &str, n: u32, batch: usize) -> Result<usize> {
             })
             .collect();
     }
-    store.end_run(run, &store::RunEnd::Finished)?;
+    store.end_run(run, &RunEnd::Finished)?;
     Ok(jobs)
 }

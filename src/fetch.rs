@@ -18,12 +18,13 @@ use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
+use crate::clock::unix_ms;
+use crate::domain::{Claim, Completion, Validators};
 use crate::hosts::{Answer, Hosts, Politeness};
 use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
-use crate::store::{Claim, Completion, Validators, unix_ms};
 use crate::tls::ClientTls;
 
 /// The longest validator (`ETag`, `Last-Modified`) stored; a longer one is
@@ -288,7 +289,8 @@ impl Fetcher {
         });
         let settled = match result {
             Ok(Fetched::NotModified(validators)) => Attempt::Unchanged(Completion::Unchanged {
-                key: claim.key(),
+                id: claim.id,
+                lease: claim.lease,
                 status: StatusCode::NOT_MODIFIED.as_u16(),
                 millis,
                 validators,
@@ -299,7 +301,8 @@ impl Fetcher {
             {
                 temp.remove();
                 Attempt::Unchanged(Completion::Unchanged {
-                    key: claim.key(),
+                    id: claim.id,
+                    lease: claim.lease,
                     status: body.status,
                     millis,
                     validators: body.validators,
@@ -484,7 +487,8 @@ impl Fetcher {
                 format!("{message} (gave up after {attempts} attempts)")
             };
             return Completion::Failed {
-                key: claim.key(),
+                id: claim.id,
+                lease: claim.lease,
                 status,
                 error,
                 millis,
@@ -495,7 +499,8 @@ impl Fetcher {
             .delay(attempts)
             .max(error.retry_after().unwrap_or_default());
         Completion::Retry {
-            key: claim.key(),
+            id: claim.id,
+            lease: claim.lease,
             status,
             error: message,
             next_attempt_at: unix_ms(SystemTime::now() + delay),

@@ -19,10 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::clock::now_ms;
+use crate::domain::Completion;
 use crate::fetch::Attempt;
 use crate::hosts::{HostView, Hosts};
 use crate::progress::{Counters, Start};
-use crate::store::{Completion, now_ms};
 
 /// The histogram's upper bounds, in milliseconds (the resolution requests
 /// are timed at): 5 ms to 60 s.

@@ -34,7 +34,7 @@ use rustix::io::Errno;
 use sha2::{Digest, Sha256};
 
 use crate::crashpoint::{self, Step};
-use crate::store::RowState;
+use crate::domain::RowState;
 
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";

@@ -12,7 +12,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use crate::store::{Liveness, RunInfo, RunStart};
+use crate::domain::{Liveness, RunInfo, RunStart};
 
 /// A run that cannot be looked up is presumed dead when its heartbeat is
 /// this old. Runs renew it every few seconds (`HEARTBEAT` in the runner),
@@ -136,7 +136,7 @@ mod tests {
 
     fn run_of(start: &RunStart) -> RunInfo {
         RunInfo {
-            id: 1,
+            id: crate::domain::RunId(1),
             pid: start.pid,
             pid_ns: start.pid_ns,
             host: start.host.clone(),

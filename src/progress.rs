@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::clock::now_ms;
 use crate::commands::{human_bytes, thousands};
 use crate::hosts::Hosts;
-use crate::store::now_ms;
 
 /// How far back the rates look.
 const WINDOW: Duration = Duration::from_secs(10);

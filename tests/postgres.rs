@@ -188,14 +188,23 @@ fn report_retry_export_and_verify_work_on_postgres() {
     let output = job.jobrun(&["run", "--out", "out"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let report = job.report();
-    assert_eq!((report["done"].as_i64(), report["failed"].as_i64()), (Some(16), Some(4)));
+    assert_eq!(
+        (report["done"].as_i64(), report["failed"].as_i64()),
+        (Some(16), Some(4))
+    );
     assert!(
-        !report["database"].as_str().unwrap_or_default().contains("password"),
+        !report["database"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("password"),
         "{report}"
     );
     let exported = job.jobrun(&["export"]);
     assert_success(&exported, "export");
-    assert_eq!(String::from_utf8_lossy(&exported.stdout).lines().count(), 20);
+    assert_eq!(
+        String::from_utf8_lossy(&exported.stdout).lines().count(),
+        20
+    );
     let verify = job.jobrun(&["verify"]);
     assert_success(&verify, "verify");
     std::fs::remove_file(job.job.dir().join("out").join("1.json")).ok();

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use jobrun::clock::now_ms;
 use support::*;
 
 fn is_root() -> bool {
@@ -573,13 +574,6 @@ fn a_run_taken_for_dead_by_another_stops_with_an_error_and_claims_nothing_more()
     assert_eq!(report["last_run"]["state"], "killed", "{report}");
 }
 
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 #[test]
 fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_once_it_is_stale() {
     let server = item_server(Duration::ZERO);
@@ -593,7 +587,7 @@ fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_onc
                                heartbeat_at)
              VALUES (1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
              UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
-            now = unix_ms()
+            now = now_ms()
         ))
         .unwrap();
     let mut run = job.spawn_run(&["--progress-every", "100ms"]);
@@ -610,7 +604,7 @@ fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_onc
     job.sql()
         .execute(
             "UPDATE runs SET heartbeat_at = ?1 WHERE id = 1",
-            [unix_ms() - 61_000],
+            [now_ms() - 61_000],
         )
         .unwrap();
     let status = run.wait().unwrap();

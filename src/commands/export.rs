@@ -2,19 +2,18 @@
 //! output. `path` is the absolute path of the URL's file.
 
 use std::io::{self, BufWriter, Write};
-use std::path::Path;
 
 use anyhow::Result;
 
 use crate::cli::{ExportArgs, ExportFormat};
-use crate::commands::Status;
 use crate::commands::run::out_dir_of;
-use crate::commands::open_store;
-use crate::store::{ExportRow, Open};
+use crate::commands::{Database, Status};
+use crate::domain::ExportRow;
+use crate::store::Open;
 
-pub fn run(db: &Path, args: ExportArgs) -> Result<Status> {
-    let store = open_store(db, Open::ReadOnly, None)?;
-    let out_dir = out_dir_of(store.as_ref(), db)?;
+pub fn run(db: &Database, args: ExportArgs) -> Result<Status> {
+    let store = db.open(Open::ReadOnly)?;
+    let out_dir = out_dir_of(&*store, db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {

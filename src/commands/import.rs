@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
@@ -19,10 +18,12 @@ use reqwest::Url;
 use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
-use crate::commands::{Status, open_store, thousands};
+use crate::clock::unix_ms;
+use crate::commands::Database;
+use crate::commands::{Status, thousands};
+use crate::domain::{InsertResult, NewUrl};
 use crate::request::RequestSpec;
-use crate::store::backend::Store;
-use crate::store::{InsertResult, NewUrl, Open, unix_ms};
+use crate::store::{Open, Store};
 use crate::urlfile::{self, Entry, Format, Line};
 
 /// URLs per transaction: big enough to be fast, small enough that a run
@@ -68,7 +69,7 @@ enum Input {
     File(File),
 }
 
-pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
+pub fn run(db: &Database, args: ImportArgs) -> Result<Status> {
     let from_stdin = args.file.as_os_str() == "-";
     let name = if from_stdin {
         "<stdin>".to_string()
@@ -85,14 +86,14 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     } else {
         format!(".{}", args.ext)
     };
-    let mut store = open_store(db, Open::CreateIfMissing, None)?;
+    let mut store = db.open(Open::CreateIfMissing)?;
     let format = match args.format {
         ImportFormat::Auto => None,
         ImportFormat::Lines => Some(Format::Lines),
         ImportFormat::Jsonl => Some(Format::JsonLines),
     };
     store.expect_bulk_writes()?;
-    let counts = import(store.as_mut(), input, &name, suffix, format)?;
+    let counts = import(&mut *store, input, &name, suffix, format)?;
     if counts.rejected > MAX_SHOWN {
         tracing::info!(
             "{name}: {} more rejected lines not shown",
@@ -101,7 +102,7 @@ pub fn run(db: &Path, args: ImportArgs) -> Result<Status> {
     }
     tracing::info!(
         "{}: {} imported, {} duplicate, {} rejected",
-        store.describe(),
+        db.shown(),
         thousands(counts.imported),
         thousands(counts.duplicate),
         thousands(counts.rejected)
@@ -194,6 +195,7 @@ fn write_batch(
             tracing::warn!("{name}:{line}: {reason}");
         }
     };
+    // Rejected lines are told in the order of the list, among the others.
     for parsed in batch.drain(..) {
         match parsed {
             Parsed::Reject { line, reason } => reject(line, &reason),
@@ -201,7 +203,7 @@ fn write_batch(
                 Some(InsertResult::Inserted) => counts.imported += 1,
                 Some(InsertResult::Duplicate) => counts.duplicate += 1,
                 Some(InsertResult::NameTaken(reason)) => reject(line, &reason),
-                None => anyhow::bail!("the store answered for fewer lines than it was given"),
+                None => anyhow::bail!("the database gave fewer results than URLs imported"),
             },
         }
     }

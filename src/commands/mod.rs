@@ -12,7 +12,7 @@ mod run;
 mod verify;
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,8 +21,7 @@ use clap::CommandFactory;
 
 use crate::cli::{Cli, Command, LogFormat};
 use crate::progress::Display;
-use crate::store::backend::Store;
-use crate::store::{Location, Open, OpenOptions};
+use crate::store::{self, Location, Open, OpenOptions, Store};
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,29 +47,65 @@ impl From<Status> for ExitCode {
     }
 }
 
+/// The state database as `--db` names it, and how long to wait for its
+/// lock: what every command needs to open it.
+pub struct Database {
+    /// As given, for messages and for commands to run next.
+    pub path: PathBuf,
+    pub location: Location,
+    lock_wait: Duration,
+}
+
+impl Database {
+    pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
+        self.open_for_runs(mode, None)
+    }
+
+    /// Opens it for runs that hold `lease` (PostgreSQL): how long a run's
+    /// heartbeat may be silent before other runs take its URLs.
+    pub fn open_for_runs(&self, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
+        let options = OpenOptions {
+            lock_wait: self.lock_wait,
+            lease,
+            ..OpenOptions::new(mode)
+        };
+        store::open(&self.location, &options)
+    }
+
+    /// `--db` for messages, any password in a URL hidden.
+    pub fn shown(&self) -> String {
+        crate::redact::redact_url(&self.path.display().to_string()).into_owned()
+    }
+}
+
 pub fn dispatch(cli: Cli) -> Result<Status> {
     let display = progress_display(&cli);
-    crate::store::set_lock_wait(cli.lock_wait);
+    let db = Database {
+        location: Location::parse(&cli.db),
+        path: cli.db,
+        lock_wait: cli.lock_wait,
+    };
+    let db = &db;
     match cli.command {
-        Command::Import(args) => import::run(&cli.db, args),
+        Command::Import(args) => import::run(db, args),
         Command::Run(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.progress_every),
                 other => other,
             };
-            run::run(&cli.db, args, display)
+            run::run(db, args, display)
         }
         Command::Refresh(args) => {
             let display = match display {
                 Display::Lines(_) => Display::Lines(args.run.progress_every),
                 other => other,
             };
-            refresh::run(&cli.db, args, display)
+            refresh::run(db, args, display)
         }
-        Command::Report(args) => report::run(&cli.db, args),
-        Command::Export(args) => export::run(&cli.db, args),
-        Command::Retry(args) => retry::run(&cli.db, args),
-        Command::Verify(args) => verify::run(&cli.db, args),
+        Command::Report(args) => report::run(db, args),
+        Command::Export(args) => export::run(db, args),
+        Command::Retry(args) => retry::run(db, args),
+        Command::Verify(args) => verify::run(db, args),
         Command::Completions(args) => {
             let mut command = Cli::command();
             clap_complete::generate(args.shell, &mut command, "jobrun", &mut std::io::stdout());
@@ -78,19 +113,6 @@ pub fn dispatch(cli: Cli) -> Result<Status> {
         }
         Command::Man(args) => man::run(args),
     }
-}
-
-/// Opens the store `--db` names: a SQLite file, or a PostgreSQL database
-/// (`postgres://…`) that runs on several machines share. `lease` is how
-/// long a run's heartbeat may be silent before others take its URLs.
-pub fn open_store(db: &Path, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
-    let options = OpenOptions {
-        mode,
-        lock_wait: crate::store::lock_wait(),
-        cache_kib: None,
-        lease,
-    };
-    crate::store::open(&Location::parse(db)?, &options)
 }
 
 /// A bar on a terminal, status lines elsewhere, nothing when quiet.

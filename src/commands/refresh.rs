@@ -1,36 +1,32 @@
 //! `jobrun refresh`: fetches done URLs again with their stored validators,
 //! through the same run as `jobrun run`, and sums up the round.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use crate::cli::RefreshArgs;
-use crate::commands::{Status, thousands};
+use crate::clock::now_ms;
+use crate::commands::{Database, Status, thousands};
+use crate::domain::{RefreshRound, RunEnd, Work};
 use crate::progress::Display;
 use crate::runner;
-use crate::commands::open_store;
-use crate::store::{Open, RefreshRound, RunEnd, Work, now_ms};
+use crate::store::Open;
 
 use super::run::prepare;
 
-pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
+pub fn run(db: &Database, args: RefreshArgs, display: Display) -> Result<Status> {
     let (mut store, plan) = prepare(db, args.run, display, Work::Refresh)?;
     let cutoff = args
         .older_than
         .map(|age| now_ms().saturating_sub(age.as_millis().min(i64::MAX as u128) as i64));
     match store.start_refresh(cutoff)? {
         RefreshRound::Started { round, rows } => {
-            tracing::info!(
-                "refresh #{round}: {} done URLs to refresh",
-                thousands(rows as u64)
-            );
+            tracing::info!("refresh #{round}: {} done URLs to refresh", thousands(rows));
         }
         RefreshRound::Resumed { round, rows } => {
             tracing::info!(
                 "refresh #{round} is not finished (cut short, or still going elsewhere): \
                  carrying on with its {} URLs left{}",
-                thousands(rows as u64),
+                thousands(rows),
                 if args.older_than.is_some() {
                     " (--older-than picks the URLs of the next refresh)"
                 } else {
@@ -41,7 +37,8 @@ pub fn run(db: &Path, args: RefreshArgs, display: Display) -> Result<Status> {
     }
     let totals = runner::execute(store, plan)?;
 
-    let round = open_store(db, Open::MustExist, None)?
+    let round = db
+        .open(Open::MustExist)?
         .refresh_counts()?
         .unwrap_or_default();
     tracing::info!(

@@ -4,19 +4,20 @@
 
 use std::fmt::Write as _;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::cli::ReportArgs;
+use crate::clock::now_ms;
 use crate::commands::run::OUT_DIR_KEY;
-use crate::commands::{Status, human_bytes, open_store, thousands};
+use crate::commands::{Database, Status, human_bytes, thousands};
+use crate::domain::{JobState, RefreshCounts, RunInfo, RunOutcome, RunStart, Summary};
 use crate::process;
 use crate::redact::redact_url;
-use crate::store::backend::Store;
-use crate::store::{Liveness, Open, RefreshCounts, RunInfo, Summary, now_ms};
+use crate::store::{Open, Store};
 
 /// How many distinct errors the report lists.
 const TOP_ERRORS: usize = 10;
@@ -40,16 +41,16 @@ struct Report {
 struct RunView {
     id: i64,
     /// running, finished, interrupted, error, killed or rebooted.
-    state: String,
+    state: RunState,
     message: Option<String>,
     pid: u32,
     started_at: String,
     ended_at: Option<String>,
     seconds: f64,
-    done: i64,
-    failed: i64,
-    retried: i64,
-    bytes: i64,
+    done: u64,
+    failed: u64,
+    retried: u64,
+    bytes: u64,
     /// URLs finished (done or failed) per second of the run.
     urls_per_s: f64,
     /// The command that resumes the job, on the newest run when the job is
@@ -57,10 +58,10 @@ struct RunView {
     resume: Option<String>,
 }
 
-pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
-    let store = open_store(db, Open::ReadOnly, None)?;
+pub fn run(db: &Database, args: ReportArgs) -> Result<Status> {
+    let store = db.open(Open::ReadOnly)?;
     if args.failed {
-        return list_failed(store.as_ref(), args.json);
+        return list_failed(&*store, args.json);
     }
     let mut summary = store.summary(TOP_ERRORS)?;
     for error in &mut summary.errors {
@@ -76,7 +77,7 @@ pub fn run(db: &Path, args: ReportArgs) -> Result<Status> {
         .map(|(i, run)| view(run, &me, now, i == 0 && unfinished))
         .collect();
     let report = Report {
-        database: PathBuf::from(store.describe()),
+        database: PathBuf::from(db.shown()),
         out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
         summary,
         refresh: store.refresh_counts()?,
@@ -107,25 +108,40 @@ fn list_failed(store: &dyn Store, json: bool) -> Result<Status> {
     Ok(Status::Success)
 }
 
-fn view(run: RunInfo, me: &crate::store::RunStart, now: i64, resumable: bool) -> RunView {
-    let state = match (&run.outcome, run.ended_at) {
-        (Some(outcome), Some(_)) => outcome.clone(),
-        _ => match process::liveness(&run, me, now) {
-            Liveness::Alive => "running".into(),
-            Liveness::Gone => "killed".into(),
-            Liveness::Rebooted => "rebooted".into(),
+/// Where a run stands: still going, or how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Ended(RunOutcome),
+}
+
+impl Serialize for RunState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(match self {
+            RunState::Running => "running",
+            RunState::Ended(outcome) => outcome.as_str(),
+        })
+    }
+}
+
+fn view(run: RunInfo, me: &RunStart, now: i64, resumable: bool) -> RunView {
+    let state = match (run.outcome, run.ended_at) {
+        (Some(outcome), Some(_)) => RunState::Ended(outcome),
+        _ => match process::liveness(&run, me, now).outcome() {
+            None => RunState::Running,
+            Some(outcome) => RunState::Ended(outcome),
         },
     };
     let end = match run.ended_at {
         Some(ended) => ended,
-        None if state == "running" => now,
+        None if state == RunState::Running => now,
         None => run.heartbeat_at,
     };
     let seconds = (end - run.started_at).max(0) as f64 / 1000.0;
     let finished = (run.done + run.failed) as f64;
-    let resume = (resumable && state != "running").then(|| run.command.clone());
+    let resume = (resumable && state != RunState::Running).then(|| run.command.clone());
     RunView {
-        id: run.id,
+        id: run.id.0,
         state,
         message: run.message,
         pid: run.pid,
@@ -151,17 +167,18 @@ fn timestamp(unix_ms: i64) -> String {
 }
 
 fn how_it_ended(run: &RunView) -> String {
-    match run.state.as_str() {
-        "running" => format!("running now (pid {})", run.pid),
-        "finished" => "finished".into(),
-        "interrupted" => "stopped by Ctrl-C or SIGTERM".into(),
-        "error" => format!(
+    match run.state {
+        RunState::Running => format!("running now (pid {})", run.pid),
+        RunState::Ended(RunOutcome::Finished) => "finished".into(),
+        RunState::Ended(RunOutcome::Interrupted) => "stopped by Ctrl-C or SIGTERM".into(),
+        RunState::Ended(RunOutcome::Error) => format!(
             "stopped by an error: {}",
             run.message.as_deref().unwrap_or("unknown")
         ),
-        "killed" => format!("cut short: process {} is gone (killed or crashed)", run.pid),
-        "rebooted" => "cut short: the machine restarted".into(),
-        other => other.to_string(),
+        RunState::Ended(RunOutcome::Killed) => {
+            format!("cut short: process {} is gone (killed or crashed)", run.pid)
+        }
+        RunState::Ended(RunOutcome::Rebooted) => "cut short: the machine restarted".into(),
     }
 }
 
@@ -177,7 +194,7 @@ fn render(report: &Report) -> String {
     if let Some(dir) = &report.out_dir {
         let _ = writeln!(out, "  files in {}", dir.display());
     }
-    let share = |n: i64| {
+    let share = |n: u64| {
         if s.counts.total > 0 {
             format!("{:5.1}%", 100.0 * n as f64 / s.counts.total as f64)
         } else {
@@ -185,14 +202,15 @@ fn render(report: &Report) -> String {
         }
     };
     let width = thousands(s.counts.total).len().max(5);
-    for (label, n) in [
-        ("done", s.counts.done),
-        ("failed", s.counts.failed),
-        ("pending", s.counts.pending),
-        ("running", s.counts.running),
+    for (state, n) in [
+        (JobState::Done, s.counts.done),
+        (JobState::Failed, s.counts.failed),
+        (JobState::Pending, s.counts.pending),
+        (JobState::Running, s.counts.running),
     ] {
+        let label = state.as_str();
         let mut line = format!("  {label:<8} {:>width$}  {}", thousands(n), share(n));
-        if label == "pending" && s.counts.retry_waiting > 0 {
+        if state == JobState::Pending && s.counts.retry_waiting > 0 {
             let _ = write!(
                 line,
                 "  ({} waiting for a retry)",
@@ -260,7 +278,7 @@ fn render(report: &Report) -> String {
     let _ = writeln!(
         out,
         "Written: {} in {} files",
-        human_bytes(s.bytes),
+        human_bytes(s.bytes as i64),
         thousands(s.counts.done)
     );
     if let Some(d) = &s.durations {
@@ -278,7 +296,7 @@ fn render(report: &Report) -> String {
         && report
             .last_run
             .as_ref()
-            .is_some_and(|r| r.state != "running")
+            .is_some_and(|r| r.state != RunState::Running)
     {
         let _ = writeln!(
             out,
@@ -310,7 +328,7 @@ fn render_runs(out: &mut String, report: &Report) {
         thousands(last.done),
         thousands(last.failed),
         thousands(last.retried),
-        human_bytes(last.bytes),
+        human_bytes(last.bytes as i64),
         last.urls_per_s
     );
     if let Some(resume) = &last.resume {

@@ -1,16 +1,14 @@
 //! `jobrun retry`: failed URLs, all or those matching a status or an error,
 //! go back to pending with a fresh retry budget.
 
-use std::path::Path;
-
 use anyhow::Result;
 
 use crate::cli::RetryArgs;
-use crate::commands::{Status, open_store, thousands};
+use crate::commands::{Database, Status, thousands};
 use crate::store::Open;
 
-pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
-    let mut store = open_store(db, Open::MustExist, None)?;
+pub fn run(db: &Database, args: RetryArgs) -> Result<Status> {
+    let mut store = db.open(Open::MustExist)?;
     let requeued = store.requeue_failed(args.status, args.error.as_deref())?;
     let which = match (args.status, &args.error) {
         (None, None) => String::new(),
@@ -25,7 +23,7 @@ pub fn run(db: &Path, args: RetryArgs) -> Result<Status> {
         thousands(requeued)
     );
     if requeued > 0 {
-        tracing::info!("fetch them with `jobrun --db {} run`", store.describe());
+        tracing::info!("fetch them with `jobrun --db {} run`", db.shown());
     }
     Ok(Status::Success)
 }

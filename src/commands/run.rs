@@ -7,7 +7,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
-use crate::commands::{Status, human_bytes, open_store, thousands};
+use crate::commands::{Database, Status, human_bytes, thousands};
+use crate::domain::{RunEnd, Work};
 use crate::fetch::FetchOptions;
 use crate::hosts::Politeness;
 use crate::metrics;
@@ -15,20 +16,22 @@ use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan};
-use crate::redact::redact_url;
-use crate::store::backend::Store;
-use crate::store::{Location, Open, RunEnd, Work};
+use crate::store::{Location, Open, Store};
 use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
 
-pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
+/// The settings key of the lease runs hold on a PostgreSQL queue, when
+/// `--lease` does not say.
+pub const LEASE_KEY: &str = "lease";
+
+pub fn run(db: &Database, args: RunArgs, display: Display) -> Result<Status> {
     let (store, plan) = prepare(db, args, display, Work::Fetch)?;
     let out_dir = plan.out_dir.clone();
     let totals = runner::execute(store, plan)?;
 
-    let counts = open_store(db, Open::MustExist, None)?.state_counts()?;
+    let counts = db.open(Open::MustExist)?.state_counts()?;
     let seconds = totals.elapsed.as_secs_f64();
     let finished = totals.done + totals.failed;
     tracing::info!(
@@ -70,7 +73,12 @@ pub fn run(db: &Path, args: RunArgs, display: Display) -> Result<Status> {
 
 /// Checks `run`'s options and opens the database and the output folder for
 /// a run that does `work`; `refresh` takes the same options.
-pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result<(Box<dyn Store>, RunPlan)> {
+pub fn prepare(
+    db: &Database,
+    args: RunArgs,
+    display: Display,
+    work: Work,
+) -> Result<(Box<dyn Store>, RunPlan)> {
     let headers = parse_headers(&args.headers).map_err(anyhow::Error::msg)?;
     if args.backoff_max < args.backoff_base {
         bail!("--backoff-max must not be shorter than --backoff-base");
@@ -88,17 +96,17 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
         }
         None => None,
     };
-    let mut store = open_store(db, Open::MustExist, args.lease)?;
-    let out_dir = settle_out_dir(store.as_mut(), db, args.out.as_deref())?;
+    let mut store = db.open_for_runs(Open::MustExist, args.lease)?;
+    let out_dir = settle_out_dir(&mut *store, db, args.out.as_deref())?;
     let lease = match args.lease {
         Some(lease) => Some(lease),
         None => store
-            .setting("lease")?
+            .setting(LEASE_KEY)?
             .and_then(|text| humantime::parse_duration(&text).ok()),
     };
     let plan = RunPlan {
         out_dir: out_dir.clone(),
-        db: db.to_path_buf(),
+        db: db.path.clone(),
         workers: args.workers,
         work,
         lease,
@@ -127,7 +135,7 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
             tls,
             proxies,
         },
-        command: resume_command(db, std::env::args().skip(1)),
+        command: resume_command(Path::new(&db.shown()), std::env::args().skip(1)),
         display,
         metrics,
     };
@@ -137,9 +145,13 @@ pub fn prepare(db: &Path, args: RunArgs, display: Display, work: Work) -> Result
 /// The output folder: the one recorded in the database, else `--out`, else
 /// `out` beside the database; recorded on first use, once: of two first
 /// runs racing with different folders, the second is refused.
-fn settle_out_dir(store: &mut dyn Store, db: &Path, requested: Option<&Path>) -> Result<PathBuf> {
+fn settle_out_dir(
+    store: &mut dyn Store,
+    db: &Database,
+    requested: Option<&Path>,
+) -> Result<PathBuf> {
     let requested = requested.map(absolute).transpose()?;
-    let key = out_dir_key(db)?;
+    let key = out_dir_key(db);
     let recorded = match store.setting(&key)? {
         Some(recorded) => PathBuf::from(recorded),
         None => {
@@ -167,9 +179,13 @@ fn settle_out_dir(store: &mut dyn Store, db: &Path, requested: Option<&Path>) ->
         bail!(
             "{} writes its files to {} (recorded on its first run{}), not {}. \
              Run without --out, or use another database for another folder",
-            store.describe(),
+            db.shown(),
             recorded.display(),
-            if key == OUT_DIR_KEY { "" } else { " on this machine" },
+            if key == OUT_DIR_KEY {
+                ""
+            } else {
+                " on this machine"
+            },
             requested.display()
         );
     }
@@ -177,8 +193,8 @@ fn settle_out_dir(store: &mut dyn Store, db: &Path, requested: Option<&Path>) ->
 }
 
 /// The output folder as recorded, or where the first run will put it.
-pub fn out_dir_of(store: &dyn Store, db: &Path) -> Result<PathBuf> {
-    match store.setting(&out_dir_key(db)?)? {
+pub fn out_dir_of(store: &dyn Store, db: &Database) -> Result<PathBuf> {
+    match store.setting(&out_dir_key(db))? {
         Some(dir) => Ok(PathBuf::from(dir)),
         None => default_out_dir(db),
     }
@@ -186,20 +202,19 @@ pub fn out_dir_of(store: &dyn Store, db: &Path) -> Result<PathBuf> {
 
 /// The settings key of the output folder: one for the job on SQLite; one
 /// per machine on PostgreSQL, where each machine writes to its own folder.
-fn out_dir_key(db: &Path) -> Result<String> {
-    Ok(match Location::parse(db)? {
+fn out_dir_key(db: &Database) -> String {
+    match db.location {
         Location::Sqlite(_) => OUT_DIR_KEY.to_string(),
         Location::Postgres(_) => format!("{OUT_DIR_KEY}@{}", crate::process::hostname()),
-    })
+    }
 }
 
-/// `out` beside a database file; `out` in the current folder for a
-/// database on a server.
-fn default_out_dir(db: &Path) -> Result<PathBuf> {
-    match Location::parse(db)? {
-        Location::Sqlite(_) => absolute(&db.parent().unwrap_or(Path::new(".")).join("out")),
-        Location::Postgres(_) => absolute(Path::new("out")),
-    }
+fn default_out_dir(db: &Database) -> Result<PathBuf> {
+    let beside = match db.location.sqlite_path() {
+        Some(file) => file.parent().unwrap_or(Path::new(".")),
+        None => Path::new("."),
+    };
+    absolute(&beside.join("out"))
 }
 
 pub fn absolute(path: &Path) -> Result<PathBuf> {
@@ -227,7 +242,7 @@ fn resume_command(db: &Path, args: impl Iterator<Item = String>) -> String {
     let mut words = vec![
         "jobrun".to_string(),
         "--db".into(),
-        shell_quote(&redact_url(&db.display().to_string())),
+        shell_quote(&db.display().to_string()),
     ];
     let mut args = args.peekable();
     while let Some(arg) = args.next() {

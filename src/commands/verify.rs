@@ -4,25 +4,24 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
 use crate::commands::run::out_dir_of;
-use crate::commands::{Status, open_store, thousands};
+use crate::commands::{Database, Status, thousands};
 use crate::redact::redact_url;
 use crate::store::Open;
 
-pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
-    let mode = if args.requeue {
+pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
+    let mut store = db.open(if args.requeue {
         Open::MustExist
     } else {
         Open::ReadOnly
-    };
-    let mut store = open_store(db, mode, None)?;
-    let out_dir = out_dir_of(store.as_ref(), db)?;
+    })?;
+    let out_dir = out_dir_of(&*store, db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();
     store.done_files(&mut |file| {
@@ -36,8 +35,8 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
     })?;
     tracing::info!(
         "checked {} files: {} missing or damaged",
-        thousands(checked as i64),
-        thousands(bad.len() as i64)
+        thousands(checked),
+        thousands(bad.len() as u64)
     );
     if bad.is_empty() {
         return Ok(Status::Success);
@@ -46,8 +45,8 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
         store.requeue_damaged(&bad)?;
         tracing::info!(
             "{} URLs are pending again; fetch them with `jobrun --db {} run`",
-            thousands(bad.len() as i64),
-            store.describe()
+            thousands(bad.len() as u64),
+            db.shown()
         );
     } else {
         tracing::info!("`jobrun verify --requeue` sends them back to pending to fetch again");
@@ -56,7 +55,7 @@ pub fn run(db: &Path, args: VerifyArgs) -> Result<Status> {
 }
 
 /// What is wrong with a done file, if anything.
-fn check(path: &PathBuf, bytes: i64, sha256: &[u8]) -> Result<Option<String>> {
+fn check(path: &Path, bytes: Option<u64>, sha256: &[u8]) -> Result<Option<String>> {
     let mut file = match File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some("missing".into())),
@@ -64,20 +63,22 @@ fn check(path: &PathBuf, bytes: i64, sha256: &[u8]) -> Result<Option<String>> {
     };
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 256 * 1024];
-    let mut size = 0i64;
+    let mut size = 0u64;
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 hasher.update(&buf[..n]);
-                size += n as i64;
+                size += n as u64;
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Ok(Some(format!("unreadable ({e})"))),
         }
     }
-    if size != bytes {
-        return Ok(Some(format!("damaged: {size} bytes, {bytes} expected")));
+    match bytes {
+        Some(bytes) if bytes == size => {}
+        Some(bytes) => return Ok(Some(format!("damaged: {size} bytes, {bytes} expected"))),
+        None => return Ok(Some(format!("damaged: {size} bytes, no size recorded"))),
     }
     if hasher.finalize().as_slice() != sha256 {
         return Ok(Some("damaged: sha256 differs".into()));

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use crate::domain::{Completion, HostFilter};
 use crate::hosts::{HostPermit, Hosts, Wait};
-use crate::store::{Completion, HostFilter};
 
 use super::{Event, Job};
 
@@ -305,7 +305,10 @@ impl Dispatcher {
 
 /// Sends a job back to pending, unstarted.
 async fn give_back(events: &flume::Sender<Event>, job: Job) -> Result<(), ()> {
-    let completion = Completion::Unstarted { key: job.claim.key() };
+    let completion = Completion::Unstarted {
+        id: job.claim.id,
+        lease: job.claim.lease,
+    };
     events
         .send_async(Event::Finished {
             completion,

@@ -24,12 +24,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::clock::now_ms;
+use crate::domain::{Claim, Completion, RunEnd, RunId, Work};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::{Leftover, OutputDir, TempFile, Written};
 use crate::process;
 use crate::progress::{self, Counters};
-use crate::store::backend::{RunId, Store};
-use crate::store::{Claim, Completion, RunEnd, Work, now_ms};
+use crate::store::Store;
 
 use dispatch::{DispatchChannels, Dispatcher};
 use owner::{Owner, OwnerChannels};
@@ -89,14 +90,14 @@ pub struct RunPlan {
 /// What one run committed.
 #[derive(Debug, Default)]
 pub struct RunTotals {
-    pub run: i64,
+    pub run: RunId,
     pub done: u64,
     pub failed: u64,
     pub retried: u64,
     pub interrupted: u64,
     pub bytes: u64,
     /// Rows taken back from runs found dead at the start.
-    pub reclaimed: usize,
+    pub reclaimed: u64,
     pub elapsed: Duration,
     pub end: Option<RunEnd>,
 }
@@ -115,13 +116,13 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan) -> Result<RunTotals> {
             started.reclaimed
         );
     }
-    let live: Vec<i64> = started.live.iter().map(|run| run.id).collect();
-    let opened = OutputDir::open(&plan.out_dir, started.id, &live, &plan.db)
-        .and_then(|(out, leftovers)| settle_leftovers(store.as_mut(), &out, leftovers).map(|()| out));
+    let live: Vec<i64> = started.live.iter().map(|run| run.id.0).collect();
+    let opened = OutputDir::open(&plan.out_dir, started.id.0, &live, &plan.db)
+        .and_then(|(out, leftovers)| settle_leftovers(&mut *store, &out, leftovers).map(|()| out));
     let out = match opened {
         Ok(out) => out,
         Err(error) => {
-            store.end_run(RunId(started.id), &RunEnd::Error(format!("{error:#}")))?;
+            store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
             return Err(error);
         }
     };
@@ -137,14 +138,14 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan) -> Result<RunTotals> {
         start: match (plan.work, store.refresh_counts()?) {
             // A refresh counts the rows of its round.
             (Work::Refresh, Some(round)) => progress::Start {
-                total: (round.changed + round.unchanged + round.failed + round.pending) as u64,
-                done: (round.changed + round.unchanged) as u64,
-                failed: round.failed as u64,
+                total: round.changed + round.unchanged + round.failed + round.pending,
+                done: round.changed + round.unchanged,
+                failed: round.failed,
             },
             _ => progress::Start {
-                total: counts.total as u64,
-                done: counts.done as u64,
-                failed: counts.failed as u64,
+                total: counts.total,
+                done: counts.done,
+                failed: counts.failed,
             },
         },
         display: plan.display,
@@ -243,9 +244,7 @@ pub(super) fn settle_leftovers(
     }
     let mut leftovers = Some(leftovers);
     store.with_row_states(&ids, &mut |states| {
-        if let Some(leftovers) = leftovers.take() {
-            out.settle(leftovers, states);
-        }
+        out.settle(leftovers.take().unwrap_or_default(), states);
         Ok(())
     })
 }

@@ -12,11 +12,12 @@ use anyhow::Result;
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
+use crate::clock::now_ms;
 use crate::crashpoint::{self, Step};
+use crate::domain::{Claim, Completion, HostFilter, Lease, RunEnd, RunId, Work};
 use crate::output::{OutputDir, Written, check_output_name};
 use crate::progress::Counters;
-use crate::store::backend::{ClaimKey, Lease, RunId, Store};
-use crate::store::{Completion, RunEnd, Work, now_ms};
+use crate::store::Store;
 
 use super::dispatch::SharedFilter;
 use super::peers::Peers;
@@ -42,7 +43,7 @@ pub struct Owner {
     store: Box<dyn Store>,
     out: Arc<OutputDir>,
     syncer: Syncer,
-    run: i64,
+    run: RunId,
     /// Rows to fetch, or done rows to refresh.
     work: Work,
     jobs: Option<flume::Sender<Job>>,
@@ -54,8 +55,8 @@ pub struct Owner {
     stopping_signal: Arc<Notify>,
     /// Which hosts claims leave out, kept by the dispatcher.
     host_filter: SharedFilter,
-    /// Claimed rows not yet completed, with the file last recorded as
-    /// theirs, if any.
+    /// Claimed rows not yet completed, with their lease and the file last
+    /// recorded as theirs, if any.
     in_flight: HashMap<i64, (Lease, Option<Written>)>,
     /// Outcomes ready to commit: failures, and bodies already durable.
     batch: Vec<Completion>,
@@ -98,7 +99,7 @@ impl Owner {
     pub fn new(
         store: Box<dyn Store>,
         out: OutputDir,
-        run: i64,
+        run: RunId,
         work: Work,
         channels: OwnerChannels,
         counters: Arc<Counters>,
@@ -194,7 +195,7 @@ impl Owner {
         let recorded = self
             .in_flight
             .remove(&completion.id())
-            .and_then(|(_, written)| written);
+            .and_then(|(_, recorded)| recorded);
         match &completion {
             Completion::Retry {
                 next_attempt_at, ..
@@ -231,13 +232,18 @@ impl Owner {
                 let mut refused: HashMap<i64, String> = refused.into_iter().collect();
                 for completion in &mut completions {
                     if let Completion::Done {
-                        key, status, millis, ..
+                        id,
+                        lease,
+                        status,
+                        millis,
+                        ..
                     } = *completion
-                        && let Some(error) = refused.remove(&key.id)
+                        && let Some(error) = refused.remove(&id)
                     {
                         tracing::debug!("failed: {error}");
                         *completion = Completion::Failed {
-                            key,
+                            id,
+                            lease,
                             status: Some(status),
                             error,
                             millis,
@@ -248,8 +254,8 @@ impl Owner {
             Err(error) => {
                 // They go back to pending instead.
                 for completion in &mut completions {
-                    if let Completion::Done { key, .. } = *completion {
-                        *completion = Completion::Interrupted { key };
+                    if let Completion::Done { id, lease, .. } = *completion {
+                        *completion = Completion::Interrupted { id, lease };
                     }
                 }
                 self.stop(RunEnd::Error(format!("{error:#}")));
@@ -322,7 +328,7 @@ impl Owner {
         }
         if !(batch_due || claim_due) && self.batch.is_empty() {
             // Only alive to say: no transaction needed.
-            self.store.heartbeat(RunId(self.run))?;
+            self.store.heartbeat(self.run)?;
             self.last_commit = now;
             return Ok(Tick::Continue);
         }
@@ -341,7 +347,8 @@ impl Owner {
             for claim in claims {
                 if let Err(error) = check_output_name(&claim.path) {
                     refused.push(Completion::Failed {
-                        key: claim.key(),
+                        id: claim.id,
+                        lease: claim.lease,
                         status: None,
                         error,
                         millis: 0,
@@ -372,7 +379,7 @@ impl Owner {
             let mut next_due = self.store.next_due(self.work)?;
             if next_due.is_none() && self.in_flight.is_empty() && self.batch.is_empty() {
                 // Every URL is done only when no other live run holds any.
-                if !self.peers.still_working(self.store.as_mut(), &self.out)? {
+                if !self.peers.still_working(&mut *self.store, &self.out)? {
                     return Ok(Tick::NothingLeft);
                 }
                 next_due = self.store.next_due(self.work)?;
@@ -392,7 +399,7 @@ impl Owner {
     }
 
     /// Commits the batch and claims up to `claim` rows in one transaction.
-    fn commit(&mut self, claim: usize) -> Result<Vec<crate::store::Claim>> {
+    fn commit(&mut self, claim: usize) -> Result<Vec<Claim>> {
         let claim = if self.stopping.is_some() { 0 } else { claim };
         for recorded in self.failed_targets.drain(..) {
             if let Err(error) = self.out.remove_if_written(&recorded) {
@@ -409,7 +416,7 @@ impl Owner {
         let filter = self.filter();
         let claims =
             self.store
-                .complete_and_claim(RunId(self.run), &self.batch, claim, &filter, self.work)?;
+                .complete_and_claim(self.run, &self.batch, claim, &filter, self.work)?;
         if marks_done {
             crashpoint::passed(Step::Committed);
         }
@@ -421,7 +428,7 @@ impl Owner {
         Ok(claims)
     }
 
-    fn filter(&self) -> crate::store::HostFilter {
+    fn filter(&self) -> HostFilter {
         self.host_filter
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -471,7 +478,10 @@ impl Owner {
         self.stopping = Some(end);
         while let Ok(job) = self.queued.try_recv() {
             self.in_flight.remove(&job.claim.id);
-            self.batch.push(Completion::Unstarted { key: job.claim.key() });
+            self.batch.push(Completion::Unstarted {
+                id: job.claim.id,
+                lease: job.claim.lease,
+            });
         }
         self.batch_since.get_or_insert_with(Instant::now);
         self.jobs = None;
@@ -480,16 +490,16 @@ impl Owner {
 
     fn finish(mut self) -> Result<RunTotals> {
         // Whatever is still claimed was cut short.
-        let cut_short: Vec<ClaimKey> = self
+        let cut_short: Vec<(i64, Lease)> = self
             .in_flight
             .drain()
-            .map(|(id, (lease, _))| ClaimKey { id, lease })
+            .map(|(id, (lease, _))| (id, lease))
             .collect();
         self.totals.interrupted = cut_short.len() as u64;
         self.batch.extend(
             cut_short
                 .into_iter()
-                .map(|key| Completion::Interrupted { key }),
+                .map(|(id, lease)| Completion::Interrupted { id, lease }),
         );
         self.jobs = None;
         // The sync thread's batch first, committed before the rest is made
@@ -519,7 +529,7 @@ impl Owner {
             Err(error) => RunEnd::Error(format!("{error:#}")),
             Ok(_) => end,
         };
-        self.store.end_run(RunId(self.run), &end)?;
+        self.store.end_run(self.run, &end)?;
         self.syncer.stop()?;
         match Arc::try_unwrap(self.out) {
             // After an error a batch may be in place and not committed: its

@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::clock::now_ms;
 use crate::commands::thousands;
+use crate::domain::{Holder, Liveness, RunId, RunStart};
 use crate::hosts::Hosts;
 use crate::output::OutputDir;
 use crate::process;
 use crate::progress::Counters;
-use crate::store::backend::{RunId, Store};
-use crate::store::{Holder, Liveness, RunStart, now_ms};
+use crate::store::Store;
 
 /// How often a run says it is alive when nothing else brings it to the
 /// database, unless its lease asks for more often.
@@ -23,13 +24,13 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub struct Peers {
     me: RunStart,
+    run: RunId,
+    counters: Arc<Counters>,
+    /// The holders last told about, to say it once and not every second.
+    told: Vec<RunId>,
     /// How often this run renews its heartbeat: a third of its lease at
     /// most, so that a late renewal or two does not lose it its URLs.
     pub heartbeat: Duration,
-    run: i64,
-    counters: Arc<Counters>,
-    /// The holders last told about, to say it once and not every second.
-    told: Vec<i64>,
     /// Per-host limits, shared with the other live runs.
     hosts: Arc<Hosts>,
 }
@@ -37,17 +38,17 @@ pub struct Peers {
 impl Peers {
     pub fn new(
         me: RunStart,
-        run: i64,
+        run: RunId,
         counters: Arc<Counters>,
         lease: Option<Duration>,
         hosts: Arc<Hosts>,
     ) -> Peers {
         Peers {
             me,
-            heartbeat: lease.map_or(HEARTBEAT, |lease| (lease / 3).min(HEARTBEAT)),
             run,
             counters,
             told: Vec::new(),
+            heartbeat: lease.map_or(HEARTBEAT, |lease| (lease / 3).min(HEARTBEAT)),
             hosts,
         }
     }
@@ -62,7 +63,7 @@ impl Peers {
     /// For a run with nothing left to claim: whether other runs still hold
     /// URLs (or held them and were found dead, so that there is work again).
     pub fn still_working(&mut self, store: &mut dyn Store, out: &OutputDir) -> Result<bool> {
-        if store.held_by_others(RunId(self.run))?.is_empty() {
+        if store.held_by_others(self.run)?.is_empty() {
             self.stop_waiting();
             return Ok(false);
         }
@@ -71,23 +72,23 @@ impl Peers {
         let mut leftovers = Vec::new();
         for (id, state) in &reclaimed.dead {
             log_dead_run(*id, *state);
-            leftovers.extend(out.leftover_of(*id));
+            leftovers.extend(out.leftover_of(id.0));
         }
         super::settle_leftovers(store, out, leftovers)?;
         if reclaimed.rows > 0 {
             tracing::info!(
                 "took back {} URLs from runs that were cut short",
-                thousands(reclaimed.rows as i64)
+                thousands(reclaimed.rows)
             );
             self.stop_waiting();
             return Ok(true);
         }
-        let holders = store.held_by_others(RunId(self.run))?;
+        let holders = store.held_by_others(self.run)?;
         if holders.is_empty() {
             self.stop_waiting();
             return Ok(false);
         }
-        let ids: Vec<i64> = holders.iter().map(|h| h.run).collect();
+        let ids: Vec<RunId> = holders.iter().map(|h| h.run).collect();
         let waiting = describe(&holders);
         if ids != self.told {
             tracing::info!("nothing left to claim; {waiting}");
@@ -120,7 +121,7 @@ fn describe(holders: &[Holder]) -> String {
     format!("waiting for {} to finish", runs.join(", "))
 }
 
-pub fn log_dead_run(id: i64, state: Liveness) {
+pub fn log_dead_run(id: RunId, state: Liveness) {
     let how = match state {
         Liveness::Rebooted => "the machine restarted",
         _ => "its process is gone",

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::clock::now_ms;
+use crate::domain::Completion;
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
 use crate::progress::Counters;
 use crate::redact::redact_url;
-use crate::store::{Completion, now_ms};
 
 use super::Event;
 use super::dispatch::Dispatched;
@@ -40,7 +41,8 @@ pub async fn work(
                 );
                 Event::Finished {
                     completion: Completion::Done {
-                        key: job.claim.key(),
+                        id: job.claim.id,
+                        lease: job.claim.lease,
                         status: body.status,
                         bytes: body.bytes,
                         sha256: body.sha256,

@@ -57,7 +57,9 @@ enum Tls {
     Disable,
     /// Encrypted when the server offers it (`prefer`, the default) or
     /// always (`require`), the certificate not checked: what libpq does.
-    Encrypt { required: bool },
+    Encrypt {
+        required: bool,
+    },
     /// Encrypted, and the certificate checked against the platform's roots
     /// (`verify-ca`, `verify-full`).
     Verify,
@@ -224,10 +226,7 @@ fn known() -> Result<Vec<(i32, &'static str, &'static str)>> {
 pub fn check_schema(client: &mut Client, name: &str, mode: Open) -> Result<()> {
     let known = known()?;
     let has_table: bool = client
-        .query_one(
-            "SELECT to_regclass('jobrun_migrations') IS NOT NULL",
-            &[],
-        )
+        .query_one("SELECT to_regclass('jobrun_migrations') IS NOT NULL", &[])
         .at(name)?
         .get(0);
     if !has_table {
@@ -249,7 +248,10 @@ pub fn check_schema(client: &mut Client, name: &str, mode: Open) -> Result<()> {
             .at(name)?;
     }
     let applied: i32 = tx
-        .query_one("SELECT coalesce(max(version), 0) FROM jobrun_migrations", &[])
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM jobrun_migrations",
+            &[],
+        )
         .at(name)?
         .get(0);
     let newest = known.len() as i32;

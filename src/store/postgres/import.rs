@@ -9,10 +9,7 @@ use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::Type;
 
 use super::{PgResult, PostgresStore};
-use crate::store::queue::{
-    folder_of_file_message, name_used_message, needs_folder_message, same_request_message,
-};
-use crate::store::{InsertResult, NewUrl};
+use crate::domain::{InsertResult, NewUrl};
 
 impl PostgresStore {
     pub(super) fn import_batch(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
@@ -31,7 +28,14 @@ impl PostgresStore {
             .at(name)?;
         let mut writer = BinaryCopyInWriter::new(
             sink,
-            &[Type::INT4, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT],
+            &[
+                Type::INT4,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+            ],
         );
         for (ord, new) in batch.iter().enumerate() {
             writer
@@ -125,7 +129,7 @@ fn insert_unnamed(
         results[at] = if row.get(1) {
             InsertResult::Duplicate
         } else {
-            InsertResult::NameTaken(name_used_message(batch[at].path))
+            InsertResult::name_used(batch[at].path)
         };
     }
     Ok(())
@@ -144,9 +148,7 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
         if existing == new.path {
             return Ok(InsertResult::Duplicate);
         }
-        return Ok(InsertResult::NameTaken(same_request_message(
-            &existing, new.path,
-        )));
+        return Ok(InsertResult::same_request_named(&existing, new.path));
     }
     let parts: Vec<&str> = new.path.split('/').collect();
     let folders: Vec<String> = (1..parts.len()).map(|d| parts[..d].join("/")).collect();
@@ -159,9 +161,7 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
             .at(name)?;
         if let Some(row) = folder {
             let folder: String = row.get(0);
-            return Ok(InsertResult::NameTaken(needs_folder_message(
-                new.path, &folder,
-            )));
+            return Ok(InsertResult::needs_folder(new.path, &folder));
         }
     }
     // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
@@ -173,9 +173,7 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
         .at(name)?;
     if let Some(row) = inside {
         let other: String = row.get(0);
-        return Ok(InsertResult::NameTaken(folder_of_file_message(
-            new.path, &other,
-        )));
+        return Ok(InsertResult::folder_of_file(new.path, &other));
     }
     let inserted = tx
         .execute(
@@ -193,6 +191,6 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
     Ok(if inserted == 1 {
         InsertResult::Inserted
     } else {
-        InsertResult::NameTaken(name_used_message(new.path))
+        InsertResult::name_used(new.path)
     })
 }

@@ -27,11 +27,11 @@ use postgres::Client;
 
 use std::collections::HashMap;
 
-use super::backend::{OpenOptions, RunId, Store};
-use super::{
+use super::{OpenOptions, Store};
+use crate::domain::{
     Claim, Completion, DoneFile, ExportRow, FailedRow, Holder, HostFilter, InsertResult, Liveness,
-    NewUrl, Reclaimed, RefreshCounts, RefreshRound, RowState, RunEnd, RunInfo, RunStart,
-    StateCounts, Started, Summary, Work,
+    NewUrl, Reclaimed, RefreshCounts, RefreshRound, RowState, RunEnd, RunId, RunInfo, RunStart,
+    Started, StateCounts, Summary, Work,
 };
 
 pub use connect::without_password;
@@ -76,7 +76,10 @@ impl PostgresStore {
             Some(lease) => lease,
             None => match store.get_setting("lease")? {
                 Some(text) => humantime::parse_duration(&text).map_err(|e| {
-                    anyhow!("the setting lease = {text:?} in {} is not a duration: {e}", store.name)
+                    anyhow!(
+                        "the setting lease = {text:?} in {} is not a duration: {e}",
+                        store.name
+                    )
                 })?,
                 None => DEFAULT_LEASE,
             },
@@ -120,10 +123,7 @@ impl Store for PostgresStore {
         self.register_run(me, liveness)
     }
 
-    fn reclaim_dead_runs(
-        &mut self,
-        liveness: &dyn Fn(&RunInfo) -> Liveness,
-    ) -> Result<Reclaimed> {
+    fn reclaim_dead_runs(&mut self, liveness: &dyn Fn(&RunInfo) -> Liveness) -> Result<Reclaimed> {
         self.reclaim(liveness)
     }
 

@@ -11,9 +11,12 @@ use postgres::Transaction;
 use postgres::types::ToSql;
 
 use super::{PgResult, PostgresStore, SERVER_NOW, count};
-use crate::store::backend::{Lease, RunId};
-use crate::store::queue::{duration_bucket, taken_for_dead};
-use crate::store::{Claim, Completion, HostFilter, RefreshRound, RowState, Validators, Work, now_ms};
+use crate::clock::now_ms;
+use crate::domain::{
+    Claim, Completion, Durations, HostFilter, Lease, RefreshRound, RowState, RunId, Validators,
+    Work,
+};
+use crate::store::TakenForDead;
 
 /// The state a claimed row goes back to when its attempt did not finish:
 /// pending, or done for a row being refreshed (its old file is still there).
@@ -71,17 +74,23 @@ impl PostgresStore {
                          failed = failed + $3, retried = retried + $4, bytes = bytes + $5
                      WHERE id = $1 AND ended_at IS NULL"
                 ),
-                &[&run.0, &tally.done, &tally.failed, &tally.retried, &tally.bytes],
+                &[
+                    &run.0,
+                    &tally.done,
+                    &tally.failed,
+                    &tally.retried,
+                    &tally.bytes,
+                ],
             )
             .at(name)?;
         if alive == 0 {
-            return Err(taken_for_dead(run.0));
+            return Err(TakenForDead { run }.into());
         }
-        let ours = completions.iter().all(|c| c.key().lease.run == run);
+        let ours = completions.iter().all(|c| c.lease().run == run);
         let recorded = record(&mut tx, run, now, completions, name)?;
         if !ours || recorded != completions.len() as u64 {
             // Dropping the transaction keeps nothing of it.
-            return Err(taken_for_dead(run.0));
+            return Err(TakenForDead { run }.into());
         }
         count_durations(&mut tx, completions, name)?;
         let claims = if claim > 0 {
@@ -106,7 +115,7 @@ impl PostgresStore {
             )
             .at(&name)?;
         if alive == 0 {
-            return Err(taken_for_dead(run.0));
+            return Err(TakenForDead { run }.into());
         }
         Ok(())
     }
@@ -193,7 +202,7 @@ impl PostgresStore {
             )
             .at(name)?;
         if let Some(row) = unfinished {
-            let rows = count(row.get(1)) as usize;
+            let rows = count(row.get(1));
             tx.commit().at(name)?;
             return Ok(RefreshRound::Resumed {
                 round: row.get(0),
@@ -201,7 +210,10 @@ impl PostgresStore {
             });
         }
         let round: i64 = tx
-            .query_one("SELECT coalesce(max(round), 0) + 1 FROM refresh_rounds", &[])
+            .query_one(
+                "SELECT coalesce(max(round), 0) + 1 FROM refresh_rounds",
+                &[],
+            )
             .at(name)?
             .get(0);
         // The retry budget starts afresh: attempts count this refresh's.
@@ -222,10 +234,7 @@ impl PostgresStore {
             .at(name)?;
         }
         tx.commit().at(name)?;
-        Ok(RefreshRound::Started {
-            round,
-            rows: rows as usize,
-        })
+        Ok(RefreshRound::Started { round, rows })
     }
 }
 
@@ -273,7 +282,7 @@ fn record(
     let mut interrupted = Columns::default();
     let mut unstarted = Columns::default();
     for completion in completions {
-        let key = completion.key();
+        let (id, lease) = (completion.id(), completion.lease());
         match completion {
             Completion::Done {
                 status,
@@ -283,7 +292,7 @@ fn record(
                 validators,
                 ..
             } => {
-                done.key(key.id, key.lease);
+                done.key(id, lease);
                 done.status.push(Some(i32::from(*status)));
                 done.bytes.push(*bytes as i64);
                 done.sha256.push(sha256.to_vec());
@@ -296,7 +305,7 @@ fn record(
                 validators,
                 ..
             } => {
-                unchanged.key(key.id, key.lease);
+                unchanged.key(id, lease);
                 unchanged.status.push(Some(i32::from(*status)));
                 unchanged.millis.push(i64::from(*millis));
                 unchanged.validators(validators);
@@ -308,7 +317,7 @@ fn record(
                 millis,
                 ..
             } => {
-                retry.key(key.id, key.lease);
+                retry.key(id, lease);
                 retry.status.push(status.map(i32::from));
                 retry.error.push(error.clone());
                 retry.next_attempt_at.push(*next_attempt_at);
@@ -320,13 +329,13 @@ fn record(
                 millis,
                 ..
             } => {
-                failed.key(key.id, key.lease);
+                failed.key(id, lease);
                 failed.status.push(status.map(i32::from));
                 failed.error.push(error.clone());
                 failed.millis.push(i64::from(*millis));
             }
-            Completion::Interrupted { .. } => interrupted.key(key.id, key.lease),
-            Completion::Unstarted { .. } => unstarted.key(key.id, key.lease),
+            Completion::Interrupted { .. } => interrupted.key(id, lease),
+            Completion::Unstarted { .. } => unstarted.key(id, lease),
         }
     }
     let mut recorded = 0;
@@ -522,15 +531,11 @@ impl Columns {
 
 /// The duration histogram, in the connection's own slot: runs never wait
 /// on each other's counters.
-fn count_durations(
-    tx: &mut Transaction<'_>,
-    completions: &[Completion],
-    name: &str,
-) -> Result<()> {
+fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &str) -> Result<()> {
     let buckets: Vec<i32> = completions
         .iter()
         .filter_map(|c| c.millis())
-        .map(|millis| duration_bucket(millis) as i32)
+        .map(|millis| Durations::bucket(millis) as i32)
         .collect();
     if !buckets.is_empty() {
         tx.execute(
@@ -584,7 +589,10 @@ fn claim_due(
             request: row.get(2),
             path: row.get(3),
             attempts: row.get::<_, i32>(4).max(0) as u32,
-            recorded: match (row.get::<_, Option<i64>>(5), row.get::<_, Option<Vec<u8>>>(6)) {
+            recorded: match (
+                row.get::<_, Option<i64>>(5),
+                row.get::<_, Option<Vec<u8>>>(6),
+            ) {
                 (Some(bytes), Some(sha256)) => <[u8; 32]>::try_from(sha256.as_slice())
                     .ok()
                     .map(|sha256| (bytes as u64, sha256)),

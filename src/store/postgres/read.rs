@@ -10,9 +10,10 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
 use super::{PgResult, PostgresStore, count};
-use crate::store::summary::{ErrorCount, HostCount, StatusCount, durations_of};
-use crate::store::{
-    DoneFile, ExportRow, FailedRow, RefreshCounts, StateCounts, Summary, now_ms,
+use crate::clock::now_ms;
+use crate::domain::{
+    DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, JobState, RefreshCounts,
+    StateCounts, StatusCount, Summary,
 };
 
 impl PostgresStore {
@@ -62,7 +63,7 @@ impl PostgresStore {
             )
             .at(&self.name)?;
         for row in rows {
-            let rows: i64 = row.get(1);
+            let rows = count(row.get(1));
             counts.total += rows;
             match row.get::<_, &str>(0) {
                 "pending" => counts.pending += rows,
@@ -75,15 +76,16 @@ impl PostgresStore {
         Ok(counts)
     }
 
-    fn retries_waiting(&self) -> Result<i64> {
-        Ok(self
-            .client()?
-            .query_one(
-                "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > $1",
-                &[&now_ms()],
-            )
-            .at(&self.name)?
-            .get(0))
+    fn retries_waiting(&self) -> Result<u64> {
+        Ok(count(
+            self.client()?
+                .query_one(
+                    "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > $1",
+                    &[&now_ms()],
+                )
+                .at(&self.name)?
+                .get(0),
+        ))
     }
 
     pub(super) fn schedule(&self, now: i64) -> Result<Vec<(i64, u64)>> {
@@ -104,7 +106,7 @@ impl PostgresStore {
 
     pub(super) fn summarize(&self, top_errors: usize) -> Result<Summary> {
         let mut summary = Summary::default();
-        let mut statuses = BTreeMap::<u16, i64>::new();
+        let mut statuses = BTreeMap::<u16, u64>::new();
         let mut hosts = BTreeMap::<String, HostCount>::new();
         let rows = self
             .client()?
@@ -117,7 +119,7 @@ impl PostgresStore {
         for row in rows {
             let host: String = row.get(0);
             let status: i32 = row.get(2);
-            let rows: i64 = row.get(3);
+            let rows = count(row.get(3));
             let per_host = hosts.entry(host.clone()).or_insert_with(|| HostCount {
                 host,
                 ..HostCount::default()
@@ -136,7 +138,7 @@ impl PostgresStore {
                 "done" => {
                     summary.counts.done += rows;
                     per_host.done += rows;
-                    summary.bytes += row.get::<_, i64>(4);
+                    summary.bytes += count(row.get(4));
                 }
                 _ => {
                     summary.counts.failed += rows;
@@ -166,9 +168,9 @@ impl PostgresStore {
                 .at(&self.name)?;
             for row in answers {
                 if let Some(host) = hosts.get_mut(row.get::<_, &str>(0)) {
-                    host.answers = row.get(1);
-                    host.status_429 = row.get(2);
-                    host.status_503 = row.get(3);
+                    host.answers = count(row.get(1));
+                    host.status_429 = count(row.get(2));
+                    host.status_503 = count(row.get(3));
                 }
             }
             summary.hosts = hosts.into_values().collect();
@@ -186,12 +188,12 @@ impl PostgresStore {
                 .iter()
                 .map(|row| ErrorCount {
                     error: row.get(0),
-                    count: row.get(1),
+                    count: count(row.get(1)),
                     example: row.get(2),
                 })
                 .collect();
         }
-        let buckets: Vec<(i64, i64)> = self
+        let buckets: Vec<(i64, u64)> = self
             .client()?
             .query(
                 "SELECT bucket::bigint, sum(count)::bigint FROM durations
@@ -200,9 +202,9 @@ impl PostgresStore {
             )
             .at(&self.name)?
             .iter()
-            .map(|row| (row.get(0), row.get(1)))
+            .map(|row| (row.get(0), count(row.get(1))))
             .collect();
-        summary.durations = durations_of(&buckets);
+        summary.durations = Durations::of_histogram(&buckets);
         Ok(summary)
     }
 
@@ -223,7 +225,7 @@ impl PostgresStore {
             ..RefreshCounts::default()
         };
         for row in rows.iter().filter(|row| row.get::<_, i64>(0) == round) {
-            let rows: i64 = row.get(2);
+            let rows = count(row.get(2));
             match row.get::<_, &str>(1) {
                 "changed" => counts.changed = rows,
                 "unchanged" => counts.unchanged = rows,
@@ -259,7 +261,7 @@ impl PostgresStore {
                 id: row.get(0),
                 url: row.get(1),
                 path: row.get(2),
-                bytes: row.get::<_, Option<i64>>(3).unwrap_or(-1),
+                bytes: row.get::<_, Option<i64>>(3).map(count),
                 sha256: row.get::<_, Option<Vec<u8>>>(4).unwrap_or_default(),
             },
             each,
@@ -285,11 +287,11 @@ impl PostgresStore {
              FROM urls ORDER BY id",
             |row| ExportRow {
                 url: row.get(0),
-                state: row.get(1),
+                state: JobState::parse(row.get(1)).unwrap_or(JobState::Failed),
                 path: row.get(2),
                 http_status: status(row.get(3)),
                 attempts: row.get::<_, i32>(4).max(0) as u32,
-                bytes: row.get(5),
+                bytes: row.get::<_, Option<i64>>(5).map(count),
                 sha256: row
                     .get::<_, Option<String>>(6)
                     .filter(|hex| !hex.is_empty()),

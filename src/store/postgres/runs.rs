@@ -10,16 +10,17 @@ use postgres::Transaction;
 use postgres::types::ToSql;
 
 use super::queue::UNCLAIMED;
-use super::{PgResult, PostgresStore, RESCUE_LIMIT, SERVER_NOW};
-use crate::store::backend::RunId;
-use crate::store::{Holder, Liveness, Reclaimed, RunEnd, RunInfo, RunStart, Started};
+use super::{PgResult, PostgresStore, RESCUE_LIMIT, SERVER_NOW, count};
+use crate::domain::{
+    Holder, Liveness, Reclaimed, RunEnd, RunId, RunInfo, RunOutcome, RunStart, Started,
+};
 
 const RUN_COLUMNS: &str = "id, pid, host, boot_id, proc_start, command, started_at, heartbeat_at,
     ended_at, outcome, message, done, failed, retried, bytes, pid_ns";
 
 fn run_from_row(row: &postgres::Row) -> RunInfo {
     RunInfo {
-        id: row.get(0),
+        id: RunId(row.get(0)),
         pid: row.get::<_, i64>(1) as u32,
         host: row.get(2),
         boot_id: row.get(3),
@@ -28,12 +29,12 @@ fn run_from_row(row: &postgres::Row) -> RunInfo {
         started_at: row.get(6),
         heartbeat_at: row.get(7),
         ended_at: row.get(8),
-        outcome: row.get(9),
+        outcome: row.get::<_, Option<&str>>(9).and_then(RunOutcome::parse),
         message: row.get(10),
-        done: row.get(11),
-        failed: row.get(12),
-        retried: row.get(13),
-        bytes: row.get(14),
+        done: count(row.get(11)),
+        failed: count(row.get(12)),
+        retried: count(row.get(13)),
+        bytes: count(row.get(14)),
         pid_ns: row.get::<_, Option<i64>>(15).map(|ns| ns as u64),
     }
 }
@@ -96,7 +97,7 @@ impl PostgresStore {
             .get(0);
         tx.commit().at(&name)?;
         Ok(Started {
-            id,
+            id: RunId(id),
             reclaimed: reclaimed.rows,
             dead: reclaimed.dead,
             live: reclaimed.live,
@@ -126,9 +127,9 @@ impl PostgresStore {
         Ok(rows
             .iter()
             .map(|row| Holder {
-                run: row.get::<_, Option<i64>>(0).unwrap_or(0),
+                run: RunId(row.get::<_, Option<i64>>(0).unwrap_or(0)),
                 pid: row.get::<_, i64>(1) as u32,
-                urls: row.get(2),
+                urls: count(row.get(2)),
             })
             .collect())
     }
@@ -153,7 +154,9 @@ impl PostgresStore {
         )
         .at(&name)?;
         tx.execute(
-            &format!("UPDATE urls u SET state = {UNCLAIMED} WHERE state = 'running' AND run_id = $1"),
+            &format!(
+                "UPDATE urls u SET state = {UNCLAIMED} WHERE state = 'running' AND run_id = $1"
+            ),
             &[&run.0],
         )
         .at(&name)?;
@@ -232,13 +235,13 @@ fn reclaim(
                      WHERE id = $1 AND ended_at IS NULL
                        AND ($3 OR heartbeat_at + lease_ms < {SERVER_NOW})"
                 ),
-                &[&run.id, &outcome, &by_process],
+                &[&run.id.0, &outcome, &by_process],
             )
             .at(name)?;
         if ended == 0 {
             continue;
         }
-        let params: &[&(dyn ToSql + Sync)] = &[&run.id];
+        let params: &[&(dyn ToSql + Sync)] = &[&run.id.0];
         reclaimed.rows += tx
             .execute(
                 &format!(
@@ -247,7 +250,7 @@ fn reclaim(
                 ),
                 params,
             )
-            .at(name)? as usize;
+            .at(name)?;
         reclaimed.dead.push((run.id, state));
     }
     reclaimed.rows += tx
@@ -260,6 +263,6 @@ fn reclaim(
             ),
             &[],
         )
-        .at(name)? as usize;
+        .at(name)?;
     Ok(reclaimed)
 }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::*;
-use crate::store::backend::{ClaimKey, Lease};
-use crate::store::{Open, Validators, now_ms};
+use crate::clock::now_ms;
+use crate::domain::{Lease, Validators};
+use crate::store::{Open, contract};
 
 pub(crate) fn test_url() -> String {
     std::env::var("JOBRUN_TEST_PG")
@@ -25,7 +26,10 @@ pub(crate) struct Schema {
 impl Schema {
     pub(crate) fn new() -> Schema {
         let base = test_url();
-        let name = format!("jobrun_test_{}", format!("{}_{:x}", std::process::id(), fastrand::u64(..)));
+        let name = format!(
+            "jobrun_test_{}",
+            format!("{}_{:x}", std::process::id(), fastrand::u64(..))
+        );
         let mut admin = connect::connect(&base, Duration::from_secs(5))
             .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
         admin
@@ -43,9 +47,9 @@ impl Schema {
     pub(crate) fn open_with_lease(&self, lease: Option<Duration>) -> PostgresStore {
         let options = OpenOptions {
             mode: Open::CreateIfMissing,
-            lock_wait: Duration::from_secs(5),
-            cache_kib: None,
             lease,
+            lock_wait: Duration::from_secs(5),
+            ..OpenOptions::new(Open::CreateIfMissing)
         };
         PostgresStore::open(&self.url, &options).unwrap()
     }
@@ -101,7 +105,8 @@ fn claim(store: &mut PostgresStore, run: RunId, n: usize) -> Vec<Claim> {
 
 fn done(claim: &Claim, bytes: u64) -> Completion {
     Completion::Done {
-        key: claim.key(),
+        id: claim.id,
+        lease: claim.lease,
         status: 200,
         bytes,
         sha256: [7; 32],
@@ -110,7 +115,7 @@ fn done(claim: &Claim, bytes: u64) -> Completion {
     }
 }
 
-fn counts(store: &PostgresStore) -> (i64, i64, i64, i64) {
+fn counts(store: &PostgresStore) -> (u64, u64, u64, u64) {
     let c = store.state_counts().unwrap();
     (c.pending, c.running, c.done, c.failed)
 }
@@ -121,31 +126,44 @@ fn claims_and_outcomes_keep_the_counters() -> Result<()> {
     let mut store = schema.open();
     let results = import(
         &mut store,
-        &[("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("b2", "b")],
+        &[
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("b2", "b"),
+        ],
     );
     assert!(results.iter().all(|r| *r == InsertResult::Inserted));
-    let run = RunId(store.start_run(&me(1), &alive)?.id);
+    let run = store.start_run(&me(1), &alive)?.id;
     let claims = claim(&mut store, run, 4);
     assert_eq!(claims.len(), 4);
-    assert!(claims.iter().all(|c| c.lease.run == run && c.lease.fence == 1));
+    assert!(
+        claims
+            .iter()
+            .all(|c| c.lease.run == run && c.lease.fence == 1)
+    );
     assert_eq!(counts(&store), (1, 4, 0, 0));
     let outcomes = vec![
         done(&claims[0], 100),
         Completion::Retry {
-            key: claims[1].key(),
+            id: claims[1].id,
+            lease: claims[1].lease,
             status: Some(503),
             error: "HTTP 503".to_string(),
             next_attempt_at: now_ms() + 60_000,
             millis: 5,
         },
         Completion::Failed {
-            key: claims[2].key(),
+            id: claims[2].id,
+            lease: claims[2].lease,
             status: Some(404),
             error: "HTTP 404".to_string(),
             millis: 5,
         },
         Completion::Unstarted {
-            key: claims[3].key(),
+            id: claims[3].id,
+            lease: claims[3].lease,
         },
     ];
     let more = store.complete_and_claim(run, &outcomes, 0, &HostFilter::default(), Work::Fetch)?;
@@ -155,19 +173,19 @@ fn claims_and_outcomes_keep_the_counters() -> Result<()> {
     assert_eq!(summary.counts.total, 5);
     assert_eq!(summary.counts.retry_waiting, 1);
     assert_eq!(summary.bytes, 100);
-    let statuses: Vec<(u16, i64)> = summary
+    let statuses: Vec<(u16, u64)> = summary
         .http_statuses
         .iter()
         .map(|s| (s.status, s.count))
         .collect();
     assert_eq!(statuses, [(200, 1), (404, 1), (503, 1)]);
-    let errors: Vec<(&str, i64)> = summary
+    let errors: Vec<(&str, u64)> = summary
         .errors
         .iter()
         .map(|e| (e.error.as_str(), e.count))
         .collect();
     assert_eq!(errors, [("HTTP 404", 1), ("HTTP 503", 1)]);
-    let hosts: Vec<(&str, i64, i64, i64)> = summary
+    let hosts: Vec<(&str, u64, u64, u64)> = summary
         .hosts
         .iter()
         .map(|h| (h.host.as_str(), h.total, h.answers, h.status_503))
@@ -178,7 +196,7 @@ fn claims_and_outcomes_keep_the_counters() -> Result<()> {
     assert_eq!(counts(&store), (4, 0, 1, 0));
     // A second connection's counts add up with the first's.
     let mut other = schema.open();
-    let run2 = RunId(other.start_run(&me(2), &alive)?.id);
+    let run2 = other.start_run(&me(2), &alive)?.id;
     let claims = claim(&mut other, run2, 10);
     assert_eq!(claims.len(), 3, "the retry is not due yet");
     let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 1)).collect();
@@ -198,15 +216,13 @@ fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Re
     let schema = Schema::new();
     let mut store = schema.open();
     import(&mut store, &[("a1", "a"), ("a2", "a")]);
-    let run = RunId(store.start_run(&me(1), &alive)?.id);
+    let run = store.start_run(&me(1), &alive)?.id;
     let claims = claim(&mut store, run, 2);
     let stale = Completion::Done {
-        key: ClaimKey {
-            id: claims[1].id,
-            lease: Lease {
-                run,
-                fence: claims[1].lease.fence - 1,
-            },
+        id: claims[1].id,
+        lease: Lease {
+            run,
+            fence: claims[1].lease.fence - 1,
         },
         status: 200,
         bytes: 1,
@@ -228,7 +244,7 @@ fn a_run_silent_past_its_lease_loses_its_rows_to_another() -> Result<()> {
     let schema = Schema::new();
     let mut first = schema.open_with_lease(Some(Duration::from_millis(1)));
     import(&mut first, &[("a1", "a"), ("a2", "a")]);
-    let run = RunId(first.start_run(&me(1), &alive)?.id);
+    let run = first.start_run(&me(1), &alive)?.id;
     let claims = claim(&mut first, run, 2);
     // The lease is a millisecond: wait until the server's clock is past it.
     let mut second = schema.open();
@@ -237,9 +253,9 @@ fn a_run_silent_past_its_lease_loses_its_rows_to_another() -> Result<()> {
         if started.reclaimed == 2 {
             break started;
         }
-        second.end_run(RunId(started.id), &RunEnd::Finished)?;
+        second.end_run(started.id, &RunEnd::Finished)?;
     };
-    assert!(started.dead.iter().any(|(id, _)| *id == run.0));
+    assert!(started.dead.iter().any(|(id, _)| *id == run));
     // The dead run's late outcome is refused; the rows were claimed again
     // under a new fence.
     let late = [done(&claims[0], 1)];
@@ -248,7 +264,7 @@ fn a_run_silent_past_its_lease_loses_its_rows_to_another() -> Result<()> {
         .unwrap_err();
     assert!(error.to_string().contains("taken for dead"), "{error:#}");
     assert!(first.heartbeat(run).is_err());
-    let again = claim(&mut second, RunId(started.id), 2);
+    let again = claim(&mut second, started.id, 2);
     assert!(again.iter().all(|c| c.lease.fence == 2));
     let summary = second.summary(0)?;
     assert_eq!(summary.counts.running, 2);
@@ -262,7 +278,7 @@ fn a_url_rescued_too_often_fails_with_why() -> Result<()> {
     import(&mut store, &[("deadly", "a")]);
     let gone = |_: &RunInfo| Liveness::Gone;
     for _ in 0..RESCUE_LIMIT {
-        let run = RunId(store.start_run(&me(1), &gone)?.id);
+        let run = store.start_run(&me(1), &gone)?.id;
         assert_eq!(claim(&mut store, run, 1).len(), 1);
     }
     let started = store.start_run(&me(1), &gone)?;
@@ -282,7 +298,11 @@ fn a_url_rescued_too_often_fails_with_why() -> Result<()> {
     );
     // Rescued fewer times, a row only went back to pending.
     let rows = store.recent_runs(10)?;
-    assert!(rows.iter().filter(|r| r.outcome.as_deref() == Some("killed")).count() >= 5);
+    let killed = rows
+        .iter()
+        .filter(|r| r.outcome == Some(crate::domain::RunOutcome::Killed))
+        .count();
+    assert!(killed >= 5, "{killed}");
     Ok(())
 }
 
@@ -338,16 +358,66 @@ fn settings_keep_their_first_value_and_schemas_are_checked() -> Result<()> {
             .setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"))
             .is_err()
     );
-    assert_eq!(store.setting_or_insert("out_dir", "/a", &mut || Ok(()))?, "/a");
-    assert_eq!(store.setting_or_insert("out_dir", "/b", &mut || Ok(()))?, "/a");
+    assert_eq!(
+        store.setting_or_insert("out_dir", "/a", &mut || Ok(()))?,
+        "/a"
+    );
+    assert_eq!(
+        store.setting_or_insert("out_dir", "/b", &mut || Ok(()))?,
+        "/a"
+    );
     let empty = Schema::new();
-    let options = OpenOptions {
-        mode: Open::MustExist,
-        lock_wait: Duration::from_secs(5),
-        cache_kib: None,
-        lease: None,
-    };
+    let options = OpenOptions::new(Open::MustExist);
     let error = PostgresStore::open(&empty.url, &options).err().unwrap();
-    assert!(error.to_string().contains("holds no jobrun data"), "{error:#}");
+    assert!(
+        error.to_string().contains("holds no jobrun data"),
+        "{error:#}"
+    );
     Ok(())
+}
+
+/// Runs a check of the store contract on new, empty schemas.
+fn check(contract: fn(contract::Fresh<'_>)) {
+    let schemas = std::cell::RefCell::new(Vec::new());
+    contract(&|| {
+        let schema = Schema::new();
+        let store = schema.open();
+        schemas.borrow_mut().push(schema);
+        Box::new(store)
+    });
+}
+
+#[test]
+fn contract_every_claim_gives_a_row_a_new_fence() {
+    check(contract::every_claim_gives_a_row_a_new_fence);
+}
+
+#[test]
+fn contract_an_outcome_under_an_earlier_claim_of_the_row_is_refused() {
+    check(contract::an_outcome_under_an_earlier_claim_of_the_row_is_refused);
+}
+
+#[test]
+fn contract_a_run_taken_for_dead_cannot_complete_what_another_claimed() {
+    check(contract::a_run_taken_for_dead_cannot_complete_what_another_claimed);
+}
+
+#[test]
+fn contract_an_import_says_what_became_of_each_url_in_order() {
+    check(contract::an_import_says_what_became_of_each_url_in_order);
+}
+
+#[test]
+fn contract_an_ended_run_gives_its_rows_back_and_says_how_it_ended() {
+    check(contract::an_ended_run_gives_its_rows_back_and_says_how_it_ended);
+}
+
+#[test]
+fn contract_failed_rows_go_back_with_a_fresh_budget() {
+    check(contract::failed_rows_go_back_with_a_fresh_budget);
+}
+
+#[test]
+fn contract_a_setting_keeps_its_first_value() {
+    check(contract::a_setting_keeps_its_first_value);
 }

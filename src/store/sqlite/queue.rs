@@ -8,88 +8,16 @@
 
 use std::collections::HashMap;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use rusqlite::{OptionalExtension, Transaction, params};
 
-use super::backend::{ClaimKey, Lease, RunId};
-use super::{Store, now_ms};
-
-/// A URL claimed by a run.
-#[derive(Debug, Clone)]
-pub struct Claim {
-    pub id: i64,
-    pub url: String,
-    /// The request as JSON, when it is not a plain GET.
-    pub request: Option<String>,
-    /// The output file, relative to the output folder.
-    pub path: String,
-    /// Attempts already made (and finished).
-    pub attempts: u32,
-    /// The host as recorded at import: host[:port], the port only when it
-    /// is not the scheme's default. Politeness is kept per this key, so
-    /// http and https on one name share it, as they share the server.
-    pub host: String,
-    /// The size and sha256 of the body last recorded as done, if any.
-    pub recorded: Option<(u64, [u8; 32])>,
-    /// Claimed by `jobrun refresh`: a done row whose file stays until a
-    /// changed body replaces it.
-    pub refresh: bool,
-    /// The validators stored with the done body, sent as `If-None-Match`
-    /// and `If-Modified-Since` by a refresh.
-    pub validators: Validators,
-    /// The run's hold on the row, which every outcome carries back.
-    pub lease: Lease,
-}
-
-impl Claim {
-    /// What an outcome of this claim names it by.
-    pub fn key(&self) -> ClaimKey {
-        ClaimKey {
-            id: self.id,
-            lease: self.lease,
-        }
-    }
-}
-
-/// A body's `ETag` and `Last-Modified`, as the server sent them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Validators {
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-}
-
-/// What a run claims: rows to fetch, or done rows to refresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Work {
-    #[default]
-    Fetch,
-    Refresh,
-}
-
-/// A row's state, as far as its output file is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowState {
-    /// Done: its file is the one to keep.
-    Done,
-    /// Held by a run, which may be writing its file right now.
-    Held,
-    /// Pending or failed: nobody is writing its file.
-    Free,
-}
-
-/// Which due rows a claim leaves for later, so that claimed rows go to hosts
-/// that can take them now.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HostFilter {
-    /// Hosts not to claim for now: paused, or with enough claimed already.
-    pub skip: Vec<String>,
-}
-
-impl HostFilter {
-    pub fn is_empty(&self) -> bool {
-        self.skip.is_empty()
-    }
-}
+use super::SqliteStore;
+use crate::clock::now_ms;
+use crate::domain::{
+    Claim, Completion, Durations, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState,
+    RunId, Validators, Work,
+};
+use crate::store::TakenForDead;
 
 /// How many due rows, in claim order, a filtered claim looks at: first four
 /// times the rows it wants (enough to pass over a few skipped hosts' rows),
@@ -97,114 +25,8 @@ impl HostFilter {
 /// cheap when the head of the list belongs to skipped hosts.
 const FILTER_WINDOW: usize = 16_384;
 
-/// A URL to import.
-#[derive(Debug, Clone, Copy)]
-pub struct NewUrl<'a> {
-    pub url: &'a str,
-    /// The request as JSON, when it is not a plain GET.
-    pub request: Option<&'a str>,
-    /// With the URL, what makes two imported lines the same job: empty for
-    /// a plain GET, else a hash of the request.
-    pub request_hash: &'a str,
-    pub host: &'a str,
-    pub path: &'a str,
-    /// The file name was given by the user, not made from the URL.
-    pub named: bool,
-}
-
-/// What became of a claimed URL.
-#[derive(Debug, Clone)]
-pub enum Completion {
-    /// The body is in its final file, and that file is durable.
-    Done {
-        key: ClaimKey,
-        status: u16,
-        bytes: u64,
-        sha256: [u8; 32],
-        millis: u32,
-        validators: Validators,
-    },
-    /// A refresh found the body unchanged (a 304, or the same sha256): the
-    /// file stays as it is.
-    Unchanged {
-        key: ClaimKey,
-        status: u16,
-        millis: u32,
-        validators: Validators,
-    },
-    /// A retryable failure: back to pending until `next_attempt_at`.
-    Retry {
-        key: ClaimKey,
-        status: Option<u16>,
-        error: String,
-        next_attempt_at: i64,
-        millis: u32,
-    },
-    /// A permanent failure, or the last attempt failed.
-    Failed {
-        key: ClaimKey,
-        status: Option<u16>,
-        error: String,
-        millis: u32,
-    },
-    /// The attempt was cut short by a shutdown: back to pending, budget kept.
-    Interrupted { key: ClaimKey },
-    /// Claimed but never started: back to pending, nothing recorded.
-    Unstarted { key: ClaimKey },
-}
-
-impl Completion {
-    /// How long the attempt took, for attempts that reached an end.
-    pub fn millis(&self) -> Option<u32> {
-        match *self {
-            Completion::Done { millis, .. }
-            | Completion::Unchanged { millis, .. }
-            | Completion::Retry { millis, .. }
-            | Completion::Failed { millis, .. } => Some(millis),
-            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
-        }
-    }
-
-    /// For an attempt that reached an end, its HTTP status (None when no
-    /// answer came: a reset, a timeout).
-    pub fn answer(&self) -> Option<Option<u16>> {
-        match *self {
-            Completion::Done { status, .. } | Completion::Unchanged { status, .. } => {
-                Some(Some(status))
-            }
-            Completion::Retry { status, .. } | Completion::Failed { status, .. } => Some(status),
-            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
-        }
-    }
-
-    pub fn key(&self) -> ClaimKey {
-        match *self {
-            Completion::Done { key, .. }
-            | Completion::Unchanged { key, .. }
-            | Completion::Retry { key, .. }
-            | Completion::Failed { key, .. }
-            | Completion::Interrupted { key }
-            | Completion::Unstarted { key } => key,
-        }
-    }
-
-    pub fn id(&self) -> i64 {
-        self.key().id
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InsertResult {
-    Inserted,
-    /// The same request is in the database already.
-    Duplicate,
-    /// The file name is taken, or clashes with a folder of another name,
-    /// or the same request is there already under another name.
-    NameTaken(String),
-}
-
 /// URLs being imported, committed together.
-pub struct ImportBatch<'a> {
+struct ImportBatch<'a> {
     tx: Transaction<'a>,
 }
 
@@ -214,18 +36,16 @@ impl ImportBatch<'_> {
     /// where another name needs a folder, would make two URLs share a path;
     /// and the same request under another name would be dropped as a
     /// duplicate, leaving the name the user asked for without its file.
-    pub fn insert(&self, new: &NewUrl<'_>) -> Result<InsertResult> {
+    fn insert(&self, new: &NewUrl<'_>) -> Result<InsertResult> {
         if new.named {
             if let Some(existing) = self.path_of(new)? {
                 if existing == new.path {
                     return Ok(InsertResult::Duplicate);
                 }
-                return Ok(InsertResult::NameTaken(same_request_message(
-                    &existing, new.path,
-                )));
+                return Ok(InsertResult::same_request_named(&existing, new.path));
             }
             if let Some(clash) = self.name_clash(new.path)? {
-                return Ok(InsertResult::NameTaken(clash));
+                return Ok(clash);
             }
         }
         let changed = self
@@ -246,7 +66,7 @@ impl ImportBatch<'_> {
             Ok(1) => Ok(InsertResult::Inserted),
             Ok(_) => Ok(InsertResult::Duplicate),
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                Ok(InsertResult::NameTaken(name_used_message(new.path)))
+                Ok(InsertResult::name_used(new.path))
             }
             Err(e) => Err(e.into()),
         }
@@ -262,7 +82,7 @@ impl ImportBatch<'_> {
     }
 
     /// Another row whose path is a folder of `path`, or inside `path`.
-    fn name_clash(&self, path: &str) -> Result<Option<String>> {
+    fn name_clash(&self, path: &str) -> Result<Option<InsertResult>> {
         let parts: Vec<&str> = path.split('/').collect();
         for depth in 1..parts.len() {
             let folder = parts[..depth].join("/");
@@ -272,7 +92,7 @@ impl ImportBatch<'_> {
                 .query_row([&folder], |row| row.get(0))
                 .optional()?;
             if taken.is_some() {
-                return Ok(Some(needs_folder_message(path, &folder)));
+                return Ok(Some(InsertResult::needs_folder(path, &folder)));
             }
         }
         // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
@@ -283,57 +103,28 @@ impl ImportBatch<'_> {
                 row.get(0)
             })
             .optional()?;
-        Ok(inside.map(|other| folder_of_file_message(path, &other)))
-    }
-
-    pub fn commit(self) -> Result<()> {
-        Ok(self.tx.commit()?)
+        Ok(inside.map(|other| InsertResult::folder_of_file(path, &other)))
     }
 }
 
-/// Why a run stops when another run took its rows back.
-pub(crate) fn taken_for_dead(run: i64) -> anyhow::Error {
-    anyhow::anyhow!(
-        "run #{run} was taken for dead by another run, which gave its URLs to others (its \
-         heartbeat had not been renewed for too long); it stopped so that no URL is fetched \
-         twice. Run again to carry on"
-    )
-}
-
-/// A named line whose request is imported already under another name.
-pub(crate) fn same_request_message(existing: &str, path: &str) -> String {
-    format!(
-        "the same request is already imported with the name {existing:?}, not {path:?}: one \
-         request is one job and one file (drop this line, or make its request differ)"
-    )
-}
-
-/// A line whose file name another URL has.
-pub(crate) fn name_used_message(path: &str) -> String {
-    format!("\"name\" {path:?} is already used by another URL")
-}
-
-/// A named line whose file needs a folder where another URL's file is.
-pub(crate) fn needs_folder_message(path: &str, folder: &str) -> String {
-    format!("\"name\" {path:?} needs a folder {folder:?}, which is another URL's file")
-}
-
-/// A named line whose file would be a folder holding another URL's file.
-pub(crate) fn folder_of_file_message(path: &str, other: &str) -> String {
-    format!("\"name\" {path:?} is a folder of another URL's file {other:?}")
-}
-
-impl Store {
-    pub fn import_batch(&mut self) -> Result<ImportBatch<'_>> {
-        let tx = self.write_transaction()?;
-        Ok(ImportBatch { tx })
+impl SqliteStore {
+    pub(super) fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
+        let batch_writer = ImportBatch {
+            tx: self.write_transaction()?,
+        };
+        let results = batch
+            .iter()
+            .map(|new| batch_writer.insert(new))
+            .collect::<Result<Vec<_>>>()?;
+        batch_writer.tx.commit()?;
+        Ok(results)
     }
 
     /// Records `completions` for `run` and claims up to `claim` due rows for
     /// it, in one transaction: one commit per tick of the run, whatever it did.
-    pub fn complete_and_claim(
+    pub(super) fn complete_and_claim(
         &mut self,
-        run: i64,
+        run: RunId,
         completions: &[Completion],
         claim: usize,
         filter: &HostFilter,
@@ -342,14 +133,14 @@ impl Store {
         let now = now_ms();
         let tx = self.write_transaction()?;
         let mut tally = Tally::default();
-        let mut durations = std::collections::HashMap::<i64, i64>::new();
+        let mut durations = HashMap::<i64, i64>::new();
         let mut lost = 0;
         for completion in completions {
             if !record(&tx, run, now, completion, &mut tally)? {
                 lost += 1;
             }
             if let Some(millis) = completion.millis() {
-                *durations.entry(duration_bucket(millis)).or_default() += 1;
+                *durations.entry(Durations::bucket(millis)).or_default() += 1;
             }
         }
         for (bucket, count) in durations {
@@ -366,7 +157,7 @@ impl Store {
                  WHERE id = ?1 AND ended_at IS NULL",
             )?
             .execute(params![
-                run,
+                run.0,
                 now,
                 tally.done,
                 tally.failed,
@@ -376,7 +167,7 @@ impl Store {
         count_host_answers(&tx, completions)?;
         if alive == 0 || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
-            return Err(taken_for_dead(run));
+            bail!(TakenForDead { run });
         }
         let claims = if claim > 0 {
             claim_due(&tx, run, now, claim, filter, work)?
@@ -389,7 +180,11 @@ impl Store {
 
     /// Failed rows (all, or those with `status`, or whose error contains
     /// `error`) go back to pending with a fresh retry budget.
-    pub fn requeue_failed(&mut self, status: Option<u16>, error: Option<&str>) -> Result<usize> {
+    pub(super) fn requeue_failed(
+        &mut self,
+        status: Option<u16>,
+        error: Option<&str>,
+    ) -> Result<u64> {
         let tx = self.write_transaction()?;
         let requeued = tx.execute(
             "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0
@@ -399,12 +194,12 @@ impl Store {
             params![status, error],
         )?;
         tx.commit()?;
-        Ok(requeued)
+        Ok(requeued as u64)
     }
 
     /// Done rows whose files are missing or damaged go back to pending with
     /// a fresh retry budget.
-    pub fn requeue_damaged(&mut self, ids: &[i64]) -> Result<()> {
+    pub(super) fn requeue_damaged(&mut self, ids: &[i64]) -> Result<()> {
         let tx = self.write_transaction()?;
         for id in ids {
             tx.prepare_cached(
@@ -421,33 +216,29 @@ impl Store {
     /// Runs `settle` on the states of rows `ids` while holding the write
     /// lock, so that no run claims one of them meanwhile. A row that is not
     /// there is left out.
-    pub fn with_row_states<T>(
+    pub(super) fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: impl FnOnce(&HashMap<i64, RowState>) -> T,
-    ) -> Result<T> {
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+    ) -> Result<()> {
         let tx = self.write_transaction()?;
         let mut states = HashMap::with_capacity(ids.len());
         {
             let mut select = tx.prepare_cached("SELECT state FROM urls WHERE id = ?1")?;
             for &id in ids {
                 let state: Option<String> = select.query_row([id], |row| row.get(0)).optional()?;
-                let state = match state.as_deref() {
-                    None => continue,
-                    Some("done") => RowState::Done,
-                    Some("running") => RowState::Held,
-                    Some(_) => RowState::Free,
-                };
+                let Some(state) = state else { continue };
+                let state = JobState::parse(&state).map_or(RowState::Free, RowState::from);
                 states.insert(id, state);
             }
         }
-        let settled = settle(&states);
+        settle(&states)?;
         tx.commit()?;
-        Ok(settled)
+        Ok(())
     }
 
     /// The earliest time a row waiting for `work` becomes due, if any waits.
-    pub fn next_due(&self, work: Work) -> Result<Option<i64>> {
+    pub(super) fn next_due(&self, work: Work) -> Result<Option<i64>> {
         Ok(self
             .conn
             .query_row(
@@ -477,29 +268,35 @@ struct Tally {
 /// Records one outcome; false when the row is no longer this run's.
 fn record(
     tx: &Transaction<'_>,
-    run: i64,
+    run: RunId,
     now: i64,
     completion: &Completion,
     tally: &mut Tally,
 ) -> Result<bool> {
-    // Each statement ends in the same guard: the row is still ours.
-    const GUARD: &str = "WHERE id = ?1 AND run_id = ?2 AND state = 'running'";
-    let id = completion.id();
+    let Lease { run: owner, fence } = completion.lease();
+    if owner != run {
+        return Ok(false);
+    }
+    // Each statement ends in the same guard: the row is still ours, under
+    // the very claim this outcome is for. ?1 is the row, ?2 the run and ?3
+    // the fence.
+    const GUARD: &str = "WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'";
+    let (id, run) = (completion.id(), run.0);
     let changed = match completion {
         Completion::Done {
-            key: _,
             status,
             bytes,
             sha256,
             millis,
             validators,
+            ..
         } => {
             tally.done += 1;
             tally.bytes += *bytes as i64;
             tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, http_status = ?3,
-                     bytes = ?4, sha256 = ?5, error = NULL, next_attempt_at = 0, updated_at = ?6,
-                     duration_ms = ?7, etag = ?8, last_modified = ?9, fetched_at = ?6,
+                "UPDATE urls SET state = 'done', attempts = attempts + 1, http_status = ?4,
+                     bytes = ?5, sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
+                     duration_ms = ?8, etag = ?9, last_modified = ?10, fetched_at = ?7,
                      refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
                      refresh_error = NULL
                  {GUARD}"
@@ -507,6 +304,7 @@ fn record(
             .execute(params![
                 id,
                 run,
+                fence,
                 status,
                 *bytes as i64,
                 &sha256[..],
@@ -517,23 +315,21 @@ fn record(
             ])?
         }
         Completion::Unchanged {
-            key: _,
-            status: _,
-            millis,
-            validators,
+            millis, validators, ..
         } => {
             tally.done += 1;
             // A 304 may carry newer validators; it need not repeat them.
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'done', attempts = attempts + 1, next_attempt_at = 0,
-                     updated_at = ?3, duration_ms = ?4, etag = coalesce(?5, etag),
-                     last_modified = coalesce(?6, last_modified), fetched_at = ?3,
+                     updated_at = ?4, duration_ms = ?5, etag = coalesce(?6, etag),
+                     last_modified = coalesce(?7, last_modified), fetched_at = ?4,
                      refresh = 'unchanged', refresh_error = NULL
                  {GUARD}"
             ))?
             .execute(params![
                 id,
                 run,
+                fence,
                 now,
                 millis,
                 validators.etag,
@@ -541,52 +337,47 @@ fn record(
             ])?
         }
         Completion::Retry {
-            key: _,
-            status: _,
             error,
             next_attempt_at,
             millis,
+            ..
         } if refreshing(tx, id)? => {
             // The old file stays done while its refresh waits for a retry.
             tally.retried += 1;
             tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh_error = ?3,
-                     next_attempt_at = ?4, updated_at = ?5, duration_ms = ?6
+                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh_error = ?4,
+                     next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7
                  {GUARD}"
             ))?
-            .execute(params![id, run, error, next_attempt_at, now, millis])?
+            .execute(params![id, run, fence, error, next_attempt_at, now, millis])?
         }
-        Completion::Failed {
-            key: _,
-            status: _,
-            error,
-            millis,
-        } if refreshing(tx, id)? => {
+        Completion::Failed { error, millis, .. } if refreshing(tx, id)? => {
             // The refresh failed, not the URL: its file and done state stay.
             tally.failed += 1;
             tx.prepare_cached(&format!(
                 "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh = 'failed',
-                     refresh_error = ?3, next_attempt_at = 0, updated_at = ?4, duration_ms = ?5
+                     refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6
                  {GUARD}"
             ))?
-            .execute(params![id, run, error, now, millis])?
+            .execute(params![id, run, fence, error, now, millis])?
         }
         Completion::Retry {
-            key: _,
             status,
             error,
             next_attempt_at,
             millis,
+            ..
         } => {
             tally.retried += 1;
             tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'pending', attempts = attempts + 1, http_status = ?3,
-                     error = ?4, next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7
+                "UPDATE urls SET state = 'pending', attempts = attempts + 1, http_status = ?4,
+                     error = ?5, next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8
                  {GUARD}"
             ))?
             .execute(params![
                 id,
                 run,
+                fence,
                 status,
                 error,
                 next_attempt_at,
@@ -595,29 +386,29 @@ fn record(
             ])?
         }
         Completion::Failed {
-            key: _,
             status,
             error,
             millis,
+            ..
         } => {
             tally.failed += 1;
             tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'failed', attempts = attempts + 1, http_status = ?3,
-                     error = ?4, updated_at = ?5, duration_ms = ?6
+                "UPDATE urls SET state = 'failed', attempts = attempts + 1, http_status = ?4,
+                     error = ?5, updated_at = ?6, duration_ms = ?7
                  {GUARD}"
             ))?
-            .execute(params![id, run, status, error, now, millis])?
+            .execute(params![id, run, fence, status, error, now, millis])?
         }
         Completion::Interrupted { .. } => tx
             .prepare_cached(&format!(
                 "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1,
-                     updated_at = ?3
+                     updated_at = ?4
                  {GUARD}"
             ))?
-            .execute(params![id, run, now])?,
+            .execute(params![id, run, fence, now])?,
         Completion::Unstarted { .. } => tx
             .prepare_cached(&format!("UPDATE urls SET state = {UNCLAIMED} {GUARD}"))?
-            .execute(params![id, run])?,
+            .execute(params![id, run, fence])?,
     };
     debug_assert!(changed <= 1);
     Ok(changed == 1)
@@ -637,24 +428,21 @@ fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
         .unwrap_or(false))
 }
 
-/// The histogram bucket of a duration: quarter-octaves of milliseconds, so
-/// that any percentile read back is within about 19% of the truth.
-pub fn duration_bucket(millis: u32) -> i64 {
-    (4.0 * (f64::from(millis) + 1.0).log2()).floor() as i64
-}
-
-/// The smallest duration in a bucket, in milliseconds.
-pub fn bucket_floor(bucket: i64) -> f64 {
-    (2f64.powf(bucket as f64 / 4.0) - 1.0).max(0.0)
-}
-
 /// Adds every finished attempt in `completions` to its host's answers, and
 /// the 429s and 503s among them: one statement per commit. An attempt that
 /// got no HTTP answer (a reset, a timeout) has no status.
 fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Result<()> {
     let answers: Vec<(i64, Option<u16>)> = completions
         .iter()
-        .filter_map(|completion| Some((completion.id(), completion.answer()?)))
+        .filter_map(|completion| match *completion {
+            Completion::Done { id, status, .. } | Completion::Unchanged { id, status, .. } => {
+                Some((id, Some(status)))
+            }
+            Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
+                Some((id, status))
+            }
+            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
+        })
         .collect();
     if answers.is_empty() {
         return Ok(());
@@ -677,7 +465,7 @@ fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Resul
 
 fn claim_due(
     tx: &Transaction<'_>,
-    run: i64,
+    run: RunId,
     now: i64,
     limit: usize,
     filter: &HostFilter,
@@ -741,14 +529,21 @@ fn claim_due(
         // Rows claimed by an earlier, smaller window are running now and
         // are not seen again.
         let window = (window * limit).min(FILTER_WINDOW) as i64;
+        // Every claim bumps the row's fence: an outcome recorded under an
+        // earlier claim of the row no longer matches it.
         let mut statement = tx.prepare_cached(&format!(
-            "UPDATE urls SET state = 'running', run_id = ?1 WHERE id IN ({pick})
+            "UPDATE urls SET state = 'running', run_id = ?1, fence = fence + 1
+             WHERE id IN ({pick})
              RETURNING id, url, request, path, attempts, bytes, sha256, host,
-                 refresh IS 'pending', etag, last_modified"
+                 refresh IS 'pending', etag, last_modified, fence"
         ))?;
         let read = |row: &rusqlite::Row<'_>| {
             Ok(Claim {
                 id: row.get(0)?,
+                lease: Lease {
+                    run,
+                    fence: row.get(11)?,
+                },
                 url: row.get(1)?,
                 request: row.get(2)?,
                 path: row.get(3)?,
@@ -768,17 +563,12 @@ fn claim_due(
                     etag: row.get(9)?,
                     last_modified: row.get(10)?,
                 },
-                // One machine's runs are told apart by their id alone here.
-                lease: Lease {
-                    run: RunId(run),
-                    fence: 0,
-                },
             })
         };
         let picked = if filter.is_empty() {
-            statement.query_map(params![run, now, wanted as i64], read)?
+            statement.query_map(params![run.0, now, wanted as i64], read)?
         } else {
-            statement.query_map(params![run, now, wanted as i64, window, skip], read)?
+            statement.query_map(params![run.0, now, wanted as i64, window, skip], read)?
         };
         for claim in picked {
             claims.push(claim?);

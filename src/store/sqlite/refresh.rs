@@ -8,34 +8,14 @@
 
 use anyhow::Result;
 use rusqlite::{OptionalExtension, params};
-use serde::Serialize;
 
-use super::Store;
+use super::SqliteStore;
+use crate::domain::{RefreshCounts, RefreshRound};
 
-/// The round a refresh works on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefreshRound {
-    /// A new round, with the rows it asked for.
-    Started { round: i64, rows: usize },
-    /// An earlier round that did not finish, with the rows it still has.
-    Resumed { round: i64, rows: usize },
-}
-
-/// Where the last refresh round stands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct RefreshCounts {
-    pub round: i64,
-    pub changed: i64,
-    pub unchanged: i64,
-    pub failed: i64,
-    /// Not refreshed yet: the round was cut short.
-    pub pending: i64,
-}
-
-impl Store {
+impl SqliteStore {
     /// Starts a round over the done rows last fetched before `cutoff` (unix
     /// ms; all done rows without one), or resumes the unfinished one.
-    pub fn start_refresh(&mut self, cutoff: Option<i64>) -> Result<RefreshRound> {
+    pub(super) fn start_refresh(&mut self, cutoff: Option<i64>) -> Result<RefreshRound> {
         let tx = self.write_transaction()?;
         let unfinished: Option<(i64, i64)> = tx
             .query_row(
@@ -49,7 +29,7 @@ impl Store {
             tx.commit()?;
             return Ok(RefreshRound::Resumed {
                 round,
-                rows: rows as usize,
+                rows: rows.max(0) as u64,
             });
         }
         let round: i64 = tx.query_row(
@@ -65,11 +45,14 @@ impl Store {
             params![round, cutoff],
         )?;
         tx.commit()?;
-        Ok(RefreshRound::Started { round, rows })
+        Ok(RefreshRound::Started {
+            round,
+            rows: rows as u64,
+        })
     }
 
     /// The counts of the last refresh round, if there was one.
-    pub fn refresh_counts(&self) -> Result<Option<RefreshCounts>> {
+    pub(super) fn refresh_counts(&self) -> Result<Option<RefreshCounts>> {
         let round: Option<i64> =
             self.conn
                 .query_row("SELECT max(refresh_round) FROM urls", [], |row| row.get(0))?;
@@ -84,7 +67,10 @@ impl Store {
             "SELECT refresh, count(*) FROM urls WHERE refresh_round = ?1 GROUP BY refresh",
         )?;
         let rows = select.query_map([round], |row| {
-            Ok((row.get::<_, Option<String>>(0)?, row.get::<_, i64>(1)?))
+            Ok((
+                row.get::<_, Option<String>>(0)?,
+                row.get::<_, i64>(1)?.max(0) as u64,
+            ))
         })?;
         for row in rows {
             let (outcome, count) = row?;

@@ -6,161 +6,30 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
 use rusqlite::types::ValueRef;
-use serde::Serialize;
 
-use super::{Store, bucket_floor, now_ms};
+use super::SqliteStore;
+use crate::clock::now_ms;
+use crate::domain::{
+    DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, JobState, StateCounts,
+    StatusCount, Summary,
+};
 
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct Summary {
-    #[serde(flatten)]
-    pub counts: StateCounts,
-    /// Bytes in the files of done rows.
-    pub bytes: i64,
-    pub http_statuses: Vec<StatusCount>,
-    /// The most common last errors of rows not done, most frequent first.
-    pub errors: Vec<ErrorCount>,
-    /// Counts per host, when there is more than one host.
-    pub hosts: Vec<HostCount>,
-    /// Request durations, from the histogram of every finished attempt.
-    pub durations: Option<Durations>,
+/// A count as SQLite stores it (an INTEGER), which is never negative.
+fn count(value: i64) -> u64 {
+    value.max(0) as u64
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct StatusCount {
-    pub status: u16,
-    pub count: i64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ErrorCount {
-    pub error: String,
-    pub count: i64,
-    /// One URL that ended with this error.
-    pub example: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct HostCount {
-    pub host: String,
-    pub total: i64,
-    pub done: i64,
-    pub failed: i64,
-    pub pending: i64,
-    /// Finished attempts, and how many were answered 429 or 503.
-    pub answers: i64,
-    pub status_429: i64,
-    pub status_503: i64,
-}
-
-/// Percentiles in milliseconds, each the lower edge of its histogram bucket
-/// (within about 19%).
-#[derive(Debug, Clone, Serialize)]
-pub struct Durations {
-    pub requests: i64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-}
-
-/// Rows per state.
-#[derive(Debug, Default, Clone, Copy, Serialize)]
-pub struct StateCounts {
-    pub total: i64,
-    pub pending: i64,
-    pub running: i64,
-    pub done: i64,
-    pub failed: i64,
-    /// Pending rows whose retry time is still to come (not those already
-    /// due, which a run takes at once).
-    pub retry_waiting: i64,
-}
-
-/// A done URL's file, as recorded.
-#[derive(Debug, Clone)]
-pub struct DoneFile {
-    pub id: i64,
-    pub url: String,
-    /// Relative to the output folder.
-    pub path: String,
-    pub bytes: i64,
-    pub sha256: Vec<u8>,
-}
-
-/// A failed URL, as `report --failed` lists it.
-#[derive(Debug, Clone, Serialize)]
-pub struct FailedRow {
-    pub url: String,
-    pub http_status: Option<u16>,
-    pub attempts: u32,
-    pub error: Option<String>,
-}
-
-/// One URL, as `export` writes it.
-#[derive(Debug, Clone, Serialize)]
-pub struct ExportRow {
-    pub url: String,
-    pub state: String,
-    /// Relative to the output folder.
-    pub path: String,
-    pub http_status: Option<u16>,
-    pub attempts: u32,
-    pub bytes: Option<i64>,
-    pub sha256: Option<String>,
-    pub error: Option<String>,
-}
-
-impl ExportRow {
-    /// The field names, in order: the CSV header, also when there is no row.
-    pub const FIELDS: [&str; 8] = [
-        "url",
-        "state",
-        "path",
-        "http_status",
-        "attempts",
-        "bytes",
-        "sha256",
-        "error",
-    ];
-}
-
-/// Percentiles of a duration histogram, (bucket, count) in bucket order.
-pub(crate) fn durations_of(buckets: &[(i64, i64)]) -> Option<Durations> {
-    let requests: i64 = buckets.iter().map(|(_, count)| count).sum();
-    if requests == 0 {
-        return None;
-    }
-    let percentile = |p: f64| {
-        let rank = (p * requests as f64).ceil().max(1.0) as i64;
-        let mut seen = 0;
-        for (bucket, count) in buckets {
-            seen += count;
-            if seen >= rank {
-                return bucket_floor(*bucket);
-            }
-        }
-        buckets
-            .last()
-            .map_or(0.0, |(bucket, _)| bucket_floor(*bucket))
-    };
-    Some(Durations {
-        requests,
-        p50_ms: percentile(0.50),
-        p95_ms: percentile(0.95),
-        p99_ms: percentile(0.99),
-    })
-}
-
-impl Store {
+impl SqliteStore {
     /// Counts by state; cheap even on millions of rows, since both queries
     /// are answered by the (state, next_attempt_at) index.
-    pub fn state_counts(&self) -> Result<StateCounts> {
+    pub(super) fn state_counts(&self) -> Result<StateCounts> {
         let mut counts = StateCounts::default();
         let mut statement = self
             .conn
             .prepare("SELECT state, count(*) FROM urls GROUP BY state")?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            let count: i64 = row.get(1)?;
+            let count = count(row.get(1)?);
             counts.total += count;
             match row.get_ref(0)?.as_str()? {
                 "pending" => counts.pending = count,
@@ -169,17 +38,17 @@ impl Store {
                 _ => counts.failed += count,
             }
         }
-        counts.retry_waiting = self.conn.query_row(
+        counts.retry_waiting = count(self.conn.query_row(
             "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > ?1",
             [now_ms()],
             |row| row.get(0),
-        )?;
+        )?);
         Ok(counts)
     }
 
     /// The retries still to come after `now`, as (latest time, count) per
     /// second they fall in: what a run's progress display starts from.
-    pub fn retry_schedule(&self, now: i64) -> Result<Vec<(i64, u64)>> {
+    pub(super) fn retry_schedule(&self, now: i64) -> Result<Vec<(i64, u64)>> {
         let schedule = self
             .conn
             .prepare(
@@ -196,20 +65,20 @@ impl Store {
 
     /// Counts by state, HTTP status and host, bytes, durations and the
     /// `top_errors` most common errors.
-    pub fn summary(&self, top_errors: usize) -> Result<Summary> {
+    pub(super) fn summary(&self, top_errors: usize) -> Result<Summary> {
         // One pass over the table, added up here: a GROUP BY would have
         // SQLite sort every row first, which on a million rows takes longer
         // than reading them.
         let mut summary = Summary::default();
         let now = now_ms();
-        let mut statuses = BTreeMap::<u16, i64>::new();
+        let mut statuses = BTreeMap::<u16, u64>::new();
         // Rows come in import order, where one host usually follows itself:
         // the last host's slot is tried before the map.
         let mut hosts = Vec::<HostCount>::new();
         let mut host_slots = HashMap::<Vec<u8>, usize>::new();
         let mut last_host = usize::MAX;
         // Error text -> (count, an example URL).
-        let mut errors = HashMap::<Vec<u8>, (i64, String)>::new();
+        let mut errors = HashMap::<Vec<u8>, (u64, String)>::new();
         let mut statement = self.conn.prepare(
             "SELECT state, http_status, bytes, next_attempt_at, error, host, url FROM urls",
         )?;
@@ -251,7 +120,7 @@ impl Store {
                 b"done" => {
                     summary.counts.done += 1;
                     per_host.done += 1;
-                    summary.bytes += row.get::<_, Option<i64>>(2)?.unwrap_or(0);
+                    summary.bytes += count(row.get::<_, Option<i64>>(2)?.unwrap_or(0));
                 }
                 _ => {
                     summary.counts.failed += 1;
@@ -315,9 +184,9 @@ impl Store {
         while let Some(row) = rows.next()? {
             let host: String = row.get(0)?;
             if let Ok(at) = hosts.binary_search_by(|h| h.host.cmp(&host)) {
-                hosts[at].answers = row.get(1)?;
-                hosts[at].status_429 = row.get(2)?;
-                hosts[at].status_503 = row.get(3)?;
+                hosts[at].answers = count(row.get(1)?);
+                hosts[at].status_429 = count(row.get(2)?);
+                hosts[at].status_503 = count(row.get(3)?);
             }
         }
         Ok(())
@@ -327,13 +196,13 @@ impl Store {
         let buckets = self
             .conn
             .prepare("SELECT bucket, count FROM durations ORDER BY bucket")?
-            .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)))?
+            .query_map([], |row| Ok((row.get::<_, i64>(0)?, count(row.get(1)?))))?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(durations_of(&buckets))
+        Ok(Durations::of_histogram(&buckets))
     }
 
     /// Calls `each` with every done URL's file record, in import order.
-    pub fn done_files(&self, each: impl FnMut(DoneFile) -> Result<()>) -> Result<()> {
+    pub(super) fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
         self.each_row(
             "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
             |row| {
@@ -341,7 +210,7 @@ impl Store {
                     id: row.get(0)?,
                     url: row.get(1)?,
                     path: row.get(2)?,
-                    bytes: row.get::<_, Option<i64>>(3)?.unwrap_or(-1),
+                    bytes: row.get::<_, Option<i64>>(3)?.map(count),
                     sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
                 })
             },
@@ -350,7 +219,7 @@ impl Store {
     }
 
     /// Calls `each` with every failed URL, in import order.
-    pub fn failed(&self, each: impl FnMut(FailedRow) -> Result<()>) -> Result<()> {
+    pub(super) fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
         self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
             |row| {
@@ -371,7 +240,7 @@ impl Store {
         &self,
         sql: &str,
         read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-        mut each: impl FnMut(T) -> Result<()>,
+        each: &mut dyn FnMut(T) -> Result<()>,
     ) -> Result<()> {
         let mut statement = self.conn.prepare(sql)?;
         let mut rows = statement.query([])?;
@@ -382,18 +251,18 @@ impl Store {
     }
 
     /// Calls `each` with every URL in import order.
-    pub fn export(&self, each: impl FnMut(ExportRow) -> Result<()>) -> Result<()> {
+    pub(super) fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
         self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, lower(hex(sha256)), error
              FROM urls ORDER BY id",
             |row| {
                 Ok(ExportRow {
                     url: row.get(0)?,
-                    state: row.get(1)?,
+                    state: job_state(row, 1)?,
                     path: row.get(2)?,
                     http_status: row.get(3)?,
                     attempts: row.get(4)?,
-                    bytes: row.get(5)?,
+                    bytes: row.get::<_, Option<i64>>(5)?.map(count),
                     sha256: row
                         .get::<_, Option<String>>(6)?
                         .filter(|hex| !hex.is_empty()),
@@ -405,39 +274,14 @@ impl Store {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_csv_header_names_every_field_in_order() {
-        let row = ExportRow {
-            url: String::new(),
-            state: String::new(),
-            path: String::new(),
-            http_status: None,
-            attempts: 0,
-            bytes: None,
-            sha256: None,
-            error: None,
-        };
-        let json = serde_json::to_value(&row).unwrap();
-        let mut fields: Vec<&str> = json
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
-        let mut expected = ExportRow::FIELDS.to_vec();
-        fields.sort_unstable();
-        expected.sort_unstable();
-        assert_eq!(fields, expected);
-        let mut csv = csv::WriterBuilder::new().from_writer(Vec::new());
-        csv.serialize(&row).unwrap();
-        let text = String::from_utf8(csv.into_inner().unwrap()).unwrap();
-        assert_eq!(
-            text.lines().next(),
-            Some(ExportRow::FIELDS.join(",").as_str())
-        );
-    }
+/// The state in `column`; a state this jobrun does not know is an error.
+fn job_state(row: &rusqlite::Row<'_>, column: usize) -> rusqlite::Result<JobState> {
+    let name = row.get_ref(column)?.as_str()?;
+    JobState::parse(name).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            column,
+            rusqlite::types::Type::Text,
+            format!("unknown URL state {name:?}").into(),
+        )
+    })
 }

@@ -10,8 +10,6 @@
 //! `<url> <sha256>` for every item to --manifest, so a job's files can be
 //! checked. It serves until it is stopped.
 
-#[path = "../tests/support/server.rs"]
-#[allow(dead_code)]
 mod server;
 
 use std::io::Write;
@@ -85,6 +83,13 @@ fn main() {
         };
         reply.delayed(latency)
     });
+    let server = match server {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("demo_api: cannot listen on 127.0.0.1: {error}");
+            std::process::exit(1);
+        }
+    };
     if let Some(path) = &options.manifest {
         let mut manifest =
             std::io::BufWriter::new(std::fs::File::create(path).expect("create manifest"));
