@@ -120,6 +120,9 @@ pub struct DoneFile {
     /// None when no size was recorded (the row is damaged).
     pub bytes: Option<u64>,
     pub sha256: Vec<u8>,
+    /// The machine whose run wrote the file, where the store records it
+    /// (PostgreSQL, where each machine has its own output folder).
+    pub written_on: Option<String>,
 }
 
 /// A failed URL, as `report --failed` lists it.

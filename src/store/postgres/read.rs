@@ -256,13 +256,16 @@ impl PostgresStore {
 
     pub(super) fn files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
         self.each_row(
-            "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
+            "SELECT u.id, u.url, u.path, u.bytes, u.sha256, r.host FROM urls u
+             LEFT JOIN runs r ON r.id = u.written_by
+             WHERE u.state = 'done' ORDER BY u.id",
             |row| DoneFile {
                 id: row.get(0),
                 url: row.get(1),
                 path: row.get(2),
                 bytes: row.get::<_, Option<i64>>(3).map(count),
                 sha256: row.get::<_, Option<Vec<u8>>>(4).unwrap_or_default(),
+                written_on: row.get(5),
             },
             each,
         )

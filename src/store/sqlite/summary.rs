@@ -212,6 +212,7 @@ impl SqliteStore {
                     path: row.get(2)?,
                     bytes: row.get::<_, Option<i64>>(3)?.map(count),
                     sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+                    written_on: None,
                 })
             },
             each,
