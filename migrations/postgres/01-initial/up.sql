@@ -71,12 +71,19 @@ CREATE INDEX urls_to_refresh ON urls (next_attempt_at, id) WHERE refresh = 'pend
 -- database connection (its backend pid) so that runs never wait on each other's counters.
 CREATE TABLE tallies (
     slot   integer NOT NULL,
-    host   text NOT NULL,
     state  text NOT NULL,
     status integer NOT NULL,                   -- last HTTP status, 0 for none
     rows   bigint NOT NULL,
     bytes  bigint NOT NULL,                    -- of done rows
-    PRIMARY KEY (slot, host, state, status)
+    PRIMARY KEY (slot, state, status)
+);
+-- Per host, running rows count as pending: a claim, the commonest change, changes nothing here.
+CREATE TABLE host_tallies (
+    slot  integer NOT NULL,
+    host  text NOT NULL,
+    state text NOT NULL,                       -- pending (or running), done, failed
+    rows  bigint NOT NULL,
+    PRIMARY KEY (slot, host, state)
 );
 CREATE TABLE error_tallies (
     slot    integer NOT NULL,
@@ -100,16 +107,23 @@ CREATE TABLE refresh_tallies (
 CREATE FUNCTION tally_urls() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO tallies AS t (slot, host, state, status, rows, bytes)
-        SELECT pg_backend_pid(), host, state, coalesce(http_status, 0), sum(n),
+        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+        SELECT pg_backend_pid(), state, coalesce(http_status, 0), sum(n),
                sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
         FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
-        GROUP BY 2, 3, 4
+        GROUP BY 2, 3
         HAVING sum(n) <> 0
             OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
-        ORDER BY 2, 3, 4
-        ON CONFLICT (slot, host, state, status)
+        ORDER BY 2, 3
+        ON CONFLICT (slot, state, status)
         DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
+        INSERT INTO host_tallies AS t (slot, host, state, rows)
+        SELECT pg_backend_pid(), host, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
+               sum(n)
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
+        GROUP BY 2, 3 HAVING sum(n) <> 0
+        ORDER BY 2, 3
+        ON CONFLICT (slot, host, state) DO UPDATE SET rows = t.rows + excluded.rows;
         INSERT INTO error_tallies AS t (slot, error, rows, example)
         SELECT pg_backend_pid(), error, sum(n), min(url)
         FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
@@ -125,20 +139,31 @@ BEGIN
         ORDER BY 2, 3
         ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
     ELSE
-        INSERT INTO tallies AS t (slot, host, state, status, rows, bytes)
-        SELECT pg_backend_pid(), host, state, coalesce(http_status, 0), sum(n),
+        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+        SELECT pg_backend_pid(), state, coalesce(http_status, 0), sum(n),
                sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
         FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
               FROM changed_old
               UNION ALL
               SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
               FROM changed_new) AS d
-        GROUP BY 2, 3, 4
+        GROUP BY 2, 3
         HAVING sum(n) <> 0
             OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
-        ORDER BY 2, 3, 4
-        ON CONFLICT (slot, host, state, status)
+        ORDER BY 2, 3
+        ON CONFLICT (slot, state, status)
         DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
+        INSERT INTO host_tallies AS t (slot, host, state, rows)
+        SELECT pg_backend_pid(), host, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
+               sum(n)
+        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+              FROM changed_old
+              UNION ALL
+              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
+              FROM changed_new) AS d
+        GROUP BY 2, 3 HAVING sum(n) <> 0
+        ORDER BY 2, 3
+        ON CONFLICT (slot, host, state) DO UPDATE SET rows = t.rows + excluded.rows;
         INSERT INTO error_tallies AS t (slot, error, rows, example)
         SELECT pg_backend_pid(), error, sum(n), min(url)
         FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n

@@ -111,44 +111,50 @@ impl PostgresStore {
         let rows = self
             .client()?
             .query(
-                "SELECT host, state, status, sum(rows)::bigint, sum(bytes)::bigint FROM tallies
-                 GROUP BY host, state, status HAVING sum(rows) <> 0",
+                "SELECT state, status, sum(rows)::bigint, sum(bytes)::bigint FROM tallies
+                 GROUP BY state, status HAVING sum(rows) <> 0",
                 &[],
             )
             .at(&self.name)?;
         for row in rows {
-            let host: String = row.get(0);
-            let status: i32 = row.get(2);
-            let rows = count(row.get(3));
-            let per_host = hosts.entry(host.clone()).or_insert_with(|| HostCount {
-                host,
-                ..HostCount::default()
-            });
-            per_host.total += rows;
+            let status: i32 = row.get(1);
+            let rows = count(row.get(2));
             summary.counts.total += rows;
-            match row.get::<_, &str>(1) {
-                "pending" => {
-                    summary.counts.pending += rows;
-                    per_host.pending += rows;
-                }
-                "running" => {
-                    summary.counts.running += rows;
-                    per_host.pending += rows;
-                }
+            match row.get::<_, &str>(0) {
+                "pending" => summary.counts.pending += rows,
+                "running" => summary.counts.running += rows,
                 "done" => {
                     summary.counts.done += rows;
-                    per_host.done += rows;
-                    summary.bytes += count(row.get(4));
+                    summary.bytes += count(row.get(3));
                 }
-                _ => {
-                    summary.counts.failed += rows;
-                    per_host.failed += rows;
-                }
+                _ => summary.counts.failed += rows,
             }
             if let Ok(status) = u16::try_from(status)
                 && status > 0
             {
                 *statuses.entry(status).or_default() += rows;
+            }
+        }
+        let rows = self
+            .client()?
+            .query(
+                "SELECT host, state, sum(rows)::bigint FROM host_tallies
+                 GROUP BY host, state HAVING sum(rows) <> 0",
+                &[],
+            )
+            .at(&self.name)?;
+        for row in rows {
+            let host: String = row.get(0);
+            let rows = count(row.get(2));
+            let per_host = hosts.entry(host.clone()).or_insert_with(|| HostCount {
+                host,
+                ..HostCount::default()
+            });
+            per_host.total += rows;
+            match row.get::<_, &str>(1) {
+                "pending" => per_host.pending += rows,
+                "done" => per_host.done += rows,
+                _ => per_host.failed += rows,
             }
         }
         summary.counts.retry_waiting = self.retries_waiting()?;

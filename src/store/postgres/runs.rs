@@ -44,10 +44,8 @@ fn run_from_row(row: &postgres::Row) -> RunInfo {
 /// (a refresh fails only the refresh: the done file stays).
 fn rescue_set() -> String {
     let give_up = format!("u.rescued + 1 >= {RESCUE_LIMIT}");
-    let message = format!(
-        "'rescued ' || (u.rescued + 1) || ' times from runs that died while fetching it; \
-         look at what it returns, then `jobrun retry` it'"
-    );
+    let message = "'rescued ' || (u.rescued + 1) || ' times from runs that died while \
+                   fetching it; look at what it returns, then `jobrun retry` it'";
     format!(
         "state = CASE WHEN {give_up} AND u.refresh IS DISTINCT FROM 'pending' THEN 'failed'
                       ELSE {UNCLAIMED} END,

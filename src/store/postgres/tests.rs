@@ -26,10 +26,7 @@ pub(crate) struct Schema {
 impl Schema {
     pub(crate) fn new() -> Schema {
         let base = test_url();
-        let name = format!(
-            "jobrun_test_{}",
-            format!("{}_{:x}", std::process::id(), fastrand::u64(..))
-        );
+        let name = format!("jobrun_test_{}_{:x}", std::process::id(), fastrand::u64(..));
         let mut admin = connect::connect(&base, Duration::from_secs(5))
             .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
         admin
