@@ -216,6 +216,12 @@ pub struct RunArgs {
     #[arg(long, value_parser = parse_workers, help_heading = "Politeness")]
     pub per_host_workers: Option<usize>,
 
+    /// With a PostgreSQL --db: how long this run's heartbeat may be silent
+    /// before runs on other machines take its URLs [default: the job's
+    /// setting `lease`, else 30s].
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Runs")]
+    pub lease: Option<std::time::Duration>,
+
     /// Turn off adaptive throttling (lowering a host's rate while that
     /// reduces its 429s and 503s, raising it again while answers are healthy).
     #[arg(long, help_heading = "Politeness")]

@@ -77,6 +77,9 @@ impl Default for Politeness {
 
 pub struct Hosts {
     politeness: Politeness,
+    /// How many runs share the per-host limits: on a queue shared by
+    /// several machines each run takes its part of them.
+    share: std::sync::atomic::AtomicUsize,
     hosts: Mutex<HashMap<String, HostState>>,
     /// Woken when a request to some host ends, which may free a slot.
     freed: Notify,
@@ -147,9 +150,21 @@ impl Hosts {
     pub fn new(politeness: Politeness) -> Hosts {
         Hosts {
             politeness,
+            share: std::sync::atomic::AtomicUsize::new(1),
             hosts: Mutex::new(HashMap::new()),
             freed: Notify::new(),
         }
+    }
+
+    /// Shares the per-host limits among `runs` runs (at least one): each
+    /// takes an equal part, one request in flight and its rate at least.
+    pub fn share_among(&self, runs: u64) {
+        let runs = usize::try_from(runs).unwrap_or(usize::MAX).max(1);
+        self.share.store(runs, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn share(&self) -> usize {
+        self.share.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, HostState>> {
@@ -179,7 +194,11 @@ impl Hosts {
     /// slot, no pause, and its turn under the host's rate.
     pub fn try_acquire(self: &Arc<Self>, host: &str) -> Result<HostPermit, Wait> {
         let now = Instant::now();
-        let slots = self.politeness.per_host_workers;
+        let share = self.share();
+        let slots = self
+            .politeness
+            .per_host_workers
+            .map(|slots| (slots / share).max(1));
         let ceiling = self.ceiling();
         self.with_host(host, now, |state| {
             if slots.is_some_and(|slots| state.in_flight >= slots) {
@@ -263,7 +282,10 @@ impl Hosts {
     }
 
     fn ceiling(&self) -> Option<f64> {
-        self.politeness.per_host_rate.map(Rate::per_second)
+        let share = self.share() as f64;
+        self.politeness
+            .per_host_rate
+            .map(|rate| rate.per_second() / share)
     }
 
     /// Hosts that are paused or held back by adaptive throttling.
@@ -815,5 +837,39 @@ mod tests {
         assert_eq!(hosts_one.try_acquire("h").err(), Some(Wait::Slot));
         drop(held);
         assert!(hosts_one.try_acquire("h").is_ok(), "the slot came back");
+    }
+
+    #[test]
+    fn runs_sharing_a_queue_share_the_per_host_limits() {
+        let hosts = Arc::new(Hosts::new(Politeness {
+            per_host_rate: Some(Rate::parse("10/s").unwrap()),
+            per_host_workers: Some(4),
+            ..Default::default()
+        }));
+        hosts.share_among(2);
+        let first = hosts.try_acquire("h").expect("a first request at once");
+        match hosts.try_acquire("h") {
+            // Half of 10/s: a request every 200 ms.
+            Err(Wait::Until(at)) => {
+                let gap = at - Instant::now();
+                assert!(gap > Duration::from_millis(180), "{gap:?}");
+            }
+            other => panic!("the second must wait for its turn: {:?}", other.err()),
+        }
+        drop(first);
+        let slots = Arc::new(Hosts::new(Politeness {
+            per_host_workers: Some(4),
+            ..Default::default()
+        }));
+        slots.share_among(2);
+        let held: Vec<_> = (0..2)
+            .map(|_| slots.try_acquire("h").expect("a free slot"))
+            .collect();
+        assert_eq!(slots.try_acquire("h").err(), Some(Wait::Slot));
+        drop(held);
+        slots.share_among(10);
+        let one = slots.try_acquire("h").expect("one slot at least");
+        assert_eq!(slots.try_acquire("h").err(), Some(Wait::Slot));
+        drop(one);
     }
 }

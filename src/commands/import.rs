@@ -102,7 +102,7 @@ pub fn run(db: &Database, args: ImportArgs) -> Result<Status> {
     }
     tracing::info!(
         "{}: {} imported, {} duplicate, {} rejected",
-        db.path.display(),
+        db.shown(),
         thousands(counts.imported),
         thousands(counts.duplicate),
         thousands(counts.rejected)

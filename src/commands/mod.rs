@@ -67,11 +67,23 @@ pub struct Database {
 
 impl Database {
     pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
+        self.open_for_runs(mode, None)
+    }
+
+    /// Opens it for runs that hold `lease` (PostgreSQL): how long a run's
+    /// heartbeat may be silent before other runs take its URLs.
+    pub fn open_for_runs(&self, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
         let options = OpenOptions {
             lock_wait: self.lock_wait,
+            lease,
             ..OpenOptions::new(mode)
         };
         store::open(&self.location, &options)
+    }
+
+    /// `--db` for messages, any password in a URL hidden.
+    pub fn shown(&self) -> String {
+        crate::redact::redact_url(&self.path.display().to_string()).into_owned()
     }
 }
 

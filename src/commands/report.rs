@@ -78,7 +78,7 @@ pub fn run(db: &Database, args: ReportArgs) -> Result<Status> {
         .map(|(i, run)| view(run, &me, now, i == 0 && unfinished))
         .collect();
     let report = Report {
-        database: db.path.clone(),
+        database: PathBuf::from(db.shown()),
         out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
         summary,
         refresh: store.refresh_counts()?,

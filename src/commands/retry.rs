@@ -24,7 +24,7 @@ pub fn run(db: &Database, args: RetryArgs) -> Result<Status> {
         thousands(requeued)
     );
     if requeued > 0 {
-        tracing::info!("fetch them with `jobrun --db {} run`", db.path.display());
+        tracing::info!("fetch them with `jobrun --db {} run`", db.shown());
     }
     Ok(Status::Success)
 }

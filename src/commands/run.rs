@@ -17,11 +17,15 @@ use crate::output;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan, StopSignal};
-use crate::store::{Open, Store};
+use crate::store::{Location, Open, Store};
 use crate::tls::ClientTls;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
+
+/// The settings key of the lease runs hold on a PostgreSQL queue, when
+/// `--lease` does not say.
+pub const LEASE_KEY: &str = "lease";
 
 pub fn run(db: &Database, args: RunArgs, display: Display, stop: StopSignal) -> Result<Status> {
     let (store, plan) = prepare(db, args, display, Work::Fetch)?;
@@ -93,13 +97,20 @@ pub fn prepare(
         }
         None => None,
     };
-    let mut store = db.open(Open::MustExist)?;
+    let mut store = db.open_for_runs(Open::MustExist, args.lease)?;
     let out_dir = settle_out_dir(&mut *store, db, args.out.as_deref())?;
+    let lease = match args.lease {
+        Some(lease) => Some(lease),
+        None => store
+            .setting(LEASE_KEY)?
+            .and_then(|text| humantime::parse_duration(&text).ok()),
+    };
     let plan = RunPlan {
         out_dir: out_dir.clone(),
         db: db.path.clone(),
         workers: args.workers,
         work,
+        lease,
         fetch: FetchOptions {
             headers,
             timeout: args.timeout,
@@ -125,7 +136,7 @@ pub fn prepare(
             tls,
             proxies,
         },
-        command: resume_command(&db.path, std::env::args().skip(1)),
+        command: resume_command(Path::new(&db.shown()), std::env::args().skip(1)),
         display,
         metrics,
     };
@@ -141,7 +152,8 @@ fn settle_out_dir(
     requested: Option<&Path>,
 ) -> Result<PathBuf> {
     let requested = requested.map(absolute).transpose()?;
-    let recorded = match store.setting(OUT_DIR_KEY)? {
+    let key = out_dir_key(db);
+    let recorded = match store.setting(&key)? {
         Some(recorded) => PathBuf::from(recorded),
         None => {
             let chosen = match &requested {
@@ -153,8 +165,8 @@ fn settle_out_dir(
             })?;
             // A folder that cannot be one (a file, say) must not be
             // recorded: the user could then never choose another.
-            let holds = store
-                .setting_or_insert(OUT_DIR_KEY, text, &mut || output::ensure_folder(&chosen))?;
+            let holds =
+                store.setting_or_insert(&key, text, &mut || output::ensure_folder(&chosen))?;
             let holds = PathBuf::from(holds);
             if same_place(&holds, &chosen) {
                 return Ok(holds);
@@ -166,10 +178,15 @@ fn settle_out_dir(
         && !same_place(&requested, &recorded)
     {
         bail!(
-            "{} writes its files to {} (recorded on its first run), not {}. \
+            "{} writes its files to {} (recorded on its first run{}), not {}. \
              Run without --out, or use another database for another folder",
-            db.path.display(),
+            db.shown(),
             recorded.display(),
+            if key == OUT_DIR_KEY {
+                ""
+            } else {
+                " on this machine"
+            },
             requested.display()
         );
     }
@@ -178,9 +195,18 @@ fn settle_out_dir(
 
 /// The output folder as recorded, or where the first run will put it.
 pub fn out_dir_of(store: &dyn Store, db: &Database) -> Result<PathBuf> {
-    match store.setting(OUT_DIR_KEY)? {
+    match store.setting(&out_dir_key(db))? {
         Some(dir) => Ok(PathBuf::from(dir)),
         None => default_out_dir(db),
+    }
+}
+
+/// The settings key of the output folder: one for the job on SQLite; one
+/// per machine on PostgreSQL, where each machine writes to its own folder.
+fn out_dir_key(db: &Database) -> String {
+    match db.location {
+        Location::Sqlite(_) => OUT_DIR_KEY.to_string(),
+        Location::Postgres(_) => format!("{OUT_DIR_KEY}@{}", crate::process::hostname()),
     }
 }
 

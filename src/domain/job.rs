@@ -154,6 +154,35 @@ pub enum InsertResult {
     NameTaken(String),
 }
 
+impl InsertResult {
+    /// A named line whose request is imported already under another name.
+    pub fn same_request_named(existing: &str, path: &str) -> InsertResult {
+        InsertResult::NameTaken(format!(
+            "the same request is already imported with the name {existing:?}, not {path:?}: \
+             one request is one job and one file (drop this line, or make its request differ)"
+        ))
+    }
+
+    /// A line whose file name is another URL's.
+    pub fn name_used(path: &str) -> InsertResult {
+        InsertResult::NameTaken(format!("\"name\" {path:?} is already used by another URL"))
+    }
+
+    /// A named line whose file needs a folder where another URL's file is.
+    pub fn needs_folder(path: &str, folder: &str) -> InsertResult {
+        InsertResult::NameTaken(format!(
+            "\"name\" {path:?} needs a folder {folder:?}, which is another URL's file"
+        ))
+    }
+
+    /// A named line whose file would be a folder holding another URL's file.
+    pub fn folder_of_file(path: &str, other: &str) -> InsertResult {
+        InsertResult::NameTaken(format!(
+            "\"name\" {path:?} is a folder of another URL's file {other:?}"
+        ))
+    }
+}
+
 /// What became of a claimed URL. Each carries the lease it was claimed
 /// under; a store records it only while that lease still holds.
 #[derive(Debug, Clone)]

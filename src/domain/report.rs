@@ -57,6 +57,46 @@ pub struct Durations {
     pub p99_ms: f64,
 }
 
+impl Durations {
+    /// The histogram bucket of a duration: quarter-octaves of milliseconds,
+    /// so that any percentile read back is within about 19% of the truth.
+    pub fn bucket(millis: u32) -> i64 {
+        (4.0 * (f64::from(millis) + 1.0).log2()).floor() as i64
+    }
+
+    /// The smallest duration in a bucket, in milliseconds.
+    pub fn bucket_floor(bucket: i64) -> f64 {
+        (2f64.powf(bucket as f64 / 4.0) - 1.0).max(0.0)
+    }
+
+    /// The percentiles of a histogram, (bucket, count) in bucket order.
+    pub fn of_histogram(buckets: &[(i64, u64)]) -> Option<Durations> {
+        let requests: u64 = buckets.iter().map(|(_, count)| count).sum();
+        if requests == 0 {
+            return None;
+        }
+        let percentile = |p: f64| {
+            let rank = (p * requests as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (bucket, count) in buckets {
+                seen += count;
+                if seen >= rank {
+                    return Durations::bucket_floor(*bucket);
+                }
+            }
+            buckets
+                .last()
+                .map_or(0.0, |(bucket, _)| Durations::bucket_floor(*bucket))
+        };
+        Some(Durations {
+            requests,
+            p50_ms: percentile(0.50),
+            p95_ms: percentile(0.95),
+            p99_ms: percentile(0.99),
+        })
+    }
+}
+
 /// Rows per state.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct StateCounts {
@@ -80,6 +120,9 @@ pub struct DoneFile {
     /// None when no size was recorded (the row is damaged).
     pub bytes: Option<u64>,
     pub sha256: Vec<u8>,
+    /// The machine whose run wrote the file, where the store records it
+    /// (PostgreSQL, where each machine has its own output folder).
+    pub written_on: Option<String>,
 }
 
 /// A failed URL, as `report --failed` lists it.

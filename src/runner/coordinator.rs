@@ -89,6 +89,7 @@ impl Coordinator {
         links: Links,
     ) -> Result<Coordinator> {
         let now = Instant::now();
+        links.peers.share_limits(&*store)?;
         let out = Arc::new(out);
         let syncer = Syncer::start(out.clone(), links.events_tx)?;
         Ok(Coordinator {
@@ -100,7 +101,7 @@ impl Coordinator {
             events: links.events,
             queue: JobQueue::new(links.jobs, links.queued),
             in_flight: HashMap::new(),
-            durability: Durability::new(now),
+            durability: Durability::new(now, links.peers.heartbeat),
             schedule: ClaimSchedule::new(now),
             host_filter: links.host_filter,
             stopping: None,
@@ -219,7 +220,18 @@ impl Coordinator {
     fn commit_and_claim(&mut self) -> Result<Turn> {
         let now = Instant::now();
         let claim_due = self.queue.wants_more() && self.schedule.due(now);
-        if !(self.durability.commit_due(now) || claim_due || self.durability.heartbeat_due(now)) {
+        let commit_due = self.durability.commit_due(now);
+        let heartbeat_due = self.durability.heartbeat_due(now);
+        if !(commit_due || claim_due || heartbeat_due) {
+            return Ok(Turn::Continue);
+        }
+        if heartbeat_due {
+            self.peers.share_limits(&*self.store)?;
+        }
+        if !(commit_due || claim_due) && self.durability.batch().is_empty() {
+            // Only alive to say: no transaction needed.
+            self.store.heartbeat(self.run)?;
+            self.durability.renewed(now);
             return Ok(Turn::Continue);
         }
         let want = if claim_due { self.queue.room() } else { 0 };

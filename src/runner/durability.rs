@@ -22,7 +22,8 @@ use crate::output::Written;
 pub const MAX_BATCH: usize = 1024;
 /// How long an outcome waits for its batch's sync or commit at most.
 pub const MAX_BATCH_DELAY: Duration = Duration::from_millis(20);
-/// How often the run says it is alive when nothing else is committed.
+/// How often the run says it is alive when nothing else is committed,
+/// unless its lease asks for more often.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub struct Durability {
@@ -40,10 +41,12 @@ pub struct Durability {
     /// if they are still the very files recorded.
     to_remove: Vec<Written>,
     last_commit: Instant,
+    /// How often the run says it is alive.
+    heartbeat: Duration,
 }
 
 impl Durability {
-    pub fn new(now: Instant) -> Durability {
+    pub fn new(now: Instant, heartbeat: Duration) -> Durability {
         Durability {
             staged: Vec::new(),
             staged_since: None,
@@ -53,6 +56,7 @@ impl Durability {
             commit_now: false,
             to_remove: Vec::new(),
             last_commit: now,
+            heartbeat,
         }
     }
 
@@ -167,7 +171,7 @@ impl Durability {
     /// Whether nothing was committed for so long that the run should say
     /// it is alive.
     pub fn heartbeat_due(&self, now: Instant) -> bool {
-        now >= self.last_commit + HEARTBEAT
+        now >= self.last_commit + self.heartbeat
     }
 
     /// The outcomes the next commit records.
@@ -180,6 +184,11 @@ impl Durability {
         std::mem::take(&mut self.to_remove)
     }
 
+    /// The run said it is alive without a commit.
+    pub fn renewed(&mut self, now: Instant) {
+        self.last_commit = now;
+    }
+
     /// The batch was committed.
     pub fn committed(&mut self, now: Instant) {
         self.batch.clear();
@@ -190,7 +199,7 @@ impl Durability {
 
     /// When a step comes due even if nothing else happens.
     pub fn deadline(&self) -> Instant {
-        let mut deadline = self.last_commit + HEARTBEAT;
+        let mut deadline = self.last_commit + self.heartbeat;
         if let Some(since) = self.batch_since {
             deadline = deadline.min(since + MAX_BATCH_DELAY);
         }
@@ -239,7 +248,7 @@ mod tests {
     #[test]
     fn a_body_is_committed_only_after_the_sync_answer() {
         let start = Instant::now();
-        let mut pipeline = Durability::new(start);
+        let mut pipeline = Durability::new(start, HEARTBEAT);
         let (completion, body) = done(1);
         pipeline.stage(completion, body, start);
         assert!(!pipeline.sync_due(start), "a lone body waits for company");
@@ -266,7 +275,7 @@ mod tests {
     #[test]
     fn one_batch_is_synced_at_a_time() {
         let start = Instant::now();
-        let mut pipeline = Durability::new(start);
+        let mut pipeline = Durability::new(start, HEARTBEAT);
         let (completion, body) = done(1);
         pipeline.stage(completion, body, start);
         pipeline.start_sync();
@@ -288,7 +297,7 @@ mod tests {
     #[test]
     fn a_refused_name_fails_its_row_and_a_sync_error_sends_the_batch_back() {
         let start = Instant::now();
-        let mut pipeline = Durability::new(start);
+        let mut pipeline = Durability::new(start, HEARTBEAT);
         for id in [1, 2] {
             let (completion, body) = done(id);
             pipeline.stage(completion, body, start);
@@ -320,7 +329,7 @@ mod tests {
     #[test]
     fn failures_wait_for_a_short_delay_and_the_heartbeat_for_a_long_one() {
         let start = Instant::now();
-        let mut pipeline = Durability::new(start);
+        let mut pipeline = Durability::new(start, HEARTBEAT);
         assert_eq!(pipeline.deadline(), start + HEARTBEAT);
         assert!(!pipeline.heartbeat_due(start));
         assert!(pipeline.heartbeat_due(start + HEARTBEAT));

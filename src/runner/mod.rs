@@ -54,6 +54,8 @@ pub struct RunPlan {
     pub workers: usize,
     /// Rows to fetch, or done rows to refresh.
     pub work: Work,
+    /// The lease of a run on a shared database, which its heartbeat renews.
+    pub lease: Option<Duration>,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
@@ -120,7 +122,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
             wind_down,
             host_filter,
             counters: counters.clone(),
-            peers: Peers::new(me, run, counters.clone()),
+            peers: Peers::new(me, run, counters.clone(), plan.lease, fetcher.hosts()),
         },
     )?;
     let coordinator = std::thread::Builder::new()
@@ -271,6 +273,7 @@ mod tests {
             db,
             workers: 2,
             work: Work::Fetch,
+            lease: None,
             fetch: FetchOptions {
                 headers: HeaderMap::new(),
                 timeout: Duration::from_secs(60),

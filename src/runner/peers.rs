@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 
@@ -13,9 +14,13 @@ use crate::clock::now_ms;
 use crate::counters::Counters;
 use crate::domain::{Holder, Liveness, RunId, RunStart};
 use crate::format::thousands;
+use crate::hosts::Hosts;
 use crate::output::{Leftover, OutputDir};
 use crate::process;
 use crate::store::Store;
+
+use super::durability::HEARTBEAT;
+
 
 pub struct Peers {
     me: RunStart,
@@ -23,16 +28,36 @@ pub struct Peers {
     counters: Arc<Counters>,
     /// The holders last told about, to say it once and not every second.
     told: Vec<RunId>,
+    /// How often this run renews its heartbeat: a third of its lease at
+    /// most, so that a late renewal or two does not lose it its URLs.
+    pub heartbeat: Duration,
+    /// Per-host limits, shared with the other live runs.
+    hosts: Arc<Hosts>,
 }
 
 impl Peers {
-    pub fn new(me: RunStart, run: RunId, counters: Arc<Counters>) -> Peers {
+    pub fn new(
+        me: RunStart,
+        run: RunId,
+        counters: Arc<Counters>,
+        lease: Option<Duration>,
+        hosts: Arc<Hosts>,
+    ) -> Peers {
         Peers {
             me,
             run,
             counters,
             told: Vec::new(),
+            heartbeat: lease.map_or(HEARTBEAT, |lease| (lease / 3).min(HEARTBEAT)),
+            hosts,
         }
+    }
+
+    /// Gives this run its part of the per-host limits, as many runs as are
+    /// live now share them (PostgreSQL; elsewhere a run has them whole).
+    pub fn share_limits(&self, store: &dyn Store) -> Result<()> {
+        self.hosts.share_among(store.live_runs()?);
+        Ok(())
     }
 
     /// For a run with nothing left to claim: whether other runs still hold

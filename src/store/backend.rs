@@ -73,6 +73,12 @@ pub trait Store: Send {
     /// The `limit` most recent runs, newest first.
     fn recent_runs(&self, limit: usize) -> Result<Vec<RunInfo>>;
 
+    /// How many runs share the job's per-host limits now: on PostgreSQL the
+    /// live runs on every machine; elsewhere each run has them whole.
+    fn live_runs(&self) -> Result<u64> {
+        Ok(1)
+    }
+
     // ---- the queue ----
 
     /// In one transaction: records `completions`, renews `run`'s heartbeat

@@ -51,8 +51,15 @@ impl Job {
     /// The jobrun binary, run in the job folder against its database, with
     /// no proxy settings from the environment.
     pub fn command(&self) -> Command {
+        self.command_on(self.db())
+    }
+
+    /// The jobrun binary, run in the job folder against the database `db`
+    /// (a file or a postgres:// URL), with no proxy settings from the
+    /// environment.
+    pub fn command_on(&self, db: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_jobrun"));
-        command.current_dir(self.dir()).arg("--db").arg(self.db());
+        command.current_dir(self.dir()).arg("--db").arg(db);
         for var in [
             "http_proxy",
             "https_proxy",

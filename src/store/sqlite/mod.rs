@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use include_dir::{Dir, include_dir};
+use include_dir::{Dir, DirEntry, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
 
@@ -30,7 +30,18 @@ use crate::domain::{
     Started, StateCounts, Summary, Work,
 };
 
-static MIGRATIONS_DIR: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+static ALL_MIGRATIONS: Dir = include_dir!("$CARGO_MANIFEST_DIR/migrations");
+
+/// SQLite's migrations: the numbered folders. `postgres/` holds PostgreSQL's.
+static MIGRATIONS_DIR: LazyLock<Dir<'static>> = LazyLock::new(|| {
+    let entries: Vec<DirEntry<'static>> = ALL_MIGRATIONS
+        .entries()
+        .iter()
+        .filter(|entry| entry.path() != Path::new("postgres"))
+        .cloned()
+        .collect();
+    Dir::new("", Box::leak(entries.into_boxed_slice()))
+});
 
 static MIGRATIONS: LazyLock<Result<Migrations<'static>, String>> =
     LazyLock::new(|| Migrations::from_directory(&MIGRATIONS_DIR).map_err(|e| e.to_string()));

@@ -14,8 +14,8 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use super::SqliteStore;
 use crate::clock::now_ms;
 use crate::domain::{
-    Claim, Completion, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState, RunId,
-    Validators, Work,
+    Claim, Completion, Durations, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState,
+    RunId, Validators, Work,
 };
 use crate::store::TakenForDead;
 
@@ -42,15 +42,10 @@ impl ImportBatch<'_> {
                 if existing == new.path {
                     return Ok(InsertResult::Duplicate);
                 }
-                return Ok(InsertResult::NameTaken(format!(
-                    "the same request is already imported with the name {existing:?}, \
-                     not {:?}: one request is one job and one file (drop this line, or \
-                     make its request differ)",
-                    new.path
-                )));
+                return Ok(InsertResult::same_request_named(&existing, new.path));
             }
             if let Some(clash) = self.name_clash(new.path)? {
-                return Ok(InsertResult::NameTaken(clash));
+                return Ok(clash);
             }
         }
         let changed = self
@@ -71,10 +66,7 @@ impl ImportBatch<'_> {
             Ok(1) => Ok(InsertResult::Inserted),
             Ok(_) => Ok(InsertResult::Duplicate),
             Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) => {
-                Ok(InsertResult::NameTaken(format!(
-                    "\"name\" {:?} is already used by another URL",
-                    new.path
-                )))
+                Ok(InsertResult::name_used(new.path))
             }
             Err(e) => Err(e.into()),
         }
@@ -90,7 +82,7 @@ impl ImportBatch<'_> {
     }
 
     /// Another row whose path is a folder of `path`, or inside `path`.
-    fn name_clash(&self, path: &str) -> Result<Option<String>> {
+    fn name_clash(&self, path: &str) -> Result<Option<InsertResult>> {
         let parts: Vec<&str> = path.split('/').collect();
         for depth in 1..parts.len() {
             let folder = parts[..depth].join("/");
@@ -100,9 +92,7 @@ impl ImportBatch<'_> {
                 .query_row([&folder], |row| row.get(0))
                 .optional()?;
             if taken.is_some() {
-                return Ok(Some(format!(
-                    "\"name\" {path:?} needs a folder {folder:?}, which is another URL's file"
-                )));
+                return Ok(Some(InsertResult::needs_folder(path, &folder)));
             }
         }
         // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
@@ -113,8 +103,7 @@ impl ImportBatch<'_> {
                 row.get(0)
             })
             .optional()?;
-        Ok(inside
-            .map(|other| format!("\"name\" {path:?} is a folder of another URL's file {other:?}")))
+        Ok(inside.map(|other| InsertResult::folder_of_file(path, &other)))
     }
 }
 
@@ -151,7 +140,7 @@ impl SqliteStore {
                 lost += 1;
             }
             if let Some(millis) = completion.millis() {
-                *durations.entry(duration_bucket(millis)).or_default() += 1;
+                *durations.entry(Durations::bucket(millis)).or_default() += 1;
             }
         }
         for (bucket, count) in durations {
@@ -437,17 +426,6 @@ fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
         .optional()?
         .flatten()
         .unwrap_or(false))
-}
-
-/// The histogram bucket of a duration: quarter-octaves of milliseconds, so
-/// that any percentile read back is within about 19% of the truth.
-fn duration_bucket(millis: u32) -> i64 {
-    (4.0 * (f64::from(millis) + 1.0).log2()).floor() as i64
-}
-
-/// The smallest duration in a bucket, in milliseconds.
-pub(super) fn bucket_floor(bucket: i64) -> f64 {
-    (2f64.powf(bucket as f64 / 4.0) - 1.0).max(0.0)
 }
 
 /// Adds every finished attempt in `completions` to its host's answers, and

@@ -8,7 +8,6 @@ use anyhow::Result;
 use rusqlite::types::ValueRef;
 
 use super::SqliteStore;
-use super::queue::bucket_floor;
 use crate::clock::now_ms;
 use crate::domain::{
     DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, JobState, StateCounts,
@@ -199,29 +198,7 @@ impl SqliteStore {
             .prepare("SELECT bucket, count FROM durations ORDER BY bucket")?
             .query_map([], |row| Ok((row.get::<_, i64>(0)?, count(row.get(1)?))))?
             .collect::<Result<Vec<_>, _>>()?;
-        let requests: u64 = buckets.iter().map(|(_, count)| count).sum();
-        if requests == 0 {
-            return Ok(None);
-        }
-        let percentile = |p: f64| {
-            let rank = (p * requests as f64).ceil().max(1.0) as u64;
-            let mut seen = 0;
-            for (bucket, count) in &buckets {
-                seen += count;
-                if seen >= rank {
-                    return bucket_floor(*bucket);
-                }
-            }
-            buckets
-                .last()
-                .map_or(0.0, |(bucket, _)| bucket_floor(*bucket))
-        };
-        Ok(Some(Durations {
-            requests,
-            p50_ms: percentile(0.50),
-            p95_ms: percentile(0.95),
-            p99_ms: percentile(0.99),
-        }))
+        Ok(Durations::of_histogram(&buckets))
     }
 
     /// Calls `each` with every done URL's file record, in import order.
@@ -235,6 +212,7 @@ impl SqliteStore {
                     path: row.get(2)?,
                     bytes: row.get::<_, Option<i64>>(3)?.map(count),
                     sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
+                    written_on: None,
                 })
             },
             each,

@@ -1,0 +1,196 @@
+//! Import: the batch goes into a temporary staging table by binary COPY,
+//! then into the queue with `INSERT … SELECT … ON CONFLICT DO NOTHING`, a
+//! run of lines at a time. A line with a name the user gave is checked on
+//! its own first, as SQLite's import does, against the rows before it.
+
+use anyhow::Result;
+use postgres::Transaction;
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::Type;
+
+use super::{PgResult, PostgresStore};
+use crate::domain::{InsertResult, NewUrl};
+
+impl PostgresStore {
+    pub(super) fn import_batch(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
+        let name = self.name.clone();
+        let name = name.as_str();
+        let mut client = self.client()?;
+        let mut tx = client.transaction().at(name)?;
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS import_staging (
+                 ord integer, url text, request text, request_hash text, host text,
+                 path text COLLATE \"C\") ON COMMIT DELETE ROWS",
+        )
+        .at(name)?;
+        let sink = tx
+            .copy_in("COPY import_staging (ord, url, request, request_hash, host, path) FROM STDIN BINARY")
+            .at(name)?;
+        let mut writer = BinaryCopyInWriter::new(
+            sink,
+            &[
+                Type::INT4,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+            ],
+        );
+        for (ord, new) in batch.iter().enumerate() {
+            writer
+                .write(&[
+                    &(ord as i32),
+                    &new.url,
+                    &new.request,
+                    &new.request_hash,
+                    &new.host,
+                    &new.path,
+                ])
+                .at(name)?;
+        }
+        writer.finish().at(name)?;
+        // Temporary tables are never analyzed by themselves: without it, the
+        // results below are matched to their lines by a nested loop.
+        tx.batch_execute("ANALYZE import_staging").at(name)?;
+        let mut results = vec![InsertResult::Duplicate; batch.len()];
+        let mut start = 0;
+        while start < batch.len() {
+            if batch[start].named {
+                results[start] = insert_named(&mut tx, &batch[start], name)?;
+                start += 1;
+                continue;
+            }
+            let end = batch[start..]
+                .iter()
+                .position(|new| new.named)
+                .map_or(batch.len(), |n| start + n);
+            insert_unnamed(&mut tx, batch, start, end, &mut results, name)?;
+            start = end;
+        }
+        tx.commit().at(name)?;
+        Ok(results)
+    }
+}
+
+/// Lines `start..end`, none named, in one statement. A line not inserted
+/// is a duplicate when its request is there (imported before, or earlier
+/// in the run), else its generated file name is another URL's.
+fn insert_unnamed(
+    tx: &mut Transaction<'_>,
+    batch: &[NewUrl<'_>],
+    start: usize,
+    end: usize,
+    results: &mut [InsertResult],
+    name: &str,
+) -> Result<()> {
+    let (first, last) = (start as i32, end as i32 - 1);
+    let inserted = tx
+        .query(
+            "WITH inserted AS (
+                 INSERT INTO urls (url, request, request_hash, host, path)
+                 SELECT url, request, request_hash, host, path FROM import_staging
+                 WHERE ord BETWEEN $1 AND $2 ORDER BY ord
+                 ON CONFLICT DO NOTHING
+                 RETURNING url, request_hash, path)
+             SELECT min(s.ord) FROM inserted i
+             JOIN import_staging s USING (url, request_hash, path)
+             WHERE s.ord BETWEEN $1 AND $2
+             GROUP BY i.url, i.request_hash, i.path",
+            &[&first, &last],
+        )
+        .at(name)?;
+    let mut taken = vec![true; end - start];
+    for row in inserted {
+        let ord: i32 = row.get(0);
+        let at = ord as usize;
+        results[at] = InsertResult::Inserted;
+        taken[at - start] = false;
+    }
+    let left: Vec<i32> = taken
+        .iter()
+        .enumerate()
+        .filter(|(_, left)| **left)
+        .map(|(i, _)| (start + i) as i32)
+        .collect();
+    if left.is_empty() {
+        return Ok(());
+    }
+    let rows = tx
+        .query(
+            "SELECT s.ord, EXISTS (SELECT 1 FROM urls u
+                                   WHERE u.url = s.url AND u.request_hash = s.request_hash)
+             FROM import_staging s WHERE s.ord = ANY($1)",
+            &[&left],
+        )
+        .at(name)?;
+    for row in rows {
+        let at = row.get::<_, i32>(0) as usize;
+        results[at] = if row.get(1) {
+            InsertResult::Duplicate
+        } else {
+            InsertResult::name_used(batch[at].path)
+        };
+    }
+    Ok(())
+}
+
+/// One line whose name the user gave, checked as SQLite's import checks it.
+fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Result<InsertResult> {
+    let existing = tx
+        .query_opt(
+            "SELECT path FROM urls WHERE url = $1 AND request_hash = $2",
+            &[&new.url, &new.request_hash],
+        )
+        .at(name)?;
+    if let Some(row) = existing {
+        let existing: String = row.get(0);
+        if existing == new.path {
+            return Ok(InsertResult::Duplicate);
+        }
+        return Ok(InsertResult::same_request_named(&existing, new.path));
+    }
+    let parts: Vec<&str> = new.path.split('/').collect();
+    let folders: Vec<String> = (1..parts.len()).map(|d| parts[..d].join("/")).collect();
+    if !folders.is_empty() {
+        let folder = tx
+            .query_opt(
+                "SELECT path FROM urls WHERE path = ANY($1) ORDER BY length(path) LIMIT 1",
+                &[&folders],
+            )
+            .at(name)?;
+        if let Some(row) = folder {
+            let folder: String = row.get(0);
+            return Ok(InsertResult::needs_folder(new.path, &folder));
+        }
+    }
+    // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
+    let inside = tx
+        .query_opt(
+            "SELECT path FROM urls WHERE path > $1 AND path < $2 LIMIT 1",
+            &[&format!("{}/", new.path), &format!("{}0", new.path)],
+        )
+        .at(name)?;
+    if let Some(row) = inside {
+        let other: String = row.get(0);
+        return Ok(InsertResult::folder_of_file(new.path, &other));
+    }
+    let inserted = tx
+        .execute(
+            "INSERT INTO urls (url, request, request_hash, host, path)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[
+                &new.url,
+                &new.request,
+                &new.request_hash,
+                &new.host,
+                &new.path,
+            ],
+        )
+        .at(name)?;
+    Ok(if inserted == 1 {
+        InsertResult::Inserted
+    } else {
+        InsertResult::name_used(new.path)
+    })
+}

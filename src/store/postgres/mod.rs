@@ -1,0 +1,262 @@
+//! The PostgreSQL store: several machines' runs on one queue.
+//!
+//! Runs claim rows in batches with `FOR UPDATE SKIP LOCKED`, each claim
+//! bumping the row's fencing value; outcomes are applied in batches, one
+//! statement per kind, only where the row is still running under the same
+//! run and fence. A run renews its heartbeat with every commit; one whose
+//! heartbeat is older than its lease is dead, and any other run takes its
+//! rows back. Counters that `report` reads are kept by statement-level
+//! triggers in the statements that change the rows, so nothing counts
+//! millions of rows. Transactions are short and never span a fetch.
+//!
+//! The client is the synchronous `postgres` crate (its own small runtime per
+//! connection): the store is used from the run owner's thread and from
+//! synchronous commands, never from inside the async runtime.
+
+mod connect;
+mod import;
+mod queue;
+mod read;
+mod runs;
+
+use std::cell::{RefCell, RefMut};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use postgres::Client;
+
+use std::collections::HashMap;
+
+use super::{OpenOptions, Store};
+use crate::domain::{
+    Claim, Completion, DoneFile, ExportRow, FailedRow, Holder, HostFilter, InsertResult, Liveness,
+    NewUrl, Reclaimed, RefreshCounts, RefreshRound, RowState, RunEnd, RunId, RunInfo, RunStart,
+    Started, StateCounts, Summary, Work,
+};
+
+pub use connect::without_password;
+
+/// How long a run's heartbeat may be silent before another run takes its
+/// rows, unless `--lease` says otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
+/// A URL taken back this many times from runs that died while fetching it
+/// fails instead of being handed out again: it may be what kills them.
+pub const RESCUE_LIMIT: i32 = 5;
+
+/// The server's clock in unix milliseconds: heartbeats and leases are
+/// judged by one clock, whatever the machines' clocks say.
+const SERVER_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+pub struct PostgresStore {
+    /// `&self` readers need the connection too; the store is used by one
+    /// thread at a time (`Send`, not `Sync`).
+    client: RefCell<Client>,
+    /// The URL without its password.
+    name: String,
+    lease: Duration,
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` and brings its schema up to date
+    /// (`Open::ReadOnly`: checks it, changes nothing). A database without
+    /// jobrun's tables is refused unless `Open::CreateIfMissing`. Runs
+    /// started through it hold the lease `options` give, else the job's
+    /// setting `lease`, else 30 s.
+    pub fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore> {
+        let name = without_password(url);
+        let mut client = connect::connect(url, options.lock_wait)?;
+        connect::check_schema(&mut client, &name, options.mode)?;
+        let mut store = PostgresStore {
+            client: RefCell::new(client),
+            name,
+            lease: DEFAULT_LEASE,
+        };
+        store.lease = match options.lease {
+            Some(lease) => lease,
+            None => match store.get_setting("lease")? {
+                Some(text) => humantime::parse_duration(&text).map_err(|e| {
+                    anyhow!(
+                        "the setting lease = {text:?} in {} is not a duration: {e}",
+                        store.name
+                    )
+                })?,
+                None => DEFAULT_LEASE,
+            },
+        };
+        Ok(store)
+    }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The connection, for one operation at a time.
+    fn client(&self) -> Result<RefMut<'_, Client>> {
+        self.client.try_borrow_mut().map_err(|_| {
+            anyhow!(
+                "internal error: {} was used again while reading from it",
+                self.name
+            )
+        })
+    }
+}
+
+impl Store for PostgresStore {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
+        self.import_batch(batch)
+    }
+
+    fn expect_bulk_writes(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    fn start_run(
+        &mut self,
+        me: &RunStart,
+        liveness: &dyn Fn(&RunInfo) -> Liveness,
+    ) -> Result<Started> {
+        self.register_run(me, liveness)
+    }
+
+    fn reclaim_dead_runs(&mut self, liveness: &dyn Fn(&RunInfo) -> Liveness) -> Result<Reclaimed> {
+        self.reclaim(liveness)
+    }
+
+    fn held_by_others(&self, run: RunId) -> Result<Vec<Holder>> {
+        self.holders(run)
+    }
+
+    fn heartbeat(&mut self, run: RunId) -> Result<()> {
+        self.renew(run)
+    }
+
+    fn end_run(&mut self, run: RunId, end: &RunEnd) -> Result<()> {
+        self.finish_run(run, end)
+    }
+
+    fn recent_runs(&self, limit: usize) -> Result<Vec<RunInfo>> {
+        self.runs(limit)
+    }
+
+    fn live_runs(&self) -> Result<u64> {
+        self.live_run_count()
+    }
+
+    fn complete_and_claim(
+        &mut self,
+        run: RunId,
+        completions: &[Completion],
+        claim: usize,
+        filter: &HostFilter,
+        work: Work,
+    ) -> Result<Vec<Claim>> {
+        self.complete_and_claim_batch(run, completions, claim, filter, work)
+    }
+
+    fn next_due(&self, work: Work) -> Result<Option<i64>> {
+        self.due_at(work)
+    }
+
+    fn with_row_states(
+        &mut self,
+        ids: &[i64],
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+    ) -> Result<()> {
+        self.row_states(ids, settle)
+    }
+
+    fn requeue_failed(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
+        self.requeue(status, error)
+    }
+
+    fn requeue_damaged(&mut self, ids: &[i64]) -> Result<()> {
+        self.requeue_files(ids)
+    }
+
+    fn start_refresh(&mut self, cutoff: Option<i64>) -> Result<RefreshRound> {
+        self.refresh_round(cutoff)
+    }
+
+    fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.get_setting(key)
+    }
+
+    fn setting_or_insert(
+        &mut self,
+        key: &str,
+        value: &str,
+        prepare: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<String> {
+        self.record_setting(key, value, prepare)
+    }
+
+    fn state_counts(&self) -> Result<StateCounts> {
+        self.counts()
+    }
+
+    fn retry_schedule(&self, now: i64) -> Result<Vec<(i64, u64)>> {
+        self.schedule(now)
+    }
+
+    fn summary(&self, top_errors: usize) -> Result<Summary> {
+        self.summarize(top_errors)
+    }
+
+    fn refresh_counts(&self) -> Result<Option<RefreshCounts>> {
+        self.refresh_tally()
+    }
+
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
+        self.files(each)
+    }
+
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
+        self.failed_rows(each)
+    }
+
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
+        self.rows(each)
+    }
+}
+
+/// Adds what the database said to an error, with where it happened.
+fn pg_context(error: postgres::Error, name: &str) -> anyhow::Error {
+    let detail = error
+        .as_db_error()
+        .map(|db| format!("{} ({})", db.message(), db.code().code()));
+    match detail {
+        Some(detail) => anyhow!(error).context(format!("PostgreSQL at {name}: {detail}")),
+        None => anyhow!(error).context(format!("PostgreSQL at {name}")),
+    }
+}
+
+trait PgResult<T> {
+    /// Names the database in the error.
+    fn at(self, name: &str) -> Result<T>;
+}
+
+impl<T> PgResult<T> for std::result::Result<T, postgres::Error> {
+    fn at(self, name: &str) -> Result<T> {
+        self.map_err(|e| pg_context(e, name))
+    }
+}
+
+/// A count read from the database, never negative.
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn no_jobrun_tables(name: &str) -> anyhow::Error {
+    anyhow!(
+        "{name} holds no jobrun data; nothing was changed. Import a URL list into it first \
+         (`jobrun --db {name} import FILE`)"
+    )
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

@@ -1,0 +1,632 @@
+//! Claiming and completing in batches. A claim is one statement: due rows
+//! picked with `FOR UPDATE SKIP LOCKED` (runs never wait for each other's
+//! picks) and set running under the run with the fence bumped. Outcomes
+//! are one `UPDATE … FROM unnest(…)` per kind, each guarded by run and
+//! fence; a row that no longer matches means the run was taken for dead.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use postgres::Transaction;
+use postgres::types::ToSql;
+
+use super::{PgResult, PostgresStore, SERVER_NOW, count};
+use crate::clock::now_ms;
+use crate::domain::{
+    Claim, Completion, Durations, HostFilter, Lease, RefreshRound, RowState, RunId, Validators,
+    Work,
+};
+use crate::store::TakenForDead;
+
+/// The state a claimed row goes back to when its attempt did not finish:
+/// pending, or done for a row being refreshed (its old file is still there).
+pub(super) const UNCLAIMED: &str = "CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'pending' END";
+
+/// Every outcome statement ends in this guard: still running under this
+/// run ($1) and the fence of its claim (c.fence), the rows found by primary
+/// key among the batch's ids (`{ids}`). `state` is compared as
+/// `state || ''` so that the planner cannot walk the partial index of
+/// running rows instead, which keeps an entry for every row the run ever
+/// claimed until a vacuum.
+fn guard(ids: &str) -> String {
+    format!(
+        "u.id = ANY({ids}) AND u.id = c.id AND u.run_id = $1 AND u.fence = c.fence
+         AND u.state || '' = 'running'"
+    )
+}
+
+/// Retries that are due first (the latest due first, as SQLite picks them),
+/// then rows never tried in import order; `$4` lists hosts to skip. Both
+/// walk the partial index of pending rows in its own order (ordering new
+/// rows by id alone would walk the primary key past every done row).
+const CLAIM_FETCH: &str = "WITH retries AS (
+        SELECT id FROM urls
+        WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
+          AND NOT (host = ANY($4))
+        ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
+    fresh AS (
+        SELECT id FROM urls
+        WHERE state = 'pending' AND next_attempt_at = 0 AND NOT (host = ANY($4))
+        ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
+        FOR UPDATE SKIP LOCKED),
+    picked AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh)";
+
+/// Done rows a refresh asked for, due ones by when they became due.
+const CLAIM_REFRESH: &str = "WITH picked AS (
+        SELECT id FROM urls
+        WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
+          AND NOT (host = ANY($4))
+        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+
+impl PostgresStore {
+    pub(super) fn complete_and_claim_batch(
+        &mut self,
+        run: RunId,
+        completions: &[Completion],
+        claim: usize,
+        filter: &HostFilter,
+        work: Work,
+    ) -> Result<Vec<Claim>> {
+        let name = self.name.clone();
+        let name = name.as_str();
+        let lease_ms = self.lease_ms();
+        let now = now_ms();
+        let mut client = self.client()?;
+        let mut tx = client.transaction().at(name)?;
+        // A queue's table changes faster than its statistics: the planner,
+        // thinking a batch's rows are few, joined the batch's arrays to them
+        // in a nested loop, a million comparisons per batch of a thousand.
+        // Batches are joined by hash, their rows found by primary key.
+        tx.batch_execute("SET LOCAL enable_nestloop = off")
+            .at(name)?;
+        // The run's own row first, then the URLs: the order a rescuer takes
+        // them in too, so that the two never deadlock.
+        let tally = Tally::of(completions);
+        let alive = tx
+            .execute(
+                &format!(
+                    "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
+                         failed = failed + $3, retried = retried + $4, bytes = bytes + $5
+                     WHERE id = $1 AND ended_at IS NULL"
+                ),
+                &[
+                    &run.0,
+                    &tally.done,
+                    &tally.failed,
+                    &tally.retried,
+                    &tally.bytes,
+                ],
+            )
+            .at(name)?;
+        if alive == 0 {
+            return Err(TakenForDead { run }.into());
+        }
+        let ours = completions.iter().all(|c| c.lease().run == run);
+        let recorded = record(&mut tx, run, now, completions, name)?;
+        if !ours || recorded != completions.len() as u64 {
+            // Dropping the transaction keeps nothing of it.
+            return Err(TakenForDead { run }.into());
+        }
+        count_durations(&mut tx, completions, name)?;
+        let claims = if claim > 0 {
+            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, name)?
+        } else {
+            Vec::new()
+        };
+        tx.commit().at(name)?;
+        Ok(claims)
+    }
+
+    pub(super) fn renew(&mut self, run: RunId) -> Result<()> {
+        let name = self.name.clone();
+        let alive = self
+            .client()?
+            .execute(
+                &format!(
+                    "UPDATE runs SET heartbeat_at = {SERVER_NOW}
+                     WHERE id = $1 AND ended_at IS NULL"
+                ),
+                &[&run.0],
+            )
+            .at(&name)?;
+        if alive == 0 {
+            return Err(TakenForDead { run }.into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn due_at(&self, work: Work) -> Result<Option<i64>> {
+        let sql = match work {
+            Work::Fetch => "SELECT min(next_attempt_at) FROM urls WHERE state = 'pending'",
+            Work::Refresh => {
+                "SELECT min(next_attempt_at) FROM urls WHERE refresh = 'pending' AND state = 'done'"
+            }
+        };
+        Ok(self.client()?.query_one(sql, &[]).at(&self.name)?.get(0))
+    }
+
+    pub(super) fn row_states(
+        &mut self,
+        ids: &[i64],
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+    ) -> Result<()> {
+        let name = self.name.clone();
+        let mut client = self.client()?;
+        let mut tx = client.transaction().at(&name)?;
+        // Locked rows are skipped by every claim until the commit.
+        let rows = tx
+            .query(
+                "SELECT id, state FROM urls WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &[&ids],
+            )
+            .at(&name)?;
+        let states = rows
+            .iter()
+            .map(|row| {
+                let state = match row.get::<_, &str>(1) {
+                    "done" => RowState::Done,
+                    "running" => RowState::Held,
+                    _ => RowState::Free,
+                };
+                (row.get::<_, i64>(0), state)
+            })
+            .collect();
+        settle(&states)?;
+        tx.commit().at(&name)?;
+        Ok(())
+    }
+
+    pub(super) fn requeue(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
+        let status = status.map(i32::from);
+        self.client()?
+            .execute(
+                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0
+                 WHERE state = 'failed'
+                   AND ($1::integer IS NULL OR http_status = $1)
+                   AND ($2::text IS NULL OR strpos(error, $2) > 0)",
+                &[&status, &error],
+            )
+            .at(&self.name)
+    }
+
+    pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
+        self.client()?
+            .execute(
+                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
+                     error = 'file missing or damaged (found by verify)'
+                 WHERE id = ANY($1) AND state = 'done'",
+                &[&ids],
+            )
+            .at(&self.name)?;
+        Ok(())
+    }
+
+    pub(super) fn refresh_round(&mut self, cutoff: Option<i64>) -> Result<RefreshRound> {
+        let name = self.name.clone();
+        let name = name.as_str();
+        let mut client = self.client()?;
+        let mut tx = client.transaction().at(name)?;
+        // Two refreshes starting at once take turns to number their round.
+        tx.batch_execute("LOCK TABLE refresh_rounds IN EXCLUSIVE MODE")
+            .at(name)?;
+        let unfinished = tx
+            .query_opt(
+                "SELECT round, sum(rows)::bigint FROM refresh_tallies WHERE refresh = 'pending'
+                 GROUP BY round HAVING sum(rows) > 0 ORDER BY round DESC LIMIT 1",
+                &[],
+            )
+            .at(name)?;
+        if let Some(row) = unfinished {
+            let rows = count(row.get(1));
+            tx.commit().at(name)?;
+            return Ok(RefreshRound::Resumed {
+                round: row.get(0),
+                rows,
+            });
+        }
+        let round: i64 = tx
+            .query_one(
+                "SELECT coalesce(max(round), 0) + 1 FROM refresh_rounds",
+                &[],
+            )
+            .at(name)?
+            .get(0);
+        // The retry budget starts afresh: attempts count this refresh's.
+        let rows = tx
+            .execute(
+                "UPDATE urls SET refresh = 'pending', refresh_round = $1, refresh_error = NULL,
+                     attempts = 0, next_attempt_at = 0
+                 WHERE state = 'done'
+                   AND ($2::bigint IS NULL OR coalesce(fetched_at, updated_at, 0) < $2)",
+                &[&round, &cutoff],
+            )
+            .at(name)?;
+        if rows > 0 {
+            tx.execute(
+                "INSERT INTO refresh_rounds (round, started_at) VALUES ($1, $2)",
+                &[&round, &now_ms()],
+            )
+            .at(name)?;
+        }
+        tx.commit().at(name)?;
+        Ok(RefreshRound::Started { round, rows })
+    }
+}
+
+/// What a batch adds to its run's own counts.
+#[derive(Default)]
+struct Tally {
+    done: i64,
+    failed: i64,
+    retried: i64,
+    bytes: i64,
+}
+
+impl Tally {
+    fn of(completions: &[Completion]) -> Tally {
+        let mut tally = Tally::default();
+        for completion in completions {
+            match completion {
+                Completion::Done { bytes, .. } => {
+                    tally.done += 1;
+                    tally.bytes += *bytes as i64;
+                }
+                Completion::Unchanged { .. } => tally.done += 1,
+                Completion::Retry { .. } => tally.retried += 1,
+                Completion::Failed { .. } => tally.failed += 1,
+                Completion::Interrupted { .. } | Completion::Unstarted { .. } => {}
+            }
+        }
+        tally
+    }
+}
+
+/// Records every outcome, one statement per kind; returns how many rows
+/// were still this run's under the same fence.
+fn record(
+    tx: &mut Transaction<'_>,
+    run: RunId,
+    now: i64,
+    completions: &[Completion],
+    name: &str,
+) -> Result<u64> {
+    let mut done = Columns::default();
+    let mut unchanged = Columns::default();
+    let mut retry = Columns::default();
+    let mut failed = Columns::default();
+    let mut interrupted = Columns::default();
+    let mut unstarted = Columns::default();
+    for completion in completions {
+        let (id, lease) = (completion.id(), completion.lease());
+        match completion {
+            Completion::Done {
+                status,
+                bytes,
+                sha256,
+                millis,
+                validators,
+                ..
+            } => {
+                done.key(id, lease);
+                done.status.push(Some(i32::from(*status)));
+                done.bytes.push(*bytes as i64);
+                done.sha256.push(sha256.to_vec());
+                done.millis.push(i64::from(*millis));
+                done.validators(validators);
+            }
+            Completion::Unchanged {
+                status,
+                millis,
+                validators,
+                ..
+            } => {
+                unchanged.key(id, lease);
+                unchanged.status.push(Some(i32::from(*status)));
+                unchanged.millis.push(i64::from(*millis));
+                unchanged.validators(validators);
+            }
+            Completion::Retry {
+                status,
+                error,
+                next_attempt_at,
+                millis,
+                ..
+            } => {
+                retry.key(id, lease);
+                retry.status.push(status.map(i32::from));
+                retry.error.push(error.clone());
+                retry.next_attempt_at.push(*next_attempt_at);
+                retry.millis.push(i64::from(*millis));
+            }
+            Completion::Failed {
+                status,
+                error,
+                millis,
+                ..
+            } => {
+                failed.key(id, lease);
+                failed.status.push(status.map(i32::from));
+                failed.error.push(error.clone());
+                failed.millis.push(i64::from(*millis));
+            }
+            Completion::Interrupted { .. } => interrupted.key(id, lease),
+            Completion::Unstarted { .. } => unstarted.key(id, lease),
+        }
+    }
+    let (guard3, guard2) = (guard("$3"), guard("$2"));
+    let mut recorded = 0;
+    // Attempts that reached an end also count as their host's answers, in
+    // the same statement: the updated rows say which host they belong to.
+    let mut answered = |update: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
+        let sql = format!(
+            "WITH updated AS ({update} RETURNING u.host, c.status),
+             answered AS (
+                 INSERT INTO host_answers AS h (slot, host, answers, status_429, status_503)
+                 SELECT pg_backend_pid(), host, count(*), count(*) FILTER (WHERE status = 429),
+                        count(*) FILTER (WHERE status = 503)
+                 FROM updated GROUP BY host ORDER BY host
+                 ON CONFLICT (slot, host) DO UPDATE SET answers = h.answers + excluded.answers,
+                     status_429 = h.status_429 + excluded.status_429,
+                     status_503 = h.status_503 + excluded.status_503)
+             SELECT count(*) FROM updated"
+        );
+        recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
+        Ok(())
+    };
+    if !done.ids.is_empty() {
+        answered(
+            format!(
+                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                     http_status = c.status, bytes = c.bytes, sha256 = c.sha256, error = NULL,
+                     next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
+                     etag = c.etag, last_modified = c.last_modified, fetched_at = $2,
+                     refresh = CASE WHEN u.refresh = 'pending' THEN 'changed' ELSE u.refresh END,
+                     refresh_error = NULL, written_by = $1
+                 FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::bigint[],
+                             $7::bytea[], $8::bigint[], $9::text[], $10::text[])
+                      AS c(id, fence, status, bytes, sha256, millis, etag, last_modified)
+                 WHERE {guard3}"
+            ),
+            &[
+                &run.0,
+                &now,
+                &done.ids,
+                &done.fences,
+                &done.status,
+                &done.bytes,
+                &done.sha256,
+                &done.millis,
+                &done.etag,
+                &done.last_modified,
+            ],
+        )?;
+    }
+    if !unchanged.ids.is_empty() {
+        // A 304 may carry newer validators; it need not repeat them.
+        answered(
+            format!(
+                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                     next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
+                     etag = coalesce(c.etag, u.etag),
+                     last_modified = coalesce(c.last_modified, u.last_modified),
+                     fetched_at = $2, refresh = 'unchanged', refresh_error = NULL
+                 FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::text[],
+                             $8::integer[])
+                      AS c(id, fence, millis, etag, last_modified, status)
+                 WHERE {guard3}"
+            ),
+            &[
+                &run.0,
+                &now,
+                &unchanged.ids,
+                &unchanged.fences,
+                &unchanged.millis,
+                &unchanged.etag,
+                &unchanged.last_modified,
+                &unchanged.status,
+            ],
+        )?;
+    }
+    if !retry.ids.is_empty() {
+        // A row being refreshed stays done with its old file while its
+        // refresh waits for the retry; the URL's own status and error stay.
+        answered(
+            format!(
+                "UPDATE urls u SET
+                     state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'pending' END,
+                     attempts = u.attempts + 1,
+                     http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status
+                                        ELSE c.status END,
+                     error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
+                     refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error
+                                          ELSE u.refresh_error END,
+                     next_attempt_at = c.next_attempt_at, updated_at = $2,
+                     duration_ms = c.millis
+                 FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[],
+                             $7::bigint[], $8::bigint[])
+                      AS c(id, fence, status, error, next_attempt_at, millis)
+                 WHERE {guard3}"
+            ),
+            &[
+                &run.0,
+                &now,
+                &retry.ids,
+                &retry.fences,
+                &retry.status,
+                &retry.error,
+                &retry.next_attempt_at,
+                &retry.millis,
+            ],
+        )?;
+    }
+    if !failed.ids.is_empty() {
+        // A failed refresh fails the refresh, not the URL: its file stays.
+        answered(
+            format!(
+                "UPDATE urls u SET
+                     state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'failed' END,
+                     attempts = u.attempts + 1,
+                     http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status
+                                        ELSE c.status END,
+                     error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
+                     refresh = CASE WHEN u.refresh = 'pending' THEN 'failed' ELSE u.refresh END,
+                     refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error
+                                          ELSE u.refresh_error END,
+                     next_attempt_at = CASE WHEN u.refresh = 'pending' THEN 0
+                                            ELSE u.next_attempt_at END,
+                     updated_at = $2, duration_ms = c.millis
+                 FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[], $7::bigint[])
+                      AS c(id, fence, status, error, millis)
+                 WHERE {guard3}"
+            ),
+            &[
+                &run.0,
+                &now,
+                &failed.ids,
+                &failed.fences,
+                &failed.status,
+                &failed.error,
+                &failed.millis,
+            ],
+        )?;
+    }
+    let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
+        recorded += tx.execute(sql.as_str(), params).at(name)?;
+        Ok(())
+    };
+    if !interrupted.ids.is_empty() {
+        apply(
+            format!(
+                "UPDATE urls u SET state = {UNCLAIMED}, interrupted = u.interrupted + 1,
+                     updated_at = $2
+                 FROM unnest($3::bigint[], $4::bigint[]) AS c(id, fence)
+                 WHERE {guard3}"
+            ),
+            &[&run.0, &now, &interrupted.ids, &interrupted.fences],
+        )?;
+    }
+    if !unstarted.ids.is_empty() {
+        apply(
+            format!(
+                "UPDATE urls u SET state = {UNCLAIMED}
+                 FROM unnest($2::bigint[], $3::bigint[]) AS c(id, fence)
+                 WHERE {guard2}"
+            ),
+            &[&run.0, &unstarted.ids, &unstarted.fences],
+        )?;
+    }
+    Ok(recorded)
+}
+
+/// One kind of outcome as columns, for `unnest`.
+#[derive(Default)]
+struct Columns {
+    ids: Vec<i64>,
+    fences: Vec<i64>,
+    status: Vec<Option<i32>>,
+    bytes: Vec<i64>,
+    sha256: Vec<Vec<u8>>,
+    millis: Vec<i64>,
+    etag: Vec<Option<String>>,
+    last_modified: Vec<Option<String>>,
+    error: Vec<String>,
+    next_attempt_at: Vec<i64>,
+}
+
+impl Columns {
+    fn key(&mut self, id: i64, lease: Lease) {
+        self.ids.push(id);
+        self.fences.push(lease.fence);
+    }
+
+    fn validators(&mut self, validators: &Validators) {
+        self.etag.push(validators.etag.clone());
+        self.last_modified.push(validators.last_modified.clone());
+    }
+}
+
+/// The duration histogram, in the connection's own slot: runs never wait
+/// on each other's counters.
+fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &str) -> Result<()> {
+    let buckets: Vec<i32> = completions
+        .iter()
+        .filter_map(|c| c.millis())
+        .map(|millis| Durations::bucket(millis) as i32)
+        .collect();
+    if !buckets.is_empty() {
+        tx.execute(
+            "INSERT INTO durations AS d (slot, bucket, count)
+             SELECT pg_backend_pid(), b, count(*) FROM unnest($1::integer[]) AS b
+             GROUP BY b ORDER BY b
+             ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count",
+            &[&buckets],
+        )
+        .at(name)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn claim_due(
+    tx: &mut Transaction<'_>,
+    run: RunId,
+    now: i64,
+    limit: usize,
+    filter: &HostFilter,
+    work: Work,
+    lease_ms: i64,
+    name: &str,
+) -> Result<Vec<Claim>> {
+    let pick = match work {
+        Work::Fetch => CLAIM_FETCH,
+        Work::Refresh => CLAIM_REFRESH,
+    };
+    // `= ANY(ARRAY(…))` finds the picked rows by primary key; a join with
+    // the pick is planned for far more rows than a batch, as a scan.
+    let rows = tx
+        .query(
+            &format!(
+                "{pick}
+                 UPDATE urls u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                     lease_until = {SERVER_NOW} + $5
+                 WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
+                 RETURNING u.id, u.url, u.request, u.path, u.attempts, u.bytes, u.sha256,
+                     u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
+                     u.fence"
+            ),
+            &[&run.0, &now, &(limit as i64), &filter.skip, &lease_ms],
+        )
+        .at(name)?;
+    let mut claims: Vec<Claim> = rows
+        .iter()
+        .map(|row| Claim {
+            id: row.get(0),
+            url: row.get(1),
+            request: row.get(2),
+            path: row.get(3),
+            attempts: row.get::<_, i32>(4).max(0) as u32,
+            recorded: match (
+                row.get::<_, Option<i64>>(5),
+                row.get::<_, Option<Vec<u8>>>(6),
+            ) {
+                (Some(bytes), Some(sha256)) => <[u8; 32]>::try_from(sha256.as_slice())
+                    .ok()
+                    .map(|sha256| (bytes as u64, sha256)),
+                _ => None,
+            },
+            host: row.get(7),
+            refresh: row.get(8),
+            validators: Validators {
+                etag: row.get(9),
+                last_modified: row.get(10),
+            },
+            lease: Lease {
+                run,
+                fence: row.get(11),
+            },
+        })
+        .collect();
+    // Import order within the batch, as the queue hands rows out.
+    claims.sort_by_key(|claim| claim.id);
+    Ok(claims)
+}

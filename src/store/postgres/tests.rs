@@ -1,0 +1,420 @@
+//! Store-level tests against a real PostgreSQL: `JOBRUN_TEST_PG`, by
+//! default postgres://postgres@127.0.0.1:5432/test. Each test works in a
+//! schema of its own, dropped at the end. A server that cannot be reached
+//! fails the tests: they never skip.
+
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::*;
+use crate::clock::now_ms;
+use crate::domain::{Lease, Validators};
+use crate::store::{Open, contract};
+
+pub(crate) fn test_url() -> String {
+    std::env::var("JOBRUN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A schema of its own on the test server, dropped when this goes.
+pub(crate) struct Schema {
+    pub url: String,
+    name: String,
+}
+
+impl Schema {
+    pub(crate) fn new() -> Schema {
+        let base = test_url();
+        let name = format!("jobrun_test_{}_{:x}", std::process::id(), fastrand::u64(..));
+        let mut admin = connect::connect(&base, Duration::from_secs(5))
+            .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .expect("cannot create a test schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        Schema { url, name }
+    }
+
+    pub(crate) fn open(&self) -> PostgresStore {
+        self.open_with_lease(None)
+    }
+
+    pub(crate) fn open_with_lease(&self, lease: Option<Duration>) -> PostgresStore {
+        let options = OpenOptions {
+            mode: Open::CreateIfMissing,
+            lease,
+            lock_wait: Duration::from_secs(5),
+            ..OpenOptions::new(Open::CreateIfMissing)
+        };
+        PostgresStore::open(&self.url, &options).unwrap()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = connect::connect(&test_url(), Duration::from_secs(5)) {
+            let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+fn me(pid: u32) -> RunStart {
+    RunStart {
+        pid,
+        pid_ns: None,
+        host: "test-host".to_string(),
+        boot_id: "boot".to_string(),
+        proc_start: 1,
+        command: "jobrun run".to_string(),
+    }
+}
+
+fn alive(_: &RunInfo) -> Liveness {
+    Liveness::Alive
+}
+
+fn import(store: &mut PostgresStore, urls: &[(&str, &str)]) -> Vec<InsertResult> {
+    let owned: Vec<(String, String, String)> = urls
+        .iter()
+        .map(|(url, host)| (url.to_string(), host.to_string(), format!("{url}.body")))
+        .collect();
+    let batch: Vec<NewUrl<'_>> = owned
+        .iter()
+        .map(|(url, host, path)| NewUrl {
+            url,
+            request: None,
+            request_hash: "",
+            host,
+            path,
+            named: false,
+        })
+        .collect();
+    store.import(&batch).unwrap()
+}
+
+fn claim(store: &mut PostgresStore, run: RunId, n: usize) -> Vec<Claim> {
+    store
+        .complete_and_claim(run, &[], n, &HostFilter::default(), Work::Fetch)
+        .unwrap()
+}
+
+fn done(claim: &Claim, bytes: u64) -> Completion {
+    Completion::Done {
+        id: claim.id,
+        lease: claim.lease,
+        status: 200,
+        bytes,
+        sha256: [7; 32],
+        millis: 12,
+        validators: Validators::default(),
+    }
+}
+
+fn counts(store: &PostgresStore) -> (u64, u64, u64, u64) {
+    let c = store.state_counts().unwrap();
+    (c.pending, c.running, c.done, c.failed)
+}
+
+#[test]
+fn claims_and_outcomes_keep_the_counters() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let results = import(
+        &mut store,
+        &[
+            ("a1", "a"),
+            ("a2", "a"),
+            ("a3", "a"),
+            ("b1", "b"),
+            ("b2", "b"),
+        ],
+    );
+    assert!(results.iter().all(|r| *r == InsertResult::Inserted));
+    let run = store.start_run(&me(1), &alive)?.id;
+    let claims = claim(&mut store, run, 4);
+    assert_eq!(claims.len(), 4);
+    assert!(
+        claims
+            .iter()
+            .all(|c| c.lease.run == run && c.lease.fence == 1)
+    );
+    assert_eq!(counts(&store), (1, 4, 0, 0));
+    let outcomes = vec![
+        done(&claims[0], 100),
+        Completion::Retry {
+            id: claims[1].id,
+            lease: claims[1].lease,
+            status: Some(503),
+            error: "HTTP 503".to_string(),
+            next_attempt_at: now_ms() + 60_000,
+            millis: 5,
+        },
+        Completion::Failed {
+            id: claims[2].id,
+            lease: claims[2].lease,
+            status: Some(404),
+            error: "HTTP 404".to_string(),
+            millis: 5,
+        },
+        Completion::Unstarted {
+            id: claims[3].id,
+            lease: claims[3].lease,
+        },
+    ];
+    let more = store.complete_and_claim(run, &outcomes, 0, &HostFilter::default(), Work::Fetch)?;
+    assert!(more.is_empty());
+    assert_eq!(counts(&store), (3, 0, 1, 1));
+    let summary = store.summary(5)?;
+    assert_eq!(summary.counts.total, 5);
+    assert_eq!(summary.counts.retry_waiting, 1);
+    assert_eq!(summary.bytes, 100);
+    let statuses: Vec<(u16, u64)> = summary
+        .http_statuses
+        .iter()
+        .map(|s| (s.status, s.count))
+        .collect();
+    assert_eq!(statuses, [(200, 1), (404, 1), (503, 1)]);
+    let errors: Vec<(&str, u64)> = summary
+        .errors
+        .iter()
+        .map(|e| (e.error.as_str(), e.count))
+        .collect();
+    assert_eq!(errors, [("HTTP 404", 1), ("HTTP 503", 1)]);
+    let hosts: Vec<(&str, u64, u64, u64)> = summary
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.total, h.answers, h.status_503))
+        .collect();
+    assert_eq!(hosts, [("a", 3, 3, 1), ("b", 2, 0, 0)]);
+    assert_eq!(summary.durations.map(|d| d.requests), Some(3));
+    assert_eq!(store.requeue_failed(Some(404), None)?, 1);
+    assert_eq!(counts(&store), (4, 0, 1, 0));
+    // A second connection's counts add up with the first's.
+    let mut other = schema.open();
+    let run2 = other.start_run(&me(2), &alive)?.id;
+    let claims = claim(&mut other, run2, 10);
+    assert_eq!(claims.len(), 3, "the retry is not due yet");
+    let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 1)).collect();
+    other.complete_and_claim(run2, &outcomes, 0, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(counts(&store), (1, 0, 4, 0));
+    let mut exported = Vec::new();
+    store.export(&mut |row| {
+        exported.push((row.url, row.state));
+        Ok(())
+    })?;
+    assert_eq!(exported.len(), 5);
+    Ok(())
+}
+
+#[test]
+fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    import(&mut store, &[("a1", "a"), ("a2", "a")]);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let claims = claim(&mut store, run, 2);
+    let stale = Completion::Done {
+        id: claims[1].id,
+        lease: Lease {
+            run,
+            fence: claims[1].lease.fence - 1,
+        },
+        status: 200,
+        bytes: 1,
+        sha256: [0; 32],
+        millis: 1,
+        validators: Validators::default(),
+    };
+    let batch = [done(&claims[0], 1), stale];
+    let error = store
+        .complete_and_claim(run, &batch, 0, &HostFilter::default(), Work::Fetch)
+        .unwrap_err();
+    assert!(error.to_string().contains("taken for dead"), "{error:#}");
+    assert_eq!(counts(&store), (0, 2, 0, 0));
+    Ok(())
+}
+
+#[test]
+fn a_run_silent_past_its_lease_loses_its_rows_to_another() -> Result<()> {
+    let schema = Schema::new();
+    let mut first = schema.open_with_lease(Some(Duration::from_millis(1)));
+    import(&mut first, &[("a1", "a"), ("a2", "a")]);
+    let run = first.start_run(&me(1), &alive)?.id;
+    let claims = claim(&mut first, run, 2);
+    // The lease is a millisecond: wait until the server's clock is past it.
+    let mut second = schema.open();
+    let started = loop {
+        let started = second.start_run(&me(2), &alive)?;
+        if started.reclaimed == 2 {
+            break started;
+        }
+        second.end_run(started.id, &RunEnd::Finished)?;
+    };
+    assert!(started.dead.iter().any(|(id, _)| *id == run));
+    // The dead run's late outcome is refused; the rows were claimed again
+    // under a new fence.
+    let late = [done(&claims[0], 1)];
+    let error = first
+        .complete_and_claim(run, &late, 0, &HostFilter::default(), Work::Fetch)
+        .unwrap_err();
+    assert!(error.to_string().contains("taken for dead"), "{error:#}");
+    assert!(first.heartbeat(run).is_err());
+    let again = claim(&mut second, started.id, 2);
+    assert!(again.iter().all(|c| c.lease.fence == 2));
+    let summary = second.summary(0)?;
+    assert_eq!(summary.counts.running, 2);
+    Ok(())
+}
+
+#[test]
+fn a_url_rescued_too_often_fails_with_why() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    import(&mut store, &[("deadly", "a")]);
+    let gone = |_: &RunInfo| Liveness::Gone;
+    for _ in 0..RESCUE_LIMIT {
+        let run = store.start_run(&me(1), &gone)?.id;
+        assert_eq!(claim(&mut store, run, 1).len(), 1);
+    }
+    let started = store.start_run(&me(1), &gone)?;
+    assert_eq!(started.reclaimed, 1);
+    assert_eq!(counts(&store), (0, 0, 0, 1));
+    let mut failed = Vec::new();
+    store.failed(&mut |row| {
+        failed.push(row.error.unwrap_or_default());
+        Ok(())
+    })?;
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].contains(&format!(
+            "rescued {RESCUE_LIMIT} times from runs that died while fetching it"
+        )),
+        "{failed:?}"
+    );
+    // Rescued fewer times, a row only went back to pending.
+    let rows = store.recent_runs(10)?;
+    let killed = rows
+        .iter()
+        .filter(|r| r.outcome == Some(crate::domain::RunOutcome::Killed))
+        .count();
+    assert!(killed >= 5, "{killed}");
+    Ok(())
+}
+
+#[test]
+fn import_counts_duplicates_and_refuses_clashing_names() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let new = |url: &'static str, path: &'static str, named: bool| NewUrl {
+        url,
+        request: None,
+        request_hash: "",
+        host: "h",
+        path,
+        named,
+    };
+    let first = store.import(&[
+        new("u1", "one", false),
+        new("u1", "one", false),
+        new("u2", "dir", true),
+        new("u3", "dir/inside", true),
+        new("u4", "one", false),
+        new("u5", "five", false),
+    ])?;
+    assert_eq!(first[0], InsertResult::Inserted);
+    assert_eq!(first[1], InsertResult::Duplicate);
+    assert_eq!(first[2], InsertResult::Inserted);
+    assert!(
+        matches!(&first[3], InsertResult::NameTaken(why) if why.contains("needs a folder")),
+        "{first:?}"
+    );
+    assert!(
+        matches!(&first[4], InsertResult::NameTaken(why) if why.contains("already used")),
+        "{first:?}"
+    );
+    assert_eq!(first[5], InsertResult::Inserted);
+    let second = store.import(&[new("u5", "five", false), new("u5", "other", true)])?;
+    assert_eq!(second[0], InsertResult::Duplicate);
+    assert!(
+        matches!(&second[1], InsertResult::NameTaken(why) if why.contains("already imported")),
+        "{second:?}"
+    );
+    assert_eq!(store.state_counts()?.total, 3);
+    Ok(())
+}
+
+#[test]
+fn settings_keep_their_first_value_and_schemas_are_checked() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    assert_eq!(store.setting("out_dir")?, None);
+    assert!(
+        store
+            .setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"))
+            .is_err()
+    );
+    assert_eq!(
+        store.setting_or_insert("out_dir", "/a", &mut || Ok(()))?,
+        "/a"
+    );
+    assert_eq!(
+        store.setting_or_insert("out_dir", "/b", &mut || Ok(()))?,
+        "/a"
+    );
+    let empty = Schema::new();
+    let options = OpenOptions::new(Open::MustExist);
+    let error = PostgresStore::open(&empty.url, &options).err().unwrap();
+    assert!(
+        error.to_string().contains("holds no jobrun data"),
+        "{error:#}"
+    );
+    Ok(())
+}
+
+/// Runs a check of the store contract on new, empty schemas.
+fn check(contract: fn(contract::Fresh<'_>)) {
+    let schemas = std::cell::RefCell::new(Vec::new());
+    contract(&|| {
+        let schema = Schema::new();
+        let store = schema.open();
+        schemas.borrow_mut().push(schema);
+        Box::new(store)
+    });
+}
+
+#[test]
+fn contract_every_claim_gives_a_row_a_new_fence() {
+    check(contract::every_claim_gives_a_row_a_new_fence);
+}
+
+#[test]
+fn contract_an_outcome_under_an_earlier_claim_of_the_row_is_refused() {
+    check(contract::an_outcome_under_an_earlier_claim_of_the_row_is_refused);
+}
+
+#[test]
+fn contract_a_run_taken_for_dead_cannot_complete_what_another_claimed() {
+    check(contract::a_run_taken_for_dead_cannot_complete_what_another_claimed);
+}
+
+#[test]
+fn contract_an_import_says_what_became_of_each_url_in_order() {
+    check(contract::an_import_says_what_became_of_each_url_in_order);
+}
+
+#[test]
+fn contract_an_ended_run_gives_its_rows_back_and_says_how_it_ended() {
+    check(contract::an_ended_run_gives_its_rows_back_and_says_how_it_ended);
+}
+
+#[test]
+fn contract_failed_rows_go_back_with_a_fresh_budget() {
+    check(contract::failed_rows_go_back_with_a_fresh_budget);
+}
+
+#[test]
+fn contract_a_setting_keeps_its_first_value() {
+    check(contract::a_setting_keeps_its_first_value);
+}
