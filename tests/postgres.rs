@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::process::{Child, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -247,4 +247,60 @@ fn an_unreachable_server_is_said_plainly() {
     let err = stderr(&output);
     assert!(err.contains("cannot connect to PostgreSQL at"), "{err}");
     assert!(!err.contains("secret"), "{err}");
+}
+
+/// A run that another machine cannot see the process of (here: one in a
+/// PID namespace of its own) is judged by its heartbeat alone: killed, its
+/// URLs go to the other runs once its lease has run out.
+#[test]
+fn a_killed_run_on_another_machine_loses_its_urls_when_its_lease_runs_out() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: `unshare --pid` needs root");
+        return;
+    }
+    let job = PgJob::new();
+    let server = item_server(Duration::from_millis(200));
+    let urls = item_urls(&server, 40);
+    assert_success(&job.import(&urls), "import");
+    let run = job.job.command_on(&job.url);
+    let mut inside = Command::new("unshare");
+    inside
+        .args(["--pid", "--fork", "--mount-proc", "--"])
+        .arg(run.get_program())
+        .args(run.get_args())
+        .args(["run", "--workers", "10", "--out", "out", "--lease", "2s"])
+        .current_dir(job.job.dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (key, value) in run.get_envs() {
+        match value {
+            Some(value) => inside.env(key, value),
+            None => inside.env_remove(key),
+        };
+    }
+    let mut unshare = inside.spawn().expect("start unshare");
+    wait_for(Duration::from_secs(30), "the first requests", || {
+        server.hit_count() >= 5
+    });
+    // The run itself is unshare's child; killing unshare would leave it.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id()))
+        .expect("unshare's children");
+    for pid in children.split_whitespace() {
+        let pid: i32 = pid.parse().expect("a pid");
+        // SAFETY: kill with a pid we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    unshare.wait().expect("reap unshare");
+    let output = job.jobrun(&["run", "--workers", "10", "--out", "out", "--lease", "2s"]);
+    assert_success(&output, "run");
+    let err = stderr(&output);
+    assert!(
+        err.contains("nothing left to claim; waiting for run #1"),
+        "{err}"
+    );
+    assert!(err.contains("was cut short"), "{err}");
+    let report = job.report();
+    assert_eq!(report["done"], 40, "{report}");
+    job.assert_all_files_right(40);
 }
