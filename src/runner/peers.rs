@@ -21,7 +21,6 @@ use crate::store::Store;
 
 use super::durability::HEARTBEAT;
 
-
 pub struct Peers {
     me: RunStart,
     run: RunId,
