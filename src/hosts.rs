@@ -439,6 +439,7 @@ impl Throttle {
         // Over a second at least: a first burst does not count as a pace.
         let sustained = f64::from(window.answers - window.throttled)
             / (now - window.start).max(WINDOW).as_secs_f64();
+        let never_accepted = self.best_accepted == 0.0 && sustained == 0.0;
         if throttled && std::mem::take(&mut self.jumped) {
             // Half the old pace was too much: the server changed.
             self.best_accepted = sustained;
@@ -466,10 +467,20 @@ impl Throttle {
         }
         if throttled {
             self.healthy = 0;
+            let cut = if never_accepted {
+                // A host that has accepted nothing in this run gives no
+                // pace to cut towards: the mildest cut of the pace it was
+                // sent at, so that the trial, which a host refusing
+                // everything fails, costs its retries next to nothing.
+                let span = (now - window.start).max(Duration::from_millis(1));
+                let sent = f64::from(window.answers) / span.as_secs_f64();
+                self.rate.unwrap_or(sent) * SMALLEST_CUT
+            } else {
+                let current = self.rate.unwrap_or(answered);
+                (accepted * CUT_TO_ACCEPTED).clamp(current * DEEPEST_CUT, current * SMALLEST_CUT)
+            }
+            .max(MIN_RATE);
             let current = self.rate.unwrap_or(answered);
-            let cut = (accepted * CUT_TO_ACCEPTED)
-                .clamp(current * DEEPEST_CUT, current * SMALLEST_CUT)
-                .max(MIN_RATE);
             self.rate = Some(cut);
             self.trial = Some(Trial {
                 rate_before: self.rate_before_trial(current),
@@ -713,6 +724,28 @@ mod tests {
         );
         let (requests, _, _) = sim.run(2.0, 20, latency, |_| true);
         assert!(requests >= 1900, "{requests} requests in 2 s");
+    }
+
+    #[test]
+    fn a_host_that_never_accepted_a_request_is_cut_only_mildly() {
+        // 8 workers, 1 ms: 8,000 requests/s when nothing holds them back.
+        // The first second holds the whole trial of the first cut. Its
+        // pace is measured over the first few milliseconds, so it comes out
+        // low, but a cut to an eighth of it, as for a host that accepted
+        // some, would leave a few dozen requests in that second.
+        let latency = Duration::from_millis(1);
+        let (refused, _, _) = Sim::new().run(1.0, 8, latency, |_| true);
+        let (free, _, _) = Sim::new().run(1.0, 8, latency, |_| false);
+        assert!(
+            refused as f64 >= free as f64 * 0.25,
+            "{refused} requests refusing everything, {free} accepting everything"
+        );
+        // Once it has accepted some, refusing everything is cut as before.
+        let mut sim = Sim::new();
+        sim.run(2.0, 8, latency, |_| false);
+        sim.run(0.1, 8, latency, |_| true);
+        let cut = sim.throttle.rate().expect("a cut");
+        assert!(cut < 1000.0, "cut to {cut:.0}/s");
     }
 
     #[test]
