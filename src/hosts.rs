@@ -14,6 +14,14 @@
 //! dispatcher (src/runner/dispatch.rs) hands a worker the next job of a host
 //! that is ready now, so no worker ever waits for a host.
 //!
+//! A host's state lives while it has something to remember: requests in
+//! flight, a pause, a pace, or what adaptive throttling learnt. A host
+//! with none of these, unused for `KEEP_ALIVE`, is forgotten, so that a
+//! run over 10,000 hosts holds only those in use. Its connection is then
+//! gone too: a host called after that long, with nothing else in flight,
+//! has its connection closed after the answer instead of kept idle (see
+//! `keeps_connection`).
+//!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
 //! time per host.
@@ -25,6 +33,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::rate::Rate;
+
+/// How long a connection is kept open unused, and a host's state kept
+/// when there is nothing else to remember of it.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How often hosts with nothing to remember are looked for.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// The lowest rate adaptive throttling goes down to.
 const MIN_RATE: f64 = 0.5;
@@ -77,13 +91,20 @@ impl Default for Politeness {
 
 pub struct Hosts {
     politeness: Politeness,
-    hosts: Mutex<HashMap<String, HostState>>,
+    hosts: Mutex<Table>,
     /// Woken when a request to some host ends, which may free a slot.
     freed: Notify,
 }
 
+struct Table {
+    hosts: HashMap<String, HostState>,
+    swept: Instant,
+}
+
 struct HostState {
     in_flight: usize,
+    /// When its last request ended.
+    last_end: Option<Instant>,
     next_slot: Instant,
     paused_until: Option<Instant>,
     /// The Retry-After that was asked for, when it was longer than the cap.
@@ -124,8 +145,10 @@ pub struct HostPermit {
 
 impl Drop for HostPermit {
     fn drop(&mut self) {
-        self.hosts.with_host(&self.host, Instant::now(), |state| {
+        let now = Instant::now();
+        self.hosts.with_host(&self.host, now, |state| {
             state.in_flight = state.in_flight.saturating_sub(1);
+            state.last_end = Some(now);
         });
         self.hosts.freed.notify_one();
     }
@@ -147,22 +170,30 @@ impl Hosts {
     pub fn new(politeness: Politeness) -> Hosts {
         Hosts {
             politeness,
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(Table {
+                hosts: HashMap::new(),
+                swept: Instant::now(),
+            }),
             freed: Notify::new(),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, HostState>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn with_host<T>(&self, host: &str, now: Instant, f: impl FnOnce(&mut HostState) -> T) -> T {
-        let mut hosts = self.lock();
+        let mut table = self.lock();
+        if now >= table.swept + SWEEP {
+            table.forget_idle(now);
+        }
+        let hosts = &mut table.hosts;
         if let Some(state) = hosts.get_mut(host) {
             return f(state);
         }
         let mut state = HostState {
             in_flight: 0,
+            last_end: None,
             next_slot: now,
             paused_until: None,
             capped_from: None,
@@ -208,10 +239,32 @@ impl Hosts {
         })
     }
 
+    /// Whether the connection of a request to `host` about to be sent
+    /// should be kept open after it: not when nothing else is in flight to
+    /// the host and it was not called within `KEEP_ALIVE` (a list that
+    /// visits thousands of hosts in turn comes back after that long, to a
+    /// connection closed meanwhile anyway).
+    pub fn keeps_connection(&self, host: &str) -> bool {
+        let now = Instant::now();
+        self.lock().hosts.get(host).is_some_and(|state| {
+            state.in_flight > 1
+                || state
+                    .last_end
+                    .is_some_and(|end| now.saturating_duration_since(end) <= KEEP_ALIVE)
+        })
+    }
+
+    /// How many hosts have state now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().hosts.len()
+    }
+
     /// Requests per second allowed to `host` now; None for no limit.
     pub fn rate_of(&self, host: &str) -> Option<f64> {
         let ceiling = self.ceiling();
         self.lock()
+            .hosts
             .get(host)
             .map_or(ceiling, |state| state.rate(ceiling))
     }
@@ -221,6 +274,7 @@ impl Hosts {
     pub fn blocked_beyond(&self, after: Instant) -> Vec<String> {
         let ceiling = self.ceiling();
         self.lock()
+            .hosts
             .iter()
             .filter(|(_, state)| {
                 let paused = state.paused_until.is_some_and(|until| until > after);
@@ -272,6 +326,7 @@ impl Hosts {
         let ceiling = self.ceiling();
         let mut views: Vec<HostView> = self
             .lock()
+            .hosts
             .iter()
             .filter_map(|(host, state)| {
                 let paused_for = state.paused_until.filter(|&t| t > now).map(|t| t - now);
@@ -290,6 +345,28 @@ impl Hosts {
             .collect();
         views.sort_by(|a, b| a.host.cmp(&b.host));
         views
+    }
+}
+
+impl Table {
+    /// Drops the hosts that have nothing to remember: nothing in flight,
+    /// no pause or pace still running, nothing learnt by adaptive
+    /// throttling, and no request for `KEEP_ALIVE`.
+    fn forget_idle(&mut self, now: Instant) {
+        self.swept = now;
+        self.hosts.retain(|_, state| {
+            let idle = state.in_flight == 0
+                && state
+                    .last_end
+                    .is_some_and(|end| now.saturating_duration_since(end) > KEEP_ALIVE);
+            let waiting =
+                state.paused_until.is_some_and(|until| until > now) || state.next_slot > now;
+            !idle || waiting || !state.throttle.is_pristine()
+        });
+        // A map that once held many hosts keeps its room until shrunk.
+        if self.hosts.capacity() > 4 * self.hosts.len() + 64 {
+            self.hosts.shrink_to_fit();
+        }
     }
 }
 
@@ -395,6 +472,12 @@ impl Throttle {
     /// Requests per second allowed now; None for no limit.
     pub fn rate(&self) -> Option<f64> {
         self.rate
+    }
+
+    /// Whether there is nothing to remember: no rate, no trial, no
+    /// capacity or noise learnt.
+    fn is_pristine(&self) -> bool {
+        self.rate.is_none() && self.trial.is_none() && self.capacity.is_none() && self.noise == 0.0
     }
 
     /// Counts one answer to a request sent at `sent_at`.
@@ -820,6 +903,38 @@ mod tests {
             hosts.answered("h", now, Answer::Throttled);
         }
         assert!(hosts.restrained().is_empty());
+    }
+
+    #[test]
+    fn hosts_with_nothing_to_remember_are_forgotten_after_keep_alive() {
+        let hosts = Arc::new(Hosts::new(Politeness {
+            adaptive: true,
+            ..Default::default()
+        }));
+        let start = Instant::now();
+        drop(hosts.try_acquire("done").expect("a permit"));
+        assert!(hosts.keeps_connection("done"), "just used");
+        drop(hosts.try_acquire("paused").expect("a permit"));
+        hosts.pause("paused", start + Duration::from_secs(60), None);
+        drop(hosts.try_acquire("cut").expect("a permit"));
+        for _ in 0..10 {
+            hosts.answered("cut", Instant::now(), Answer::Throttled);
+        }
+        let busy = hosts.try_acquire("busy").expect("a permit");
+        assert_eq!(hosts.len(), 4);
+        let later = Instant::now() + KEEP_ALIVE + Duration::from_millis(1);
+        hosts.lock().forget_idle(later);
+        assert_eq!(hosts.len(), 3, "the host with nothing to remember is gone");
+        assert!(
+            !hosts.keeps_connection("done"),
+            "its connection is not kept"
+        );
+        assert!(hosts.rate_of("cut").is_some(), "a cut is remembered");
+        assert!(
+            hosts.try_acquire("paused").is_err(),
+            "a pause is remembered"
+        );
+        drop(busy);
     }
 
     #[test]
