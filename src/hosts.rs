@@ -39,6 +39,11 @@ use crate::rate::Rate;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// How often hosts with nothing to remember are looked for.
 const SWEEP: Duration = Duration::from_secs(1);
+/// The most connections kept open unused for a host's next request: at
+/// about 25 KB each, 25 MB. A run that visits more hosts than this within
+/// the keep-alive closes the connection of a host with nothing else in
+/// flight after its answer.
+pub const MOST_KEPT: usize = 1024;
 
 /// The lowest rate adaptive throttling goes down to.
 const MIN_RATE: f64 = 0.5;
@@ -99,12 +104,17 @@ pub struct Hosts {
 struct Table {
     hosts: HashMap<String, HostState>,
     swept: Instant,
+    /// Connections kept open unused, as counted at the last sweep, plus
+    /// those kept since.
+    kept: usize,
 }
 
 struct HostState {
     in_flight: usize,
     /// When its last request ended.
     last_end: Option<Instant>,
+    /// Whether its last request kept its connection open.
+    kept_open: bool,
     next_slot: Instant,
     paused_until: Option<Instant>,
     /// The Retry-After that was asked for, when it was longer than the cap.
@@ -173,6 +183,7 @@ impl Hosts {
             hosts: Mutex::new(Table {
                 hosts: HashMap::new(),
                 swept: Instant::now(),
+                kept: 0,
             }),
             freed: Notify::new(),
         }
@@ -194,6 +205,7 @@ impl Hosts {
         let mut state = HostState {
             in_flight: 0,
             last_end: None,
+            kept_open: false,
             next_slot: now,
             paused_until: None,
             capped_from: None,
@@ -240,18 +252,27 @@ impl Hosts {
     }
 
     /// Whether the connection of a request to `host` about to be sent
-    /// should be kept open after it: not when nothing else is in flight to
-    /// the host and it was not called within `KEEP_ALIVE` (a list that
-    /// visits thousands of hosts in turn comes back after that long, to a
-    /// connection closed meanwhile anyway).
+    /// should be kept open after it. Not when nothing else is in flight to
+    /// the host and either it was not called within `KEEP_ALIVE` (a list
+    /// that visits thousands of hosts in turn comes back after that long,
+    /// to a connection closed meanwhile anyway) or `MOST_KEPT` connections
+    /// are kept already.
     pub fn keeps_connection(&self, host: &str) -> bool {
         let now = Instant::now();
-        self.lock().hosts.get(host).is_some_and(|state| {
-            state.in_flight > 1
-                || state
-                    .last_end
-                    .is_some_and(|end| now.saturating_duration_since(end) <= KEEP_ALIVE)
-        })
+        let mut table = self.lock();
+        let room = table.kept < MOST_KEPT;
+        let Some(state) = table.hosts.get_mut(host) else {
+            return false;
+        };
+        let recent = state
+            .last_end
+            .is_some_and(|end| now.saturating_duration_since(end) <= KEEP_ALIVE);
+        let keep = state.in_flight > 1 || (recent && room);
+        state.kept_open = keep;
+        if keep {
+            table.kept += 1;
+        }
+        keep
     }
 
     /// How many hosts have state now.
@@ -354,11 +375,16 @@ impl Table {
     /// throttling, and no request for `KEEP_ALIVE`.
     fn forget_idle(&mut self, now: Instant) {
         self.swept = now;
+        self.kept = 0;
         self.hosts.retain(|_, state| {
-            let idle = state.in_flight == 0
-                && state
-                    .last_end
-                    .is_some_and(|end| now.saturating_duration_since(end) > KEEP_ALIVE);
+            let unused_for = state.last_end.map(|end| now.saturating_duration_since(end));
+            if state.kept_open
+                && state.in_flight == 0
+                && unused_for.is_some_and(|t| t <= KEEP_ALIVE)
+            {
+                self.kept += 1;
+            }
+            let idle = state.in_flight == 0 && unused_for.is_some_and(|t| t > KEEP_ALIVE);
             let waiting =
                 state.paused_until.is_some_and(|until| until > now) || state.next_slot > now;
             !idle || waiting || !state.throttle.is_pristine()
@@ -496,7 +522,13 @@ impl Throttle {
             && (window.answers >= WINDOW_ANSWERS
                 || window.throttled == 0
                 || elapsed >= LONGEST_WINDOW);
-        if overloaded || full {
+        // A host that has accepted nothing, and refused everything again
+        // after the cut: its trial has failed, and need not go on.
+        let futile = self.trial.is_some()
+            && self.best_accepted == 0.0
+            && window.answers >= WINDOW_ANSWERS / 2
+            && window.throttled == window.answers;
+        if overloaded || full || futile {
             self.close_window(now);
         }
     }
@@ -553,8 +585,8 @@ impl Throttle {
             let cut = if never_accepted {
                 // A host that has accepted nothing in this run gives no
                 // pace to cut towards: the mildest cut of the pace it was
-                // sent at, so that the trial, which a host refusing
-                // everything fails, costs its retries next to nothing.
+                // sent at, and a trial that ends once refusing everything
+                // goes on, so that it costs its retries next to nothing.
                 let span = (now - window.start).max(Duration::from_millis(1));
                 let sent = f64::from(window.answers) / span.as_secs_f64();
                 self.rate.unwrap_or(sent) * SMALLEST_CUT
@@ -935,6 +967,22 @@ mod tests {
             "a pause is remembered"
         );
         drop(busy);
+    }
+
+    #[test]
+    fn at_most_most_kept_connections_are_kept_unused() {
+        let hosts = Arc::new(Hosts::new(Politeness::default()));
+        let names: Vec<String> = (0..MOST_KEPT + 100).map(|i| format!("h{i}")).collect();
+        for name in &names {
+            drop(hosts.try_acquire(name).expect("a permit"));
+        }
+        let mut kept = 0;
+        for name in &names {
+            let permit = hosts.try_acquire(name).expect("a permit");
+            kept += usize::from(hosts.keeps_connection(name));
+            drop(permit);
+        }
+        assert_eq!(kept, MOST_KEPT, "hosts called again within the keep-alive");
     }
 
     #[test]
