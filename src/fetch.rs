@@ -5,7 +5,6 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -216,34 +215,6 @@ enum Fetched {
 /// full, folder gone), not of the URL, so the run stops.
 #[derive(Debug)]
 pub struct LocalError(pub anyhow::Error);
-
-/// Creates a temp file on the blocking pool, not on the runtime's thread:
-/// on a busy disk a create can take milliseconds, and every request the
-/// thread drives would wait for it.
-async fn create_apart(temp: &TempFile) -> std::io::Result<std::fs::File> {
-    /// Set when the attempt is cut off (a stop) before the create is
-    /// awaited: the file is removed again, as the run's cleanup may have
-    /// looked already.
-    struct Abandoned(Arc<AtomicBool>);
-    impl Drop for Abandoned {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
-        }
-    }
-    let abandoned = Abandoned(Arc::default());
-    let flag = abandoned.0.clone();
-    let temp = temp.clone();
-    let created = tokio::task::spawn_blocking(move || {
-        let file = temp.create();
-        if flag.load(Ordering::SeqCst) {
-            temp.remove();
-        }
-        file
-    })
-    .await;
-    drop(abandoned);
-    created.unwrap_or_else(|e| Err(std::io::Error::other(e)))
-}
 
 impl Fetcher {
     pub fn new(options: FetchOptions) -> anyhow::Result<Fetcher> {
@@ -458,7 +429,7 @@ impl Fetcher {
             return Err(FetchError::UnaskedPartial.into());
         }
         self.check_size(response.content_length().unwrap_or(0))?;
-        let mut file = create_apart(temp).await.map_err(|e| {
+        let mut file = temp.create().map_err(|e| {
             Fetch::Local(LocalError(local_write_error(
                 e,
                 "cannot create",

@@ -268,8 +268,9 @@ impl Hosts {
             .last_end
             .is_some_and(|end| now.saturating_duration_since(end) <= KEEP_ALIVE);
         let keep = state.in_flight > 1 || (recent && room);
+        let newly = keep && !state.kept_open;
         state.kept_open = keep;
-        if keep {
+        if newly {
             table.kept += 1;
         }
         keep
