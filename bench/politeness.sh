@@ -11,6 +11,8 @@
 #   first   every item's first request 429 with Retry-After: 2; 60 URLs, 20 workers: time,
 #           and the shortest gap between an item's two requests
 #   always  every request 503 with Retry-After: 1; 100 URLs, --max-attempts 3: time, exit code
+#   refused every request 429 without Retry-After; 60 URLs, 8 workers, 4 attempts: time with
+#           and without --no-adaptive (alternating, ROUNDS times, medians)
 #   paused  ten hosts of 1,000 URLs each, interleaved; one answers every request 429 with
 #           Retry-After: 30: when the other 9,000 are done, against a run without that host
 #   hosts   100 hosts, --per-host-workers 1, 50 workers, 50 ms latency, 5,000 URLs: URLs/s
@@ -182,6 +184,30 @@ always() {
     local failed
     failed=$("$JOBRUN" --db "$DIR/always/jobrun.db" report --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["failed"])')
     echo "always: 100 URLs in $((end - start))ms, exit $code, $failed failed"
+}
+
+refused() {
+    # A bucket that never holds a token: 429 without Retry-After, always.
+    local round mode results=()
+    for round in $(seq "${ROUNDS:-3}"); do
+        for mode in adaptive no-adaptive; do
+            serve refused --bucket 0:0
+            urls "$(cat "$DIR/refused.url")" 60 > "$DIR/refused.txt"
+            job refused
+            local flags=(--workers 8 --max-attempts 4 --backoff-base 10ms --backoff-max 20ms)
+            [ "$mode" = no-adaptive ] && flags+=(--no-adaptive)
+            local start end
+            start=$(now_ms)
+            timeout -s INT "$LIMIT" "$JOBRUN" -q --db "$DIR/refused/jobrun.db" run "${flags[@]}" || true
+            end=$(now_ms)
+            stop_servers
+            echo "refused, round $round ($mode): 60 URLs in $((end - start))ms"
+            results+=("$mode $((end - start))")
+        done
+    done
+    for mode in adaptive no-adaptive; do
+        echo "refused ($mode): median $(printf '%s\n' "${results[@]}" | awk -v m="$mode" '$1 == m { print $2 }' | median)ms"
+    done
 }
 
 # paused_run NAME: runs the list, stops it once the 9 free hosts' 9,000 URLs were

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
 use reqwest::header::{
-    ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, LOCATION, RANGE,
-    RETRY_AFTER,
+    CONNECTION, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+    LOCATION, RANGE, RETRY_AFTER,
 };
 use reqwest::redirect;
 use reqwest::{Client, StatusCode, Url};
@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::clock::unix_ms;
 use crate::domain::{Claim, Completion, Validators};
-use crate::hosts::{Answer, Hosts, Politeness};
+use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness};
 use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
@@ -33,8 +33,6 @@ const MAX_VALIDATOR: usize = 1024;
 
 /// How much of an error response is read, so the connection can be reused.
 const ERROR_BODY_DRAIN: usize = 64 * 1024;
-/// How long an unused connection stays open for a host's next request.
-const POOL_IDLE: Duration = Duration::from_secs(5);
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
@@ -250,7 +248,7 @@ impl Fetcher {
             // kept idle for reqwest's default 90 s add up to one socket and
             // its buffers per host; a few seconds still covers a host's next
             // URL and its first retries.
-            .pool_idle_timeout(POOL_IDLE)
+            .pool_idle_timeout(KEEP_ALIVE)
             .tcp_nodelay(true)
             .redirect(redirect_policy(options.max_redirects))
             // A Referer would hand the URL, query keys included, to whatever
@@ -362,6 +360,11 @@ impl Fetcher {
         }
         if let Some(limiter) = &self.limiter {
             limiter.until_ready().await;
+        }
+        if !self.hosts.keeps_connection(host) {
+            // Over thousands of hosts visited in turn, each idle connection
+            // would wait out its timeout unused, with its buffers.
+            request = request.header(CONNECTION, "close");
         }
         let started = Instant::now();
         *sent_at = Some(started);

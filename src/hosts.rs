@@ -14,6 +14,14 @@
 //! dispatcher (src/runner/dispatch.rs) hands a worker the next job of a host
 //! that is ready now, so no worker ever waits for a host.
 //!
+//! A host's state lives while it has something to remember: requests in
+//! flight, a pause, a pace, or what adaptive throttling learnt. A host
+//! with none of these, unused for `KEEP_ALIVE`, is forgotten, so that a
+//! run over 10,000 hosts holds only those in use. Its connection is then
+//! gone too: a host called after that long, with nothing else in flight,
+//! has its connection closed after the answer instead of kept idle (see
+//! `keeps_connection`).
+//!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
 //! time per host.
@@ -25,6 +33,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::rate::Rate;
+
+/// How long a connection is kept open unused, and a host's state kept
+/// when there is nothing else to remember of it.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How often hosts with nothing to remember are looked for.
+const SWEEP: Duration = Duration::from_secs(1);
+/// The most connections kept open unused for a host's next request: at
+/// about 25 KB each, 25 MB. A run that visits more hosts than this within
+/// the keep-alive closes the connection of a host with nothing else in
+/// flight after its answer.
+pub const MOST_KEPT: usize = 1024;
 
 /// The lowest rate adaptive throttling goes down to.
 const MIN_RATE: f64 = 0.5;
@@ -80,13 +99,25 @@ pub struct Hosts {
     /// How many runs share the per-host limits: on a queue shared by
     /// several machines each run takes its part of them.
     share: std::sync::atomic::AtomicUsize,
-    hosts: Mutex<HashMap<String, HostState>>,
+    hosts: Mutex<Table>,
     /// Woken when a request to some host ends, which may free a slot.
     freed: Notify,
 }
 
+struct Table {
+    hosts: HashMap<String, HostState>,
+    swept: Instant,
+    /// Connections kept open unused, as counted at the last sweep, plus
+    /// those kept since.
+    kept: usize,
+}
+
 struct HostState {
     in_flight: usize,
+    /// When its last request ended.
+    last_end: Option<Instant>,
+    /// Whether its last request kept its connection open.
+    kept_open: bool,
     next_slot: Instant,
     paused_until: Option<Instant>,
     /// The Retry-After that was asked for, when it was longer than the cap.
@@ -127,8 +158,10 @@ pub struct HostPermit {
 
 impl Drop for HostPermit {
     fn drop(&mut self) {
-        self.hosts.with_host(&self.host, Instant::now(), |state| {
+        let now = Instant::now();
+        self.hosts.with_host(&self.host, now, |state| {
             state.in_flight = state.in_flight.saturating_sub(1);
+            state.last_end = Some(now);
         });
         self.hosts.freed.notify_one();
     }
@@ -151,7 +184,11 @@ impl Hosts {
         Hosts {
             politeness,
             share: std::sync::atomic::AtomicUsize::new(1),
-            hosts: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(Table {
+                hosts: HashMap::new(),
+                swept: Instant::now(),
+                kept: 0,
+            }),
             freed: Notify::new(),
         }
     }
@@ -167,17 +204,23 @@ impl Hosts {
         self.share.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, HostState>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.hosts.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn with_host<T>(&self, host: &str, now: Instant, f: impl FnOnce(&mut HostState) -> T) -> T {
-        let mut hosts = self.lock();
+        let mut table = self.lock();
+        if now >= table.swept + SWEEP {
+            table.forget_idle(now);
+        }
+        let hosts = &mut table.hosts;
         if let Some(state) = hosts.get_mut(host) {
             return f(state);
         }
         let mut state = HostState {
             in_flight: 0,
+            last_end: None,
+            kept_open: false,
             next_slot: now,
             paused_until: None,
             capped_from: None,
@@ -227,10 +270,42 @@ impl Hosts {
         })
     }
 
+    /// Whether the connection of a request to `host` about to be sent
+    /// should be kept open after it. Not when nothing else is in flight to
+    /// the host and either it was not called within `KEEP_ALIVE` (a list
+    /// that visits thousands of hosts in turn comes back after that long,
+    /// to a connection closed meanwhile anyway) or `MOST_KEPT` connections
+    /// are kept already.
+    pub fn keeps_connection(&self, host: &str) -> bool {
+        let now = Instant::now();
+        let mut table = self.lock();
+        let room = table.kept < MOST_KEPT;
+        let Some(state) = table.hosts.get_mut(host) else {
+            return false;
+        };
+        let recent = state
+            .last_end
+            .is_some_and(|end| now.saturating_duration_since(end) <= KEEP_ALIVE);
+        let keep = state.in_flight > 1 || (recent && room);
+        let newly = keep && !state.kept_open;
+        state.kept_open = keep;
+        if newly {
+            table.kept += 1;
+        }
+        keep
+    }
+
+    /// How many hosts have state now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().hosts.len()
+    }
+
     /// Requests per second allowed to `host` now; None for no limit.
     pub fn rate_of(&self, host: &str) -> Option<f64> {
         let ceiling = self.ceiling();
         self.lock()
+            .hosts
             .get(host)
             .map_or(ceiling, |state| state.rate(ceiling))
     }
@@ -240,6 +315,7 @@ impl Hosts {
     pub fn blocked_beyond(&self, after: Instant) -> Vec<String> {
         let ceiling = self.ceiling();
         self.lock()
+            .hosts
             .iter()
             .filter(|(_, state)| {
                 let paused = state.paused_until.is_some_and(|until| until > after);
@@ -294,6 +370,7 @@ impl Hosts {
         let ceiling = self.ceiling();
         let mut views: Vec<HostView> = self
             .lock()
+            .hosts
             .iter()
             .filter_map(|(host, state)| {
                 let paused_for = state.paused_until.filter(|&t| t > now).map(|t| t - now);
@@ -312,6 +389,33 @@ impl Hosts {
             .collect();
         views.sort_by(|a, b| a.host.cmp(&b.host));
         views
+    }
+}
+
+impl Table {
+    /// Drops the hosts that have nothing to remember: nothing in flight,
+    /// no pause or pace still running, nothing learnt by adaptive
+    /// throttling, and no request for `KEEP_ALIVE`.
+    fn forget_idle(&mut self, now: Instant) {
+        self.swept = now;
+        self.kept = 0;
+        self.hosts.retain(|_, state| {
+            let unused_for = state.last_end.map(|end| now.saturating_duration_since(end));
+            if state.kept_open
+                && state.in_flight == 0
+                && unused_for.is_some_and(|t| t <= KEEP_ALIVE)
+            {
+                self.kept += 1;
+            }
+            let idle = state.in_flight == 0 && unused_for.is_some_and(|t| t > KEEP_ALIVE);
+            let waiting =
+                state.paused_until.is_some_and(|until| until > now) || state.next_slot > now;
+            !idle || waiting || !state.throttle.is_pristine()
+        });
+        // A map that once held many hosts keeps its room until shrunk.
+        if self.hosts.capacity() > 4 * self.hosts.len() + 64 {
+            self.hosts.shrink_to_fit();
+        }
     }
 }
 
@@ -419,6 +523,12 @@ impl Throttle {
         self.rate
     }
 
+    /// Whether there is nothing to remember: no rate, no trial, no
+    /// capacity or noise learnt.
+    fn is_pristine(&self) -> bool {
+        self.rate.is_none() && self.trial.is_none() && self.capacity.is_none() && self.noise == 0.0
+    }
+
     /// Counts one answer to a request sent at `sent_at`.
     pub fn answered(&mut self, now: Instant, sent_at: Instant, throttled: bool) {
         if sent_at < self.window.start {
@@ -435,7 +545,13 @@ impl Throttle {
             && (window.answers >= WINDOW_ANSWERS
                 || window.throttled == 0
                 || elapsed >= LONGEST_WINDOW);
-        if overloaded || full {
+        // A host that has accepted nothing, and refused everything again
+        // after the cut: its trial has failed, and need not go on.
+        let futile = self.trial.is_some()
+            && self.best_accepted == 0.0
+            && window.answers >= WINDOW_ANSWERS / 2
+            && window.throttled == window.answers;
+        if overloaded || full || futile {
             self.close_window(now);
         }
     }
@@ -461,6 +577,7 @@ impl Throttle {
         // Over a second at least: a first burst does not count as a pace.
         let sustained = f64::from(window.answers - window.throttled)
             / (now - window.start).max(WINDOW).as_secs_f64();
+        let never_accepted = self.best_accepted == 0.0 && sustained == 0.0;
         if throttled && std::mem::take(&mut self.jumped) {
             // Half the old pace was too much: the server changed.
             self.best_accepted = sustained;
@@ -488,13 +605,25 @@ impl Throttle {
         }
         if throttled {
             self.healthy = 0;
-            let current = self.rate.unwrap_or(answered);
-            let cut = (accepted * CUT_TO_ACCEPTED)
-                .clamp(current * DEEPEST_CUT, current * SMALLEST_CUT)
-                .max(MIN_RATE);
+            let cut = if never_accepted {
+                // A host that has accepted nothing in this run gives no
+                // pace to cut towards: the mildest cut of the pace it was
+                // sent at, and a trial that ends once refusing everything
+                // goes on, so that it costs its retries next to nothing.
+                let span = (now - window.start).max(Duration::from_millis(1));
+                let sent = f64::from(window.answers) / span.as_secs_f64();
+                self.rate.unwrap_or(sent) * SMALLEST_CUT
+            } else {
+                let current = self.rate.unwrap_or(answered);
+                (accepted * CUT_TO_ACCEPTED).clamp(current * DEEPEST_CUT, current * SMALLEST_CUT)
+            }
+            .max(MIN_RATE);
+            // Taken before the cut: a rejected trial goes back to no limit
+            // when there was none, not to the pace measured in the window.
+            let rate_before = self.rate_before_trial(self.rate.unwrap_or(answered));
             self.rate = Some(cut);
             self.trial = Some(Trial {
-                rate_before: self.rate_before_trial(current),
+                rate_before,
                 before: window,
                 accepted,
             });
@@ -738,6 +867,28 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_never_accepted_a_request_is_sent_nearly_as_many() {
+        // 8 workers, 1 ms: 8,000 requests/s when nothing holds them back.
+        // The first second holds the whole trial of the first cut, and
+        // what follows it: a cut to an eighth of the pace, as for a host
+        // that accepted some, left 29 requests in it, and a rejected trial
+        // went back to a limit instead of none.
+        let latency = Duration::from_millis(1);
+        let (refused, _, _) = Sim::new().run(1.0, 8, latency, |_| true);
+        let (free, _, _) = Sim::new().run(1.0, 8, latency, |_| false);
+        assert!(
+            refused as f64 >= free as f64 * 0.9,
+            "{refused} requests refusing everything, {free} accepting everything"
+        );
+        // Once it has accepted some, refusing everything is cut as before.
+        let mut sim = Sim::new();
+        sim.run(2.0, 8, latency, |_| false);
+        sim.run(0.1, 8, latency, |_| true);
+        let cut = sim.throttle.rate().expect("a cut");
+        assert!(cut < 1000.0, "cut to {cut:.0}/s");
+    }
+
+    #[test]
     fn a_cut_that_does_not_help_is_undone() {
         let start = Instant::now();
         let mut throttle = Throttle::new(start);
@@ -809,6 +960,54 @@ mod tests {
             hosts.answered("h", now, Answer::Throttled);
         }
         assert!(hosts.restrained().is_empty());
+    }
+
+    #[test]
+    fn hosts_with_nothing_to_remember_are_forgotten_after_keep_alive() {
+        let hosts = Arc::new(Hosts::new(Politeness {
+            adaptive: true,
+            ..Default::default()
+        }));
+        let start = Instant::now();
+        drop(hosts.try_acquire("done").expect("a permit"));
+        assert!(hosts.keeps_connection("done"), "just used");
+        drop(hosts.try_acquire("paused").expect("a permit"));
+        hosts.pause("paused", start + Duration::from_secs(60), None);
+        drop(hosts.try_acquire("cut").expect("a permit"));
+        for _ in 0..10 {
+            hosts.answered("cut", Instant::now(), Answer::Throttled);
+        }
+        let busy = hosts.try_acquire("busy").expect("a permit");
+        assert_eq!(hosts.len(), 4);
+        let later = Instant::now() + KEEP_ALIVE + Duration::from_millis(1);
+        hosts.lock().forget_idle(later);
+        assert_eq!(hosts.len(), 3, "the host with nothing to remember is gone");
+        assert!(
+            !hosts.keeps_connection("done"),
+            "its connection is not kept"
+        );
+        assert!(hosts.rate_of("cut").is_some(), "a cut is remembered");
+        assert!(
+            hosts.try_acquire("paused").is_err(),
+            "a pause is remembered"
+        );
+        drop(busy);
+    }
+
+    #[test]
+    fn at_most_most_kept_connections_are_kept_unused() {
+        let hosts = Arc::new(Hosts::new(Politeness::default()));
+        let names: Vec<String> = (0..MOST_KEPT + 100).map(|i| format!("h{i}")).collect();
+        for name in &names {
+            drop(hosts.try_acquire(name).expect("a permit"));
+        }
+        let mut kept = 0;
+        for name in &names {
+            let permit = hosts.try_acquire(name).expect("a permit");
+            kept += usize::from(hosts.keeps_connection(name));
+            drop(permit);
+        }
+        assert_eq!(kept, MOST_KEPT, "hosts called again within the keep-alive");
     }
 
     #[test]

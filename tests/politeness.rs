@@ -346,3 +346,42 @@ fn a_host_that_answers_every_request_429_is_not_held_slower_than_without_adaptiv
         "four attempts of each URL, in both runs"
     );
 }
+
+#[test]
+fn a_host_called_once_has_its_connection_closed_not_kept_idle() {
+    // Over thousands of hosts in turn, a host is called again long after
+    // its idle connection would have timed out: keeping it only holds a
+    // socket and its buffers. A host with more URLs keeps its connection.
+    let once: Vec<Server> = (2..12)
+        .map(|i| item_server_on(&format!("127.0.0.{i}:0"), Duration::ZERO, |_, _| None))
+        .collect();
+    let busy = item_server_on("127.0.0.1:0", Duration::from_millis(2), |_, _| None);
+    let mut urls: Vec<String> = once.iter().map(|s| s.url("/items/0.json")).collect();
+    urls.extend(item_urls(&busy, 40));
+    let job = Job::new();
+    job.import(&urls);
+    assert_success(&job.run(&["--workers", "4"]), "run");
+    let closes = |hit: &server::Hit| {
+        hit.headers
+            .iter()
+            .any(|(n, v)| n.eq_ignore_ascii_case("connection") && v.eq_ignore_ascii_case("close"))
+    };
+    for server in &once {
+        let hits = server.hits();
+        assert_eq!(hits.len(), 1, "{}", server.url(""));
+        assert!(
+            closes(&hits[0]),
+            "{}: a host called once kept its connection open: {:?}",
+            server.url(""),
+            hits[0].headers
+        );
+    }
+    let hits = busy.hits();
+    assert_eq!(hits.len(), 40);
+    let closing = hits.iter().filter(|hit| closes(hit)).count();
+    assert!(
+        closing <= 1,
+        "{closing} of the busy host's 40 requests closed their connection"
+    );
+    assert_eq!(job.report_json()["done"], urls.len());
+}
