@@ -16,6 +16,7 @@ mod format;
 mod hosts;
 pub mod log;
 mod metrics;
+mod out_dir;
 mod output;
 mod process;
 mod progress;

@@ -6,14 +6,14 @@ use std::io::{self, BufWriter, Write};
 use anyhow::Result;
 
 use crate::cli::{ExportArgs, ExportFormat};
-use crate::commands::run::out_dir_of;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::domain::ExportRow;
-use crate::store::Open;
+use crate::out_dir;
+use crate::store::{Database, Open};
 
 pub fn run(db: &Database, args: ExportArgs) -> Result<Status> {
     let store = db.open(Open::ReadOnly)?;
-    let out_dir = out_dir_of(&*store, db)?;
+    let out_dir = out_dir::recorded_or_default(&*store, db)?;
     let stdout = io::stdout().lock();
     match args.format {
         ExportFormat::Jsonl => {

@@ -19,11 +19,11 @@ use uuid::Builder;
 
 use crate::cli::{ImportArgs, ImportFormat};
 use crate::clock::unix_ms;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::domain::{InsertResult, NewUrl};
 use crate::format::thousands;
 use crate::request::RequestSpec;
-use crate::store::{Open, Store};
+use crate::store::{Database, Open, Store};
 use crate::urlfile::{self, Entry, Format, Line};
 
 /// URLs per transaction: big enough to be fast, small enough that a run

@@ -12,9 +12,7 @@ mod run;
 mod verify;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::CommandFactory;
@@ -23,7 +21,7 @@ use crate::cli::{Cli, Command};
 use crate::log::LogFormat;
 use crate::progress::Display;
 use crate::runner::StopSignal;
-use crate::store::{self, Location, Open, OpenOptions, Store};
+use crate::store::Database;
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,46 +54,10 @@ impl From<Status> for ExitCode {
     }
 }
 
-/// The state database as `--db` names it, and how long to wait for its
-/// lock: what every command needs to open it.
-pub struct Database {
-    /// As given, for messages and for commands to run next.
-    pub path: PathBuf,
-    pub location: Location,
-    lock_wait: Duration,
-}
-
-impl Database {
-    pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
-        self.open_for_runs(mode, None)
-    }
-
-    /// Opens it for runs that hold `lease` (PostgreSQL): how long a run's
-    /// heartbeat may be silent before other runs take its URLs.
-    pub fn open_for_runs(&self, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
-        let options = OpenOptions {
-            lock_wait: self.lock_wait,
-            lease,
-            ..OpenOptions::new(mode)
-        };
-        store::open(&self.location, &options)
-    }
-
-    /// `--db` for messages, any password in a URL hidden.
-    pub fn shown(&self) -> String {
-        crate::redact::redact_url(&self.path.display().to_string()).into_owned()
-    }
-}
-
 /// Runs the command; `stop` is what stops a run (`run`, `refresh`).
 pub fn dispatch(cli: Cli, stop: StopSignal) -> Result<Status> {
     let display = progress_display(&cli);
-    let db = Database {
-        location: Location::parse(&cli.db),
-        path: cli.db,
-        lock_wait: cli.lock_wait,
-    };
-    let db = &db;
+    let db = &Database::new(cli.db, cli.lock_wait);
     match cli.command {
         Command::Import(args) => import::run(db, args),
         Command::Run(args) => {

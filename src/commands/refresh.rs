@@ -5,12 +5,12 @@ use anyhow::Result;
 
 use crate::cli::RefreshArgs;
 use crate::clock::now_ms;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::domain::{RefreshRound, RunEnd, Work};
 use crate::format::thousands;
 use crate::progress::Display;
 use crate::runner::{self, StopSignal};
-use crate::store::Open;
+use crate::store::{Database, Open};
 
 use super::run::prepare;
 

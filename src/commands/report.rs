@@ -12,13 +12,13 @@ use serde::Serialize;
 
 use crate::cli::ReportArgs;
 use crate::clock::now_ms;
-use crate::commands::run::OUT_DIR_KEY;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::domain::{JobState, RefreshCounts, RunInfo, RunOutcome, RunStart, Summary};
 use crate::format::{human_bytes, thousands};
+use crate::out_dir;
 use crate::process;
 use crate::redact::redact_url;
-use crate::store::{Open, Store};
+use crate::store::{Database, Open, Store};
 
 /// How many distinct errors the report lists.
 const TOP_ERRORS: usize = 10;
@@ -79,7 +79,7 @@ pub fn run(db: &Database, args: ReportArgs) -> Result<Status> {
         .collect();
     let report = Report {
         database: PathBuf::from(db.shown()),
-        out_dir: store.setting(OUT_DIR_KEY)?.map(PathBuf::from),
+        out_dir: out_dir::recorded(&*store, db)?,
         summary,
         refresh: store.refresh_counts()?,
         last_run: runs.first().cloned(),

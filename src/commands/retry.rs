@@ -4,9 +4,9 @@
 use anyhow::Result;
 
 use crate::cli::RetryArgs;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::format::thousands;
-use crate::store::Open;
+use crate::store::{Database, Open};
 
 pub fn run(db: &Database, args: RetryArgs) -> Result<Status> {
     let mut store = db.open(Open::MustExist)?;

@@ -1,27 +1,24 @@
 //! `jobrun run`: turns the options into a run plan, settles the output
 //! folder, runs, and sums up.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::domain::{RunEnd, Work};
 use crate::fetch::FetchOptions;
 use crate::format::{human_bytes, thousands};
 use crate::hosts::Politeness;
 use crate::metrics;
-use crate::output;
+use crate::out_dir;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan, StopSignal};
-use crate::store::{Location, Open, Store};
+use crate::store::{Database, Open, Store};
 use crate::tls::ClientTls;
-
-/// The settings key of the output folder.
-pub const OUT_DIR_KEY: &str = "out_dir";
 
 /// The settings key of the lease runs hold on a PostgreSQL queue, when
 /// `--lease` does not say.
@@ -98,7 +95,7 @@ pub fn prepare(
         None => None,
     };
     let mut store = db.open_for_runs(Open::MustExist, args.lease)?;
-    let out_dir = settle_out_dir(&mut *store, db, args.out.as_deref())?;
+    let out_dir = out_dir::settle(&mut *store, db, args.out.as_deref())?;
     let lease = match args.lease {
         Some(lease) => Some(lease),
         None => store
@@ -141,99 +138,6 @@ pub fn prepare(
         metrics,
     };
     Ok((store, plan))
-}
-
-/// The output folder: the one recorded in the database, else `--out`, else
-/// `out` beside the database; recorded on first use, once: of two first
-/// runs racing with different folders, the second is refused.
-fn settle_out_dir(
-    store: &mut dyn Store,
-    db: &Database,
-    requested: Option<&Path>,
-) -> Result<PathBuf> {
-    let requested = requested.map(absolute).transpose()?;
-    let key = out_dir_key(db);
-    let recorded = match store.setting(&key)? {
-        Some(recorded) => PathBuf::from(recorded),
-        None => {
-            let chosen = match &requested {
-                Some(dir) => dir.clone(),
-                None => default_out_dir(db)?,
-            };
-            let text = chosen.to_str().with_context(|| {
-                format!("the output folder {} is not valid UTF-8", chosen.display())
-            })?;
-            // A folder that cannot be one (a file, say) must not be
-            // recorded: the user could then never choose another.
-            let holds =
-                store.setting_or_insert(&key, text, &mut || output::ensure_folder(&chosen))?;
-            let holds = PathBuf::from(holds);
-            if same_place(&holds, &chosen) {
-                return Ok(holds);
-            }
-            holds
-        }
-    };
-    if let Some(requested) = requested
-        && !same_place(&requested, &recorded)
-    {
-        bail!(
-            "{} writes its files to {} (recorded on its first run{}), not {}. \
-             Run without --out, or use another database for another folder",
-            db.shown(),
-            recorded.display(),
-            if key == OUT_DIR_KEY {
-                ""
-            } else {
-                " on this machine"
-            },
-            requested.display()
-        );
-    }
-    Ok(recorded)
-}
-
-/// The output folder as recorded, or where the first run will put it.
-pub fn out_dir_of(store: &dyn Store, db: &Database) -> Result<PathBuf> {
-    match store.setting(&out_dir_key(db))? {
-        Some(dir) => Ok(PathBuf::from(dir)),
-        None => default_out_dir(db),
-    }
-}
-
-/// The settings key of the output folder: one for the job on SQLite; one
-/// per machine on PostgreSQL, where each machine writes to its own folder.
-fn out_dir_key(db: &Database) -> String {
-    match db.location {
-        Location::Sqlite(_) => OUT_DIR_KEY.to_string(),
-        Location::Postgres(_) => format!("{OUT_DIR_KEY}@{}", crate::process::hostname()),
-    }
-}
-
-fn default_out_dir(db: &Database) -> Result<PathBuf> {
-    let beside = match db.location.sqlite_path() {
-        Some(file) => file.parent().unwrap_or(Path::new(".")),
-        None => Path::new("."),
-    };
-    absolute(&beside.join("out"))
-}
-
-pub fn absolute(path: &Path) -> Result<PathBuf> {
-    let path = if path.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        path
-    };
-    let absolute = std::path::absolute(path)
-        .with_context(|| format!("cannot resolve the path {}", path.display()))?;
-    Ok(absolute.canonicalize().unwrap_or(absolute))
-}
-
-fn same_place(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
 }
 
 /// The command that resumes this run: the same options with `--db` made

@@ -10,11 +10,11 @@ use anyhow::Result;
 use sha2::{Digest, Sha256};
 
 use crate::cli::VerifyArgs;
-use crate::commands::run::out_dir_of;
-use crate::commands::{Database, Status};
+use crate::commands::Status;
 use crate::format::thousands;
+use crate::out_dir;
 use crate::redact::redact_url;
-use crate::store::Open;
+use crate::store::{Database, Open};
 
 pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
     let mut store = db.open(if args.requeue {
@@ -22,7 +22,7 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
     } else {
         Open::ReadOnly
     })?;
-    let out_dir = out_dir_of(&*store, db)?;
+    let out_dir = out_dir::recorded_or_default(&*store, db)?;
     let mut checked = 0u64;
     let mut bad = Vec::new();
     // Files another machine wrote are in its own output folder: counted by

@@ -102,6 +102,45 @@ impl OpenOptions {
     }
 }
 
+/// The state database as `--db` names it, and how long to wait for its
+/// lock: what every command needs to open it.
+pub struct Database {
+    /// As given, for messages and for commands to run next.
+    pub path: PathBuf,
+    pub location: Location,
+    lock_wait: Duration,
+}
+
+impl Database {
+    pub fn new(path: PathBuf, lock_wait: Duration) -> Database {
+        Database {
+            location: Location::parse(&path),
+            path,
+            lock_wait,
+        }
+    }
+
+    pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
+        self.open_for_runs(mode, None)
+    }
+
+    /// Opens it for runs that hold `lease` (PostgreSQL): how long a run's
+    /// heartbeat may be silent before other runs take its URLs.
+    pub fn open_for_runs(&self, mode: Open, lease: Option<Duration>) -> Result<Box<dyn Store>> {
+        let options = OpenOptions {
+            lock_wait: self.lock_wait,
+            lease,
+            ..OpenOptions::new(mode)
+        };
+        open(&self.location, &options)
+    }
+
+    /// `--db` for messages, any password in a URL hidden.
+    pub fn shown(&self) -> String {
+        crate::redact::redact_url(&self.path.display().to_string()).into_owned()
+    }
+}
+
 /// Opens the database at `location` as `options` say.
 pub fn open(location: &Location, options: &OpenOptions) -> Result<Box<dyn Store>> {
     match location {
