@@ -38,10 +38,11 @@ pub fn this_process(command: String) -> RunStart {
 
 /// Whether `run`, recorded as unfinished, is still going, as seen by `me`.
 pub fn liveness(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
-    let same_boot = !run.boot_id.is_empty() && run.boot_id == me.boot_id;
-    let can_look_up = same_boot && me.pid_ns.is_some() && run.proc_start != 0;
-    if can_look_up && run.pid_ns == me.pid_ns {
-        return if process_exists(run.pid, run.proc_start) {
+    let recorded = &run.start;
+    let same_boot = !recorded.boot_id.is_empty() && recorded.boot_id == me.boot_id;
+    let can_look_up = same_boot && me.pid_ns.is_some() && recorded.proc_start != 0;
+    if can_look_up && recorded.pid_ns == me.pid_ns {
+        return if process_exists(recorded.pid, recorded.proc_start) {
             Liveness::Alive
         } else {
             Liveness::Gone
@@ -49,7 +50,8 @@ pub fn liveness(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
     }
     // Recorded without its namespace: if a process with its pid and start
     // time is here, that is the run; if not, it may be in another namespace.
-    if can_look_up && run.pid_ns.is_none() && process_exists(run.pid, run.proc_start) {
+    if can_look_up && recorded.pid_ns.is_none() && process_exists(recorded.pid, recorded.proc_start)
+    {
         return Liveness::Alive;
     }
     by_heartbeat(run, me, now_ms)
@@ -58,9 +60,13 @@ pub fn liveness(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
 /// A run judged only by how long ago it last said it was alive.
 fn by_heartbeat(run: &RunInfo, me: &RunStart, now_ms: i64) -> Liveness {
     let silent = now_ms.saturating_sub(run.heartbeat_at);
+    let recorded = &run.start;
     if silent <= STALE_HEARTBEAT.as_millis() as i64 {
         Liveness::Alive
-    } else if !run.boot_id.is_empty() && run.boot_id != me.boot_id && run.host == me.host {
+    } else if !recorded.boot_id.is_empty()
+        && recorded.boot_id != me.boot_id
+        && recorded.host == me.host
+    {
         Liveness::Rebooted
     } else {
         Liveness::Gone
@@ -137,12 +143,10 @@ mod tests {
     fn run_of(start: &RunStart) -> RunInfo {
         RunInfo {
             id: crate::domain::RunId(1),
-            pid: start.pid,
-            pid_ns: start.pid_ns,
-            host: start.host.clone(),
-            boot_id: start.boot_id.clone(),
-            proc_start: start.proc_start,
-            command: String::new(),
+            start: RunStart {
+                command: String::new(),
+                ..start.clone()
+            },
             started_at: 0,
             heartbeat_at: 0,
             ended_at: None,
@@ -163,10 +167,10 @@ mod tests {
         let mut run = run_of(&me);
         assert_eq!(liveness(&run, &me, 0), Liveness::Alive);
         let parent = std::os::unix::process::parent_id();
-        run.pid = parent;
-        run.proc_start = process_start(parent).unwrap();
+        run.start.pid = parent;
+        run.start.proc_start = process_start(parent).unwrap();
         assert_eq!(liveness(&run, &me, 0), Liveness::Alive);
-        run.proc_start += 1;
+        run.start.proc_start += 1;
         assert_eq!(liveness(&run, &me, 0), Liveness::Gone);
     }
 
@@ -174,12 +178,12 @@ mod tests {
     fn another_boot_means_rebooted_and_another_host_goes_by_heartbeat() {
         let me = this_process(String::new());
         let mut run = run_of(&me);
-        run.boot_id = "another-boot".into();
+        run.start.boot_id = "another-boot".into();
         run.heartbeat_at = 1_000_000;
         assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Rebooted);
         // Another machine may share the host name: a fresh heartbeat is alive.
         assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
-        run.host = "elsewhere".into();
+        run.start.host = "elsewhere".into();
         assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
         assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);
     }
@@ -190,9 +194,9 @@ mod tests {
         let mut run = run_of(&me);
         // A pid that exists here, recorded in another namespace: it may be
         // any process there, alive or not; only the heartbeat tells.
-        run.pid_ns = me.pid_ns.map(|ns| ns + 1);
-        run.pid = 1;
-        run.proc_start = 1;
+        run.start.pid_ns = me.pid_ns.map(|ns| ns + 1);
+        run.start.pid = 1;
+        run.start.proc_start = 1;
         run.heartbeat_at = 1_000_000;
         assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
         assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);
@@ -202,9 +206,9 @@ mod tests {
     fn a_run_recorded_without_its_namespace_is_alive_if_found_else_by_heartbeat() {
         let me = this_process(String::new());
         let mut run = run_of(&me);
-        run.pid_ns = None;
+        run.start.pid_ns = None;
         assert_eq!(liveness(&run, &me, 1_000_000_000), Liveness::Alive);
-        run.proc_start += 1;
+        run.start.proc_start += 1;
         run.heartbeat_at = 1_000_000;
         assert_eq!(liveness(&run, &me, 1_000_000 + 1000), Liveness::Alive);
         assert_eq!(liveness(&run, &me, 1_000_000 + 61_000), Liveness::Gone);

@@ -140,12 +140,12 @@ fn view(run: RunInfo, me: &RunStart, now: i64, resumable: bool) -> RunView {
     };
     let seconds = (end - run.started_at).max(0) as f64 / 1000.0;
     let finished = (run.done + run.failed) as f64;
-    let resume = (resumable && state != RunState::Running).then(|| run.command.clone());
+    let resume = (resumable && state != RunState::Running).then(|| run.start.command.clone());
     RunView {
         id: run.id.0,
         state,
         message: run.message,
-        pid: run.pid,
+        pid: run.start.pid,
         started_at: timestamp(run.started_at),
         ended_at: run.ended_at.map(timestamp),
         seconds,

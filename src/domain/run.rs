@@ -30,13 +30,9 @@ pub struct RunStart {
 #[derive(Debug, Clone)]
 pub struct RunInfo {
     pub id: RunId,
-    pub pid: u32,
-    /// None for runs recorded before namespaces were, or without /proc.
-    pub pid_ns: Option<u64>,
-    pub host: String,
-    pub boot_id: String,
-    pub proc_start: u64,
-    pub command: String,
+    /// Who started it; its `pid_ns` is None for runs recorded before
+    /// namespaces were, or without /proc.
+    pub start: RunStart,
     pub started_at: i64,
     pub heartbeat_at: i64,
     pub ended_at: Option<i64>,

@@ -6,7 +6,7 @@
 use anyhow::Result;
 use postgres::Transaction;
 use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::Type;
+use postgres::types::{ToSql, Type};
 
 use super::{PgResult, PostgresStore};
 use crate::domain::{InsertResult, NewUrl};
@@ -137,14 +137,13 @@ fn insert_unnamed(
 
 /// One line whose name the user gave, checked as SQLite's import checks it.
 fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Result<InsertResult> {
-    let existing = tx
-        .query_opt(
-            "SELECT path FROM urls WHERE url = $1 AND request_hash = $2",
-            &[&new.url, &new.request_hash],
-        )
-        .at(name)?;
-    if let Some(row) = existing {
-        let existing: String = row.get(0);
+    let existing = first_path(
+        tx,
+        "SELECT path FROM urls WHERE url = $1 AND request_hash = $2",
+        &[&new.url, &new.request_hash],
+        name,
+    )?;
+    if let Some(existing) = existing {
         if existing == new.path {
             return Ok(InsertResult::Duplicate);
         }
@@ -153,26 +152,24 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
     let parts: Vec<&str> = new.path.split('/').collect();
     let folders: Vec<String> = (1..parts.len()).map(|d| parts[..d].join("/")).collect();
     if !folders.is_empty() {
-        let folder = tx
-            .query_opt(
-                "SELECT path FROM urls WHERE path = ANY($1) ORDER BY length(path) LIMIT 1",
-                &[&folders],
-            )
-            .at(name)?;
-        if let Some(row) = folder {
-            let folder: String = row.get(0);
+        let folder = first_path(
+            tx,
+            "SELECT path FROM urls WHERE path = ANY($1) ORDER BY length(path) LIMIT 1",
+            &[&folders],
+            name,
+        )?;
+        if let Some(folder) = folder {
             return Ok(InsertResult::needs_folder(new.path, &folder));
         }
     }
     // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
-    let inside = tx
-        .query_opt(
-            "SELECT path FROM urls WHERE path > $1 AND path < $2 LIMIT 1",
-            &[&format!("{}/", new.path), &format!("{}0", new.path)],
-        )
-        .at(name)?;
-    if let Some(row) = inside {
-        let other: String = row.get(0);
+    let inside = first_path(
+        tx,
+        "SELECT path FROM urls WHERE path > $1 AND path < $2 LIMIT 1",
+        &[&format!("{}/", new.path), &format!("{}0", new.path)],
+        name,
+    )?;
+    if let Some(other) = inside {
         return Ok(InsertResult::folder_of_file(new.path, &other));
     }
     let inserted = tx
@@ -193,4 +190,14 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
     } else {
         InsertResult::name_used(new.path)
     })
+}
+
+/// The path in the first row `query` finds, if it finds one.
+fn first_path(
+    tx: &mut Transaction<'_>,
+    query: &str,
+    params: &[&(dyn ToSql + Sync)],
+    name: &str,
+) -> Result<Option<String>> {
+    Ok(tx.query_opt(query, params).at(name)?.map(|row| row.get(0)))
 }

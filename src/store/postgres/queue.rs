@@ -35,6 +35,20 @@ fn guard(ids: &str) -> String {
     )
 }
 
+/// What a retry and a failure set alike: a row being refreshed stays done
+/// and keeps the URL's own status and error, the error going to its
+/// refresh; any other row takes `state` and the attempt's status and error.
+fn unfinished_sets(state: &str) -> String {
+    format!(
+        "state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE '{state}' END,
+         attempts = u.attempts + 1,
+         http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status ELSE c.status END,
+         error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
+         refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error ELSE u.refresh_error END,
+         updated_at = $2, duration_ms = c.millis"
+    )
+}
+
 /// Retries that are due first (the latest due first, as SQLite picks them),
 /// then rows never tried in import order; `$4` lists hosts to skip. Both
 /// walk the partial index of pending rows in its own order (ordering new
@@ -432,20 +446,12 @@ fn record(
         // refresh waits for the retry; the URL's own status and error stay.
         answered(
             format!(
-                "UPDATE urls u SET
-                     state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'pending' END,
-                     attempts = u.attempts + 1,
-                     http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status
-                                        ELSE c.status END,
-                     error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
-                     refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error
-                                          ELSE u.refresh_error END,
-                     next_attempt_at = c.next_attempt_at, updated_at = $2,
-                     duration_ms = c.millis
+                "UPDATE urls u SET {}, next_attempt_at = c.next_attempt_at
                  FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[],
                              $7::bigint[], $8::bigint[])
                       AS c(id, fence, status, error, next_attempt_at, millis)
-                 WHERE {guard3}"
+                 WHERE {guard3}",
+                unfinished_sets("pending"),
             ),
             &[
                 &run.0,
@@ -463,21 +469,14 @@ fn record(
         // A failed refresh fails the refresh, not the URL: its file stays.
         answered(
             format!(
-                "UPDATE urls u SET
-                     state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE 'failed' END,
-                     attempts = u.attempts + 1,
-                     http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status
-                                        ELSE c.status END,
-                     error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
+                "UPDATE urls u SET {},
                      refresh = CASE WHEN u.refresh = 'pending' THEN 'failed' ELSE u.refresh END,
-                     refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error
-                                          ELSE u.refresh_error END,
                      next_attempt_at = CASE WHEN u.refresh = 'pending' THEN 0
-                                            ELSE u.next_attempt_at END,
-                     updated_at = $2, duration_ms = c.millis
+                                            ELSE u.next_attempt_at END
                  FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[], $7::bigint[])
                       AS c(id, fence, status, error, millis)
-                 WHERE {guard3}"
+                 WHERE {guard3}",
+                unfinished_sets("failed"),
             ),
             &[
                 &run.0,

@@ -21,11 +21,14 @@ const RUN_COLUMNS: &str = "id, pid, host, boot_id, proc_start, command, started_
 fn run_from_row(row: &postgres::Row) -> RunInfo {
     RunInfo {
         id: RunId(row.get(0)),
-        pid: row.get::<_, i64>(1) as u32,
-        host: row.get(2),
-        boot_id: row.get(3),
-        proc_start: row.get::<_, i64>(4) as u64,
-        command: row.get(5),
+        start: RunStart {
+            pid: row.get::<_, i64>(1) as u32,
+            pid_ns: row.get::<_, Option<i64>>(15).map(|ns| ns as u64),
+            host: row.get(2),
+            boot_id: row.get(3),
+            proc_start: row.get::<_, i64>(4) as u64,
+            command: row.get(5),
+        },
         started_at: row.get(6),
         heartbeat_at: row.get(7),
         ended_at: row.get(8),
@@ -35,7 +38,6 @@ fn run_from_row(row: &postgres::Row) -> RunInfo {
         failed: count(row.get(12)),
         retried: count(row.get(13)),
         bytes: count(row.get(14)),
-        pid_ns: row.get::<_, Option<i64>>(15).map(|ns| ns as u64),
     }
 }
 

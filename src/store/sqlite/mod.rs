@@ -193,44 +193,6 @@ impl SqliteStore {
         self.conn.pragma_update(None, "cache_size", -32_000)?;
         Ok(())
     }
-
-    fn setting(&self, key: &str) -> Result<Option<String>> {
-        Ok(self
-            .conn
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
-                row.get(0)
-            })
-            .optional()?)
-    }
-
-    /// Records `value` under `key` unless a value is there already; returns
-    /// the value that holds afterwards. It all happens under the write
-    /// lock, so of two processes racing, one records and the other sees
-    /// what it recorded. `prepare` runs only when this call records, before
-    /// the commit; its error records nothing.
-    fn setting_or_insert(
-        &mut self,
-        key: &str,
-        value: &str,
-        prepare: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<String> {
-        let tx = self.write_transaction()?;
-        let recorded: Option<String> = tx
-            .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
-                row.get(0)
-            })
-            .optional()?;
-        if let Some(recorded) = recorded {
-            return Ok(recorded);
-        }
-        prepare()?;
-        tx.execute(
-            "INSERT INTO settings (key, value) VALUES (?1, ?2)",
-            params![key, value],
-        )?;
-        tx.commit()?;
-        Ok(value.to_string())
-    }
 }
 
 /// The interface, each method in the file of its part.
@@ -311,16 +273,31 @@ impl Store for SqliteStore {
     }
 
     fn setting(&self, key: &str) -> Result<Option<String>> {
-        SqliteStore::setting(self, key)
+        read_setting(&self.conn, key)
     }
 
+    /// Records `value` under `key` unless a value is there already; returns
+    /// the value that holds afterwards. It all happens under the write
+    /// lock, so of two processes racing, one records and the other sees
+    /// what it recorded. `prepare` runs only when this call records, before
+    /// the commit; its error records nothing.
     fn setting_or_insert(
         &mut self,
         key: &str,
         value: &str,
         prepare: &mut dyn FnMut() -> Result<()>,
     ) -> Result<String> {
-        SqliteStore::setting_or_insert(self, key, value, prepare)
+        let tx = self.write_transaction()?;
+        if let Some(recorded) = read_setting(&tx, key)? {
+            return Ok(recorded);
+        }
+        prepare()?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
+        tx.commit()?;
+        Ok(value.to_string())
     }
 
     fn state_counts(&self) -> Result<StateCounts> {
@@ -601,6 +578,15 @@ fn create_private_file(path: &Path) -> Result<()> {
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot create database {}", path.display())),
     }
+}
+
+/// The value recorded under `key`, if any.
+fn read_setting(conn: &Connection, key: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .optional()?)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use anyhow::{Result, bail};
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
 use crate::clock::now_ms;
@@ -277,11 +277,20 @@ fn record(
     if owner != run {
         return Ok(false);
     }
-    // Each statement ends in the same guard: the row is still ours, under
-    // the very claim this outcome is for. ?1 is the row, ?2 the run and ?3
-    // the fence.
-    const GUARD: &str = "WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'";
     let (id, run) = (completion.id(), run.0);
+    // Each statement sets its columns under the same guard: the row is still
+    // ours, under the very claim this outcome is for. ?1 is the row, ?2 the
+    // run, ?3 the fence; a statement's own values follow from ?4.
+    let update = |sets: &str, values: &[&dyn ToSql]| -> Result<usize> {
+        let mut all: Vec<&dyn ToSql> = vec![&id, &run, &fence];
+        all.extend_from_slice(values);
+        Ok(tx
+            .prepare_cached(&format!(
+                "UPDATE urls SET {sets}
+                 WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'"
+            ))?
+            .execute(&all[..])?)
+    };
     let changed = match completion {
         Completion::Done {
             status,
@@ -293,73 +302,35 @@ fn record(
         } => {
             tally.done += 1;
             tally.bytes += *bytes as i64;
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, http_status = ?4,
-                     bytes = ?5, sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
-                     duration_ms = ?8, etag = ?9, last_modified = ?10, fetched_at = ?7,
-                     refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
-                     refresh_error = NULL
-                 {GUARD}"
-            ))?
-            .execute(params![
-                id,
-                run,
-                fence,
-                status,
-                *bytes as i64,
-                &sha256[..],
-                now,
-                millis,
-                validators.etag,
-                validators.last_modified
-            ])?
+            update(
+                "state = 'done', attempts = attempts + 1, http_status = ?4, bytes = ?5,
+                 sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
+                 duration_ms = ?8, etag = ?9, last_modified = ?10, fetched_at = ?7,
+                 refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
+                 refresh_error = NULL",
+                params![
+                    status,
+                    *bytes as i64,
+                    &sha256[..],
+                    now,
+                    millis,
+                    validators.etag,
+                    validators.last_modified
+                ],
+            )?
         }
         Completion::Unchanged {
             millis, validators, ..
         } => {
             tally.done += 1;
             // A 304 may carry newer validators; it need not repeat them.
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, next_attempt_at = 0,
-                     updated_at = ?4, duration_ms = ?5, etag = coalesce(?6, etag),
-                     last_modified = coalesce(?7, last_modified), fetched_at = ?4,
-                     refresh = 'unchanged', refresh_error = NULL
-                 {GUARD}"
-            ))?
-            .execute(params![
-                id,
-                run,
-                fence,
-                now,
-                millis,
-                validators.etag,
-                validators.last_modified
-            ])?
-        }
-        Completion::Retry {
-            error,
-            next_attempt_at,
-            millis,
-            ..
-        } if refreshing(tx, id)? => {
-            // The old file stays done while its refresh waits for a retry.
-            tally.retried += 1;
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh_error = ?4,
-                     next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7
-                 {GUARD}"
-            ))?
-            .execute(params![id, run, fence, error, next_attempt_at, now, millis])?
-        }
-        Completion::Failed { error, millis, .. } if refreshing(tx, id)? => {
-            // The refresh failed, not the URL: its file and done state stay.
-            tally.failed += 1;
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'done', attempts = attempts + 1, refresh = 'failed',
-                     refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6
-                 {GUARD}"
-            ))?
-            .execute(params![id, run, fence, error, now, millis])?
+            update(
+                "state = 'done', attempts = attempts + 1, next_attempt_at = 0,
+                 updated_at = ?4, duration_ms = ?5, etag = coalesce(?6, etag),
+                 last_modified = coalesce(?7, last_modified), fetched_at = ?4,
+                 refresh = 'unchanged', refresh_error = NULL",
+                params![now, millis, validators.etag, validators.last_modified],
+            )?
         }
         Completion::Retry {
             status,
@@ -369,21 +340,20 @@ fn record(
             ..
         } => {
             tally.retried += 1;
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'pending', attempts = attempts + 1, http_status = ?4,
-                     error = ?5, next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8
-                 {GUARD}"
-            ))?
-            .execute(params![
-                id,
-                run,
-                fence,
-                status,
-                error,
-                next_attempt_at,
-                now,
-                millis
-            ])?
+            if refreshing(tx, id)? {
+                // The old file stays done while its refresh waits for a retry.
+                update(
+                    "state = 'done', attempts = attempts + 1, refresh_error = ?4,
+                     next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7",
+                    params![error, next_attempt_at, now, millis],
+                )?
+            } else {
+                update(
+                    "state = 'pending', attempts = attempts + 1, http_status = ?4, error = ?5,
+                     next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8",
+                    params![status, error, next_attempt_at, now, millis],
+                )?
+            }
         }
         Completion::Failed {
             status,
@@ -392,23 +362,26 @@ fn record(
             ..
         } => {
             tally.failed += 1;
-            tx.prepare_cached(&format!(
-                "UPDATE urls SET state = 'failed', attempts = attempts + 1, http_status = ?4,
-                     error = ?5, updated_at = ?6, duration_ms = ?7
-                 {GUARD}"
-            ))?
-            .execute(params![id, run, fence, status, error, now, millis])?
+            if refreshing(tx, id)? {
+                // The refresh failed, not the URL: its file and done state stay.
+                update(
+                    "state = 'done', attempts = attempts + 1, refresh = 'failed',
+                     refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6",
+                    params![error, now, millis],
+                )?
+            } else {
+                update(
+                    "state = 'failed', attempts = attempts + 1, http_status = ?4, error = ?5,
+                     updated_at = ?6, duration_ms = ?7",
+                    params![status, error, now, millis],
+                )?
+            }
         }
-        Completion::Interrupted { .. } => tx
-            .prepare_cached(&format!(
-                "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1,
-                     updated_at = ?4
-                 {GUARD}"
-            ))?
-            .execute(params![id, run, fence, now])?,
-        Completion::Unstarted { .. } => tx
-            .prepare_cached(&format!("UPDATE urls SET state = {UNCLAIMED} {GUARD}"))?
-            .execute(params![id, run, fence])?,
+        Completion::Interrupted { .. } => update(
+            &format!("state = {UNCLAIMED}, interrupted = interrupted + 1, updated_at = ?4"),
+            params![now],
+        )?,
+        Completion::Unstarted { .. } => update(&format!("state = {UNCLAIMED}"), params![])?,
     };
     debug_assert!(changed <= 1);
     Ok(changed == 1)

@@ -19,11 +19,14 @@ const RUN_COLUMNS: &str = "id, pid, host, boot_id, proc_start, command, started_
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<RunInfo> {
     Ok(RunInfo {
         id: RunId(row.get(0)?),
-        pid: row.get(1)?,
-        host: row.get(2)?,
-        boot_id: row.get(3)?,
-        proc_start: row.get::<_, i64>(4)? as u64,
-        command: row.get(5)?,
+        start: RunStart {
+            pid: row.get(1)?,
+            pid_ns: row.get::<_, Option<i64>>(15)?.map(|ns| ns as u64),
+            host: row.get(2)?,
+            boot_id: row.get(3)?,
+            proc_start: row.get::<_, i64>(4)? as u64,
+            command: row.get(5)?,
+        },
         started_at: row.get(6)?,
         heartbeat_at: row.get(7)?,
         ended_at: row.get(8)?,
@@ -37,7 +40,6 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<RunInfo> {
         failed: count(row, 12)?,
         retried: count(row, 13)?,
         bytes: count(row, 14)?,
-        pid_ns: row.get::<_, Option<i64>>(15)?.map(|ns| ns as u64),
     })
 }
 
