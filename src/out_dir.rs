@@ -89,7 +89,7 @@ fn default(db: &Database) -> Result<PathBuf> {
     absolute(&beside.join("out"))
 }
 
-pub fn absolute(path: &Path) -> Result<PathBuf> {
+fn absolute(path: &Path) -> Result<PathBuf> {
     let path = if path.as_os_str().is_empty() {
         Path::new(".")
     } else {
