@@ -7,7 +7,6 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::Context;
 use governor::DefaultDirectRateLimiter;
 use reqwest::header::{
     CONNECTION, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
@@ -215,10 +214,19 @@ enum Fetched {
 /// The attempt could not write its file: a problem of this machine (disk
 /// full, folder gone), not of the URL, so the run stops.
 #[derive(Debug)]
-pub struct LocalError(pub anyhow::Error);
+pub struct LocalError(pub crate::output::Error);
+
+/// The HTTP client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::Error),
+    #[error("cannot set up the HTTP client")]
+    Build(#[source] reqwest::Error),
+}
 
 impl Fetcher {
-    pub fn new(options: FetchOptions) -> anyhow::Result<Fetcher> {
+    pub fn new(options: FetchOptions) -> Result<Fetcher, ClientError> {
         // reqwest is built without a default crypto provider (aws-lc is a
         // slow C build); ring must be installed before the first client.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -256,7 +264,7 @@ impl Fetcher {
             .referer(false)
             .tls_danger_accept_invalid_certs(options.insecure);
         let builder = options.proxies.apply(options.tls.apply(builder))?;
-        let client = builder.build().context("cannot set up the HTTP client")?;
+        let client = builder.build().map_err(ClientError::Build)?;
         Ok(Fetcher {
             client,
             limiter: options.limiter,

@@ -8,6 +8,7 @@ mod backoff;
 pub mod cli;
 pub mod clock;
 mod commands;
+mod context;
 mod counters;
 mod crashpoint;
 pub mod domain;
@@ -31,7 +32,7 @@ mod tls;
 mod urlfile;
 
 pub use commands::Status;
-pub use runner::StopSignal;
+pub use runner::{SignalError, StopSignal};
 
 /// Runs the command `cli` asks for; `stop` is what stops a run. An error is logged here, once, with
 /// what to do about it; the status says how the command ended.
@@ -39,24 +40,17 @@ pub fn run(cli: cli::Cli, stop: StopSignal) -> Status {
     let location = store::Location::parse(&cli.db);
     match commands::dispatch(cli, stop) {
         Ok(status) => status,
-        Err(error) if is_broken_pipe(&error) => Status::Success,
         Err(error) => {
-            tracing::error!("{error:#}");
-            if let Some(hint) = store::damage_hint(&error, &location) {
-                tracing::error!("{hint}");
+            let status = Status::of_error(&error);
+            if status != Status::Success {
+                tracing::error!("{error:#}");
+                if let Some(hint) = commands::store_error(&error)
+                    .and_then(|error| store::damage_hint(error, &location))
+                {
+                    tracing::error!("{hint}");
+                }
             }
-            Status::Fatal
+            status
         }
     }
-}
-
-/// A reader that stopped reading (`jobrun export | head`) is not an error.
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-            || cause.downcast_ref::<csv::Error>().is_some_and(|e| {
-                matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe)
-            })
-            || cause.downcast_ref::<serde_json::Error>().is_some_and(|e| e.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
-    })
 }

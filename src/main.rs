@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
-use jobrun::{Status, StopSignal};
+use jobrun::{SignalError, Status, StopSignal};
 
 fn main() -> ExitCode {
     let cli = jobrun::cli::Cli::parse();
@@ -20,20 +20,22 @@ fn main() -> ExitCode {
 /// Ctrl-C exits at once with 130, which is safe too: the next run takes this
 /// one's rows back. Signals are watched only while a run polls this.
 fn ctrl_c() -> StopSignal {
-    Box::pin(async {
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
-        let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
-        tokio::select! {
-            _ = interrupt.recv() => {
-                tracing::warn!("stopping: finishing requests in flight (Ctrl-C again to stop at once)");
-            }
-            _ = terminate.recv() => {}
+    Box::pin(async { watch_signals().await.map_err(SignalError::from) })
+}
+
+async fn watch_signals() -> anyhow::Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        _ = interrupt.recv() => {
+            tracing::warn!("stopping: finishing requests in flight (Ctrl-C again to stop at once)");
         }
-        tokio::spawn(async move {
-            interrupt.recv().await;
-            tracing::warn!("stopped at once; the next run takes the unfinished URLs back");
-            std::process::exit(Status::Interrupted.code().into());
-        });
-        Ok(())
-    })
+        _ = terminate.recv() => {}
+    }
+    tokio::spawn(async move {
+        interrupt.recv().await;
+        tracing::warn!("stopped at once; the next run takes the unfinished URLs back");
+        std::process::exit(Status::Interrupted.code().into());
+    });
+    Ok(())
 }

@@ -32,7 +32,7 @@ pub fn settle(store: &mut dyn Store, db: &Database, requested: Option<&Path>) ->
             // A folder that cannot be one (a file, say) must not be
             // recorded: the user could then never choose another.
             let holds =
-                store.setting_or_insert(&key, text, &mut || output::ensure_folder(&chosen))?;
+                store.setting_or_insert(&key, text, &mut || Ok(output::ensure_folder(&chosen)?))?;
             let holds = PathBuf::from(holds);
             if same_place(&holds, &chosen) {
                 return Ok(holds);

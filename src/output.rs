@@ -28,7 +28,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+mod error;
+
+pub use error::{Context, Error, Result};
 use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -66,7 +68,7 @@ enum PlaceError {
     Name(String),
     /// The output folder as a whole cannot be written: the run stops.
     #[error(transparent)]
-    Output(anyhow::Error),
+    Output(Error),
 }
 
 /// A folder opened by jobrun, with its identity.
@@ -617,18 +619,18 @@ fn make_temp_area(root: &Folder, temp_path: &Path, run: i64) -> Result<TempFolde
     };
     let display = path.display();
     match errno {
-        Errno::LOOP => bail!(
+        Errno::LOOP => Err(Error::Folder(format!(
             "{display} is a symbolic link, not jobrun's temp folder: remove the link (what it \
              points to is left alone) and run again"
-        ),
-        Errno::NOTDIR => bail!(
+        ))),
+        Errno::NOTDIR => Err(Error::Folder(format!(
             "{display} is not a folder, so it is not jobrun's temp folder: move it away and \
              run again"
-        ),
-        Errno::XDEV => bail!(
+        ))),
+        Errno::XDEV => Err(Error::Folder(format!(
             "{display} is another filesystem mounted there; jobrun's temp files must be on \
              the output folder's own filesystem: unmount it and run again"
-        ),
+        ))),
         e => Err(local_write_error(
             e.into(),
             "cannot create the temp folder",
@@ -822,9 +824,9 @@ fn read_manifest(run_folder: &OwnedFd) -> Vec<Written> {
 pub fn ensure_folder(root: &Path) -> Result<()> {
     let display = root.display();
     match std::fs::metadata(root) {
-        Ok(meta) if !meta.is_dir() => {
-            bail!("the output folder {display} is a file; give --out a folder")
-        }
+        Ok(meta) if !meta.is_dir() => Err(Error::Folder(format!(
+            "the output folder {display} is a file; give --out a folder"
+        ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => std::fs::create_dir_all(root)
             .map_err(|e| local_write_error(e, "cannot create the output folder", root)),
@@ -872,7 +874,7 @@ pub fn check_output_name(name: &str) -> Result<(), String> {
 /// A failed write in the output folder, with what the user can do about the
 /// causes that belong to this machine: a full disk, a read-only or
 /// unwritable folder, a folder removed during the run.
-pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> anyhow::Error {
+pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> Error {
     let advice = match error.kind() {
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
             "the disk is full: free some space on it, then run again"
@@ -886,9 +888,9 @@ pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> anyhow::E
         ErrorKind::NotFound => {
             "the output folder is gone (removed during the run?): run again to recreate it"
         }
-        _ => return anyhow::Error::new(error).context(format!("{what} {}", path.display())),
+        _ => return Error::from(error).context(format!("{what} {}", path.display())),
     };
-    anyhow::anyhow!("{what} {}: {error}; {advice}", path.display())
+    Error::Folder(format!("{what} {}: {error}; {advice}", path.display()))
 }
 
 #[cfg(target_os = "linux")]

@@ -8,8 +8,24 @@
 //! in silence (so requests go out directly) or fails every URL, one retry
 //! after another.
 
-use anyhow::{Context, Result, bail};
 use reqwest::{ClientBuilder, NoProxy, Proxy, Url};
+
+/// A proxy jobrun cannot use, named by where it was given.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not a proxy URL jobrun speaks.
+    #[error("{0}")]
+    Invalid(String),
+    /// One the HTTP client refused.
+    #[error("{given}: unusable proxy")]
+    Unusable {
+        given: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The proxy schemes jobrun speaks: HTTP forwarding or CONNECT, over plain
 /// TCP or TLS, and SOCKS5 (resolving host names locally or, with
@@ -106,8 +122,10 @@ impl Proxies {
             (self.https, Proxy::https::<Url>),
         ] {
             let Some(proxy) = proxy else { continue };
-            let made =
-                make(proxy.url).with_context(|| format!("{}: unusable proxy", proxy.source))?;
+            let made = make(proxy.url).map_err(|source| Error::Unusable {
+                given: proxy.source,
+                source,
+            })?;
             builder = builder.proxy(made.no_proxy(bypass.clone()));
         }
         Ok(builder)
@@ -147,14 +165,14 @@ impl ProxyUrl {
     /// a password.
     fn parse(text: &str, source: String) -> Result<ProxyUrl> {
         let Some(url) = ProxyUrl::normalise(text) else {
-            bail!(
+            return Err(Error::Invalid(format!(
                 "{source}: not a proxy URL like http://proxy.example:3128 or \
                  socks5h://proxy.example:1080"
-            );
+            )));
         };
         let scheme = url.scheme();
         if !SCHEMES.contains(&scheme) {
-            bail!(
+            return Err(Error::Invalid(format!(
                 "{source}: proxy scheme {scheme:?} is not supported (use {}){}",
                 SCHEMES.join(", "),
                 if source.starts_with("--") {
@@ -162,10 +180,12 @@ impl ProxyUrl {
                 } else {
                     "; unset it, or override it with --proxy URL or --noproxy '*'"
                 }
-            );
+            )));
         }
         if url.host_str().is_none_or(str::is_empty) {
-            bail!("{source}: the proxy URL has no host");
+            return Err(Error::Invalid(format!(
+                "{source}: the proxy URL has no host"
+            )));
         }
         Ok(ProxyUrl { url, source })
     }

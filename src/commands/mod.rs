@@ -11,7 +11,8 @@ mod retry;
 mod run;
 mod verify;
 
-use std::io::IsTerminal;
+use std::error::Error;
+use std::io::{ErrorKind, IsTerminal};
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -20,8 +21,8 @@ use clap::CommandFactory;
 use crate::cli::{Cli, Command};
 use crate::log::LogFormat;
 use crate::progress::Display;
-use crate::runner::StopSignal;
-use crate::store::Database;
+use crate::runner::{RunError, StopSignal};
+use crate::store::{self, Database};
 
 /// How a command ended, as the shell sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +47,74 @@ impl Status {
             Status::Interrupted => 130,
         }
     }
+}
+
+impl Status {
+    /// How a command that failed with `error` ends: a reader that stopped
+    /// reading (`jobrun export | head`) is no failure; every other error
+    /// stops the command.
+    pub fn of_error(error: &anyhow::Error) -> Status {
+        if error.chain().any(is_broken_pipe) {
+            return Status::Success;
+        }
+        match error
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<RunError>())
+        {
+            Some(error) => Status::of_run_error(error),
+            None => Status::Fatal,
+        }
+    }
+
+    /// How a run that stopped with `error` ends. Every kind stops the run
+    /// before its URLs are done, and says why: none is a partial success.
+    pub fn of_run_error(error: &RunError) -> Status {
+        match error {
+            RunError::Store(error) => Status::of_store_error(error),
+            RunError::Output(_)
+            | RunError::Client(_)
+            | RunError::Signal(_)
+            | RunError::Start { .. }
+            | RunError::Internal(_) => Status::Fatal,
+        }
+    }
+
+    fn of_store_error(error: &store::Error) -> Status {
+        match error.root() {
+            store::Error::Caller(error) if is_broken_pipe(&**error) => Status::Success,
+            // A lock held past --lock-wait, a run taken for dead, a
+            // database refused, or the backend's own error.
+            _ => Status::Fatal,
+        }
+    }
+}
+
+/// The store's error in an error's chain, also inside a run's error.
+pub fn store_error(error: &anyhow::Error) -> Option<&store::Error> {
+    error
+        .chain()
+        .find_map(|cause| match cause.downcast_ref::<RunError>() {
+            Some(RunError::Store(error)) => Some(error),
+            _ => cause.downcast_ref::<store::Error>(),
+        })
+}
+
+/// A write to a reader that stopped reading, also from inside a function
+/// the store ran on each row.
+fn is_broken_pipe(cause: &(dyn Error + 'static)) -> bool {
+    cause
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == ErrorKind::BrokenPipe)
+        || cause.downcast_ref::<csv::Error>().is_some_and(
+            |e| matches!(e.kind(), csv::ErrorKind::Io(io) if io.kind() == ErrorKind::BrokenPipe),
+        )
+        || cause
+            .downcast_ref::<serde_json::Error>()
+            .is_some_and(|e| e.io_error_kind() == Some(ErrorKind::BrokenPipe))
+        || cause
+            .downcast_ref::<store::Error>()
+            .and_then(store::Error::caller)
+            .is_some_and(|error| is_broken_pipe(error))
 }
 
 impl From<Status> for ExitCode {

@@ -6,7 +6,7 @@ use anyhow::Result;
 use crate::cli::RefreshArgs;
 use crate::clock::now_ms;
 use crate::commands::Status;
-use crate::domain::{RefreshRound, RunEnd, Work};
+use crate::domain::{RefreshRound, RunEnd, Work, message_of};
 use crate::format::thousands;
 use crate::progress::Display;
 use crate::runner::{self, StopSignal};
@@ -55,12 +55,12 @@ pub fn run(db: &Database, args: RefreshArgs, display: Display, stop: StopSignal)
             tracing::warn!("interrupted; run `jobrun refresh` again to finish this refresh");
             Status::Interrupted
         }
-        Some(RunEnd::Error(message)) => {
-            tracing::error!("{message}");
+        Some(RunEnd::Error(error)) => {
+            tracing::error!("{}", message_of(&error));
             tracing::info!(
                 "URLs not refreshed keep their files; fix the cause and run `jobrun refresh` again"
             );
-            Status::Fatal
+            Status::of_run_error(&error)
         }
         _ if round.failed > 0 => {
             tracing::warn!(

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use crate::backoff::Backoff;
 use crate::cli::{RunArgs, parse_headers};
 use crate::commands::Status;
-use crate::domain::{RunEnd, Work};
+use crate::domain::{RunEnd, Work, message_of};
 use crate::fetch::FetchOptions;
 use crate::format::{human_bytes, thousands};
 use crate::hosts::Politeness;
@@ -59,10 +59,10 @@ pub fn run(db: &Database, args: RunArgs, display: Display, stop: StopSignal) -> 
             tracing::warn!("interrupted; run the same command again to resume");
             Status::Interrupted
         }
-        Some(RunEnd::Error(message)) => {
-            tracing::error!("{message}");
+        Some(RunEnd::Error(error)) => {
+            tracing::error!("{}", message_of(&error));
             tracing::info!("URLs not finished went back to pending; fix the cause and run again");
-            Status::Fatal
+            Status::of_run_error(&error)
         }
         _ if counts.failed > 0 => Status::Partial,
         _ => Status::Success,

@@ -17,4 +17,6 @@ pub use report::{
     DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, RefreshCounts, RefreshRound,
     StateCounts, StatusCount, Summary,
 };
-pub use run::{Holder, Liveness, Reclaimed, RunEnd, RunId, RunInfo, RunOutcome, RunStart, Started};
+pub use run::{
+    Holder, Liveness, Reclaimed, RunEnd, RunId, RunInfo, RunOutcome, RunStart, Started, message_of,
+};

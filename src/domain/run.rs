@@ -104,15 +104,17 @@ impl Liveness {
     }
 }
 
-/// How a run ended, as it records itself.
+/// How a run ended, as it records itself. `E` is why it stopped with an
+/// error: the run's own error type while it runs, its message (`String`)
+/// as recorded.
 #[derive(Debug, Clone)]
-pub enum RunEnd {
+pub enum RunEnd<E = String> {
     Finished,
     Interrupted,
-    Error(String),
+    Error(E),
 }
 
-impl RunEnd {
+impl<E> RunEnd<E> {
     pub fn outcome(&self) -> RunOutcome {
         match self {
             RunEnd::Finished => RunOutcome::Finished,
@@ -120,13 +122,39 @@ impl RunEnd {
             RunEnd::Error(_) => RunOutcome::Error,
         }
     }
+}
 
+impl<E: std::error::Error> RunEnd<E> {
+    /// The end as recorded: an error as its message with its causes.
+    pub fn recorded(&self) -> RunEnd {
+        match self {
+            RunEnd::Finished => RunEnd::Finished,
+            RunEnd::Interrupted => RunEnd::Interrupted,
+            RunEnd::Error(error) => RunEnd::Error(message_of(error)),
+        }
+    }
+}
+
+impl RunEnd {
     pub fn message(&self) -> Option<&str> {
         match self {
             RunEnd::Error(message) => Some(message),
             RunEnd::Finished | RunEnd::Interrupted => None,
         }
     }
+}
+
+/// An error's message followed by its causes', each after `: `, as a user
+/// reads it.
+pub fn message_of(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        message.push_str(": ");
+        message.push_str(&error.to_string());
+        cause = error.source();
+    }
+    message
 }
 
 /// What starting a run found and did.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use super::{Result, RunError};
 use flume::RecvTimeoutError;
 use tokio::sync::Notify;
 
@@ -53,7 +53,7 @@ pub struct Coordinator {
     /// Which hosts claims leave out, kept by the dispatcher.
     host_filter: SharedFilter,
     /// How the run ends, once it is stopping.
-    stopping: Option<RunEnd>,
+    stopping: Option<RunEnd<RunError>>,
     /// Tells the workers' side that the run is stopping.
     wind_down: Arc<Notify>,
     counters: Arc<Counters>,
@@ -113,7 +113,7 @@ impl Coordinator {
 
     /// Runs until no URL is left, or until the workers are gone after a
     /// stop; records how the run ended, and returns it.
-    pub fn run(mut self) -> Result<RunEnd> {
+    pub fn run(mut self) -> Result<RunEnd<RunError>> {
         loop {
             let first = match self.events.recv_deadline(self.deadline()) {
                 Ok(event) => event,
@@ -140,7 +140,7 @@ impl Coordinator {
                     self.stopping.get_or_insert(RunEnd::Finished);
                     break;
                 }
-                Err(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
+                Err(error) => self.stop(RunEnd::Error(error)),
             }
             if came > 0 {
                 let pause = (turn_start + MIN_TURN).min(self.deadline());
@@ -156,10 +156,10 @@ impl Coordinator {
             Event::Finished { completion, staged } => self.collect(completion, staged),
             Event::Durable(answer) => {
                 if let Some(error) = self.durability.synced(answer, Instant::now()) {
-                    self.stop(RunEnd::Error(format!("{error:#}")));
+                    self.stop(RunEnd::Error(error.into()));
                 }
             }
-            Event::Fatal(error) => self.stop(RunEnd::Error(format!("{error:#}"))),
+            Event::Fatal(error) => self.stop(RunEnd::Error(error)),
             Event::Stop => self.stop(RunEnd::Interrupted),
             Event::ClaimNow => self.schedule.claim_now(Instant::now()),
             Event::Tick => {}
@@ -328,7 +328,7 @@ impl Coordinator {
     /// An error outranks a stop already under way for another reason (the
     /// last batch may fail after the run found nothing left): the run's end
     /// is then that error.
-    fn stop(&mut self, end: RunEnd) {
+    fn stop(&mut self, end: RunEnd<RunError>) {
         match (&self.stopping, &end) {
             (None, _) => {}
             (Some(RunEnd::Error(_)), _) => return,
@@ -355,7 +355,7 @@ impl Coordinator {
 
     /// Commits what is left, records how the run ended and closes the
     /// output folder.
-    fn finish(mut self) -> Result<RunEnd> {
+    fn finish(mut self) -> Result<RunEnd<RunError>> {
         // Whatever is still claimed was cut short.
         let now = Instant::now();
         for (id, (lease, _)) in std::mem::take(&mut self.in_flight) {
@@ -380,25 +380,25 @@ impl Coordinator {
             let bodies = self.durability.start_sync();
             let answer = self.out.make_durable(&bodies);
             if let Some(error) = self.durability.synced(answer, Instant::now()) {
-                self.stop(RunEnd::Error(format!("{error:#}")));
+                self.stop(RunEnd::Error(error.into()));
             }
             committed = self.commit(0);
         }
         let end = self
             .stopping
             .take()
-            .unwrap_or(RunEnd::Error("the workers stopped".into()));
+            .unwrap_or(RunEnd::Error(RunError::Internal("the workers stopped")));
         let end = match committed {
-            Err(error) => RunEnd::Error(format!("{error:#}")),
+            Err(error) => RunEnd::Error(error),
             Ok(_) => end,
         };
-        self.store.end_run(self.run, &end)?;
+        self.store.end_run(self.run, &end.recorded())?;
         self.syncer.stop()?;
         match Arc::try_unwrap(self.out) {
             // After an error a batch may be in place and not committed: its
             // manifest stays for the next run to settle.
             Ok(out) => out.close(matches!(end, RunEnd::Error(_)))?,
-            Err(_) => anyhow::bail!("the output folder is still in use"),
+            Err(_) => return Err(RunError::Internal("the output folder is still in use")),
         }
         Ok(end)
     }
@@ -440,7 +440,7 @@ impl JobQueue {
         // Room was counted before the claim, and only this thread sends.
         match &self.jobs {
             Some(jobs) if jobs.try_send(job).is_ok() => Ok(()),
-            _ => anyhow::bail!("the job queue closed unexpectedly"),
+            _ => Err(RunError::Internal("the job queue closed unexpectedly")),
         }
     }
 

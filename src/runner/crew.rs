@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use crate::counters::Counters;
 use crate::fetch::Fetcher;
 
+use super::RunError;
 use super::dispatch::{DispatchChannels, Dispatcher};
 use super::messages::{Event, Job};
 use super::worker;
@@ -25,7 +26,10 @@ const GRACE: Duration = Duration::from_millis(1500);
 /// What stops a run: a future that completes when the run should stop
 /// (Ctrl-C for `jobrun run`; anything a test likes), or fails when it
 /// cannot watch for that.
-pub type StopSignal = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+pub type StopSignal = Pin<Box<dyn Future<Output = Result<(), SignalError>> + Send>>;
+
+/// Why the stop signal could not be watched.
+pub type SignalError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct Crew {
     pub workers: usize,
@@ -58,7 +62,7 @@ impl Crew {
                     stop = None;
                     let event = match stopped {
                         Ok(()) => Event::Stop,
-                        Err(error) => Event::Fatal(error),
+                        Err(error) => Event::Fatal(RunError::Signal(error)),
                     };
                     let _ = events.send_async(event).await;
                 }

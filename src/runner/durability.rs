@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use crate::output;
 
 use crate::domain::Completion;
 use crate::output::Written;
@@ -113,9 +113,9 @@ impl Durability {
     /// run, is handed back.
     pub fn synced(
         &mut self,
-        answer: Result<Vec<(i64, String)>>,
+        answer: output::Result<Vec<(i64, String)>>,
         now: Instant,
-    ) -> Option<anyhow::Error> {
+    ) -> Option<output::Error> {
         let mut completions = self.syncing.take().unwrap_or_default();
         let mut stopped = None;
         match answer {
@@ -318,7 +318,7 @@ mod tests {
         let (completion, body) = done(3);
         pipeline.stage(completion, body, start);
         pipeline.start_sync();
-        let error = pipeline.synced(Err(anyhow::anyhow!("disk full")), start);
+        let error = pipeline.synced(Err(output::Error::Folder("disk full".into())), start);
         assert_eq!(error.map(|e| e.to_string()).as_deref(), Some("disk full"));
         assert!(matches!(
             pipeline.batch(),

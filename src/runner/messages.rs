@@ -3,10 +3,9 @@
 //! Beside them, the dispatcher keeps the claim filter that the coordinator
 //! reads, and the coordinator rings `wind_down` when the run stops.
 
-use anyhow::Result;
-
+use super::RunError;
 use crate::domain::{Claim, Completion};
-use crate::output::{TempFile, Written};
+use crate::output::{self, TempFile, Written};
 
 /// A claimed row on its way to a worker.
 #[derive(Debug)]
@@ -25,10 +24,10 @@ pub enum Event {
     },
     /// The sync thread's answer for the batch it was given: the rows whose
     /// names could not be used, with why, or the error that stops the run.
-    Durable(Result<Vec<(i64, String)>>),
+    Durable(output::Result<Vec<(i64, String)>>),
     /// A worker could not write its file, or the stop signal could not be
     /// watched: the run stops.
-    Fatal(anyhow::Error),
+    Fatal(RunError),
     /// The stop signal: stop claiming, finish what is in flight.
     Stop,
     /// A host that claims left out can take jobs again: claim now.

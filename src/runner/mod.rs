@@ -12,6 +12,7 @@ mod coordinator;
 mod crew;
 mod dispatch;
 mod durability;
+mod error;
 mod messages;
 mod peers;
 mod schedule;
@@ -23,12 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use tokio::sync::Notify;
 
 use crate::clock::now_ms;
 use crate::counters::{self, Counters};
-use crate::domain::{RunEnd, RunId, RunStart, Work};
+use crate::domain::{RunEnd, RunId, RunStart, Work, message_of};
 use crate::fetch::{FetchOptions, Fetcher};
 use crate::output::OutputDir;
 use crate::process;
@@ -40,7 +40,8 @@ use crew::Crew;
 use dispatch::Dispatcher;
 use peers::Peers;
 
-pub use crew::StopSignal;
+pub use crew::{SignalError, StopSignal};
+pub use error::{Result, RunError};
 use messages::{Event, Job};
 
 /// Up to this many workers run on one thread.
@@ -73,7 +74,7 @@ pub struct RunTotals {
     pub retried: u64,
     pub bytes: u64,
     pub elapsed: Duration,
-    pub end: Option<RunEnd>,
+    pub end: Option<RunEnd<RunError>>,
 }
 
 /// Runs `plan` until no URL is left, or until `stop` completes and the
@@ -128,12 +129,15 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     let coordinator = std::thread::Builder::new()
         .name("jobrun-db".into())
         .spawn(move || coordinator.run())
-        .context("cannot start the database thread")?;
+        .map_err(|source| RunError::Start {
+            what: "cannot start the database thread",
+            source,
+        })?;
 
     run_crew(crew, stop, plan.display, plan.metrics, progress_start)?;
     let end = coordinator
         .join()
-        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
+        .map_err(|_| RunError::Internal("the database thread panicked"))??;
     Ok(RunTotals {
         run,
         elapsed: started_at.elapsed(),
@@ -200,13 +204,15 @@ fn start(store: &mut Box<dyn Store>, plan: &RunPlan, me: &RunStart) -> Result<(R
         );
     }
     let live: Vec<i64> = started.live.iter().map(|run| run.id.0).collect();
-    let opened = OutputDir::open(&plan.out_dir, started.id.0, &live, &plan.db).and_then(
-        |(out, leftovers)| peers::settle_leftovers(&mut **store, &out, leftovers).map(|()| out),
-    );
+    let opened = OutputDir::open(&plan.out_dir, started.id.0, &live, &plan.db)
+        .map_err(RunError::from)
+        .and_then(|(out, leftovers)| {
+            peers::settle_leftovers(&mut **store, &out, leftovers).map(|()| out)
+        });
     match opened {
         Ok(out) => Ok((started.id, out)),
         Err(error) => {
-            store.end_run(started.id, &RunEnd::Error(format!("{error:#}")))?;
+            store.end_run(started.id, &RunEnd::Error(message_of(&error)))?;
             Err(error)
         }
     }
@@ -248,7 +254,10 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     runtime
         .enable_all()
         .build()
-        .context("cannot start the async runtime")
+        .map_err(|source| RunError::Start {
+            what: "cannot start the async runtime",
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -341,10 +350,8 @@ mod tests {
                 }
             }
         });
-        let stop: StopSignal = Box::pin(async {
-            stop.await
-                .map_err(|_| anyhow::anyhow!("the server thread ended"))
-        });
+        let stop: StopSignal =
+            Box::pin(async { stop.await.map_err(|_| "the server thread ended".into()) });
         let totals = execute(store, plan(dir.path(), db.clone()), stop).unwrap();
 
         assert!(

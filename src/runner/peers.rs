@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use super::Result;
 
 use crate::clock::now_ms;
 use crate::counters::Counters;
@@ -145,5 +145,6 @@ pub(super) fn settle_leftovers(
     store.with_row_states(&ids, &mut |states| {
         out.settle(leftovers.take().unwrap_or_default(), states);
         Ok(())
-    })
+    })?;
+    Ok(())
 }

@@ -8,11 +8,10 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
-
 use crate::output::{OutputDir, Written};
 
 use super::messages::Event;
+use super::{Result, RunError};
 
 pub struct Syncer {
     batches: flume::Sender<Vec<Written>>,
@@ -34,7 +33,10 @@ impl Syncer {
                     }
                 }
             })
-            .context("cannot start the sync thread")?;
+            .map_err(|source| RunError::Start {
+                what: "cannot start the sync thread",
+                source,
+            })?;
         Ok(Syncer { batches, thread })
     }
 
@@ -43,7 +45,7 @@ impl Syncer {
     pub fn sync(&self, staged: Vec<Written>) -> Result<()> {
         self.batches
             .send(staged)
-            .map_err(|_| anyhow::anyhow!("the sync thread stopped unexpectedly"))
+            .map_err(|_| RunError::Internal("the sync thread stopped unexpectedly"))
     }
 
     /// Waits for the thread to end, after its last batch.
@@ -51,6 +53,6 @@ impl Syncer {
         drop(self.batches);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("the sync thread panicked"))
+            .map_err(|_| RunError::Internal("the sync thread panicked"))
     }
 }

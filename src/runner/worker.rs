@@ -71,7 +71,7 @@ pub async fn work(
                     staged: None,
                 }
             }
-            Err(LocalError(error)) => Event::Fatal(error),
+            Err(LocalError(error)) => Event::Fatal(error.into()),
         };
         if events.send_async(event).await.is_err() {
             return;

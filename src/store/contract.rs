@@ -2,9 +2,9 @@
 //! against the trait alone: a backend's tests call each one with a
 //! function that opens a fresh, empty store of its kind.
 
-use anyhow::Result;
+use crate::store::Result;
 
-use super::{Store, TakenForDead};
+use super::Store;
 use crate::domain::{
     Claim, Completion, ExportRow, HostFilter, InsertResult, JobState, Liveness, NewUrl, RunEnd,
     RunId, RunOutcome, RunStart, Validators, Work,
@@ -94,7 +94,7 @@ fn assert_taken_for_dead(refused: Result<Vec<Claim>>) {
             claims.len()
         ),
         Err(error) => assert!(
-            error.downcast_ref::<TakenForDead>().is_some(),
+            error.is_taken_for_dead(),
             "not refused as taken for dead: {error:#}"
         ),
     }
@@ -242,7 +242,7 @@ pub fn failed_rows_go_back_with_a_fresh_budget(fresh: Fresh<'_>) {
 pub fn a_setting_keeps_its_first_value(fresh: Fresh<'_>) {
     let mut store = fresh();
     assert_eq!(store.setting("out_dir").unwrap(), None);
-    let refused = store.setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"));
+    let refused = store.setting_or_insert("out_dir", "/c", &mut || Err("no".into()));
     assert!(refused.is_err());
     assert_eq!(store.setting("out_dir").unwrap(), None);
     let recorded = store.setting_or_insert("out_dir", "/a", &mut || Ok(()));

@@ -7,30 +7,17 @@
 mod backend;
 #[cfg(test)]
 pub(crate) mod contract;
+mod error;
 mod postgres;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
-
-use crate::domain::RunId;
 pub use backend::Store;
+pub use error::{CallerError, Context, Error, Result, TakenForDead};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
-
-/// A run's completions were refused, or its heartbeat could not be
-/// renewed: another run found it dead and gave its rows to others.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "run #{run} was taken for dead by another run, which gave its URLs to others \
-     (its heartbeat had not been renewed for too long); it stopped so that no URL \
-     is fetched twice. Run again to carry on"
-)]
-pub struct TakenForDead {
-    pub run: RunId,
-}
 
 /// Where the database is, as `--db` (or `JOBRUN_DB`) names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +137,7 @@ pub fn open(location: &Location, options: &OpenOptions) -> Result<Box<dyn Store>
 }
 
 /// What to do about a database error that means the database is damaged.
-pub fn damage_hint(error: &anyhow::Error, location: &Location) -> Option<String> {
+pub fn damage_hint(error: &Error, location: &Location) -> Option<String> {
     match location {
         Location::Sqlite(path) => sqlite::damage_hint(error, path),
         Location::Postgres(_) => None,

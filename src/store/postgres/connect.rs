@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use crate::store::{Context, Error, Result};
 use include_dir::{Dir, include_dir};
 use postgres::config::SslMode;
 use postgres::{Client, Config, NoTls};
@@ -79,10 +79,12 @@ fn split_ssl_mode(url: &str) -> Result<(String, Tls)> {
             Some("allow" | "prefer") => tls = Tls::Encrypt { required: false },
             Some("require") => tls = Tls::Encrypt { required: true },
             Some("verify-ca" | "verify-full") => tls = Tls::Verify,
-            Some(other) => bail!(
-                "sslmode={other} in --db is not a TLS mode: use disable, prefer, require, \
-                 verify-ca or verify-full"
-            ),
+            Some(other) => {
+                return Err(Error::Invalid(format!(
+                    "sslmode={other} in --db is not a TLS mode: use disable, prefer, require, \
+                     verify-ca or verify-full"
+                )));
+            }
             None => kept.push(pair),
         }
     }
@@ -99,8 +101,11 @@ fn split_ssl_mode(url: &str) -> Result<(String, Tls)> {
 pub fn connect(url: &str, lock_wait: Duration) -> Result<Client> {
     let name = without_password(url);
     let (url, tls) = split_ssl_mode(url)?;
-    let mut config = Config::from_str(&url)
-        .map_err(|e| anyhow!("--db {name} is not a PostgreSQL URL jobrun can use: {e}"))?;
+    let mut config = Config::from_str(&url).map_err(|e| {
+        Error::Invalid(format!(
+            "--db {name} is not a PostgreSQL URL jobrun can use: {e}"
+        ))
+    })?;
     config
         .application_name("jobrun")
         .connect_timeout(Duration::from_secs(10));
@@ -256,10 +261,10 @@ pub fn check_schema(client: &mut Client, name: &str, mode: Open) -> Result<()> {
         .get(0);
     let newest = known.len() as i32;
     if applied > newest {
-        bail!(
+        return Err(Error::Refused(format!(
             "{name} was written by a newer jobrun (schema version {applied}; this one knows up \
              to {newest}). Use that jobrun or a newer one; nothing was changed"
-        );
+        )));
     }
     if applied == newest {
         return Ok(());
@@ -268,11 +273,11 @@ pub fn check_schema(client: &mut Client, name: &str, mode: Open) -> Result<()> {
         if applied == 0 {
             return Err(no_jobrun_tables(name));
         }
-        bail!(
+        return Err(Error::Refused(format!(
             "{name} was written by an older jobrun (schema version {applied} of {newest}); \
              reading it needs its schema brought up to date: run `jobrun --db {name} import` \
              or `run` once, then read it"
-        );
+        )));
     }
     for (version, migration, sql) in &known[applied as usize..] {
         tx.batch_execute(sql)

@@ -3,7 +3,7 @@
 //! run of lines at a time. A line with a name the user gave is checked on
 //! its own first, as SQLite's import does, against the rows before it.
 
-use anyhow::Result;
+use crate::store::Result;
 use postgres::Transaction;
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{ToSql, Type};

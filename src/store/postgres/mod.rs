@@ -22,7 +22,7 @@ mod runs;
 use std::cell::{RefCell, RefMut};
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use crate::store::{CallerError, Error, Result};
 use postgres::Client;
 
 use std::collections::HashMap;
@@ -76,10 +76,10 @@ impl PostgresStore {
             Some(lease) => lease,
             None => match store.get_setting("lease")? {
                 Some(text) => humantime::parse_duration(&text).map_err(|e| {
-                    anyhow!(
+                    Error::Invalid(format!(
                         "the setting lease = {text:?} in {} is not a duration: {e}",
                         store.name
-                    )
+                    ))
                 })?,
                 None => DEFAULT_LEASE,
             },
@@ -94,10 +94,10 @@ impl PostgresStore {
     /// The connection, for one operation at a time.
     fn client(&self) -> Result<RefMut<'_, Client>> {
         self.client.try_borrow_mut().map_err(|_| {
-            anyhow!(
+            Error::Invalid(format!(
                 "internal error: {} was used again while reading from it",
                 self.name
-            )
+            ))
         })
     }
 }
@@ -165,7 +165,7 @@ impl Store for PostgresStore {
     fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
     ) -> Result<()> {
         self.row_states(ids, settle)
     }
@@ -190,7 +190,7 @@ impl Store for PostgresStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<()>,
+        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
     ) -> Result<String> {
         self.record_setting(key, value, prepare)
     }
@@ -211,27 +211,27 @@ impl Store for PostgresStore {
         self.refresh_tally()
     }
 
-    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>) -> Result<()> {
         self.files(each)
     }
 
-    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>) -> Result<()> {
         self.failed_rows(each)
     }
 
-    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>) -> Result<()> {
         self.rows(each)
     }
 }
 
 /// Adds what the database said to an error, with where it happened.
-fn pg_context(error: postgres::Error, name: &str) -> anyhow::Error {
+fn pg_context(error: postgres::Error, name: &str) -> Error {
     let detail = error
         .as_db_error()
         .map(|db| format!("{} ({})", db.message(), db.code().code()));
     match detail {
-        Some(detail) => anyhow!(error).context(format!("PostgreSQL at {name}: {detail}")),
-        None => anyhow!(error).context(format!("PostgreSQL at {name}")),
+        Some(detail) => Error::from(error).context(format!("PostgreSQL at {name}: {detail}")),
+        None => Error::from(error).context(format!("PostgreSQL at {name}")),
     }
 }
 
@@ -251,11 +251,11 @@ fn count(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
 
-fn no_jobrun_tables(name: &str) -> anyhow::Error {
-    anyhow!(
+fn no_jobrun_tables(name: &str) -> Error {
+    Error::Refused(format!(
         "{name} holds no jobrun data; nothing was changed. Import a URL list into it first \
          (`jobrun --db {name} import FILE`)"
-    )
+    ))
 }
 
 #[cfg(test)]

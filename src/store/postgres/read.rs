@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use crate::store::{CallerError, Result};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
@@ -29,7 +29,7 @@ impl PostgresStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<()>,
+        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
     ) -> Result<String> {
         let name = self.name.clone();
         let mut client = self.client()?;
@@ -247,7 +247,7 @@ impl PostgresStore {
         &self,
         sql: &str,
         read: impl Fn(&postgres::Row) -> T,
-        each: &mut dyn FnMut(T) -> Result<()>,
+        each: &mut dyn FnMut(T) -> Result<(), CallerError>,
     ) -> Result<()> {
         let mut client = self.client()?;
         let no_params: [&(dyn ToSql + Sync); 0] = [];
@@ -260,7 +260,10 @@ impl PostgresStore {
         Ok(())
     }
 
-    pub(super) fn files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
+    pub(super) fn files(
+        &self,
+        each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT u.id, u.url, u.path, u.bytes, u.sha256, r.host FROM urls u
              LEFT JOIN runs r ON r.id = u.written_by
@@ -277,7 +280,10 @@ impl PostgresStore {
         )
     }
 
-    pub(super) fn failed_rows(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
+    pub(super) fn failed_rows(
+        &self,
+        each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
             |row| FailedRow {
@@ -290,7 +296,10 @@ impl PostgresStore {
         )
     }
 
-    pub(super) fn rows(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
+    pub(super) fn rows(
+        &self,
+        each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, encode(sha256, 'hex'), error
              FROM urls ORDER BY id",

@@ -5,7 +5,7 @@
 //! budget, but a URL rescued `RESCUE_LIMIT` times fails, so that a URL that
 //! kills runs is not handed out for ever.
 
-use anyhow::Result;
+use crate::store::Result;
 use postgres::Transaction;
 use postgres::types::ToSql;
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use crate::store::Result;
 
 use super::*;
 use crate::clock::now_ms;
@@ -352,7 +352,7 @@ fn settings_keep_their_first_value_and_schemas_are_checked() -> Result<()> {
     assert_eq!(store.setting("out_dir")?, None);
     assert!(
         store
-            .setting_or_insert("out_dir", "/c", &mut || anyhow::bail!("no"))
+            .setting_or_insert("out_dir", "/c", &mut || Err("no".into()))
             .is_err()
     );
     assert_eq!(

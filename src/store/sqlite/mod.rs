@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use crate::store::{CallerError, Context, Error, Result};
 use include_dir::{Dir, DirEntry, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
@@ -82,7 +82,7 @@ impl SqliteStore {
         let (mode, wait) = (options.mode, options.lock_wait);
         let display = path.display();
         if mode == Open::MustExist && !path.exists() {
-            bail!(no_database(path));
+            return Err(Error::Refused(no_database(path)));
         }
         if mode == Open::CreateIfMissing {
             create_private_file(path)?;
@@ -93,7 +93,7 @@ impl SqliteStore {
         schema_version(&conn, path, wait)?;
         // SQLite opens a file it cannot write read-only, without a word.
         if conn.is_readonly(rusqlite::MAIN_DB)? {
-            bail!(cannot_write(path));
+            return Err(Error::Invalid(cannot_write(path)));
         }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(|e| explain_lock(e, path, wait))
@@ -102,7 +102,7 @@ impl SqliteStore {
         // it done: a commit lost in a power cut only costs a re-fetch.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         set_cache(&conn, options)?;
-        let migrations = MIGRATIONS.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let migrations = MIGRATIONS.as_ref().map_err(|e| Error::Invalid(e.clone()))?;
         migrations
             .to_latest(&mut conn)
             .with_context(|| format!("cannot bring {display} up to date"))?;
@@ -125,18 +125,22 @@ impl SqliteStore {
         let display = path.display();
         let meta = match std::fs::metadata(path) {
             Ok(meta) => meta,
-            Err(e) if e.kind() == ErrorKind::NotFound => bail!(no_database(path)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::Refused(no_database(path)));
+            }
             Err(e) => return Err(e).with_context(|| format!("cannot read database {display}")),
         };
         if !meta.is_file() {
-            bail!("{display} is not a file; --db names jobrun's state database");
+            return Err(Error::Refused(format!(
+                "{display} is not a file; --db names jobrun's state database"
+            )));
         }
         if meta.len() == 0 {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{display} is empty, not a jobrun database; nothing was changed. Import a URL \
                  list into it first (`jobrun --db {display} import FILE`), or point --db at \
                  an existing one"
-            );
+            )));
         }
         let conn = match connect_read_only(path, false, options) {
             Ok(conn) => conn,
@@ -156,10 +160,13 @@ impl SqliteStore {
             Err(error) => return Err(error),
         };
         let conn = match schema_version(&conn, path, options.lock_wait)? {
-            0 => bail!(
-                "{display} holds no jobrun data (an empty SQLite database); nothing was \
-                 changed. Import a URL list into it first (`jobrun --db {display} import FILE`)"
-            ),
+            0 => {
+                return Err(Error::Refused(format!(
+                    "{display} holds no jobrun data (an empty SQLite database); nothing was \
+                     changed. Import a URL list into it first (`jobrun --db {display} import \
+                     FILE`)"
+                )));
+            }
             version if version < known_version() => upgraded_copy(&conn, path)?,
             _ => conn,
         };
@@ -255,7 +262,7 @@ impl Store for SqliteStore {
     fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
     ) -> Result<()> {
         SqliteStore::with_row_states(self, ids, settle)
     }
@@ -285,7 +292,7 @@ impl Store for SqliteStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<()>,
+        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
     ) -> Result<String> {
         let tx = self.write_transaction()?;
         if let Some(recorded) = read_setting(&tx, key)? {
@@ -316,15 +323,15 @@ impl Store for SqliteStore {
         SqliteStore::refresh_counts(self)
     }
 
-    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>) -> Result<()> {
         SqliteStore::done_files(self, each)
     }
 
-    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>) -> Result<()> {
         SqliteStore::failed(self, each)
     }
 
-    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>) -> Result<()> {
         SqliteStore::export(self, each)
     }
 }
@@ -398,15 +405,11 @@ fn file_uri(path: &Path, query: &str) -> Result<String> {
 
 /// SQLite could not open the file as asked (for reading, it cannot create
 /// the -shm file beside a WAL database).
-fn cannot_open(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
-            matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
-            )
-        })
-    })
+fn cannot_open(error: &Error) -> bool {
+    matches!(
+        error.sqlite_code(),
+        Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+    )
 }
 
 /// Whether a write-ahead log beside the database holds changes that are
@@ -425,7 +428,7 @@ fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
     rusqlite::backup::Backup::new(conn, &mut copy)?
         .run_to_completion(1024, Duration::ZERO, None)
         .with_context(|| format!("cannot read database {display}"))?;
-    let migrations = MIGRATIONS.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let migrations = MIGRATIONS.as_ref().map_err(|e| Error::Invalid(e.clone()))?;
     migrations
         .to_latest(&mut copy)
         .with_context(|| format!("cannot read {display}, written by an older jobrun"))?;
@@ -434,7 +437,7 @@ fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
 
 /// A SQLite error, said plainly when it is another process's lock: which
 /// process holds it, when /proc can tell, and what to do about it.
-fn explain_lock(error: rusqlite::Error, path: &Path, wait: Duration) -> anyhow::Error {
+fn explain_lock(error: rusqlite::Error, path: &Path, wait: Duration) -> Error {
     // A reader gives up with SQLITE_PROTOCOL when a process stopped halfway
     // through a write keeps the log's index locked.
     if !matches!(
@@ -483,7 +486,10 @@ fn explain_lock(error: rusqlite::Error, path: &Path, wait: Duration) -> anyhow::
         ),
         None => format!("{}. {others}", locked("")),
     };
-    anyhow::Error::new(error).context(message)
+    Error::Busy {
+        message,
+        source: error,
+    }
 }
 
 /// The unfinished run that `holder` is, if it is one.
@@ -501,15 +507,11 @@ fn run_of(path: &Path, holder: &lock::LockHolder) -> Option<i64> {
 }
 
 /// What to do about a database error that means the file is damaged.
-pub fn damage_hint(error: &anyhow::Error, path: &Path) -> Option<String> {
-    let damaged = error.chain().any(|cause| {
-        cause.downcast_ref::<rusqlite::Error>().is_some_and(|e| {
-            matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
-            )
-        })
-    });
+pub fn damage_hint(error: &Error, path: &Path) -> Option<String> {
+    let damaged = matches!(
+        error.sqlite_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    );
     damaged.then(|| {
         let db = path.display();
         format!(
@@ -525,12 +527,12 @@ fn known_version() -> usize {
     MIGRATIONS_DIR.dirs().count()
 }
 
-fn not_sqlite(path: &Path) -> anyhow::Error {
-    anyhow::anyhow!(
+fn not_sqlite(path: &Path) -> Error {
+    Error::Refused(format!(
         "{} is not a SQLite database (is it the right file? \
          --db names jobrun's state database)",
         path.display()
-    )
+    ))
 }
 
 /// The schema version of a jobrun database (0 for a new, empty one); a
@@ -544,11 +546,11 @@ fn schema_version(conn: &Connection, path: &Path, wait: Duration) -> Result<usiz
             _ => explain_lock(e, path, wait).context(format!("cannot read database {display}")),
         })?;
     if version as usize > known_version() {
-        bail!(
+        return Err(Error::Refused(format!(
             "{display} was written by a newer jobrun (schema version {version}; this one knows \
              up to {}). Use that jobrun or a newer one; nothing was changed",
             known_version()
-        );
+        )));
     }
     if version == 0 {
         let tables: i64 = conn.query_row(
@@ -557,10 +559,10 @@ fn schema_version(conn: &Connection, path: &Path, wait: Duration) -> Result<usiz
             |row| row.get(0),
         )?;
         if tables > 0 {
-            bail!(
+            return Err(Error::Refused(format!(
                 "{display} is a SQLite database, but not jobrun's; nothing was changed. \
                  Point --db at a new file"
-            );
+            )));
         }
     }
     Ok(version.max(0) as usize)

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Result, bail};
+use crate::store::{CallerError, Result};
 use rusqlite::{OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
@@ -167,7 +167,7 @@ impl SqliteStore {
         count_host_answers(&tx, completions)?;
         if alive == 0 || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
-            bail!(TakenForDead { run });
+            return Err(TakenForDead { run }.into());
         }
         let claims = if claim > 0 {
             claim_due(&tx, run, now, claim, filter, work)?
@@ -219,7 +219,7 @@ impl SqliteStore {
     pub(super) fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<()>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
     ) -> Result<()> {
         let tx = self.write_transaction()?;
         let mut states = HashMap::with_capacity(ids.len());

@@ -6,7 +6,7 @@
 //! records them as changed, unchanged or failed. A round killed half-way is
 //! finished by the next `jobrun refresh`, which finds rows still pending.
 
-use anyhow::Result;
+use crate::store::Result;
 use rusqlite::{OptionalExtension, params};
 
 use super::SqliteStore;

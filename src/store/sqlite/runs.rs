@@ -2,7 +2,7 @@
 //! live run from a dead one and take the dead one's claims back at once, and
 //! so that `report` can say how the last run ended.
 
-use anyhow::{Result, bail};
+use crate::store::Result;
 use rusqlite::{Row, Transaction, params};
 
 use super::SqliteStore;
@@ -123,7 +123,7 @@ impl SqliteStore {
             params![run.0, now_ms()],
         )?;
         if alive == 0 {
-            bail!(TakenForDead { run });
+            return Err(TakenForDead { run }.into());
         }
         tx.commit()?;
         Ok(())

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use anyhow::Result;
+use crate::store::{CallerError, Result};
 use rusqlite::types::ValueRef;
 
 use super::SqliteStore;
@@ -202,7 +202,10 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every done URL's file record, in import order.
-    pub(super) fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<()>) -> Result<()> {
+    pub(super) fn done_files(
+        &self,
+        each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
             |row| {
@@ -220,7 +223,10 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every failed URL, in import order.
-    pub(super) fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<()>) -> Result<()> {
+    pub(super) fn failed(
+        &self,
+        each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
             |row| {
@@ -241,7 +247,7 @@ impl SqliteStore {
         &self,
         sql: &str,
         read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-        each: &mut dyn FnMut(T) -> Result<()>,
+        each: &mut dyn FnMut(T) -> Result<(), CallerError>,
     ) -> Result<()> {
         let mut statement = self.conn.prepare(sql)?;
         let mut rows = statement.query([])?;
@@ -252,7 +258,10 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every URL in import order.
-    pub(super) fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<()>) -> Result<()> {
+    pub(super) fn export(
+        &self,
+        each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>,
+    ) -> Result<()> {
         self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, lower(hex(sha256)), error
              FROM urls ORDER BY id",

@@ -1,0 +1,39 @@
+//! Why a run stopped with an error. Its message is what the run records
+//! as its end in the database and what the user reads; its kind is what
+//! decides the exit status.
+
+use crate::fetch::ClientError;
+use crate::output;
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The state database failed, was locked for too long, or the run was
+    /// taken for dead.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The output folder as a whole cannot be written: every URL would
+    /// fail alike.
+    #[error(transparent)]
+    Output(#[from] output::Error),
+    /// The HTTP client could not be set up.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The stop signal could not be watched.
+    #[error(transparent)]
+    Signal(store::CallerError),
+    /// A thread or the async runtime could not be started.
+    #[error("{what}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A part of the run ended without being told to (a panic, a channel
+    /// closed): a bug.
+    #[error("{0}")]
+    Internal(&'static str),
+}
+
+/// What a run's parts return.
+pub type Result<T, E = RunError> = std::result::Result<T, E>;
