@@ -166,3 +166,45 @@ fn progress_display(cli: &Cli) -> Display {
         Display::Lines(std::time::Duration::from_secs(5))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use crate::output;
+
+    fn busy() -> store::Error {
+        store::Error::Busy {
+            message: "jobrun.db is locked by another process".into(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                None,
+            ),
+        }
+    }
+
+    #[test]
+    fn the_exit_status_follows_the_kind_of_error() {
+        // A lock held too long, met by a command or by a run.
+        let locked = anyhow::Error::from(busy().context("cannot start the run"));
+        assert_eq!(Status::of_error(&locked).code(), 2);
+        let run = RunError::Store(busy().context("cannot commit"));
+        assert_eq!(Status::of_run_error(&run).code(), 2);
+        assert!(store_error(&anyhow::Error::from(run)).is_some_and(store::Error::is_busy));
+
+        // The output folder as a whole cannot be written.
+        let full = RunError::Output(output::Error::Folder("the disk is full".into()));
+        assert_eq!(Status::of_run_error(&full).code(), 2);
+        assert_eq!(Status::of_error(&anyhow::Error::from(full)).code(), 2);
+
+        // A reader that stopped reading, in what the store ran on each row.
+        let closed = store::Error::from(store::CallerError::from(io::Error::from(
+            io::ErrorKind::BrokenPipe,
+        )));
+        let export = anyhow::Error::from(closed).context("cannot export");
+        assert_eq!(Status::of_error(&export).code(), 0);
+        let other = anyhow::Error::from(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert_eq!(Status::of_error(&other).code(), 2);
+    }
+}
