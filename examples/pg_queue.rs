@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use jobrun::domain::{
-    Completion, HostFilter, InsertResult, Liveness, NewUrl, RunEnd, RunStart, Validators, Work,
+    Completion, Fetched, HostFilter, InsertResult, Liveness, NewUrl, RunEnd, RunStart, Validators,
+    Work,
 };
 use jobrun::store::{Open, OpenOptions, PostgresStore, Store};
 
@@ -56,7 +57,7 @@ fn open(url: &str) -> Result<PostgresStore> {
         lock_wait: Duration::from_secs(30),
         ..OpenOptions::new(Open::CreateIfMissing)
     };
-    PostgresStore::open(url, &options)
+    Ok(PostgresStore::open(url, &options)?)
 }
 
 fn bench(url: &str, urls: usize, batch: usize, runs: usize, import_batch: usize) -> Result<()> {
@@ -152,11 +153,13 @@ fn work(url: &str, n: u32, batch: usize) -> Result<usize> {
             .map(|claim| Completion::Done {
                 id: claim.id,
                 lease: claim.lease,
-                status: 200,
-                bytes: 1024,
-                sha256: [0; 32],
-                millis: 50,
-                validators: Validators::default(),
+                fetched: Fetched {
+                    status: 200,
+                    bytes: 1024,
+                    sha256: [0; 32],
+                    millis: 50,
+                    validators: Validators::default(),
+                },
             })
             .collect();
     }

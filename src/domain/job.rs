@@ -183,6 +183,18 @@ impl InsertResult {
     }
 }
 
+/// What a done attempt records in its row: the answer's status, the
+/// body's size and sha256, how long it took, and the validators for a
+/// later refresh.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub status: u16,
+    pub bytes: u64,
+    pub sha256: [u8; 32],
+    pub millis: u32,
+    pub validators: Validators,
+}
+
 /// What became of a claimed URL. Each carries the lease it was claimed
 /// under; a store records it only while that lease still holds.
 #[derive(Debug, Clone)]
@@ -191,11 +203,7 @@ pub enum Completion {
     Done {
         id: i64,
         lease: Lease,
-        status: u16,
-        bytes: u64,
-        sha256: [u8; 32],
-        millis: u32,
-        validators: Validators,
+        fetched: Fetched,
     },
     /// A refresh found the body unchanged (a 304, or the same sha256): the
     /// file stays as it is.
@@ -233,7 +241,10 @@ impl Completion {
     /// How long the attempt took, for attempts that reached an end.
     pub fn millis(&self) -> Option<u32> {
         match *self {
-            Completion::Done { millis, .. }
+            Completion::Done {
+                fetched: Fetched { millis, .. },
+                ..
+            }
             | Completion::Unchanged { millis, .. }
             | Completion::Retry { millis, .. }
             | Completion::Failed { millis, .. } => Some(millis),

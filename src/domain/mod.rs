@@ -10,8 +10,8 @@ mod report;
 mod run;
 
 pub use job::{
-    Claim, Completion, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState, Validators,
-    Work,
+    Claim, Completion, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState,
+    Validators, Work,
 };
 pub use report::{
     DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, RefreshCounts, RefreshRound,

@@ -455,9 +455,9 @@ impl JobQueue {
 fn count_committed(counters: &Counters, batch: &[Completion]) {
     for completion in batch {
         match completion {
-            Completion::Done { bytes, .. } => {
+            Completion::Done { fetched, .. } => {
                 counters.done.fetch_add(1, Ordering::Relaxed);
-                counters.bytes.fetch_add(*bytes, Ordering::Relaxed);
+                counters.bytes.fetch_add(fetched.bytes, Ordering::Relaxed);
             }
             Completion::Unchanged { .. } => {
                 counters.done.fetch_add(1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::output;
 
-use crate::domain::Completion;
+use crate::domain::{Completion, Fetched};
 use crate::output::Written;
 
 /// Outcomes committed together at most, and bodies synced together at most.
@@ -126,9 +126,7 @@ impl Durability {
                     if let Completion::Done {
                         id,
                         lease,
-                        status,
-                        millis,
-                        ..
+                        fetched: Fetched { status, millis, .. },
                     } = *completion
                         && let Some(error) = refused.remove(&id)
                     {
@@ -226,11 +224,13 @@ mod tests {
         let completion = Completion::Done {
             id,
             lease: LEASE,
-            status: 200,
-            bytes: 3,
-            sha256: [0; 32],
-            millis: 1,
-            validators: Default::default(),
+            fetched: Fetched {
+                status: 200,
+                bytes: 3,
+                sha256: [0; 32],
+                millis: 1,
+                validators: Default::default(),
+            },
         };
         let body = Written {
             id,

@@ -8,7 +8,7 @@ use tokio::sync::Semaphore;
 
 use crate::clock::now_ms;
 use crate::counters::Counters;
-use crate::domain::Completion;
+use crate::domain::{Completion, Fetched};
 use crate::fetch::{Attempt, Fetcher, LocalError};
 use crate::output::Written;
 use crate::redact::redact_url;
@@ -43,11 +43,13 @@ pub async fn work(
                     completion: Completion::Done {
                         id: job.claim.id,
                         lease: job.claim.lease,
-                        status: body.status,
-                        bytes: body.bytes,
-                        sha256: body.sha256,
-                        millis: body.millis,
-                        validators: body.validators,
+                        fetched: Fetched {
+                            status: body.status,
+                            bytes: body.bytes,
+                            sha256: body.sha256,
+                            millis: body.millis,
+                            validators: body.validators,
+                        },
                     },
                     staged: Some(Written {
                         id: job.claim.id,

@@ -6,8 +6,8 @@ use crate::store::Result;
 
 use super::Store;
 use crate::domain::{
-    Claim, Completion, ExportRow, HostFilter, InsertResult, JobState, Liveness, NewUrl, RunEnd,
-    RunId, RunOutcome, RunStart, Validators, Work,
+    Claim, Completion, ExportRow, Fetched, HostFilter, InsertResult, JobState, Liveness, NewUrl,
+    RunEnd, RunId, RunOutcome, RunStart, Validators, Work,
 };
 
 /// Opens a new, empty store.
@@ -60,11 +60,13 @@ fn done(claim: &Claim) -> Completion {
     Completion::Done {
         id: claim.id,
         lease: claim.lease,
-        status: 200,
-        bytes: 3,
-        sha256: [7; 32],
-        millis: 1,
-        validators: Validators::default(),
+        fetched: Fetched {
+            status: 200,
+            bytes: 3,
+            sha256: [7; 32],
+            millis: 1,
+            validators: Validators::default(),
+        },
     }
 }
 

@@ -281,9 +281,9 @@ impl Tally {
         let mut tally = Tally::default();
         for completion in completions {
             match completion {
-                Completion::Done { bytes, .. } => {
+                Completion::Done { fetched, .. } => {
                     tally.done += 1;
-                    tally.bytes += *bytes as i64;
+                    tally.bytes += fetched.bytes as i64;
                 }
                 Completion::Unchanged { .. } => tally.done += 1,
                 Completion::Retry { .. } => tally.retried += 1,
@@ -313,20 +313,13 @@ fn record(
     for completion in completions {
         let (id, lease) = (completion.id(), completion.lease());
         match completion {
-            Completion::Done {
-                status,
-                bytes,
-                sha256,
-                millis,
-                validators,
-                ..
-            } => {
+            Completion::Done { fetched, .. } => {
                 done.key(id, lease);
-                done.status.push(Some(i32::from(*status)));
-                done.bytes.push(*bytes as i64);
-                done.sha256.push(sha256.to_vec());
-                done.millis.push(i64::from(*millis));
-                done.validators(validators);
+                done.status.push(Some(i32::from(fetched.status)));
+                done.bytes.push(fetched.bytes as i64);
+                done.sha256.push(fetched.sha256.to_vec());
+                done.millis.push(i64::from(fetched.millis));
+                done.validators(&fetched.validators);
             }
             Completion::Unchanged {
                 status,

@@ -9,7 +9,7 @@ use crate::store::Result;
 
 use super::*;
 use crate::clock::now_ms;
-use crate::domain::{Lease, Validators};
+use crate::domain::{Fetched, Lease, Validators};
 use crate::store::{Open, contract};
 
 pub(crate) fn test_url() -> String {
@@ -104,11 +104,13 @@ fn done(claim: &Claim, bytes: u64) -> Completion {
     Completion::Done {
         id: claim.id,
         lease: claim.lease,
-        status: 200,
-        bytes,
-        sha256: [7; 32],
-        millis: 12,
-        validators: Validators::default(),
+        fetched: Fetched {
+            status: 200,
+            bytes,
+            sha256: [7; 32],
+            millis: 12,
+            validators: Validators::default(),
+        },
     }
 }
 
@@ -221,11 +223,13 @@ fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Re
             run,
             fence: claims[1].lease.fence - 1,
         },
-        status: 200,
-        bytes: 1,
-        sha256: [0; 32],
-        millis: 1,
-        validators: Validators::default(),
+        fetched: Fetched {
+            status: 200,
+            bytes: 1,
+            sha256: [0; 32],
+            millis: 1,
+            validators: Validators::default(),
+        },
     };
     let batch = [done(&claims[0], 1), stale];
     let error = store

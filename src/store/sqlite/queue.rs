@@ -14,8 +14,8 @@ use rusqlite::{OptionalExtension, ToSql, Transaction, params};
 use super::SqliteStore;
 use crate::clock::now_ms;
 use crate::domain::{
-    Claim, Completion, Durations, HostFilter, InsertResult, JobState, Lease, NewUrl, RowState,
-    RunId, Validators, Work,
+    Claim, Completion, Durations, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl,
+    RowState, RunId, Validators, Work,
 };
 use crate::store::TakenForDead;
 
@@ -292,16 +292,9 @@ fn record(
             .execute(&all[..])?)
     };
     let changed = match completion {
-        Completion::Done {
-            status,
-            bytes,
-            sha256,
-            millis,
-            validators,
-            ..
-        } => {
+        Completion::Done { fetched, .. } => {
             tally.done += 1;
-            tally.bytes += *bytes as i64;
+            tally.bytes += fetched.bytes as i64;
             update(
                 "state = 'done', attempts = attempts + 1, http_status = ?4, bytes = ?5,
                  sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
@@ -309,13 +302,13 @@ fn record(
                  refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
                  refresh_error = NULL",
                 params![
-                    status,
-                    *bytes as i64,
-                    &sha256[..],
+                    fetched.status,
+                    fetched.bytes as i64,
+                    &fetched.sha256[..],
                     now,
-                    millis,
-                    validators.etag,
-                    validators.last_modified
+                    fetched.millis,
+                    fetched.validators.etag,
+                    fetched.validators.last_modified
                 ],
             )?
         }
@@ -408,9 +401,12 @@ fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Resul
     let answers: Vec<(i64, Option<u16>)> = completions
         .iter()
         .filter_map(|completion| match *completion {
-            Completion::Done { id, status, .. } | Completion::Unchanged { id, status, .. } => {
-                Some((id, Some(status)))
+            Completion::Done {
+                id,
+                fetched: Fetched { status, .. },
+                ..
             }
+            | Completion::Unchanged { id, status, .. } => Some((id, Some(status))),
             Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
                 Some((id, status))
             }
