@@ -2,11 +2,22 @@
 //! a layer's own error type: each layer keeps a typed error and still adds
 //! what it was doing to it, so the message a user reads is the same chain.
 
-/// Defines `pub trait Context<T>` for the error type `$error`, which has a
-/// `context(self, impl Display) -> $error` method; a `None` becomes
+/// Defines `pub trait Context<T>` for the error type `$error`, whose
+/// variant `Context { context: String, source: Box<$error> }` holds what
+/// was being done, and `$error::context`, which adds it; a `None` becomes
 /// `$missing(context)`.
 macro_rules! define_context {
-    ($error:ty, $missing:path) => {
+    ($error:ident, $missing:path) => {
+        impl $error {
+            /// This error, met while doing what `context` says.
+            pub fn context(self, context: impl std::fmt::Display) -> $error {
+                $error::Context {
+                    context: context.to_string(),
+                    source: Box::new(self),
+                }
+            }
+        }
+
         /// Adds what was being done to an error, as anyhow's `Context` does.
         // Both methods, as anyhow has them, whether or not a layer uses both.
         #[allow(dead_code)]

@@ -10,12 +10,10 @@
 //! `<url> <sha256>` for every item to --manifest, so a job's files can be
 //! checked. It serves until it is stopped.
 
-mod server;
-
 use std::io::Write;
 use std::time::Duration;
 
-use server::{Reply, Server, item_body, item_of};
+use jobrun_test_server::{Reply, Server, item_body, item_of};
 use sha2::{Digest, Sha256};
 
 struct Options {
@@ -64,7 +62,7 @@ fn main() {
         }
     };
     let (items, every, latency) = (options.items, options.fault_every.max(1), options.latency);
-    let server = Server::start(move |request| {
+    let server = Server::try_start(move |request| {
         let Some(i) = item_of(&request.path).filter(|&i| i < items) else {
             return Reply::status(404);
         };

@@ -2,7 +2,6 @@
 //! machine (disk full, folder read-only or gone, a temp folder in the way),
 //! not of one URL, so a run that meets it stops.
 
-use std::fmt::Display;
 use std::io;
 
 /// What the output folder's operations return.
@@ -24,16 +23,6 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
-}
-
-impl Error {
-    /// This error, met while doing what `context` says.
-    pub fn context(self, context: impl Display) -> Error {
-        Error::Context {
-            context: context.to_string(),
-            source: Box::new(self),
-        }
-    }
 }
 
 crate::context::define_context!(Error, Error::Folder);

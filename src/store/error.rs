@@ -5,8 +5,6 @@
 //! adds that context as anyhow's trait of the same name does, so the
 //! message a user reads is the same chain.
 
-use std::fmt::Display;
-
 use crate::domain::RunId;
 
 /// What every store operation returns.
@@ -120,13 +118,3 @@ impl Error {
 }
 
 crate::context::define_context!(Error, Error::Invalid);
-
-impl Error {
-    /// This error, met while doing what `context` says.
-    pub fn context(self, context: impl Display) -> Error {
-        Error::Context {
-            context: context.to_string(),
-            source: Box::new(self),
-        }
-    }
-}
