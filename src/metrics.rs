@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -272,31 +271,56 @@ fn render(snapshot: &Snapshot) -> String {
 /// or busy address stops it at once. `:PORT` is short for
 /// `127.0.0.1:PORT`: host names stay on this machine unless another address
 /// is asked for.
-pub fn bind(address: &str) -> Result<(StdListener, SocketAddr)> {
+pub fn bind(address: &str) -> Result<(StdListener, SocketAddr), BindError> {
     let full = match address.strip_prefix(':') {
         Some(port) => format!("127.0.0.1:{port}"),
         None => address.to_string(),
     };
     let candidates: Vec<SocketAddr> = full
         .to_socket_addrs()
-        .map_err(|error| {
-            anyhow!(
-                "--metrics {address}: not an address to listen on ({error}); \
-                 give HOST:PORT, e.g. 127.0.0.1:9464, or :0 for any free port"
-            )
+        .map_err(|error| BindError::Address {
+            address: address.to_string(),
+            error,
         })?
         .collect();
-    let listener = StdListener::bind(&candidates[..]).with_context(|| {
-        format!(
-            "--metrics {address}: cannot listen there; is another program using the port? \
-             Choose another, or :0 for any free port"
-        )
+    let listener = StdListener::bind(&candidates[..]).map_err(|source| BindError::Busy {
+        address: address.to_string(),
+        source,
     })?;
     listener
         .set_nonblocking(true)
         .and_then(|()| listener.local_addr())
         .map(|local| (listener, local))
-        .with_context(|| format!("--metrics {address}: cannot set up the socket"))
+        .map_err(|source| BindError::Socket {
+            address: address.to_string(),
+            source,
+        })
+}
+
+/// Why `--metrics` cannot serve where it is asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(
+        "--metrics {address}: not an address to listen on ({error}); \
+         give HOST:PORT, e.g. 127.0.0.1:9464, or :0 for any free port"
+    )]
+    Address {
+        address: String,
+        error: std::io::Error,
+    },
+    #[error(
+        "--metrics {address}: cannot listen there; is another program using the port? \
+         Choose another, or :0 for any free port"
+    )]
+    Busy {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("--metrics {address}: cannot set up the socket")]
+    Socket {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 /// Serves scrapes until the task is dropped with the run's runtime.

@@ -5,10 +5,25 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
-
 use crate::output;
-use crate::store::{Database, Location, Store};
+use crate::store::{self, Database, Location, Store};
+
+/// Why the output folder cannot be settled.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// Not the folder recorded, or not a name that can be recorded.
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot resolve the path {path}")]
+    Resolve {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The settings key of the output folder.
 pub const OUT_DIR_KEY: &str = "out_dir";
@@ -26,8 +41,11 @@ pub fn settle(store: &mut dyn Store, db: &Database, requested: Option<&Path>) ->
                 Some(dir) => dir.clone(),
                 None => default(db)?,
             };
-            let text = chosen.to_str().with_context(|| {
-                format!("the output folder {} is not valid UTF-8", chosen.display())
+            let text = chosen.to_str().ok_or_else(|| {
+                Error::Refused(format!(
+                    "the output folder {} is not valid UTF-8",
+                    chosen.display()
+                ))
             })?;
             // A folder that cannot be one (a file, say) must not be
             // recorded: the user could then never choose another.
@@ -43,7 +61,7 @@ pub fn settle(store: &mut dyn Store, db: &Database, requested: Option<&Path>) ->
     if let Some(requested) = requested
         && !same_place(&requested, &recorded)
     {
-        bail!(
+        return Err(Error::Refused(format!(
             "{} writes its files to {} (recorded on its first run{}), not {}. \
              Run without --out, or use another database for another folder",
             db.shown(),
@@ -54,7 +72,7 @@ pub fn settle(store: &mut dyn Store, db: &Database, requested: Option<&Path>) ->
                 " on this machine"
             },
             requested.display()
-        );
+        )));
     }
     Ok(recorded)
 }
@@ -95,8 +113,10 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     } else {
         path
     };
-    let absolute = std::path::absolute(path)
-        .with_context(|| format!("cannot resolve the path {}", path.display()))?;
+    let absolute = std::path::absolute(path).map_err(|source| Error::Resolve {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(absolute.canonicalize().unwrap_or(absolute))
 }
 

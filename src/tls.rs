@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
 use reqwest::ClientBuilder;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -15,6 +14,28 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 /// No certificate file is this large; a larger one is a mistake (a disk
 /// image, `/dev/zero`), not something to read into memory.
 const MAX_PEM_BYTES: u64 = 16 << 20;
+
+/// A TLS file that cannot be used, named with its option.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Client(#[from] reqwest::Error),
+    /// `source`, met while doing what `context` says.
+    #[error("{context}")]
+    Context {
+        context: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+crate::context::define_context!(Error, Error::Invalid);
 
 /// What a client adds to reqwest's TLS defaults.
 #[derive(Default)]
@@ -35,7 +56,11 @@ impl ClientTls {
         };
         let identity = match (cert, key) {
             (Some(cert), key) => Some(load_identity(cert, key)?),
-            (None, Some(_)) => bail!("--key needs --cert: give the client certificate too"),
+            (None, Some(_)) => {
+                return Err(Error::Invalid(
+                    "--key needs --cert: give the client certificate too".into(),
+                ));
+            }
             (None, None) => None,
         };
         Ok(ClientTls { roots, identity })
@@ -63,11 +88,11 @@ fn load_roots(path: &Path) -> Result<Vec<reqwest::Certificate>> {
         rustls::RootCertStore::empty()
             .add(der.clone())
             .map_err(|e| {
-                anyhow::anyhow!(
+                Error::Invalid(format!(
                     "--cacert {}: certificate #{} cannot be used as a CA: {e}",
                     path.display(),
                     index + 1
-                )
+                ))
             })?;
         roots.push(
             reqwest::Certificate::from_der(&der)
@@ -92,19 +117,19 @@ fn load_identity(cert_path: &Path, key_path: Option<&Path>) -> Result<reqwest::I
         } else {
             ""
         };
-        anyhow::anyhow!(
+        Error::Invalid(format!(
             "{key_option} {}: no unencrypted private key found (PEM: BEGIN PRIVATE KEY, \
              RSA PRIVATE KEY or EC PRIVATE KEY){hint}",
             key_path.display()
-        )
+        ))
     })?;
     let provider = rustls::crypto::ring::default_provider();
     rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        anyhow::anyhow!(
+        Error::Invalid(format!(
             "--cert {} and {key_option} {}: the key cannot be used with the certificate: {e}",
             cert_path.display(),
             key_path.display()
-        )
+        ))
     })?;
     // reqwest takes the identity as PEM and refuses sections it does not
     // know (the `EC PARAMETERS` openssl writes before an EC key): hand it
@@ -127,12 +152,12 @@ fn load_identity(cert_path: &Path, key_path: Option<&Path>) -> Result<reqwest::I
 fn certificates(pem: &[u8], path: &Path, option: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("{option} {}: not valid PEM: {e}", path.display()))?;
+        .map_err(|e| Error::Invalid(format!("{option} {}: not valid PEM: {e}", path.display())))?;
     if certs.is_empty() {
-        bail!(
+        return Err(Error::Invalid(format!(
             "{option} {}: no certificate in it (a PEM file with BEGIN CERTIFICATE blocks is needed)",
             path.display()
-        );
+        )));
     }
     Ok(certs)
 }
@@ -145,11 +170,11 @@ fn read_pem_file(path: &Path, option: &str) -> Result<Vec<u8>> {
         .read_to_end(&mut pem)
         .with_context(|| format!("{option} {}: cannot read it", path.display()))?;
     if pem.len() as u64 > MAX_PEM_BYTES {
-        bail!(
+        return Err(Error::Invalid(format!(
             "{option} {}: larger than {} MiB, so not a certificate file",
             path.display(),
             MAX_PEM_BYTES >> 20
-        );
+        )));
     }
     Ok(pem)
 }
