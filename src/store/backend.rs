@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::{CallerError, Result};
+use crate::store::{CallerResult, Result};
 
 use crate::domain::{
     Claim, Completion, DoneFile, ExportRow, FailedRow, Holder, HostFilter, InsertResult, Liveness,
@@ -111,7 +111,7 @@ pub trait Store: Send {
     fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> CallerResult,
     ) -> Result<()>;
 
     /// Failed rows (all, or those with HTTP `status`, or whose error
@@ -141,7 +141,7 @@ pub trait Store: Send {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
+        prepare: &mut dyn FnMut() -> CallerResult,
     ) -> Result<String>;
 
     // ---- read models (report / export / verify) ----
@@ -163,11 +163,11 @@ pub trait Store: Send {
 
     /// Calls `each` with every done row's file record, in import order,
     /// one at a time; stops at `each`'s first error and returns it.
-    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>) -> Result<()>;
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()>;
 
     /// Calls `each` with every failed row, in import order, as `done_files`.
-    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>) -> Result<()>;
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> CallerResult) -> Result<()>;
 
     /// Calls `each` with every row, in import order, as `done_files`.
-    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>) -> Result<()>;
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()>;
 }

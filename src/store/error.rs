@@ -14,6 +14,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// commit, gives back when it fails; the store returns it unchanged.
 pub type CallerError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a caller's function returns.
+pub type CallerResult = Result<(), CallerError>;
+
 /// A run's completions were refused, or its heartbeat could not be
 /// renewed: another run found it dead and gave its rows to others.
 #[derive(Debug, thiserror::Error)]

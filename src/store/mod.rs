@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use backend::Store;
-pub use error::{CallerError, Context, Error, Result, TakenForDead};
+pub use error::{CallerError, CallerResult, Context, Error, Result, TakenForDead};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 

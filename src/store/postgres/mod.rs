@@ -22,7 +22,7 @@ mod runs;
 use std::cell::{RefCell, RefMut};
 use std::time::Duration;
 
-use crate::store::{CallerError, Error, Result};
+use crate::store::{CallerResult, Error, Result};
 use postgres::Client;
 
 use std::collections::HashMap;
@@ -165,7 +165,7 @@ impl Store for PostgresStore {
     fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> CallerResult,
     ) -> Result<()> {
         self.row_states(ids, settle)
     }
@@ -190,7 +190,7 @@ impl Store for PostgresStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
+        prepare: &mut dyn FnMut() -> CallerResult,
     ) -> Result<String> {
         self.record_setting(key, value, prepare)
     }
@@ -211,15 +211,15 @@ impl Store for PostgresStore {
         self.refresh_tally()
     }
 
-    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>) -> Result<()> {
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()> {
         self.files(each)
     }
 
-    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>) -> Result<()> {
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> CallerResult) -> Result<()> {
         self.failed_rows(each)
     }
 
-    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>) -> Result<()> {
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         self.rows(each)
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::{CallerError, Result};
+use crate::store::{CallerResult, Result};
 use postgres::Transaction;
 use postgres::types::ToSql;
 
@@ -162,7 +162,7 @@ impl PostgresStore {
     pub(super) fn row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> CallerResult,
     ) -> Result<()> {
         let name = self.name.clone();
         let mut client = self.client()?;

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::store::{CallerError, Result};
+use crate::store::{CallerResult, Result};
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::ToSql;
 
@@ -29,7 +29,7 @@ impl PostgresStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
+        prepare: &mut dyn FnMut() -> CallerResult,
     ) -> Result<String> {
         let name = self.name.clone();
         let mut client = self.client()?;
@@ -247,7 +247,7 @@ impl PostgresStore {
         &self,
         sql: &str,
         read: impl Fn(&postgres::Row) -> T,
-        each: &mut dyn FnMut(T) -> Result<(), CallerError>,
+        each: &mut dyn FnMut(T) -> CallerResult,
     ) -> Result<()> {
         let mut client = self.client()?;
         let no_params: [&(dyn ToSql + Sync); 0] = [];
@@ -260,10 +260,7 @@ impl PostgresStore {
         Ok(())
     }
 
-    pub(super) fn files(
-        &self,
-        each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>,
-    ) -> Result<()> {
+    pub(super) fn files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()> {
         self.each_row(
             "SELECT u.id, u.url, u.path, u.bytes, u.sha256, r.host FROM urls u
              LEFT JOIN runs r ON r.id = u.written_by
@@ -282,7 +279,7 @@ impl PostgresStore {
 
     pub(super) fn failed_rows(
         &self,
-        each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>,
+        each: &mut dyn FnMut(FailedRow) -> CallerResult,
     ) -> Result<()> {
         self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
@@ -296,10 +293,7 @@ impl PostgresStore {
         )
     }
 
-    pub(super) fn rows(
-        &self,
-        each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>,
-    ) -> Result<()> {
+    pub(super) fn rows(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, encode(sha256, 'hex'), error
              FROM urls ORDER BY id",

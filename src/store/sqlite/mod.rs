@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::store::{CallerError, Context, Error, Result};
+use crate::store::{CallerResult, Context, Error, Result};
 use include_dir::{Dir, DirEntry, include_dir};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use rusqlite_migration::Migrations;
@@ -262,7 +262,7 @@ impl Store for SqliteStore {
     fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> CallerResult,
     ) -> Result<()> {
         SqliteStore::with_row_states(self, ids, settle)
     }
@@ -292,7 +292,7 @@ impl Store for SqliteStore {
         &mut self,
         key: &str,
         value: &str,
-        prepare: &mut dyn FnMut() -> Result<(), CallerError>,
+        prepare: &mut dyn FnMut() -> CallerResult,
     ) -> Result<String> {
         let tx = self.write_transaction()?;
         if let Some(recorded) = read_setting(&tx, key)? {
@@ -323,15 +323,15 @@ impl Store for SqliteStore {
         SqliteStore::refresh_counts(self)
     }
 
-    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>) -> Result<()> {
+    fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()> {
         SqliteStore::done_files(self, each)
     }
 
-    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>) -> Result<()> {
+    fn failed(&self, each: &mut dyn FnMut(FailedRow) -> CallerResult) -> Result<()> {
         SqliteStore::failed(self, each)
     }
 
-    fn export(&self, each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>) -> Result<()> {
+    fn export(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         SqliteStore::export(self, each)
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::store::{CallerError, Result};
+use crate::store::{CallerResult, Result};
 use rusqlite::{OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
@@ -219,7 +219,7 @@ impl SqliteStore {
     pub(super) fn with_row_states(
         &mut self,
         ids: &[i64],
-        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> Result<(), CallerError>,
+        settle: &mut dyn FnMut(&HashMap<i64, RowState>) -> CallerResult,
     ) -> Result<()> {
         let tx = self.write_transaction()?;
         let mut states = HashMap::with_capacity(ids.len());

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::store::{CallerError, Result};
+use crate::store::{CallerResult, Result};
 use rusqlite::types::ValueRef;
 
 use super::SqliteStore;
@@ -202,10 +202,7 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every done URL's file record, in import order.
-    pub(super) fn done_files(
-        &self,
-        each: &mut dyn FnMut(DoneFile) -> Result<(), CallerError>,
-    ) -> Result<()> {
+    pub(super) fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()> {
         self.each_row(
             "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
             |row| {
@@ -223,10 +220,7 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every failed URL, in import order.
-    pub(super) fn failed(
-        &self,
-        each: &mut dyn FnMut(FailedRow) -> Result<(), CallerError>,
-    ) -> Result<()> {
+    pub(super) fn failed(&self, each: &mut dyn FnMut(FailedRow) -> CallerResult) -> Result<()> {
         self.each_row(
             "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
             |row| {
@@ -247,7 +241,7 @@ impl SqliteStore {
         &self,
         sql: &str,
         read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-        each: &mut dyn FnMut(T) -> Result<(), CallerError>,
+        each: &mut dyn FnMut(T) -> CallerResult,
     ) -> Result<()> {
         let mut statement = self.conn.prepare(sql)?;
         let mut rows = statement.query([])?;
@@ -258,10 +252,7 @@ impl SqliteStore {
     }
 
     /// Calls `each` with every URL in import order.
-    pub(super) fn export(
-        &self,
-        each: &mut dyn FnMut(ExportRow) -> Result<(), CallerError>,
-    ) -> Result<()> {
+    pub(super) fn export(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         self.each_row(
             "SELECT url, state, path, http_status, attempts, bytes, lower(hex(sha256)), error
              FROM urls ORDER BY id",
