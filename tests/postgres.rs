@@ -52,14 +52,7 @@ impl PgJob {
     }
 
     fn spawn_run(&self, args: &[&str]) -> Child {
-        self.job
-            .command_on(&self.url)
-            .arg("run")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start jobrun run")
+        self.job.spawn_run_on(&self.url, args)
     }
 
     fn import(&self, lines: &[String]) -> Output {

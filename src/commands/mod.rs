@@ -20,6 +20,7 @@ use clap::CommandFactory;
 
 use crate::cli::{Cli, Command};
 use crate::log::LogFormat;
+use crate::out_dir;
 use crate::progress::Display;
 use crate::runner::{RunError, StopSignal};
 use crate::store::{self, Database};
@@ -47,9 +48,7 @@ impl Status {
             Status::Interrupted => 130,
         }
     }
-}
 
-impl Status {
     /// How a command that failed with `error` ends: a reader that stopped
     /// reading (`jobrun export | head`) is no failure; every other error
     /// stops the command.
@@ -89,14 +88,18 @@ impl Status {
     }
 }
 
-/// The store's error in an error's chain, also inside a run's error.
+/// The store's error in an error's chain, also inside the error of a run
+/// or of the output folder's setting.
 pub fn store_error(error: &anyhow::Error) -> Option<&store::Error> {
-    error
-        .chain()
-        .find_map(|cause| match cause.downcast_ref::<RunError>() {
-            Some(RunError::Store(error)) => Some(error),
-            _ => cause.downcast_ref::<store::Error>(),
-        })
+    error.chain().find_map(|cause| {
+        if let Some(RunError::Store(error)) = cause.downcast_ref::<RunError>() {
+            return Some(error);
+        }
+        if let Some(out_dir::Error::Store(error)) = cause.downcast_ref::<out_dir::Error>() {
+            return Some(error);
+        }
+        cause.downcast_ref::<store::Error>()
+    })
 }
 
 /// A write to a reader that stopped reading, also from inside a function
@@ -192,6 +195,8 @@ mod tests {
         let run = RunError::Store(busy().context("cannot commit"));
         assert_eq!(Status::of_run_error(&run).code(), 2);
         assert!(store_error(&anyhow::Error::from(run)).is_some_and(store::Error::is_busy));
+        let settling = out_dir::Error::Store(busy());
+        assert!(store_error(&anyhow::Error::from(settling)).is_some_and(store::Error::is_busy));
 
         // The output folder as a whole cannot be written.
         let full = RunError::Output(output::Error::Folder("the disk is full".into()));

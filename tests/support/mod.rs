@@ -88,7 +88,13 @@ impl Job {
 
     /// Starts `jobrun run ARGS` without waiting for it.
     pub fn spawn_run(&self, args: &[&str]) -> Child {
-        self.command()
+        self.spawn_run_on(self.db(), args)
+    }
+
+    /// Starts `jobrun run ARGS` on the database `db` (a file or a
+    /// postgres:// URL) without waiting for it.
+    pub fn spawn_run_on(&self, db: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Child {
+        self.command_on(db)
             .arg("run")
             .args(args)
             .stdout(Stdio::piped())
