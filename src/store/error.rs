@@ -85,9 +85,16 @@ impl Error {
         }
     }
 
-    /// Whether another process held the lock for longer than the lock wait.
+    /// Whether another process held the lock for longer than the lock wait
+    /// (on PostgreSQL, the statement's `lock_timeout`).
     pub fn is_busy(&self) -> bool {
-        matches!(self.root(), Error::Busy { .. })
+        match self.root() {
+            Error::Busy { .. } => true,
+            Error::Postgres(error) => {
+                error.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+            }
+            _ => false,
+        }
     }
 
     /// Whether the run was taken for dead by another one.
