@@ -100,15 +100,6 @@ impl Drop for PgJob {
     }
 }
 
-fn assert_no_url_fetched_twice(server: &Server) {
-    let twice: Vec<_> = server
-        .hits_per_path()
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
-    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
-}
-
 #[test]
 fn four_runs_on_one_queue_fetch_every_url_once() {
     let job = PgJob::new();
