@@ -47,7 +47,9 @@ pub enum Error {
     /// nothing in it was changed.
     #[error("{0}")]
     Refused(String),
-    /// Something about how the database was named or configured.
+    /// Anything else jobrun itself found wrong (a `--db` it cannot parse,
+    /// a file it may not write, a setting that is not a duration), said
+    /// plainly.
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
