@@ -278,3 +278,37 @@ fn export_gives_every_field_as_jsonl_and_csv() {
     assert_eq!(lines.count(), 2);
     assert!(text.contains(&sha));
 }
+
+/// `jobrun export | head`: a reader that stops reading is not an error,
+/// also when the write that finds it gone happens inside the store's loop
+/// over the rows.
+#[test]
+fn export_to_a_reader_that_stops_early_exits_0_without_an_error() {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
+    // Far more than a pipe holds, so export is still writing when the
+    // reader goes away.
+    let urls: Vec<String> = (0..3000)
+        .map(|i| format!("http://a.test/items/{i}.json"))
+        .collect();
+    let job = Job::with_urls(&urls);
+    for format in ["jsonl", "csv"] {
+        let mut child = job
+            .command()
+            .args(["export", "--format", format])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jobrun export");
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+            .read_line(&mut first)
+            .expect("read the first line");
+        assert!(!first.is_empty(), "{format}: nothing exported");
+        let output = child.wait_with_output().expect("wait for jobrun export");
+        let message = stderr(&output);
+        assert_eq!(output.status.code(), Some(0), "{format}: {message}");
+        assert!(!message.contains("error"), "{format}: {message}");
+    }
+}
