@@ -7,10 +7,15 @@
 
 mod support;
 
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::proxy::TcpRelay;
 use support::*;
 
 fn server_url() -> String {
@@ -52,8 +57,13 @@ impl PgJob {
     }
 
     fn spawn_run(&self, args: &[&str]) -> Child {
+        self.spawn_run_on(&self.url, args)
+    }
+
+    /// Starts `jobrun run ARGS` on the queue reached at `url`.
+    fn spawn_run_on(&self, url: &str, args: &[&str]) -> Child {
         self.job
-            .command_on(&self.url)
+            .command_on(url)
             .arg("run")
             .args(args)
             .stdout(Stdio::piped())
@@ -92,6 +102,30 @@ impl PgJob {
             .expect("run SQL on the test server");
     }
 
+    /// The queue's URL, reached through `addr` instead of the server.
+    fn url_via(&self, addr: SocketAddr) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let user = rest[..end]
+            .rsplit_once('@')
+            .map(|(user, _)| format!("{user}@"));
+        format!(
+            "{scheme}://{}{addr}{}",
+            user.unwrap_or_default(),
+            &rest[end..]
+        )
+    }
+
+    /// One number from the queue's own tables.
+    fn number(&self, query: &str) -> i64 {
+        let mut client =
+            postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the queue");
+        client
+            .query_one(query, &[])
+            .expect("query the queue")
+            .get(0)
+    }
+
     fn report(&self) -> Value {
         let output = self.jobrun(&["report", "--json"]);
         assert_success(&output, "report --json");
@@ -107,13 +141,85 @@ impl Drop for PgJob {
     }
 }
 
-fn assert_no_url_fetched_twice(server: &Server) {
-    let twice: Vec<_> = server
-        .hits_per_path()
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
-    assert!(twice.is_empty(), "fetched more than once: {twice:?}");
+/// The test PostgreSQL server's address.
+fn server_addr() -> SocketAddr {
+    let config: postgres::Config = server_url().parse().expect("JOBRUN_TEST_PG is a URL");
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("the test server's address")
+}
+
+/// Answers to requests that come while holding is on are held back until
+/// released; later requests are answered at once. Requests sent with the
+/// header `X-Run: cut` are counted apart.
+#[derive(Default)]
+struct HeldAnswers {
+    holding: AtomicBool,
+    /// The paths whose answers were held.
+    held: Mutex<Vec<String>>,
+    /// The paths asked for with `X-Run: cut`.
+    cut: Mutex<Vec<String>>,
+    released: Mutex<bool>,
+    release: Condvar,
+    /// Held answers on their way out after the release.
+    sent: AtomicUsize,
+}
+
+impl HeldAnswers {
+    fn start() -> (Arc<HeldAnswers>, Server) {
+        let answers = Arc::new(HeldAnswers::default());
+        answers.holding.store(true, Ordering::SeqCst);
+        let gate = answers.clone();
+        let server = Server::start(move |request| {
+            let Some(item) = item_of(&request.path) else {
+                return Reply::status(404);
+            };
+            if request.header("x-run") == Some("cut") {
+                gate.cut.lock().unwrap().push(request.path.clone());
+            }
+            if gate.holding.load(Ordering::SeqCst) {
+                gate.held.lock().unwrap().push(request.path.clone());
+                let mut released = gate.released.lock().unwrap();
+                while !*released {
+                    released = gate.release.wait(released).unwrap();
+                }
+                gate.sent.fetch_add(1, Ordering::SeqCst);
+            }
+            Reply::ok(item_body(item))
+        });
+        (answers, server)
+    }
+
+    fn held(&self) -> HashSet<String> {
+        self.held.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn asked_by_cut_run(&self) -> Vec<String> {
+        self.cut.lock().unwrap().clone()
+    }
+
+    /// Requests from now on are answered at once.
+    fn stop_holding(&self) {
+        self.holding.store(false, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.release.notify_all();
+    }
+}
+
+impl Drop for HeldAnswers {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 #[test]
@@ -300,6 +406,128 @@ fn a_killed_run_on_another_machine_loses_its_urls_when_its_lease_runs_out() {
         "{err}"
     );
     assert!(err.contains("was cut short"), "{err}");
+    let report = job.report();
+    assert_eq!(report["done"], 40, "{report}");
+    job.assert_all_files_right(40);
+}
+
+/// A run cut off from the database (a relay that stops forwarding, its
+/// sockets open) while it holds URLs: it can claim nothing more; another
+/// run takes its URLs once its lease has run out and finishes the job; when
+/// the connection comes back, the cut-off run's outcomes are refused and it
+/// stops, saying it was taken for dead. Only the URLs it asked for are
+/// fetched twice (it goes on with the URLs it had claimed, and cannot
+/// record them); each URL is recorded done once, by the other run, and
+/// every file is right.
+#[test]
+fn a_run_cut_off_from_the_database_is_refused_when_it_comes_back() {
+    let job = PgJob::new();
+    let (answers, server) = HeldAnswers::start();
+    let urls = item_urls(&server, 40);
+    assert_success(&job.import(&urls), "import");
+    let relay = TcpRelay::to(server_addr());
+    let run_args = ["--workers", "10", "--out", "out", "--lease", "2s"];
+    let cut_args = [&run_args[..], &["--header", "X-Run: cut"]].concat();
+    let cut = job.spawn_run_on(&job.url_via(relay.addr()), &cut_args);
+    wait_for(Duration::from_secs(30), "the first run's requests", || {
+        answers.held().len() == 10
+    });
+    relay.freeze();
+    answers.stop_holding();
+    let other = job.jobrun(&[&["run"], &run_args[..]].concat());
+    assert_success(&other, "the other run");
+    assert!(
+        stderr(&other).contains("was cut short"),
+        "{}",
+        stderr(&other)
+    );
+    // The held answers reach the cut-off run, which cannot record them.
+    answers.release();
+    wait_for(Duration::from_secs(30), "the held answers", || {
+        answers.sent.load(Ordering::SeqCst) == 10
+    });
+    relay.thaw();
+    let output = cut.wait_with_output().expect("wait for the cut-off run");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("run #1 was taken for dead by another run"),
+        "{}",
+        stderr(&output)
+    );
+
+    let by_cut_run = answers.asked_by_cut_run();
+    let asked: HashSet<&String> = by_cut_run.iter().collect();
+    assert_eq!(asked.len(), by_cut_run.len(), "{by_cut_run:?}");
+    assert!(answers.held().iter().all(|path| asked.contains(path)));
+    let hits = server.hits_per_path();
+    assert_eq!(hits.len(), 40, "every URL was fetched");
+    for (path, count) in &hits {
+        let expected = if asked.contains(path) { 2 } else { 1 };
+        assert_eq!(*count, expected, "{path} fetched {count} times");
+    }
+    let report = job.report();
+    assert_eq!(report["done"], 40, "{report}");
+    let done_by: Vec<(i64, i64)> = report["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|run| {
+            (
+                run["id"].as_i64().unwrap_or(0),
+                run["done"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert!(
+        done_by.contains(&(1, 0)) && done_by.contains(&(2, 40)),
+        "{done_by:?}"
+    );
+    assert_eq!(
+        job.number("SELECT count(*) FROM urls WHERE state = 'done' AND run_id = 2"),
+        40
+    );
+    job.assert_all_files_right(40);
+    assert_eq!(job.job.files().len(), 40, "{:?}", job.job.files());
+}
+
+/// A run cut off from the database for good does not wait for ever: past
+/// its lease and a margin it gives up with exit status 2 and says why; its
+/// URLs are finished by another run.
+#[test]
+fn a_run_cut_off_from_the_database_for_good_gives_up() {
+    let job = PgJob::new();
+    let (answers, server) = HeldAnswers::start();
+    let urls = item_urls(&server, 40);
+    assert_success(&job.import(&urls), "import");
+    let relay = TcpRelay::to(server_addr());
+    let run_args = ["--workers", "10", "--out", "out", "--lease", "2s"];
+    let mut cut = job.spawn_run_on(&job.url_via(relay.addr()), &run_args);
+    wait_for(Duration::from_secs(30), "the first run's requests", || {
+        answers.held().len() == 10
+    });
+    relay.freeze();
+    answers.stop_holding();
+    let frozen_at = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "the cut-off run to give up",
+        || cut.try_wait().expect("poll the cut-off run").is_some(),
+    );
+    let gave_up_after = frozen_at.elapsed();
+    let output = cut.wait_with_output().expect("the cut-off run's output");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("run #1 stopped: the database"), "{err}");
+    assert!(err.contains("has not answered for"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The lease (2 s) and the margin (10 s), not for ever.
+    assert!(
+        gave_up_after >= Duration::from_secs(10),
+        "{gave_up_after:?}"
+    );
+
+    let other = job.jobrun(&[&["run"], &run_args[..]].concat());
+    assert_success(&other, "the other run");
     let report = job.report();
     assert_eq!(report["done"], 40, "{report}");
     job.assert_all_files_right(40);

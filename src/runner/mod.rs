@@ -16,6 +16,7 @@ mod messages;
 mod peers;
 mod schedule;
 mod syncer;
+mod watch;
 mod worker;
 
 use std::path::PathBuf;
@@ -39,9 +40,11 @@ use coordinator::{Coordinator, Links};
 use crew::Crew;
 use dispatch::Dispatcher;
 use peers::Peers;
+use watch::Busy;
 
 pub use crew::StopSignal;
 use messages::{Event, Job};
+pub use watch::MARGIN as ANSWER_MARGIN;
 
 /// Up to this many workers run on one thread.
 const SINGLE_THREAD_WORKERS: usize = 64;
@@ -56,6 +59,9 @@ pub struct RunPlan {
     pub work: Work,
     /// The lease of a run on a shared database, which its heartbeat renews.
     pub lease: Option<Duration>,
+    /// How long one wait for the database may last before the run gives
+    /// up (a shared database: past the lease, the run's URLs are others').
+    pub answer_within: Option<Duration>,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
@@ -95,6 +101,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
     let wind_down = Arc::new(Notify::new());
     let host_filter = Arc::default();
+    let busy = Arc::new(Busy::default());
     let crew = Crew {
         workers: plan.workers,
         fetcher: fetcher.clone(),
@@ -123,6 +130,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
             host_filter,
             counters: counters.clone(),
             peers: Peers::new(me, run, counters.clone(), plan.lease, fetcher.hosts()),
+            busy: busy.clone(),
         },
     )?;
     let coordinator = std::thread::Builder::new()
@@ -130,7 +138,22 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
         .spawn(move || coordinator.run())
         .context("cannot start the database thread")?;
 
-    run_crew(crew, stop, plan.display, plan.metrics, progress_start)?;
+    let watch = Watch {
+        busy,
+        limit: plan.answer_within,
+        db: crate::redact::redact_url(&plan.db.display().to_string()).into_owned(),
+        run,
+    };
+    // A database that stopped answering leaves the database thread waiting:
+    // it is left behind, and goes with the process.
+    run_crew(
+        crew,
+        stop,
+        plan.display,
+        plan.metrics,
+        progress_start,
+        watch,
+    )?;
     let end = coordinator
         .join()
         .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
@@ -156,14 +179,48 @@ impl RunTotals {
     }
 }
 
+/// The watch on the database thread's waits, and what to say when one
+/// lasts too long.
+struct Watch {
+    busy: Arc<Busy>,
+    /// None: no limit (SQLite, whose waits are bounded by `--lock-wait`).
+    limit: Option<Duration>,
+    /// The database, as messages show it.
+    db: String,
+    run: RunId,
+}
+
+impl Watch {
+    /// Completes, with the error the run ends with, once one wait for the
+    /// database has lasted longer than the limit; never without a limit.
+    async fn gave_up(&self) -> anyhow::Error {
+        let Some(limit) = self.limit else {
+            return std::future::pending().await;
+        };
+        let waited = self.busy.longer_than(limit).await;
+        anyhow::anyhow!(
+            "run #{} stopped: the database {} has not answered for {} s, longer than the \
+             run's lease and a margin ({} s); its URLs go to the other runs, and the next run \
+             here clears what it left in the output folder. Check the network and the server, \
+             then run again",
+            self.run,
+            self.db,
+            waited.as_secs(),
+            limit.as_secs()
+        )
+    }
+}
+
 /// Runs the crew on an async runtime until its workers are gone, with the
-/// progress display beside it, and the metrics endpoint if asked for.
+/// progress display beside it, and the metrics endpoint if asked for; or
+/// until `watch` gives up on the database.
 fn run_crew(
     crew: Crew,
     stop: StopSignal,
     display: progress::Display,
     metrics: Option<std::net::TcpListener>,
     start: counters::Start,
+    watch: Watch,
 ) -> Result<()> {
     let runtime = runtime(crew.workers)?;
     let counters = crew.counters.clone();
@@ -180,8 +237,20 @@ fn run_crew(
         ));
     }
     let progress = progress::show(counters, start, hosts, display);
-    runtime.block_on(crew.run(stop, progress));
-    Ok(())
+    let gave_up = runtime.block_on(async {
+        tokio::select! {
+            () = crew.run(stop, progress) => None,
+            error = watch.gave_up() => Some(error),
+        }
+    });
+    match gave_up {
+        None => Ok(()),
+        Some(error) => {
+            // Workers may be blocked on the stuck database thread.
+            runtime.shutdown_background();
+            Err(error)
+        }
+    }
 }
 
 /// Registers the run, taking back dead runs' rows, and opens the output
@@ -274,6 +343,7 @@ mod tests {
             workers: 2,
             work: Work::Fetch,
             lease: None,
+            answer_within: None,
             fetch: FetchOptions {
                 headers: HeaderMap::new(),
                 timeout: Duration::from_secs(60),

@@ -17,7 +17,7 @@ use anyhow::Result;
 
 use crate::domain::RunId;
 pub use backend::Store;
-pub use postgres::PostgresStore;
+pub use postgres::{DEFAULT_LEASE, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// A run's completions were refused, or its heartbeat could not be
