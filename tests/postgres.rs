@@ -532,3 +532,64 @@ fn a_run_cut_off_from_the_database_for_good_gives_up() {
     assert_eq!(report["done"], 40, "{report}");
     job.assert_all_files_right(40);
 }
+
+/// `export` of a file another machine's run wrote gives it as
+/// `host:/that/machine's/folder/name`, not a path in this machine's folder
+/// (where it is not); rows not done, and files written here, keep their
+/// path here.
+#[test]
+fn export_names_the_machine_and_folder_of_files_written_elsewhere() {
+    let job = PgJob::new();
+    let server = faulty_item_server(Duration::ZERO, |item, _| {
+        (item == 0).then(|| Reply::status(404))
+    });
+    let urls = item_urls(&server, 6);
+    assert_success(&job.import(&urls), "import");
+    let output = job.jobrun(&["run", "--out", "out"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let here = |job: &PgJob| -> Vec<(String, String, String)> {
+        let output = job.jobrun(&["export"]);
+        assert_success(&output, "export");
+        stdout(&output)
+            .lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).expect("export line is JSON");
+                let field = |name: &str| row[name].as_str().unwrap_or_default().to_string();
+                (field("url"), field("state"), field("path"))
+            })
+            .collect()
+    };
+    let before = here(&job);
+    job.sql(&format!(
+        "UPDATE {0}.runs SET host = 'elsewhere';
+         INSERT INTO {0}.settings (key, value) VALUES ('out_dir@elsewhere', '/data/out')",
+        job.schema
+    ));
+    let after = here(&job);
+    assert_eq!(before.len(), 6);
+    for ((url, state, local), (_, _, exported)) in before.iter().zip(&after) {
+        let name = &local[local.find("/out/").expect("in the output folder") + 5..];
+        if state == "done" {
+            assert_eq!(exported, &format!("elsewhere:/data/out/{name}"), "{url}");
+        } else {
+            assert_eq!(exported, local, "{url}: not done, its path stays here");
+        }
+    }
+    // CSV says the same.
+    let csv = job.jobrun(&["export", "--format", "csv"]);
+    assert_success(&csv, "export --format csv");
+    assert_eq!(
+        stdout(&csv).matches(",elsewhere:/data/out/").count(),
+        5,
+        "{}",
+        stdout(&csv)
+    );
+    // A machine that recorded no folder: the name within its folder.
+    job.sql(&format!("UPDATE {0}.runs SET host = 'nowhere'", job.schema));
+    for ((_, state, local), (_, _, exported)) in before.iter().zip(&here(&job)) {
+        let name = &local[local.find("/out/").expect("in the output folder") + 5..];
+        if state == "done" {
+            assert_eq!(exported, &format!("nowhere:{name}"));
+        }
+    }
+}
