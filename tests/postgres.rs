@@ -19,8 +19,7 @@ use support::proxy::TcpRelay;
 use support::*;
 
 fn server_url() -> String {
-    std::env::var("JOBRUN_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    pg_server_url()
 }
 
 /// A job whose queue is a schema of its own on the test server.
@@ -32,20 +31,10 @@ struct PgJob {
 
 impl PgJob {
     fn new() -> PgJob {
-        let base = server_url();
-        let schema = format!("jobrun_it_{}_{:x}", std::process::id(), fastrand::u64(..));
-        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
-            .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .expect("create a test schema");
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-        PgJob {
-            job: Job::new(),
-            url,
-            schema,
-        }
+        let job = Job::on(Backend::Postgres);
+        let schema = job.postgres().expect("a job on PostgreSQL");
+        let (url, schema) = (schema.url.clone(), schema.name.clone());
+        PgJob { job, url, schema }
     }
 
     fn jobrun(&self, args: &[&str]) -> Output {
@@ -130,14 +119,6 @@ impl PgJob {
         let output = self.jobrun(&["report", "--json"]);
         assert_success(&output, "report --json");
         serde_json::from_slice(&output.stdout).expect("report --json is JSON")
-    }
-}
-
-impl Drop for PgJob {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&server_url(), postgres::NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
-        }
     }
 }
 
