@@ -5,8 +5,8 @@
 # `jobrun run --workers W` (default 100) processes start at once, each standing for a
 # machine, against examples/bench_server.rs answering every request after DELAY_MS
 # (default 100) with 1 KB. Prints the wall time from the first start to the last exit,
-# total URLs/s and each run's own figure; checks that every URL is done and was fetched
-# once. REPEAT=K measures each run count K times (default 1). Figures: bench/README.md.
+# total URLs/s over it, when the server saw the last request, and each run's own figure;
+# checks that every URL is done and was fetched once. REPEAT=K measures each run count K times (default 1). Figures: bench/README.md.
 #
 #   bench/pg_runs.sh
 #   N=40000 RUNS="1 4" REPEAT=3 bench/pg_runs.sh
@@ -51,7 +51,7 @@ for round in $(seq "$REPEAT"); do
         schema=jobrun_bench_runs_$$_${runs}_$round
         psql -q "$PG" -c "CREATE SCHEMA $schema" > /dev/null
         db="$PG${sep}options=-c%20search_path%3D$schema"
-        rm -rf "$DIR/out"
+        rm -rf "$DIR/out" "$DIR"/run-*.log
         "$JOBRUN" --db "$db" --quiet import "$DIR/urls.txt"
         load=$(cut -d' ' -f1-3 /proc/loadavg)
         hits_before=$(wc -l < "$DIR/hits")
@@ -65,15 +65,17 @@ for round in $(seq "$REPEAT"); do
         failed=0
         for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
         ms=$(($(now_ms) - start))
+        last=$(tail -n +$((hits_before + 1)) "$DIR/hits" | cut -d' ' -f1 | sort -n | tail -n 1)
         fetched=$(tail -n +$((hits_before + 1)) "$DIR/hits" | wc -l)
         distinct=$(tail -n +$((hits_before + 1)) "$DIR/hits" | cut -d' ' -f2 | sort -u | wc -l)
         done_count=$(psql -qtA "$PG" -c "SELECT count(*) FROM $schema.urls WHERE state = 'done'")
         per_run=$(grep -ho 'run #[0-9]*: [0-9,]* done[^)]*URLs/s)' "$DIR"/run-*.log |
             sed -E 's/run #([0-9]+): ([0-9,]+) done.*\(([0-9]+) URLs\/s\)/#\1 \2 done at \3\/s/' |
             paste -sd ',' - | sed 's/,#/, #/g')
-        printf '%d run(s) x %d workers, %d URLs: %6.2f s, %6.0f URLs/s total; load before %s; %s\n' \
+        printf '%d run(s) x %d workers, %d URLs: %6.2f s, %6.0f URLs/s total (last request after %.2f s); load before %s; %s\n' \
             "$runs" "$WORKERS" "$N" "$(echo "$ms / 1000" | bc -l)" \
-            "$(echo "$N * 1000 / $ms" | bc -l)" "$load" "$per_run"
+            "$(echo "$N * 1000 / $ms" | bc -l)" "$(echo "($last - $start) / 1000" | bc -l)" \
+            "$load" "$per_run"
         if [ "$failed" != 0 ] || [ "$done_count" != "$N" ] || [ "$fetched" != "$N" ] ||
             [ "$distinct" != "$N" ]; then
             echo "not every URL is done ($done_count of $N) and fetched once ($fetched" \
