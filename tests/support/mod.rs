@@ -73,6 +73,7 @@ impl Drop for PgSchema {
 /// Defines the test `NAME` twice, its body run once on each backend: `NAME`
 /// on SQLite and `NAME::on_postgres` on PostgreSQL. The body names the
 /// backend it is given (`$backend`) to make its jobs with `Job::on`.
+#[allow(unused_macros)]
 macro_rules! on_both_backends {
     ($(#[$meta:meta])* fn $name:ident($backend:ident) $body:block) => {
         $(#[$meta])*
