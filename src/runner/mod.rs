@@ -40,7 +40,7 @@ use coordinator::{Coordinator, Links};
 use crew::Crew;
 use dispatch::Dispatcher;
 use peers::Peers;
-use watch::Busy;
+use watch::{Busy, Watch};
 
 pub use crew::StopSignal;
 use messages::{Event, Job};
@@ -133,9 +133,14 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
             busy: busy.clone(),
         },
     )?;
-    let coordinator = std::thread::Builder::new()
+    // How the coordinator ended, sent as it ends: waited for beside the
+    // watch, which a join could not be.
+    let (ended_tx, ended) = flume::bounded::<Result<RunEnd>>(1);
+    std::thread::Builder::new()
         .name("jobrun-db".into())
-        .spawn(move || coordinator.run())
+        .spawn(move || {
+            let _ = ended_tx.send(coordinator.run());
+        })
         .context("cannot start the database thread")?;
 
     let watch = Watch {
@@ -146,17 +151,14 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     };
     // A database that stopped answering leaves the database thread waiting:
     // it is left behind, and goes with the process.
-    run_crew(
+    let end = run_crew(
         crew,
         stop,
         plan.display,
         plan.metrics,
         progress_start,
-        watch,
-    )?;
-    let end = coordinator
-        .join()
-        .map_err(|_| anyhow::anyhow!("the database thread panicked"))??;
+        Ending { ended, watch },
+    )??;
     Ok(RunTotals {
         run,
         elapsed: started_at.elapsed(),
@@ -179,49 +181,25 @@ impl RunTotals {
     }
 }
 
-/// The watch on the database thread's waits, and what to say when one
-/// lasts too long.
-struct Watch {
-    busy: Arc<Busy>,
-    /// None: no limit (SQLite, whose waits are bounded by `--lock-wait`).
-    limit: Option<Duration>,
-    /// The database, as messages show it.
-    db: String,
-    run: RunId,
+/// How the run ends: the coordinator's word, or the watch giving up on the
+/// database first.
+struct Ending {
+    ended: flume::Receiver<Result<RunEnd>>,
+    watch: Watch,
 }
 
-impl Watch {
-    /// Completes, with the error the run ends with, once one wait for the
-    /// database has lasted longer than the limit; never without a limit.
-    async fn gave_up(&self) -> anyhow::Error {
-        let Some(limit) = self.limit else {
-            return std::future::pending().await;
-        };
-        let waited = self.busy.longer_than(limit).await;
-        anyhow::anyhow!(
-            "run #{} stopped: the database {} has not answered for {} s, longer than the \
-             run's lease and a margin ({} s); its URLs go to the other runs, and the next run \
-             here clears what it left in the output folder. Check the network and the server, \
-             then run again",
-            self.run,
-            self.db,
-            waited.as_secs(),
-            limit.as_secs()
-        )
-    }
-}
-
-/// Runs the crew on an async runtime until its workers are gone, with the
-/// progress display beside it, and the metrics endpoint if asked for; or
-/// until `watch` gives up on the database.
+/// Runs the crew on an async runtime until its workers are gone and the
+/// coordinator has ended, with the progress display beside it, and the
+/// metrics endpoint if asked for; or until the watch gives up on the
+/// database. Returns how the coordinator ended.
 fn run_crew(
     crew: Crew,
     stop: StopSignal,
     display: progress::Display,
     metrics: Option<std::net::TcpListener>,
     start: counters::Start,
-    watch: Watch,
-) -> Result<()> {
+    ending: Ending,
+) -> Result<Result<RunEnd>> {
     let runtime = runtime(crew.workers)?;
     let counters = crew.counters.clone();
     let hosts = crew.fetcher.hosts();
@@ -237,20 +215,21 @@ fn run_crew(
         ));
     }
     let progress = progress::show(counters, start, hosts, display);
-    let gave_up = runtime.block_on(async {
+    let Ending { ended, watch } = ending;
+    let outcome = runtime.block_on(async {
         tokio::select! {
-            () = crew.run(stop, progress) => None,
-            error = watch.gave_up() => Some(error),
+            ended = async {
+                crew.run(stop, progress).await;
+                ended.recv_async().await
+            } => ended.map_err(|_| anyhow::anyhow!("the database thread panicked")),
+            error = watch.gave_up() => Err(error),
         }
     });
-    match gave_up {
-        None => Ok(()),
-        Some(error) => {
-            // Workers may be blocked on the stuck database thread.
-            runtime.shutdown_background();
-            Err(error)
-        }
+    if outcome.is_err() {
+        // Workers may be blocked on the stuck database thread.
+        runtime.shutdown_background();
     }
+    outcome
 }
 
 /// Registers the run, taking back dead runs' rows, and opens the output

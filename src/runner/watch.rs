@@ -9,45 +9,92 @@
 //! temp files). An answer that comes sooner, after the lease, is refused by
 //! the store instead: the run was taken for dead.
 
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::clock::now_ms;
+use crate::domain::RunId;
 
 /// How long past its lease a run waits for its database before giving up:
 /// time for a connection that comes back to hear that the run was taken for
 /// dead, or to carry on when no other run took its URLs.
 pub const MARGIN: Duration = Duration::from_secs(10);
 
-/// Since when the coordinator has been busy (unix ms), 0 while it waits
-/// for events.
-#[derive(Debug, Default)]
+/// Since when the coordinator has been busy, in milliseconds since
+/// `origin` (on the monotonic clock, which no clock change moves), plus one;
+/// 0 while it waits for events.
+#[derive(Debug)]
 pub struct Busy {
-    since_ms: AtomicI64,
+    origin: Instant,
+    since_ms: AtomicU64,
+}
+
+impl Default for Busy {
+    fn default() -> Busy {
+        Busy {
+            origin: Instant::now(),
+            since_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Busy {
     pub fn start(&self) {
-        self.since_ms.store(now_ms().max(1), Ordering::Relaxed);
+        self.since_ms.store(self.now_ms() + 1, Ordering::Relaxed);
     }
 
     pub fn idle(&self) {
         self.since_ms.store(0, Ordering::Relaxed);
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
     /// Completes once one busy spell has lasted longer than `limit`, with
     /// how long it has lasted.
     pub async fn longer_than(&self, limit: Duration) -> Duration {
-        let limit_ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
         let every = (limit / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             tokio::time::sleep(every).await;
             let since = self.since_ms.load(Ordering::Relaxed);
-            let busy = now_ms().saturating_sub(since);
-            if since > 0 && busy > limit_ms {
-                return Duration::from_millis(busy as u64);
+            let busy = Duration::from_millis((self.now_ms() + 1).saturating_sub(since));
+            if since > 0 && busy > limit {
+                return busy;
             }
         }
+    }
+}
+
+/// The watch on the database thread's waits, and what to say when one
+/// lasts too long.
+pub struct Watch {
+    pub busy: Arc<Busy>,
+    /// None: no limit (SQLite, whose waits are bounded by `--lock-wait`).
+    pub limit: Option<Duration>,
+    /// The database, as messages show it.
+    pub db: String,
+    pub run: RunId,
+}
+
+impl Watch {
+    /// Completes, with the error the run ends with, once one wait for the
+    /// database has lasted longer than the limit; never without a limit.
+    pub async fn gave_up(&self) -> anyhow::Error {
+        let Some(limit) = self.limit else {
+            return std::future::pending().await;
+        };
+        let waited = self.busy.longer_than(limit).await;
+        anyhow::anyhow!(
+            "run #{} stopped: the database {} has not answered for {} s, longer than the \
+             run's lease and a margin ({} s); its URLs go to the other runs, and the next run \
+             here clears what it left in the output folder. Check the network and the server, \
+             then run again",
+            self.run,
+            self.db,
+            waited.as_secs(),
+            limit.as_secs()
+        )
     }
 }
 
