@@ -129,12 +129,13 @@ on_both_backends! {
     }
 }
 
-#[test]
-fn a_missing_file_says_which() {
-    let job = Job::new();
-    let output = job.jobrun(&["import", "nope.txt"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert_stderr_contains(&output, "cannot open nope.txt");
+on_both_backends! {
+    fn a_missing_file_says_which(backend) {
+        let job = Job::on(backend);
+        let output = job.jobrun(&["import", "nope.txt"]);
+        assert_eq!(output.status.code(), Some(2));
+        assert_stderr_contains(&output, "cannot open nope.txt");
+    }
 }
 
 #[test]
@@ -155,25 +156,26 @@ fn commands_on_a_missing_database_say_what_to_do() {
     );
 }
 
-#[test]
-fn bad_run_options_are_usage_errors() {
-    let job = Job::new();
-    job.import(&["http://a.test/1".to_string()]);
-    for (args, expected) in [
-        (&["run", "--workers", "0"][..], "at least 1"),
-        (&["run", "--rate", "lots"], "not a rate"),
-        (&["run", "--timeout", "forever"], "not a duration"),
-        (&["run", "--header", "no colon"], "--header #1"),
-    ] {
-        let output = job.jobrun(args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(
-            stderr(&output).contains(expected),
-            "{args:?}: {}",
-            stderr(&output)
-        );
+on_both_backends! {
+    fn bad_run_options_are_usage_errors(backend) {
+        let job = Job::on(backend);
+        job.import(&["http://a.test/1".to_string()]);
+        for (args, expected) in [
+            (&["run", "--workers", "0"][..], "at least 1"),
+            (&["run", "--rate", "lots"], "not a rate"),
+            (&["run", "--timeout", "forever"], "not a duration"),
+            (&["run", "--header", "no colon"], "--header #1"),
+        ] {
+            let output = job.jobrun(args);
+            assert_eq!(output.status.code(), Some(2), "{args:?}");
+            assert!(
+                stderr(&output).contains(expected),
+                "{args:?}: {}",
+                stderr(&output)
+            );
+        }
+        assert_eq!(job.report_json()["pending"], 1, "nothing recorded was lost");
     }
-    assert_eq!(job.report_json()["pending"], 1, "nothing recorded was lost");
 }
 
 #[test]
