@@ -1,6 +1,8 @@
 //! jobrun on a PostgreSQL queue (`--db postgres://…`): several runs on one
-//! queue, a run killed while others work, and the commands that read and
-//! change the queue. The server is `JOBRUN_TEST_PG` (default
+//! queue, a run killed while others work, a run cut off from the database,
+//! and the commands that read and change the queue (the tests of bad input,
+//! report, retry and verify in the other files run here too, through
+//! `on_both_backends!`). The server is `JOBRUN_TEST_PG` (default
 //! postgres://postgres@127.0.0.1:5432/test); each test works in a schema of
 //! its own, dropped at the end. A server that cannot be reached fails the
 //! tests: they never skip.
