@@ -3,6 +3,7 @@
 //! shared PostgreSQL queue), so that every command (run, report, export,
 //! verify) finds the same folder without being told.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::output;
@@ -80,6 +81,28 @@ pub fn settle(store: &mut dyn Store, db: &Database, requested: Option<&Path>) ->
 /// The output folder as recorded on this machine, if a run recorded one.
 pub fn recorded(store: &dyn Store, db: &Database) -> Result<Option<PathBuf>> {
     Ok(store.setting(&key(db))?.map(PathBuf::from))
+}
+
+/// The output folders other machines recorded (PostgreSQL), by machine:
+/// the machines of the runs the database lists. Empty on SQLite, where one
+/// folder serves the job.
+pub fn recorded_elsewhere(store: &dyn Store, db: &Database) -> Result<HashMap<String, PathBuf>> {
+    let mut folders = HashMap::new();
+    if let Location::Sqlite(_) = db.location {
+        return Ok(folders);
+    }
+    let here = crate::process::hostname();
+    // Runs are few (one per `jobrun run`), unlike URLs.
+    for run in store.recent_runs(i64::MAX as usize)? {
+        let host = run.start.host;
+        if host == here || folders.contains_key(&host) {
+            continue;
+        }
+        if let Some(dir) = store.setting(&format!("{OUT_DIR_KEY}@{host}"))? {
+            folders.insert(host, PathBuf::from(dir));
+        }
+    }
+    Ok(folders)
 }
 
 /// The output folder as recorded, or where the first run will put it.

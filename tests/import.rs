@@ -8,128 +8,134 @@ use std::process::Stdio;
 
 use support::*;
 
-#[test]
-fn bad_lines_are_reported_by_line_and_good_ones_imported() {
-    let job = Job::new();
-    let text = "\u{feff}http://a.test/1\r\n\
-                # a comment\n\
-                \n\
-                   https://a.test/2   \n\
-                ftp://a.test/file\n\
-                not a url\n\
-                http://a.test/1\n\
-                https://a.test/2\n\
-                mailto:someone@a.test\n\
-                http://a.test/3?q=1\n\
-                http://a.test/3?q=2";
-    job.write("urls.txt", text.as_bytes());
-    let output = job.jobrun(&["import", "urls.txt"]);
-    assert_eq!(output.status.code(), Some(1), "rejected lines give exit 1");
-    let message = stderr(&output);
-    assert!(
-        message.contains("urls.txt:5: unsupported scheme \"ftp\""),
-        "{message}"
-    );
-    assert!(message.contains("urls.txt:6: not a URL"), "{message}");
-    assert!(
-        message.contains("urls.txt:9: unsupported scheme \"mailto\""),
-        "{message}"
-    );
-    assert!(
-        message.contains("4 imported, 2 duplicate, 3 rejected"),
-        "{message}"
-    );
-    let rows = job.export();
-    assert_eq!(rows.len(), 4);
-    for url in [
-        "http://a.test/1",
-        "https://a.test/2",
-        "http://a.test/3?q=1",
-        "http://a.test/3?q=2",
-    ] {
-        assert!(rows.contains_key(url), "{url} missing: {:?}", rows.keys());
+on_both_backends! {
+    fn bad_lines_are_reported_by_line_and_good_ones_imported(backend) {
+        let job = Job::on(backend);
+        let text = "\u{feff}http://a.test/1\r\n\
+                    # a comment\n\
+                    \n\
+                       https://a.test/2   \n\
+                    ftp://a.test/file\n\
+                    not a url\n\
+                    http://a.test/1\n\
+                    https://a.test/2\n\
+                    mailto:someone@a.test\n\
+                    http://a.test/3?q=1\n\
+                    http://a.test/3?q=2";
+        job.write("urls.txt", text.as_bytes());
+        let output = job.jobrun(&["import", "urls.txt"]);
+        assert_eq!(output.status.code(), Some(1), "rejected lines give exit 1");
+        let message = stderr(&output);
+        assert!(
+            message.contains("urls.txt:5: unsupported scheme \"ftp\""),
+            "{message}"
+        );
+        assert!(message.contains("urls.txt:6: not a URL"), "{message}");
+        assert!(
+            message.contains("urls.txt:9: unsupported scheme \"mailto\""),
+            "{message}"
+        );
+        assert!(
+            message.contains("4 imported, 2 duplicate, 3 rejected"),
+            "{message}"
+        );
+        let rows = job.export();
+        assert_eq!(rows.len(), 4);
+        for url in [
+            "http://a.test/1",
+            "https://a.test/2",
+            "http://a.test/3?q=1",
+            "http://a.test/3?q=2",
+        ] {
+            assert!(rows.contains_key(url), "{url} missing: {:?}", rows.keys());
+        }
     }
 }
 
-#[test]
-fn urls_that_differ_only_in_their_query_get_their_own_files() {
-    let job = Job::new();
-    job.write(
-        "urls.txt",
-        b"http://a.test/x?page=1\nhttp://a.test/x?page=2\n",
-    );
-    assert_success(
-        &job.jobrun(&["import", "urls.txt", "--ext", ".csv"]),
-        "import",
-    );
-    let paths: Vec<String> = job
-        .export()
-        .values()
-        .map(|r| r["path"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(paths.len(), 2);
-    assert_ne!(paths[0], paths[1]);
-    assert!(paths.iter().all(|p| p.ends_with(".csv")), "{paths:?}");
+on_both_backends! {
+    fn urls_that_differ_only_in_their_query_get_their_own_files(backend) {
+        let job = Job::on(backend);
+        job.write(
+            "urls.txt",
+            b"http://a.test/x?page=1\nhttp://a.test/x?page=2\n",
+        );
+        assert_success(
+            &job.jobrun(&["import", "urls.txt", "--ext", ".csv"]),
+            "import",
+        );
+        let paths: Vec<String> = job
+            .export()
+            .values()
+            .map(|r| r["path"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(paths.len(), 2);
+        assert_ne!(paths[0], paths[1]);
+        assert!(paths.iter().all(|p| p.ends_with(".csv")), "{paths:?}");
+    }
 }
 
-#[test]
-fn importing_again_counts_duplicates_and_keeps_state() {
-    let server = item_server(std::time::Duration::ZERO);
-    let (job, urls) = Job::with_items(&server, 3);
-    job.run_ok(&[]);
-    let mut more = urls.clone();
-    more.push(server.url("/items/3.json"));
-    let output = job.import(&more);
-    assert_stderr_contains(&output, "1 imported, 3 duplicate, 0 rejected");
-    let report = job.report_json();
-    assert_eq!(report["done"], 3);
-    assert_eq!(report["pending"], 1);
+on_both_backends! {
+    fn importing_again_counts_duplicates_and_keeps_state(backend) {
+        let server = item_server(std::time::Duration::ZERO);
+        let (job, urls) = Job::with_items_on(backend, &server, 3);
+        job.run_ok(&[]);
+        let mut more = urls.clone();
+        more.push(server.url("/items/3.json"));
+        let output = job.import(&more);
+        assert_stderr_contains(&output, "1 imported, 3 duplicate, 0 rejected");
+        let report = job.report_json();
+        assert_eq!(report["done"], 3);
+        assert_eq!(report["pending"], 1);
+    }
 }
 
-#[test]
-fn standard_input_works_and_is_named_in_messages() {
-    let job = Job::new();
-    let mut child = job
-        .command()
-        .args(["import", "-"])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"http://a.test/1\ngopher://a.test/\n")
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert_stderr_contains(&output, "<stdin>:2: unsupported scheme \"gopher\"");
-    assert_eq!(job.report_json()["total"], 1);
+on_both_backends! {
+    fn standard_input_works_and_is_named_in_messages(backend) {
+        let job = Job::on(backend);
+        let mut child = job
+            .command()
+            .args(["import", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"http://a.test/1\ngopher://a.test/\n")
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert_stderr_contains(&output, "<stdin>:2: unsupported scheme \"gopher\"");
+        assert_eq!(job.report_json()["total"], 1);
+    }
 }
 
-#[test]
-fn binary_and_overlong_lines_are_rejected_without_harm() {
-    let job = Job::new();
-    let mut bytes = b"http://a.test/ok\n\xff\xfe\x00garbage\n".to_vec();
-    bytes.extend(std::iter::repeat_n(b'a', 100_000));
-    bytes.extend_from_slice(b"\nhttp://a.test/after\n");
-    job.write("urls.txt", &bytes);
-    let output = job.jobrun(&["import", "urls.txt"]);
-    let message = stderr(&output);
-    assert!(message.contains("urls.txt:2: not valid UTF-8"), "{message}");
-    assert!(
-        message.contains("urls.txt:3: line longer than 65536 bytes"),
-        "{message}"
-    );
-    assert!(message.contains("2 imported"), "{message}");
+on_both_backends! {
+    fn binary_and_overlong_lines_are_rejected_without_harm(backend) {
+        let job = Job::on(backend);
+        let mut bytes = b"http://a.test/ok\n\xff\xfe\x00garbage\n".to_vec();
+        bytes.extend(std::iter::repeat_n(b'a', 100_000));
+        bytes.extend_from_slice(b"\nhttp://a.test/after\n");
+        job.write("urls.txt", &bytes);
+        let output = job.jobrun(&["import", "urls.txt"]);
+        let message = stderr(&output);
+        assert!(message.contains("urls.txt:2: not valid UTF-8"), "{message}");
+        assert!(
+            message.contains("urls.txt:3: line longer than 65536 bytes"),
+            "{message}"
+        );
+        assert!(message.contains("2 imported"), "{message}");
+    }
 }
 
-#[test]
-fn a_missing_file_says_which() {
-    let job = Job::new();
-    let output = job.jobrun(&["import", "nope.txt"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert_stderr_contains(&output, "cannot open nope.txt");
+on_both_backends! {
+    fn a_missing_file_says_which(backend) {
+        let job = Job::on(backend);
+        let output = job.jobrun(&["import", "nope.txt"]);
+        assert_eq!(output.status.code(), Some(2));
+        assert_stderr_contains(&output, "cannot open nope.txt");
+    }
 }
 
 #[test]
@@ -150,25 +156,26 @@ fn commands_on_a_missing_database_say_what_to_do() {
     );
 }
 
-#[test]
-fn bad_run_options_are_usage_errors() {
-    let job = Job::new();
-    job.import(&["http://a.test/1".to_string()]);
-    for (args, expected) in [
-        (&["run", "--workers", "0"][..], "at least 1"),
-        (&["run", "--rate", "lots"], "not a rate"),
-        (&["run", "--timeout", "forever"], "not a duration"),
-        (&["run", "--header", "no colon"], "--header #1"),
-    ] {
-        let output = job.jobrun(args);
-        assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(
-            stderr(&output).contains(expected),
-            "{args:?}: {}",
-            stderr(&output)
-        );
+on_both_backends! {
+    fn bad_run_options_are_usage_errors(backend) {
+        let job = Job::on(backend);
+        job.import(&["http://a.test/1".to_string()]);
+        for (args, expected) in [
+            (&["run", "--workers", "0"][..], "at least 1"),
+            (&["run", "--rate", "lots"], "not a rate"),
+            (&["run", "--timeout", "forever"], "not a duration"),
+            (&["run", "--header", "no colon"], "--header #1"),
+        ] {
+            let output = job.jobrun(args);
+            assert_eq!(output.status.code(), Some(2), "{args:?}");
+            assert!(
+                stderr(&output).contains(expected),
+                "{args:?}: {}",
+                stderr(&output)
+            );
+        }
+        assert_eq!(job.report_json()["pending"], 1, "nothing recorded was lost");
     }
-    assert_eq!(job.report_json()["pending"], 1, "nothing recorded was lost");
 }
 
 #[test]

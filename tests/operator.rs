@@ -93,148 +93,152 @@ fn json_lines_send_method_headers_and_body_into_named_files() {
     assert!(agents.iter().all(|a| a == "shop-sync/2"), "{agents:?}");
 }
 
-#[test]
-fn the_same_url_with_two_bodies_is_two_jobs() {
-    let server = echo_server();
-    let job = Job::new();
-    let url = server.url("/search");
-    let lines = [
-        format!(r#"{{"url": "{url}", "method": "POST", "body": "q=a"}}"#),
-        format!(r#"{{"url": "{url}", "method": "POST", "body": "q=b"}}"#),
-        format!(r#"{{"url": "{url}", "method": "POST", "body": "q=a"}}"#),
-    ];
-    job.write("jobs.jsonl", lines.join("\n"));
-    let output = job.jobrun(&["import", "--format", "jsonl", "jobs.jsonl"]);
-    assert_stderr_contains(&output, "2 imported, 1 duplicate");
-    job.run_ok(&[]);
-    let mut bodies: Vec<String> = job
-        .files()
-        .iter()
-        .map(|f| std::fs::read_to_string(f).unwrap())
-        .collect();
-    bodies.sort();
-    assert_eq!(bodies, ["q=a", "q=b"]);
-}
-
-#[test]
-fn the_report_explains_hosts_errors_durations_and_runs() {
-    let good = item_server(Duration::from_millis(5));
-    let bad = Server::start(|request| match item_of(&request.path) {
-        Some(0) => Reply::status(404),
-        Some(i) => Reply::ok(item_body(i)),
-        None => Reply::status(404),
-    });
-    let job = Job::new();
-    let mut urls = item_urls(&good, 4);
-    urls.extend(item_urls(&bad, 3));
-    job.import(&urls);
-    assert_eq!(job.run(&[]).status.code(), Some(1));
-    let report = job.report_json();
-    let hosts = report["hosts"].as_array().unwrap();
-    assert_eq!(hosts.len(), 2, "{report}");
-    let bad_host = hosts.iter().find(|h| h["failed"] == 1).unwrap();
-    assert_eq!(bad_host["done"], 2);
-    let error = &report["errors"][0];
-    assert_eq!(error["error"], "HTTP 404 Not Found");
-    assert_eq!(error["example"], bad.url("/items/0.json"));
-    let durations = &report["durations"];
-    assert_eq!(durations["requests"], 7, "{report}");
-    assert!(durations["p50_ms"].as_f64().unwrap() <= durations["p99_ms"].as_f64().unwrap());
-    assert_eq!(report["runs"].as_array().unwrap().len(), 1);
-    assert!(report["runs"][0]["urls_per_s"].as_f64().unwrap() > 0.0);
-
-    let text = job.report_text();
-    for part in [
-        "Hosts:",
-        "e.g. ",
-        "Request times (7 requests): p50",
-        "Last run #1: finished",
-        "URLs/s",
-    ] {
-        assert!(text.contains(part), "{part} missing from:\n{text}");
-    }
-    let failed = job.jobrun(&["report", "--failed"]);
-    let listed = String::from_utf8(failed.stdout).unwrap();
-    assert_eq!(
-        listed.trim(),
-        format!("{}\tHTTP 404 Not Found", bad.url("/items/0.json"))
-    );
-    let failed_json = job.jobrun(&["report", "--failed", "--json"]);
-    let row: Value = serde_json::from_slice(&failed_json.stdout).unwrap();
-    assert_eq!(row["http_status"], 404);
-}
-
-#[test]
-fn retry_sends_matching_failures_back_with_a_fresh_budget() {
-    let fixed = Arc::new(Mutex::new(false));
-    let flag = fixed.clone();
-    let server = Server::start(move |request| match item_of(&request.path) {
-        Some(i) if i < 2 && !*flag.lock().unwrap() => Reply::status(404),
-        Some(2) if !*flag.lock().unwrap() => Reply::status(410),
-        Some(i) => Reply::ok(item_body(i)),
-        None => Reply::status(404),
-    });
-    let (job, urls) = Job::with_items(&server, 4);
-    assert_eq!(job.run(&[]).status.code(), Some(1));
-    assert_eq!(job.report_json()["failed"], 3);
-    *fixed.lock().unwrap() = true;
-
-    let output = job.jobrun(&["retry", "--status", "404"]);
-    assert_success(&output, "retry");
-    assert_stderr_contains(
-        &output,
-        "2 failed URLs with HTTP status 404 are pending again",
-    );
-    let report = job.report_json();
-    assert_eq!(
-        (report["failed"].as_u64(), report["pending"].as_u64()),
-        (Some(1), Some(2))
-    );
-    let output = job.jobrun(&["retry", "--error", "410 Gone"]);
-    assert_stderr_contains(&output, "1 failed URLs whose error contains");
-    assert_success(&job.run(&[]), "run after retry");
-    job.assert_all_files_right(&server, &urls);
-    for row in job.export().values() {
-        assert_eq!(row["attempts"], 1, "the budget was fresh: {row}");
+on_both_backends! {
+    fn the_same_url_with_two_bodies_is_two_jobs(backend) {
+        let server = echo_server();
+        let job = Job::on(backend);
+        let url = server.url("/search");
+        let lines = [
+            format!(r#"{{"url": "{url}", "method": "POST", "body": "q=a"}}"#),
+            format!(r#"{{"url": "{url}", "method": "POST", "body": "q=b"}}"#),
+            format!(r#"{{"url": "{url}", "method": "POST", "body": "q=a"}}"#),
+        ];
+        job.write("jobs.jsonl", lines.join("\n"));
+        let output = job.jobrun(&["import", "--format", "jsonl", "jobs.jsonl"]);
+        assert_stderr_contains(&output, "2 imported, 1 duplicate");
+        job.run_ok(&[]);
+        let mut bodies: Vec<String> = job
+            .files()
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        bodies.sort();
+        assert_eq!(bodies, ["q=a", "q=b"]);
     }
 }
 
-#[test]
-fn verify_finds_missing_and_damaged_files_and_requeue_repairs_them() {
-    let server = item_server(Duration::ZERO);
-    let (job, urls) = Job::with_items(&server, 5);
-    job.run_ok(&[]);
-    assert_success(&job.jobrun(&["verify"]), "verify of a good job");
+on_both_backends! {
+    fn the_report_explains_hosts_errors_durations_and_runs(backend) {
+        let good = item_server(Duration::from_millis(5));
+        let bad = Server::start(|request| match item_of(&request.path) {
+            Some(0) => Reply::status(404),
+            Some(i) => Reply::ok(item_body(i)),
+            None => Reply::status(404),
+        });
+        let job = Job::on(backend);
+        let mut urls = item_urls(&good, 4);
+        urls.extend(item_urls(&bad, 3));
+        job.import(&urls);
+        assert_eq!(job.run(&[]).status.code(), Some(1));
+        let report = job.report_json();
+        let hosts = report["hosts"].as_array().unwrap();
+        assert_eq!(hosts.len(), 2, "{report}");
+        let bad_host = hosts.iter().find(|h| h["failed"] == 1).unwrap();
+        assert_eq!(bad_host["done"], 2);
+        let error = &report["errors"][0];
+        assert_eq!(error["error"], "HTTP 404 Not Found");
+        assert_eq!(error["example"], bad.url("/items/0.json"));
+        let durations = &report["durations"];
+        assert_eq!(durations["requests"], 7, "{report}");
+        assert!(durations["p50_ms"].as_f64().unwrap() <= durations["p99_ms"].as_f64().unwrap());
+        assert_eq!(report["runs"].as_array().unwrap().len(), 1);
+        assert!(report["runs"][0]["urls_per_s"].as_f64().unwrap() > 0.0);
 
-    let rows = job.export();
-    let missing = rows[&urls[0]]["path"].as_str().unwrap().to_string();
-    let damaged = rows[&urls[1]]["path"].as_str().unwrap().to_string();
-    let flipped = rows[&urls[2]]["path"].as_str().unwrap().to_string();
-    std::fs::remove_file(&missing).unwrap();
-    std::fs::write(&damaged, b"short").unwrap();
-    let mut bytes = std::fs::read(&flipped).unwrap();
-    bytes[10] ^= 1;
-    std::fs::write(&flipped, bytes).unwrap();
+        let text = job.report_text();
+        for part in [
+            "Hosts:",
+            "e.g. ",
+            "Request times (7 requests): p50",
+            "Last run #1: finished",
+            "URLs/s",
+        ] {
+            assert!(text.contains(part), "{part} missing from:\n{text}");
+        }
+        let failed = job.jobrun(&["report", "--failed"]);
+        let listed = String::from_utf8(failed.stdout).unwrap();
+        assert_eq!(
+            listed.trim(),
+            format!("{}\tHTTP 404 Not Found", bad.url("/items/0.json"))
+        );
+        let failed_json = job.jobrun(&["report", "--failed", "--json"]);
+        let row: Value = serde_json::from_slice(&failed_json.stdout).unwrap();
+        assert_eq!(row["http_status"], 404);
+    }
+}
 
-    let output = job.jobrun(&["verify"]);
-    assert_eq!(output.status.code(), Some(1));
-    let listed = String::from_utf8(output.stdout).unwrap();
-    assert!(listed.contains(&format!("missing: {missing}")), "{listed}");
-    assert!(
-        listed.contains("damaged: 5 bytes") && listed.contains(&damaged),
-        "{listed}"
-    );
-    assert!(
-        listed.contains(&format!("damaged: sha256 differs: {flipped}")),
-        "{listed}"
-    );
-    assert_eq!(listed.lines().count(), 3);
+on_both_backends! {
+    fn retry_sends_matching_failures_back_with_a_fresh_budget(backend) {
+        let fixed = Arc::new(Mutex::new(false));
+        let flag = fixed.clone();
+        let server = Server::start(move |request| match item_of(&request.path) {
+            Some(i) if i < 2 && !*flag.lock().unwrap() => Reply::status(404),
+            Some(2) if !*flag.lock().unwrap() => Reply::status(410),
+            Some(i) => Reply::ok(item_body(i)),
+            None => Reply::status(404),
+        });
+        let (job, urls) = Job::with_items_on(backend, &server, 4);
+        assert_eq!(job.run(&[]).status.code(), Some(1));
+        assert_eq!(job.report_json()["failed"], 3);
+        *fixed.lock().unwrap() = true;
 
-    assert_eq!(job.jobrun(&["verify", "--requeue"]).status.code(), Some(1));
-    assert_eq!(job.report_json()["pending"], 3);
-    assert_success(&job.run(&[]), "run after requeue");
-    job.assert_all_files_right(&server, &urls);
-    assert_success(&job.jobrun(&["verify"]), "verify after repair");
+        let output = job.jobrun(&["retry", "--status", "404"]);
+        assert_success(&output, "retry");
+        assert_stderr_contains(
+            &output,
+            "2 failed URLs with HTTP status 404 are pending again",
+        );
+        let report = job.report_json();
+        assert_eq!(
+            (report["failed"].as_u64(), report["pending"].as_u64()),
+            (Some(1), Some(2))
+        );
+        let output = job.jobrun(&["retry", "--error", "410 Gone"]);
+        assert_stderr_contains(&output, "1 failed URLs whose error contains");
+        assert_success(&job.run(&[]), "run after retry");
+        job.assert_all_files_right(&server, &urls);
+        for row in job.export().values() {
+            assert_eq!(row["attempts"], 1, "the budget was fresh: {row}");
+        }
+    }
+}
+
+on_both_backends! {
+    fn verify_finds_missing_and_damaged_files_and_requeue_repairs_them(backend) {
+        let server = item_server(Duration::ZERO);
+        let (job, urls) = Job::with_items_on(backend, &server, 5);
+        job.run_ok(&[]);
+        assert_success(&job.jobrun(&["verify"]), "verify of a good job");
+
+        let rows = job.export();
+        let missing = rows[&urls[0]]["path"].as_str().unwrap().to_string();
+        let damaged = rows[&urls[1]]["path"].as_str().unwrap().to_string();
+        let flipped = rows[&urls[2]]["path"].as_str().unwrap().to_string();
+        std::fs::remove_file(&missing).unwrap();
+        std::fs::write(&damaged, b"short").unwrap();
+        let mut bytes = std::fs::read(&flipped).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&flipped, bytes).unwrap();
+
+        let output = job.jobrun(&["verify"]);
+        assert_eq!(output.status.code(), Some(1));
+        let listed = String::from_utf8(output.stdout).unwrap();
+        assert!(listed.contains(&format!("missing: {missing}")), "{listed}");
+        assert!(
+            listed.contains("damaged: 5 bytes") && listed.contains(&damaged),
+            "{listed}"
+        );
+        assert!(
+            listed.contains(&format!("damaged: sha256 differs: {flipped}")),
+            "{listed}"
+        );
+        assert_eq!(listed.lines().count(), 3);
+
+        assert_eq!(job.jobrun(&["verify", "--requeue"]).status.code(), Some(1));
+        assert_eq!(job.report_json()["pending"], 3);
+        assert_success(&job.run(&[]), "run after requeue");
+        job.assert_all_files_right(&server, &urls);
+        assert_success(&job.jobrun(&["verify"]), "verify after repair");
+    }
 }
 
 #[test]
@@ -348,26 +352,27 @@ fn status_lines_show_counts_rates_and_paused_hosts_when_not_on_a_terminal() {
     );
 }
 
-#[test]
-fn report_works_while_a_run_is_going() {
-    let server = item_server(Duration::from_millis(10));
-    let job = Job::with_urls(&item_urls(&server, 400));
-    let child = job.spawn_run(&["--workers", "4"]);
-    wait_for(Duration::from_secs(30), "the run to start", || {
-        server.hit_count() > 20
-    });
-    let mut seen_running = false;
-    for _ in 0..5 {
-        let report = job.report_json();
-        let done = report["done"].as_u64().unwrap();
-        assert!(done <= 400);
-        seen_running |=
-            report["last_run"]["state"] == "running" && report["last_run"]["resume"].is_null();
+on_both_backends! {
+    fn report_works_while_a_run_is_going(backend) {
+        let server = item_server(Duration::from_millis(10));
+        let job = Job::with_urls_on(backend, &item_urls(&server, 400));
+        let child = job.spawn_run(&["--workers", "4"]);
+        wait_for(Duration::from_secs(30), "the run to start", || {
+            server.hit_count() > 20
+        });
+        let mut seen_running = false;
+        for _ in 0..5 {
+            let report = job.report_json();
+            let done = report["done"].as_u64().unwrap();
+            assert!(done <= 400);
+            seen_running |=
+                report["last_run"]["state"] == "running" && report["last_run"]["resume"].is_null();
+        }
+        assert!(seen_running, "the report did not see the run going");
+        let output = child.wait_with_output().unwrap();
+        assert_success(&output, "run with reports alongside");
+        assert_eq!(job.report_json()["done"], 400);
     }
-    assert!(seen_running, "the report did not see the run going");
-    let output = child.wait_with_output().unwrap();
-    assert_success(&output, "run with reports alongside");
-    assert_eq!(job.report_json()["done"], 400);
 }
 
 #[test]

@@ -1,21 +1,27 @@
 //! jobrun on a PostgreSQL queue (`--db postgres://…`): several runs on one
-//! queue, a run killed while others work, and the commands that read and
-//! change the queue. The server is `JOBRUN_TEST_PG` (default
+//! queue, a run killed while others work, a run cut off from the database,
+//! and the commands that read and change the queue (the tests of bad input,
+//! report, retry and verify in the other files run here too, through
+//! `on_both_backends!`). The server is `JOBRUN_TEST_PG` (default
 //! postgres://postgres@127.0.0.1:5432/test); each test works in a schema of
 //! its own, dropped at the end. A server that cannot be reached fails the
 //! tests: they never skip.
 
 mod support;
 
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::proxy::TcpRelay;
 use support::*;
 
 fn server_url() -> String {
-    std::env::var("JOBRUN_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    pg_server_url()
 }
 
 /// A job whose queue is a schema of its own on the test server.
@@ -27,20 +33,10 @@ struct PgJob {
 
 impl PgJob {
     fn new() -> PgJob {
-        let base = server_url();
-        let schema = format!("jobrun_it_{}_{:x}", std::process::id(), fastrand::u64(..));
-        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
-            .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
-        admin
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
-            .expect("create a test schema");
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-        PgJob {
-            job: Job::new(),
-            url,
-            schema,
-        }
+        let job = Job::on(Backend::Postgres);
+        let schema = job.postgres().expect("a job on PostgreSQL");
+        let (url, schema) = (schema.url.clone(), schema.name.clone());
+        PgJob { job, url, schema }
     }
 
     fn jobrun(&self, args: &[&str]) -> Output {
@@ -52,7 +48,12 @@ impl PgJob {
     }
 
     fn spawn_run(&self, args: &[&str]) -> Child {
-        self.job.spawn_run_on(&self.url, args)
+        self.spawn_run_on(&self.url, args)
+    }
+
+    /// Starts `jobrun run ARGS` on the queue reached at `url`.
+    fn spawn_run_on(&self, url: &str, args: &[&str]) -> Child {
+        self.job.spawn_run_on(url, args)
     }
 
     fn import(&self, lines: &[String]) -> Output {
@@ -85,6 +86,30 @@ impl PgJob {
             .expect("run SQL on the test server");
     }
 
+    /// The queue's URL, reached through `addr` instead of the server.
+    fn url_via(&self, addr: SocketAddr) -> String {
+        let (scheme, rest) = self.url.split_once("://").expect("a URL");
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let user = rest[..end]
+            .rsplit_once('@')
+            .map(|(user, _)| format!("{user}@"));
+        format!(
+            "{scheme}://{}{addr}{}",
+            user.unwrap_or_default(),
+            &rest[end..]
+        )
+    }
+
+    /// One number from the queue's own tables.
+    fn number(&self, query: &str) -> i64 {
+        let mut client =
+            postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the queue");
+        client
+            .query_one(query, &[])
+            .expect("query the queue")
+            .get(0)
+    }
+
     fn report(&self) -> Value {
         let output = self.jobrun(&["report", "--json"]);
         assert_success(&output, "report --json");
@@ -92,11 +117,84 @@ impl PgJob {
     }
 }
 
-impl Drop for PgJob {
+/// The test PostgreSQL server's address.
+fn server_addr() -> SocketAddr {
+    let config: postgres::Config = server_url().parse().expect("JOBRUN_TEST_PG is a URL");
+    let host = match config.get_hosts().first() {
+        Some(postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .expect("the test server's address")
+}
+
+/// Answers to requests that come while holding is on are held back until
+/// released; later requests are answered at once. Requests sent with the
+/// header `X-Run: cut` are counted apart.
+#[derive(Default)]
+struct HeldAnswers {
+    holding: AtomicBool,
+    /// The paths whose answers were held.
+    held: Mutex<Vec<String>>,
+    /// The paths asked for with `X-Run: cut`.
+    cut: Mutex<Vec<String>>,
+    released: Mutex<bool>,
+    release: Condvar,
+    /// Held answers on their way out after the release.
+    sent: AtomicUsize,
+}
+
+impl HeldAnswers {
+    fn start() -> (Arc<HeldAnswers>, Server) {
+        let answers = Arc::new(HeldAnswers::default());
+        answers.holding.store(true, Ordering::SeqCst);
+        let gate = answers.clone();
+        let server = Server::start(move |request| {
+            let Some(item) = item_of(&request.path) else {
+                return Reply::status(404);
+            };
+            if request.header("x-run") == Some("cut") {
+                gate.cut.lock().unwrap().push(request.path.clone());
+            }
+            if gate.holding.load(Ordering::SeqCst) {
+                gate.held.lock().unwrap().push(request.path.clone());
+                let mut released = gate.released.lock().unwrap();
+                while !*released {
+                    released = gate.release.wait(released).unwrap();
+                }
+                gate.sent.fetch_add(1, Ordering::SeqCst);
+            }
+            Reply::ok(item_body(item))
+        });
+        (answers, server)
+    }
+
+    fn held(&self) -> HashSet<String> {
+        self.held.lock().unwrap().iter().cloned().collect()
+    }
+
+    fn asked_by_cut_run(&self) -> Vec<String> {
+        self.cut.lock().unwrap().clone()
+    }
+
+    /// Requests from now on are answered at once.
+    fn stop_holding(&self) {
+        self.holding.store(false, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.release.notify_all();
+    }
+}
+
+impl Drop for HeldAnswers {
     fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&server_url(), postgres::NoTls) {
-            let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
-        }
+        self.release();
     }
 }
 
@@ -287,4 +385,187 @@ fn a_killed_run_on_another_machine_loses_its_urls_when_its_lease_runs_out() {
     let report = job.report();
     assert_eq!(report["done"], 40, "{report}");
     job.assert_all_files_right(40);
+}
+
+/// A run cut off from the database (a relay that stops forwarding, its
+/// sockets open) while it holds URLs: it can claim nothing more; another
+/// run takes its URLs once its lease has run out and finishes the job; when
+/// the connection comes back, the cut-off run's outcomes are refused and it
+/// stops, saying it was taken for dead. Only the URLs it asked for are
+/// fetched twice (it goes on with the URLs it had claimed, and cannot
+/// record them); each URL is recorded done once, by the other run, and
+/// every file is right.
+#[test]
+fn a_run_cut_off_from_the_database_is_refused_when_it_comes_back() {
+    let job = PgJob::new();
+    let (answers, server) = HeldAnswers::start();
+    let urls = item_urls(&server, 40);
+    assert_success(&job.import(&urls), "import");
+    let relay = TcpRelay::to(server_addr());
+    let run_args = ["--workers", "10", "--out", "out", "--lease", "2s"];
+    let cut_args = [&run_args[..], &["--header", "X-Run: cut"]].concat();
+    let cut = job.spawn_run_on(&job.url_via(relay.addr()), &cut_args);
+    wait_for(Duration::from_secs(30), "the first run's requests", || {
+        answers.held().len() == 10
+    });
+    relay.freeze();
+    answers.stop_holding();
+    let other = job.jobrun(&[&["run"], &run_args[..]].concat());
+    assert_success(&other, "the other run");
+    assert!(
+        stderr(&other).contains("was cut short"),
+        "{}",
+        stderr(&other)
+    );
+    // The held answers reach the cut-off run, which cannot record them.
+    answers.release();
+    wait_for(Duration::from_secs(30), "the held answers", || {
+        answers.sent.load(Ordering::SeqCst) == 10
+    });
+    relay.thaw();
+    let output = cut.wait_with_output().expect("wait for the cut-off run");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("run #1 was taken for dead by another run"),
+        "{}",
+        stderr(&output)
+    );
+
+    let by_cut_run = answers.asked_by_cut_run();
+    let asked: HashSet<&String> = by_cut_run.iter().collect();
+    assert_eq!(asked.len(), by_cut_run.len(), "{by_cut_run:?}");
+    assert!(answers.held().iter().all(|path| asked.contains(path)));
+    let hits = server.hits_per_path();
+    assert_eq!(hits.len(), 40, "every URL was fetched");
+    for (path, count) in &hits {
+        let expected = if asked.contains(path) { 2 } else { 1 };
+        assert_eq!(*count, expected, "{path} fetched {count} times");
+    }
+    let report = job.report();
+    assert_eq!(report["done"], 40, "{report}");
+    let done_by: Vec<(i64, i64)> = report["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|run| {
+            (
+                run["id"].as_i64().unwrap_or(0),
+                run["done"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert!(
+        done_by.contains(&(1, 0)) && done_by.contains(&(2, 40)),
+        "{done_by:?}"
+    );
+    assert_eq!(
+        job.number("SELECT count(*) FROM urls WHERE state = 'done' AND run_id = 2"),
+        40
+    );
+    job.assert_all_files_right(40);
+    assert_eq!(job.job.files().len(), 40, "{:?}", job.job.files());
+}
+
+/// A run cut off from the database for good does not wait for ever: past
+/// its lease and a margin it gives up with exit status 2 and says why; its
+/// URLs are finished by another run.
+#[test]
+fn a_run_cut_off_from_the_database_for_good_gives_up() {
+    let job = PgJob::new();
+    let (answers, server) = HeldAnswers::start();
+    let urls = item_urls(&server, 40);
+    assert_success(&job.import(&urls), "import");
+    let relay = TcpRelay::to(server_addr());
+    let run_args = ["--workers", "10", "--out", "out", "--lease", "2s"];
+    let mut cut = job.spawn_run_on(&job.url_via(relay.addr()), &run_args);
+    wait_for(Duration::from_secs(30), "the first run's requests", || {
+        answers.held().len() == 10
+    });
+    relay.freeze();
+    answers.stop_holding();
+    let frozen_at = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "the cut-off run to give up",
+        || cut.try_wait().expect("poll the cut-off run").is_some(),
+    );
+    let gave_up_after = frozen_at.elapsed();
+    let output = cut.wait_with_output().expect("the cut-off run's output");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let err = stderr(&output);
+    assert!(err.contains("run #1 stopped: the database"), "{err}");
+    assert!(err.contains("has not answered for"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The lease (2 s) and the margin (10 s), not for ever.
+    assert!(
+        gave_up_after >= Duration::from_secs(10),
+        "{gave_up_after:?}"
+    );
+
+    let other = job.jobrun(&[&["run"], &run_args[..]].concat());
+    assert_success(&other, "the other run");
+    let report = job.report();
+    assert_eq!(report["done"], 40, "{report}");
+    job.assert_all_files_right(40);
+}
+
+/// `export` of a file another machine's run wrote gives it as
+/// `host:/that/machine's/folder/name`, not a path in this machine's folder
+/// (where it is not); rows not done, and files written here, keep their
+/// path here.
+#[test]
+fn export_names_the_machine_and_folder_of_files_written_elsewhere() {
+    let job = PgJob::new();
+    let server = faulty_item_server(Duration::ZERO, |item, _| {
+        (item == 0).then(|| Reply::status(404))
+    });
+    let urls = item_urls(&server, 6);
+    assert_success(&job.import(&urls), "import");
+    let output = job.jobrun(&["run", "--out", "out"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let here = |job: &PgJob| -> Vec<(String, String, String)> {
+        let output = job.jobrun(&["export"]);
+        assert_success(&output, "export");
+        stdout(&output)
+            .lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).expect("export line is JSON");
+                let field = |name: &str| row[name].as_str().unwrap_or_default().to_string();
+                (field("url"), field("state"), field("path"))
+            })
+            .collect()
+    };
+    let before = here(&job);
+    job.sql(&format!(
+        "UPDATE {0}.runs SET host = 'elsewhere';
+         INSERT INTO {0}.settings (key, value) VALUES ('out_dir@elsewhere', '/data/out')",
+        job.schema
+    ));
+    let after = here(&job);
+    assert_eq!(before.len(), 6);
+    for ((url, state, local), (_, _, exported)) in before.iter().zip(&after) {
+        let name = &local[local.find("/out/").expect("in the output folder") + 5..];
+        if state == "done" {
+            assert_eq!(exported, &format!("elsewhere:/data/out/{name}"), "{url}");
+        } else {
+            assert_eq!(exported, local, "{url}: not done, its path stays here");
+        }
+    }
+    // CSV says the same.
+    let csv = job.jobrun(&["export", "--format", "csv"]);
+    assert_success(&csv, "export --format csv");
+    assert_eq!(
+        stdout(&csv).matches(",elsewhere:/data/out/").count(),
+        5,
+        "{}",
+        stdout(&csv)
+    );
+    // A machine that recorded no folder: the name within its folder.
+    job.sql(&format!("UPDATE {0}.runs SET host = 'nowhere'", job.schema));
+    for ((_, state, local), (_, _, exported)) in before.iter().zip(&here(&job)) {
+        let name = &local[local.find("/out/").expect("in the output folder") + 5..];
+        if state == "done" {
+            assert_eq!(exported, &format!("nowhere:{name}"));
+        }
+    }
 }

@@ -52,102 +52,103 @@ fn no_referer_is_sent_so_query_keys_stay_with_their_host() {
     assert_eq!(saved, item_body(1));
 }
 
-#[test]
-fn url_passwords_are_hidden_in_reports_failure_lists_verify_and_every_log() {
-    const PASSWORD: &str = "hunter2-pw";
-    // Two hosts, so that the report lists hosts too.
-    let handler = |request: &Request| match request.path.as_str() {
-        "/missing" => Reply::status(404),
-        "/flaky" => Reply::status(500),
-        path => match item_of(path) {
-            Some(i) => Reply::ok(item_body(i)),
-            None => Reply::status(404),
-        },
-    };
-    let one = Server::start(handler);
-    let two = Server::start_on("127.0.0.2:0", handler);
-    let with_password = |server: &Server, path: &str| {
-        server
-            .url(path)
-            .replacen("://", &format!("://user:{PASSWORD}@"), 1)
-    };
-    let urls = [
-        with_password(&one, "/items/1.json"),
-        with_password(&one, "/missing"),
-        with_password(&two, "/flaky"),
-        with_password(&two, "/items/2.json"),
-    ];
-    let job = Job::with_urls(&urls);
-    let quick = [
-        "--max-attempts",
-        "2",
-        "--backoff-base",
-        "10ms",
-        "--progress-every",
-        "20ms",
-    ];
-    let run = job.run(&[&["-vv"][..], &quick].concat());
-    assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
-    let authorized = one.hits().iter().chain(two.hits().iter()).all(|hit| {
-        hit.headers.iter().any(|(name, value)| {
-            name.eq_ignore_ascii_case("authorization") && value.starts_with("Basic ")
-        })
-    });
-    assert!(authorized, "the password in the URL was not used");
-    assert!(
-        stderr(&run).contains("user:***@"),
-        "-vv names no URL: {}",
-        stderr(&run)
-    );
-
-    // A done file goes missing, so that verify lists its URL.
-    let done = &job.export()[&urls[0]];
-    std::fs::remove_file(done["path"].as_str().unwrap()).unwrap();
-    let mut outputs = vec![("run -vv".to_string(), run)];
-    for args in [
-        &["report"][..],
-        &["report", "--json"],
-        &["report", "--failed"],
-        &["report", "--failed", "--json"],
-        &["verify"],
-        &["-v", "verify", "--requeue"],
-        &["retry"],
-    ] {
-        outputs.push((format!("{args:?}"), job.jobrun(args)));
-    }
-    outputs.push((
-        "run -vv --log-format json".into(),
-        job.run(&[&["-vv", "--log-format", "json"][..], &quick].concat()),
-    ));
-    for (what, output) in &outputs {
-        let text = printed(output);
+on_both_backends! {
+    fn url_passwords_are_hidden_in_reports_failure_lists_verify_and_every_log(backend) {
+        const PASSWORD: &str = "hunter2-pw";
+        // Two hosts, so that the report lists hosts too.
+        let handler = |request: &Request| match request.path.as_str() {
+            "/missing" => Reply::status(404),
+            "/flaky" => Reply::status(500),
+            path => match item_of(path) {
+                Some(i) => Reply::ok(item_body(i)),
+                None => Reply::status(404),
+            },
+        };
+        let one = Server::start(handler);
+        let two = Server::start_on("127.0.0.2:0", handler);
+        let with_password = |server: &Server, path: &str| {
+            server
+                .url(path)
+                .replacen("://", &format!("://user:{PASSWORD}@"), 1)
+        };
+        let urls = [
+            with_password(&one, "/items/1.json"),
+            with_password(&one, "/missing"),
+            with_password(&two, "/flaky"),
+            with_password(&two, "/items/2.json"),
+        ];
+        let job = Job::with_urls_on(backend, &urls);
+        let quick = [
+            "--max-attempts",
+            "2",
+            "--backoff-base",
+            "10ms",
+            "--progress-every",
+            "20ms",
+        ];
+        let run = job.run(&[&["-vv"][..], &quick].concat());
+        assert_eq!(run.status.code(), Some(1), "{}", stderr(&run));
+        let authorized = one.hits().iter().chain(two.hits().iter()).all(|hit| {
+            hit.headers.iter().any(|(name, value)| {
+                name.eq_ignore_ascii_case("authorization") && value.starts_with("Basic ")
+            })
+        });
+        assert!(authorized, "the password in the URL was not used");
         assert!(
-            !text.contains(PASSWORD),
-            "{what} shows the password:\n{text}"
+            stderr(&run).contains("user:***@"),
+            "-vv names no URL: {}",
+            stderr(&run)
         );
-    }
-    let shown = |what: &str| {
-        let (_, output) = outputs.iter().find(|(w, _)| w == what).unwrap();
-        printed(output)
-    };
-    for what in [
-        r#"["report"]"#,
-        r#"["report", "--json"]"#,
-        r#"["report", "--failed"]"#,
-        r#"["report", "--failed", "--json"]"#,
-        r#"["verify"]"#,
-        "run -vv --log-format json",
-    ] {
-        assert!(shown(what).contains("user:***@"), "{what}: {}", shown(what));
-    }
-    assert!(
-        shown(r#"["report"]"#).contains("127.0.0.2:"),
-        "no hosts listed"
-    );
 
-    // export prints the URL as imported: the row is the job's truth.
-    let export = job.jobrun(&["export"]);
-    assert!(stdout(&export).contains(PASSWORD), "{}", stdout(&export));
+        // A done file goes missing, so that verify lists its URL.
+        let done = &job.export()[&urls[0]];
+        std::fs::remove_file(done["path"].as_str().unwrap()).unwrap();
+        let mut outputs = vec![("run -vv".to_string(), run)];
+        for args in [
+            &["report"][..],
+            &["report", "--json"],
+            &["report", "--failed"],
+            &["report", "--failed", "--json"],
+            &["verify"],
+            &["-v", "verify", "--requeue"],
+            &["retry"],
+        ] {
+            outputs.push((format!("{args:?}"), job.jobrun(args)));
+        }
+        outputs.push((
+            "run -vv --log-format json".into(),
+            job.run(&[&["-vv", "--log-format", "json"][..], &quick].concat()),
+        ));
+        for (what, output) in &outputs {
+            let text = printed(output);
+            assert!(
+                !text.contains(PASSWORD),
+                "{what} shows the password:\n{text}"
+            );
+        }
+        let shown = |what: &str| {
+            let (_, output) = outputs.iter().find(|(w, _)| w == what).unwrap();
+            printed(output)
+        };
+        for what in [
+            r#"["report"]"#,
+            r#"["report", "--json"]"#,
+            r#"["report", "--failed"]"#,
+            r#"["report", "--failed", "--json"]"#,
+            r#"["verify"]"#,
+            "run -vv --log-format json",
+        ] {
+            assert!(shown(what).contains("user:***@"), "{what}: {}", shown(what));
+        }
+        assert!(
+            shown(r#"["report"]"#).contains("127.0.0.2:"),
+            "no hosts listed"
+        );
+
+        // export prints the URL as imported: the row is the job's truth.
+        let export = job.jobrun(&["export"]);
+        assert!(stdout(&export).contains(PASSWORD), "{}", stdout(&export));
+    }
 }
 
 #[test]
@@ -285,176 +286,182 @@ fn waiting_for_a_retry_counts_only_urls_whose_retry_time_is_still_to_come() {
     assert!(text.contains("(1 waiting for a retry)"), "{text}");
 }
 
-#[test]
-fn export_csv_of_an_empty_database_prints_the_header() {
-    let job = Job::new();
-    assert_success(&import_file(&job, "urls.txt", &["# nothing yet"]), "import");
-    let export = job.jobrun(&["export", "--format", "csv"]);
-    assert_success(&export, "export --format csv");
-    assert_eq!(
-        stdout(&export),
-        "url,state,path,http_status,attempts,bytes,sha256,error\n"
-    );
-}
-
-#[test]
-fn a_fragment_does_not_make_a_second_job() {
-    let server = item_server(Duration::ZERO);
-    let url = server.url("/items/3.json");
-    let job = Job::new();
-    let imported = import_file(
-        &job,
-        "urls.txt",
-        &[&format!("{url}#1"), &format!("{url}#2")],
-    );
-    assert_success(&imported, "import");
-    assert_stderr_contains(&imported, "1 imported, 1 duplicate, 0 rejected");
-    job.run_ok(&[]);
-    assert_eq!(server.hits_per_path().get("/items/3.json"), Some(&1));
-    let rows = job.export();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(
-        rows[&url]["state"], "done",
-        "the URL is stored without its fragment"
-    );
-}
-
-#[test]
-fn a_url_without_a_host_is_rejected_not_guessed() {
-    let job = Job::new();
-    let imported = import_file(
-        &job,
-        "urls.txt",
-        &["http://a.test/ok", "http:///x", "https:/y"],
-    );
-    assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
-    let messages = stderr(&imported);
-    for line in [2, 3] {
-        let expected = format!("urls.txt:{line}: the URL has no host");
-        assert!(messages.contains(&expected), "{expected}: {messages}");
+on_both_backends! {
+    fn export_csv_of_an_empty_database_prints_the_header(backend) {
+        let job = Job::on(backend);
+        assert_success(&import_file(&job, "urls.txt", &["# nothing yet"]), "import");
+        let export = job.jobrun(&["export", "--format", "csv"]);
+        assert_success(&export, "export --format csv");
+        assert_eq!(
+            stdout(&export),
+            "url,state,path,http_status,attempts,bytes,sha256,error\n"
+        );
     }
-    let rows = job.export();
-    assert_eq!(rows.keys().collect::<Vec<_>>(), ["http://a.test/ok"]);
 }
 
-#[test]
-fn json_lines_names_with_control_characters_are_rejected() {
-    let job = Job::new();
-    let imported = import_file(
-        &job,
-        "urls.jsonl",
-        &[
-            r#"{"url": "http://a.test/1", "name": "one\ntwo.json"}"#,
-            r#"{"url": "http://a.test/2", "name": "tab\tbed.json"}"#,
-            r#"{"url": "http://a.test/3", "name": "c1\u009b.json"}"#,
-            r#"{"url": "http://a.test/4", "name": "del\u007f.json"}"#,
-            r#"{"url": "http://a.test/5", "name": "fine.json"}"#,
-        ],
-    );
-    assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
-    let messages = stderr(&imported);
-    for line in 1..=4 {
-        let expected = format!("urls.jsonl:{line}: \"name\" ");
-        let shown = messages.lines().find(|m| m.contains(&expected));
+on_both_backends! {
+    fn a_fragment_does_not_make_a_second_job(backend) {
+        let server = item_server(Duration::ZERO);
+        let url = server.url("/items/3.json");
+        let job = Job::on(backend);
+        let imported = import_file(
+            &job,
+            "urls.txt",
+            &[&format!("{url}#1"), &format!("{url}#2")],
+        );
+        assert_success(&imported, "import");
+        assert_stderr_contains(&imported, "1 imported, 1 duplicate, 0 rejected");
+        job.run_ok(&[]);
+        assert_eq!(server.hits_per_path().get("/items/3.json"), Some(&1));
+        let rows = job.export();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(
+            rows[&url]["state"], "done",
+            "the URL is stored without its fragment"
+        );
+    }
+}
+
+on_both_backends! {
+    fn a_url_without_a_host_is_rejected_not_guessed(backend) {
+        let job = Job::on(backend);
+        let imported = import_file(
+            &job,
+            "urls.txt",
+            &["http://a.test/ok", "http:///x", "https:/y"],
+        );
+        assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
+        let messages = stderr(&imported);
+        for line in [2, 3] {
+            let expected = format!("urls.txt:{line}: the URL has no host");
+            assert!(messages.contains(&expected), "{expected}: {messages}");
+        }
+        let rows = job.export();
+        assert_eq!(rows.keys().collect::<Vec<_>>(), ["http://a.test/ok"]);
+    }
+}
+
+on_both_backends! {
+    fn json_lines_names_with_control_characters_are_rejected(backend) {
+        let job = Job::on(backend);
+        let imported = import_file(
+            &job,
+            "urls.jsonl",
+            &[
+                r#"{"url": "http://a.test/1", "name": "one\ntwo.json"}"#,
+                r#"{"url": "http://a.test/2", "name": "tab\tbed.json"}"#,
+                r#"{"url": "http://a.test/3", "name": "c1\u009b.json"}"#,
+                r#"{"url": "http://a.test/4", "name": "del\u007f.json"}"#,
+                r#"{"url": "http://a.test/5", "name": "fine.json"}"#,
+            ],
+        );
+        assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
+        let messages = stderr(&imported);
+        for line in 1..=4 {
+            let expected = format!("urls.jsonl:{line}: \"name\" ");
+            let shown = messages.lines().find(|m| m.contains(&expected));
+            assert!(
+                shown.is_some_and(|m| m.contains("control character")),
+                "line {line}: {messages}"
+            );
+        }
         assert!(
-            shown.is_some_and(|m| m.contains("control character")),
-            "line {line}: {messages}"
+            messages.contains("1 imported, 0 duplicate, 4 rejected"),
+            "{messages}"
         );
     }
-    assert!(
-        messages.contains("1 imported, 0 duplicate, 4 rejected"),
-        "{messages}"
-    );
 }
 
-#[test]
-fn a_repeated_json_lines_request_with_another_name_is_rejected_with_the_name_it_has() {
-    let job = Job::new();
-    let post = r#""url": "http://a.test/orders", "method": "POST", "body": {"id": 1}"#;
-    let imported = import_file(
-        &job,
-        "urls.jsonl",
-        &[
-            &format!(r#"{{{post}, "name": "first.json"}}"#),
-            &format!(r#"{{{post}, "name": "second.json"}}"#),
-            &format!(r#"{{{post}, "name": "first.json"}}"#),
-            &format!(r#"{{{post}}}"#),
-        ],
-    );
-    assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
-    let messages = stderr(&imported);
-    assert!(
-        messages.contains(
-            "urls.jsonl:2: the same request is already imported with the name \"first.json\", \
-             not \"second.json\""
-        ),
-        "{messages}"
-    );
-    assert!(
-        messages.contains("1 imported, 2 duplicate, 1 rejected"),
-        "{messages}"
-    );
-    let rows = job.export();
-    assert!(
-        rows["http://a.test/orders"]["path"]
-            .as_str()
-            .unwrap()
-            .ends_with("/first.json")
-    );
-}
-
-#[test]
-fn host_content_length_and_hop_by_hop_headers_from_json_lines_are_rejected() {
-    let server = echo_server();
-    let job = Job::new();
-    let url = server.url("/echo");
-    let names = [
-        "Host",
-        "Content-Length",
-        "transfer-encoding",
-        "Connection",
-        "Keep-Alive",
-        "TE",
-        "Trailer",
-        "Upgrade",
-        "Proxy-Connection",
-    ];
-    let mut lines: Vec<String> = names
-        .iter()
-        .map(|name| {
-            format!(r#"{{"url": "{url}", "method": "POST", "body": "abc", "headers": {{"{name}": "99"}}}}"#)
-        })
-        .collect();
-    lines.push(format!(
-        r#"{{"url": "{url}", "method": "POST", "body": "abc", "headers": {{"X-Fine": "1"}}}}"#
-    ));
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let imported = import_file(&job, "urls.jsonl", &lines);
-    assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
-    let messages = stderr(&imported);
-    for (i, name) in names.iter().enumerate() {
-        let expected = format!(
-            "urls.jsonl:{}: \"headers\": {name:?} cannot be given",
-            i + 1
+on_both_backends! {
+    fn a_repeated_json_lines_request_with_another_name_is_rejected_with_the_name_it_has(backend) {
+        let job = Job::on(backend);
+        let post = r#""url": "http://a.test/orders", "method": "POST", "body": {"id": 1}"#;
+        let imported = import_file(
+            &job,
+            "urls.jsonl",
+            &[
+                &format!(r#"{{{post}, "name": "first.json"}}"#),
+                &format!(r#"{{{post}, "name": "second.json"}}"#),
+                &format!(r#"{{{post}, "name": "first.json"}}"#),
+                &format!(r#"{{{post}}}"#),
+            ],
         );
-        assert!(messages.contains(&expected), "{expected}: {messages}");
+        assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
+        let messages = stderr(&imported);
+        assert!(
+            messages.contains(
+                "urls.jsonl:2: the same request is already imported with the name \"first.json\", \
+                 not \"second.json\""
+            ),
+            "{messages}"
+        );
+        assert!(
+            messages.contains("1 imported, 2 duplicate, 1 rejected"),
+            "{messages}"
+        );
+        let rows = job.export();
+        assert!(
+            rows["http://a.test/orders"]["path"]
+                .as_str()
+                .unwrap()
+                .ends_with("/first.json")
+        );
     }
-    assert!(
-        messages.contains("1 imported, 0 duplicate, 9 rejected"),
-        "{messages}"
-    );
-    job.run_ok(&["--timeout", "10s"]);
-    let hits = server.hits();
-    assert_eq!(hits.len(), 1);
-    let sent = |name: &str| {
-        hits[0]
-            .headers
+}
+
+on_both_backends! {
+    fn host_content_length_and_hop_by_hop_headers_from_json_lines_are_rejected(backend) {
+        let server = echo_server();
+        let job = Job::on(backend);
+        let url = server.url("/echo");
+        let names = [
+            "Host",
+            "Content-Length",
+            "transfer-encoding",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Proxy-Connection",
+        ];
+        let mut lines: Vec<String> = names
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(sent("x-fine").as_deref(), Some("1"));
-    assert_eq!(sent("content-length").as_deref(), Some("3"));
+            .map(|name| {
+                format!(r#"{{"url": "{url}", "method": "POST", "body": "abc", "headers": {{"{name}": "99"}}}}"#)
+            })
+            .collect();
+        lines.push(format!(
+            r#"{{"url": "{url}", "method": "POST", "body": "abc", "headers": {{"X-Fine": "1"}}}}"#
+        ));
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let imported = import_file(&job, "urls.jsonl", &lines);
+        assert_eq!(imported.status.code(), Some(1), "{}", stderr(&imported));
+        let messages = stderr(&imported);
+        for (i, name) in names.iter().enumerate() {
+            let expected = format!(
+                "urls.jsonl:{}: \"headers\": {name:?} cannot be given",
+                i + 1
+            );
+            assert!(messages.contains(&expected), "{expected}: {messages}");
+        }
+        assert!(
+            messages.contains("1 imported, 0 duplicate, 9 rejected"),
+            "{messages}"
+        );
+        job.run_ok(&["--timeout", "10s"]);
+        let hits = server.hits();
+        assert_eq!(hits.len(), 1);
+        let sent = |name: &str| {
+            hits[0]
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(sent("x-fine").as_deref(), Some("1"));
+        assert_eq!(sent("content-length").as_deref(), Some("3"));
+    }
 }
 
 #[test]

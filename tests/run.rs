@@ -38,55 +38,57 @@ fn a_500_is_retried_until_it_succeeds() {
     assert!(server.hits_per_path().values().all(|&n| n == 3));
 }
 
-#[test]
-fn a_404_fails_at_once_without_retry_or_file() {
-    let server = Server::start(|request| match item_of(&request.path) {
-        Some(0) => Reply::status(404),
-        Some(i) => Reply::ok(item_body(i)),
-        None => Reply::status(404),
-    });
-    let (job, urls) = Job::with_items(&server, 3);
-    let output = job.run(&["--backoff-base", "10ms"]);
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "some URLs failed: exit 1\n{}",
-        stderr(&output)
-    );
-    let rows = job.export();
-    let failed = &rows[&urls[0]];
-    assert_eq!(failed["state"], "failed");
-    assert_eq!(failed["attempts"], 1);
-    assert_eq!(failed["http_status"], 404);
-    assert_eq!(failed["error"], "HTTP 404 Not Found");
-    assert!(
-        !std::path::Path::new(failed["path"].as_str().unwrap()).exists(),
-        "no error-page file"
-    );
-    assert_eq!(server.hits_per_path()["/items/0.json"], 1);
-    assert_eq!(job.files().len(), 2);
-    let report = job.report_json();
-    assert_eq!(report["failed"], 1);
-    assert_eq!(report["errors"][0]["error"], "HTTP 404 Not Found");
+on_both_backends! {
+    fn a_404_fails_at_once_without_retry_or_file(backend) {
+        let server = Server::start(|request| match item_of(&request.path) {
+            Some(0) => Reply::status(404),
+            Some(i) => Reply::ok(item_body(i)),
+            None => Reply::status(404),
+        });
+        let (job, urls) = Job::with_items_on(backend, &server, 3);
+        let output = job.run(&["--backoff-base", "10ms"]);
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "some URLs failed: exit 1\n{}",
+            stderr(&output)
+        );
+        let rows = job.export();
+        let failed = &rows[&urls[0]];
+        assert_eq!(failed["state"], "failed");
+        assert_eq!(failed["attempts"], 1);
+        assert_eq!(failed["http_status"], 404);
+        assert_eq!(failed["error"], "HTTP 404 Not Found");
+        assert!(
+            !std::path::Path::new(failed["path"].as_str().unwrap()).exists(),
+            "no error-page file"
+        );
+        assert_eq!(server.hits_per_path()["/items/0.json"], 1);
+        assert_eq!(job.files().len(), 2);
+        let report = job.report_json();
+        assert_eq!(report["failed"], 1);
+        assert_eq!(report["errors"][0]["error"], "HTTP 404 Not Found");
+    }
 }
 
-#[test]
-fn retries_stop_at_max_attempts() {
-    let server = Server::start(|_| Reply::status(503));
-    let job = Job::with_urls(&item_urls(&server, 2));
-    let output = job.run(&["--max-attempts", "3", "--backoff-base", "5ms"]);
-    assert_eq!(output.status.code(), Some(1));
-    for row in job.export().values() {
-        assert_eq!(row["state"], "failed");
-        assert_eq!(row["attempts"], 3);
-        let error = row["error"].as_str().unwrap();
-        assert!(
-            error.contains("503") && error.contains("gave up after 3 attempts"),
-            "{error}"
-        );
+on_both_backends! {
+    fn retries_stop_at_max_attempts(backend) {
+        let server = Server::start(|_| Reply::status(503));
+        let job = Job::with_urls_on(backend, &item_urls(&server, 2));
+        let output = job.run(&["--max-attempts", "3", "--backoff-base", "5ms"]);
+        assert_eq!(output.status.code(), Some(1));
+        for row in job.export().values() {
+            assert_eq!(row["state"], "failed");
+            assert_eq!(row["attempts"], 3);
+            let error = row["error"].as_str().unwrap();
+            assert!(
+                error.contains("503") && error.contains("gave up after 3 attempts"),
+                "{error}"
+            );
+        }
+        assert!(server.hits_per_path().values().all(|&n| n == 3));
+        assert!(job.files().is_empty());
     }
-    assert!(server.hits_per_path().values().all(|&n| n == 3));
-    assert!(job.files().is_empty());
 }
 
 #[test]
@@ -223,60 +225,62 @@ fn headers_are_sent_and_never_stored() {
     assert!(!stderr(&output).contains("s3cret"));
 }
 
-#[test]
-fn the_output_folder_is_fixed_on_first_use() {
-    let server = item_server(Duration::ZERO);
-    let (job, _) = Job::with_items(&server, 2);
-    job.run_ok(&["--out", "files"]);
-    assert!(job.dir().join("files").is_dir());
-    job.import(&[server.url("/items/9.json")]);
-    let output = job.run(&["--out", "elsewhere"]);
-    assert_eq!(output.status.code(), Some(2));
-    let message = stderr(&output);
-    assert!(
-        message.contains("recorded on its first run") && message.contains("files"),
-        "{message}"
-    );
-    assert!(!job.dir().join("elsewhere").exists());
-    assert_success(&job.run(&[]), "run with the recorded folder");
-    assert_eq!(job.report_json()["done"], 3);
+on_both_backends! {
+    fn the_output_folder_is_fixed_on_first_use(backend) {
+        let server = item_server(Duration::ZERO);
+        let (job, _) = Job::with_items_on(backend, &server, 2);
+        job.run_ok(&["--out", "files"]);
+        assert!(job.dir().join("files").is_dir());
+        job.import(&[server.url("/items/9.json")]);
+        let output = job.run(&["--out", "elsewhere"]);
+        assert_eq!(output.status.code(), Some(2));
+        let message = stderr(&output);
+        assert!(
+            message.contains("recorded on its first run") && message.contains("files"),
+            "{message}"
+        );
+        assert!(!job.dir().join("elsewhere").exists());
+        assert_success(&job.run(&[]), "run with the recorded folder");
+        assert_eq!(job.report_json()["done"], 3);
+    }
 }
 
-#[test]
-fn export_gives_every_field_as_jsonl_and_csv() {
-    let server = item_server(Duration::ZERO);
-    let (job, urls) = Job::with_items(&server, 2);
-    job.run_ok(&[]);
-    let rows = job.export();
-    let row = &rows[&urls[1]];
-    for field in [
-        "url",
-        "state",
-        "path",
-        "http_status",
-        "attempts",
-        "bytes",
-        "sha256",
-        "error",
-    ] {
-        assert!(row.get(field).is_some(), "no {field} in {row}");
+on_both_backends! {
+    fn export_gives_every_field_as_jsonl_and_csv(backend) {
+        let server = item_server(Duration::ZERO);
+        let (job, urls) = Job::with_items_on(backend, &server, 2);
+        job.run_ok(&[]);
+        let rows = job.export();
+        let row = &rows[&urls[1]];
+        for field in [
+            "url",
+            "state",
+            "path",
+            "http_status",
+            "attempts",
+            "bytes",
+            "sha256",
+            "error",
+        ] {
+            assert!(row.get(field).is_some(), "no {field} in {row}");
+        }
+        let body = item_body(1);
+        let sha = {
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(&body))
+        };
+        assert_eq!(row["sha256"], sha.as_str());
+        let csv = job.jobrun(&["export", "--format", "csv"]);
+        assert_success(&csv, "export csv");
+        let text = String::from_utf8(csv.stdout).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(
+            lines.next(),
+            Some("url,state,path,http_status,attempts,bytes,sha256,error")
+        );
+        assert_eq!(lines.count(), 2);
+        assert!(text.contains(&sha));
     }
-    let body = item_body(1);
-    let sha = {
-        use sha2::Digest;
-        format!("{:x}", sha2::Sha256::digest(&body))
-    };
-    assert_eq!(row["sha256"], sha.as_str());
-    let csv = job.jobrun(&["export", "--format", "csv"]);
-    assert_success(&csv, "export csv");
-    let text = String::from_utf8(csv.stdout).unwrap();
-    let mut lines = text.lines();
-    assert_eq!(
-        lines.next(),
-        Some("url,state,path,http_status,attempts,bytes,sha256,error")
-    );
-    assert_eq!(lines.count(), 2);
-    assert!(text.contains(&sha));
 }
 
 /// `jobrun export | head`: a reader that stops reading is not an error,

@@ -74,6 +74,7 @@ impl Status {
             | RunError::Client(_)
             | RunError::Signal(_)
             | RunError::Start { .. }
+            | RunError::Unanswered { .. }
             | RunError::Internal(_) => Status::Fatal,
         }
     }

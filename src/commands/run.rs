@@ -17,7 +17,7 @@ use crate::out_dir;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan, StopSignal};
-use crate::store::{Database, Open, Store};
+use crate::store::{DEFAULT_LEASE, Database, Location, Open, Store};
 use crate::tls::ClientTls;
 
 /// The settings key of the lease runs hold on a PostgreSQL queue, when
@@ -108,6 +108,10 @@ pub fn prepare(
         workers: args.workers,
         work,
         lease,
+        answer_within: match db.location {
+            Location::Postgres(_) => Some(lease.unwrap_or(DEFAULT_LEASE) + runner::ANSWER_MARGIN),
+            Location::Sqlite(_) => None,
+        },
         fetch: FetchOptions {
             headers,
             timeout: args.timeout,

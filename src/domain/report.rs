@@ -146,6 +146,10 @@ pub struct ExportRow {
     pub bytes: Option<u64>,
     pub sha256: Option<String>,
     pub error: Option<String>,
+    /// For a done row, the machine whose run wrote the file, where the
+    /// store records it (PostgreSQL): the file is in that machine's folder.
+    #[serde(skip)]
+    pub written_on: Option<String>,
 }
 
 impl ExportRow {
@@ -197,6 +201,7 @@ mod tests {
             bytes: None,
             sha256: None,
             error: None,
+            written_on: None,
         };
         let json = serde_json::to_value(&row).unwrap();
         let mut fields: Vec<&str> = json

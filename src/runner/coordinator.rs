@@ -30,6 +30,7 @@ use super::messages::{Event, Job};
 use super::peers::Peers;
 use super::schedule::ClaimSchedule;
 use super::syncer::Syncer;
+use super::watch::Busy;
 
 /// The shortest time between two turns of the loop while events come in.
 /// Waking for every event costs a thread switch per URL; events that come
@@ -58,6 +59,9 @@ pub struct Coordinator {
     wind_down: Arc<Notify>,
     counters: Arc<Counters>,
     peers: Peers,
+    /// Whether the loop is waiting for events, for the watch on the
+    /// database.
+    busy: Arc<Busy>,
 }
 
 /// What the coordinator is given besides the store and the folder.
@@ -72,6 +76,7 @@ pub struct Links {
     pub host_filter: SharedFilter,
     pub counters: Arc<Counters>,
     pub peers: Peers,
+    pub busy: Arc<Busy>,
 }
 
 /// What a turn found.
@@ -108,6 +113,7 @@ impl Coordinator {
             wind_down: links.wind_down,
             counters: links.counters,
             peers: links.peers,
+            busy: links.busy,
         })
     }
 
@@ -115,11 +121,13 @@ impl Coordinator {
     /// stop; records how the run ended, and returns it.
     pub fn run(mut self) -> Result<RunEnd<RunError>> {
         loop {
+            self.busy.idle();
             let first = match self.events.recv_deadline(self.deadline()) {
                 Ok(event) => event,
                 Err(RecvTimeoutError::Timeout) => Event::Tick,
                 Err(RecvTimeoutError::Disconnected) => Event::WorkersGone,
             };
+            self.busy.start();
             let turn_start = Instant::now();
             let mut came = usize::from(!matches!(first, Event::Tick));
             let mut flow = self.handle(first);

@@ -29,6 +29,20 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The database stopped answering for longer than the run's lease and a
+    /// margin: other runs have taken its URLs.
+    #[error(
+        "run #{run} stopped: the database {db} has not answered for {waited} s, longer than the \
+         run's lease and a margin ({limit} s); its URLs go to the other runs, and the next run \
+         here clears what it left in the output folder. Check the network and the server, \
+         then run again"
+    )]
+    Unanswered {
+        run: crate::domain::RunId,
+        db: String,
+        waited: u64,
+        limit: u64,
+    },
     /// A part of the run ended without being told to (a panic, a channel
     /// closed): a bug.
     #[error("{0}")]

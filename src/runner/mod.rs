@@ -17,6 +17,7 @@ mod messages;
 mod peers;
 mod schedule;
 mod syncer;
+mod watch;
 mod worker;
 
 use std::path::PathBuf;
@@ -39,10 +40,12 @@ use coordinator::{Coordinator, Links};
 use crew::Crew;
 use dispatch::Dispatcher;
 use peers::Peers;
+use watch::{Busy, Watch};
 
 pub use crew::{SignalError, StopSignal};
 pub use error::{Result, RunError};
 use messages::{Event, Job};
+pub use watch::MARGIN as ANSWER_MARGIN;
 
 /// Up to this many workers run on one thread.
 const SINGLE_THREAD_WORKERS: usize = 64;
@@ -57,6 +60,9 @@ pub struct RunPlan {
     pub work: Work,
     /// The lease of a run on a shared database, which its heartbeat renews.
     pub lease: Option<Duration>,
+    /// How long one wait for the database may last before the run gives
+    /// up (a shared database: past the lease, the run's URLs are others').
+    pub answer_within: Option<Duration>,
     pub fetch: FetchOptions,
     /// The command line, secrets removed, recorded with the run.
     pub command: String,
@@ -96,6 +102,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     let (events_tx, events_rx) = flume::bounded::<Event>(capacity.max(1024));
     let wind_down = Arc::new(Notify::new());
     let host_filter = Arc::default();
+    let busy = Arc::new(Busy::default());
     let crew = Crew {
         workers: plan.workers,
         fetcher: fetcher.clone(),
@@ -124,20 +131,38 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
             host_filter,
             counters: counters.clone(),
             peers: Peers::new(me, run, counters.clone(), plan.lease, fetcher.hosts()),
+            busy: busy.clone(),
         },
     )?;
-    let coordinator = std::thread::Builder::new()
+    // How the coordinator ended, sent as it ends: waited for beside the
+    // watch, which a join could not be.
+    let (ended_tx, ended) = flume::bounded::<Result<RunEnd<RunError>>>(1);
+    std::thread::Builder::new()
         .name("jobrun-db".into())
-        .spawn(move || coordinator.run())
+        .spawn(move || {
+            let _ = ended_tx.send(coordinator.run());
+        })
         .map_err(|source| RunError::Start {
             what: "cannot start the database thread",
             source,
         })?;
 
-    run_crew(crew, stop, plan.display, plan.metrics, progress_start)?;
-    let end = coordinator
-        .join()
-        .map_err(|_| RunError::Internal("the database thread panicked"))??;
+    let watch = Watch {
+        busy,
+        limit: plan.answer_within,
+        db: crate::redact::redact_url(&plan.db.display().to_string()).into_owned(),
+        run,
+    };
+    // A database that stopped answering leaves the database thread waiting:
+    // it is left behind, and goes with the process.
+    let end = run_crew(
+        crew,
+        stop,
+        plan.display,
+        plan.metrics,
+        progress_start,
+        Ending { ended, watch },
+    )??;
     Ok(RunTotals {
         run,
         elapsed: started_at.elapsed(),
@@ -160,15 +185,25 @@ impl RunTotals {
     }
 }
 
-/// Runs the crew on an async runtime until its workers are gone, with the
-/// progress display beside it, and the metrics endpoint if asked for.
+/// How the run ends: the coordinator's word, or the watch giving up on the
+/// database first.
+struct Ending {
+    ended: flume::Receiver<Result<RunEnd<RunError>>>,
+    watch: Watch,
+}
+
+/// Runs the crew on an async runtime until its workers are gone and the
+/// coordinator has ended, with the progress display beside it, and the
+/// metrics endpoint if asked for; or until the watch gives up on the
+/// database. Returns how the coordinator ended.
 fn run_crew(
     crew: Crew,
     stop: StopSignal,
     display: progress::Display,
     metrics: Option<std::net::TcpListener>,
     start: counters::Start,
-) -> Result<()> {
+    ending: Ending,
+) -> Result<Result<RunEnd<RunError>>> {
     let runtime = runtime(crew.workers)?;
     let counters = crew.counters.clone();
     let hosts = crew.fetcher.hosts();
@@ -184,8 +219,21 @@ fn run_crew(
         ));
     }
     let progress = progress::show(counters, start, hosts, display);
-    runtime.block_on(crew.run(stop, progress));
-    Ok(())
+    let Ending { ended, watch } = ending;
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            ended = async {
+                crew.run(stop, progress).await;
+                ended.recv_async().await
+            } => ended.map_err(|_| RunError::Internal("the database thread panicked")),
+            error = watch.gave_up() => Err(error),
+        }
+    });
+    if outcome.is_err() {
+        // Workers may be blocked on the stuck database thread.
+        runtime.shutdown_background();
+    }
+    outcome
 }
 
 /// Registers the run, taking back dead runs' rows, and opens the output
@@ -283,6 +331,7 @@ mod tests {
             workers: 2,
             work: Work::Fetch,
             lease: None,
+            answer_within: None,
             fetch: FetchOptions {
                 headers: HeaderMap::new(),
                 timeout: Duration::from_secs(60),

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use backend::Store;
 pub use error::{CallerError, CallerResult, Context, Error, Result, TakenForDead};
-pub use postgres::PostgresStore;
+pub use postgres::{DEFAULT_LEASE, PostgresStore};
 pub use sqlite::SqliteStore;
 
 /// Where the database is, as `--db` (or `JOBRUN_DB`) names it.

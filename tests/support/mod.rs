@@ -24,16 +24,111 @@ pub use server::{Reply, Request, Server, huge_byte, item_body, item_of};
 /// jobrun's temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
 
-/// A fresh folder holding one job: `jobrun.db` and the `out` folder.
+/// Where a job's queue is: the SQLite file `jobrun.db` in its folder, or a
+/// schema of its own on the test PostgreSQL server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The test PostgreSQL server: `JOBRUN_TEST_PG`, by default the local one.
+/// A server that cannot be reached fails the tests that need it; they
+/// never skip.
+pub fn pg_server_url() -> String {
+    std::env::var("JOBRUN_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+/// A schema of its own on the test PostgreSQL server, dropped with it.
+pub struct PgSchema {
+    /// The queue's URL: the server's, with the schema as its search path.
+    pub url: String,
+    pub name: String,
+}
+
+impl PgSchema {
+    pub fn create() -> PgSchema {
+        let base = pg_server_url();
+        let name = format!("jobrun_it_{}_{:x}", std::process::id(), fastrand::u64(..));
+        let mut admin = postgres::Client::connect(&base, postgres::NoTls)
+            .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
+        admin
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .expect("create a test schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        PgSchema { url, name }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&pg_server_url(), postgres::NoTls) {
+            let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
+        }
+    }
+}
+
+/// Defines the test `NAME` twice, its body run once on each backend: `NAME`
+/// on SQLite and `NAME::on_postgres` on PostgreSQL. The body names the
+/// backend it is given (`$backend`) to make its jobs with `Job::on`.
+#[allow(unused_macros)]
+macro_rules! on_both_backends {
+    ($(#[$meta:meta])* fn $name:ident($backend:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let $backend = $crate::support::Backend::Sqlite;
+            $body
+        }
+
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$meta])*
+            #[test]
+            fn on_postgres() {
+                let $backend = $crate::support::Backend::Postgres;
+                $body
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_backends;
+
+/// A fresh folder holding one job: `jobrun.db` (or a PostgreSQL schema) and
+/// the `out` folder.
 pub struct Job {
     dir: tempfile::TempDir,
+    postgres: Option<PgSchema>,
 }
 
 impl Job {
     pub fn new() -> Job {
+        Job::on(Backend::Sqlite)
+    }
+
+    /// A fresh job whose queue is on `backend`.
+    pub fn on(backend: Backend) -> Job {
         Job {
             dir: tempfile::tempdir().expect("temp dir"),
+            postgres: (backend == Backend::Postgres).then(PgSchema::create),
         }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.postgres {
+            Some(_) => Backend::Postgres,
+            None => Backend::Sqlite,
+        }
+    }
+
+    /// The PostgreSQL schema of a job on PostgreSQL.
+    pub fn postgres(&self) -> Option<&PgSchema> {
+        self.postgres.as_ref()
     }
 
     pub fn dir(&self) -> &Path {
@@ -51,7 +146,10 @@ impl Job {
     /// The jobrun binary, run in the job folder against its database, with
     /// no proxy settings from the environment.
     pub fn command(&self) -> Command {
-        self.command_on(self.db())
+        match &self.postgres {
+            Some(schema) => self.command_on(&schema.url),
+            None => self.command_on(self.db()),
+        }
     }
 
     /// The jobrun binary, run in the job folder against the database `db`
@@ -115,15 +213,26 @@ impl Job {
 
     /// A fresh job with `urls` imported.
     pub fn with_urls(urls: &[String]) -> Job {
-        let job = Job::new();
+        Job::with_urls_on(Backend::Sqlite, urls)
+    }
+
+    /// A fresh job on `backend` with `urls` imported.
+    pub fn with_urls_on(backend: Backend, urls: &[String]) -> Job {
+        let job = Job::on(backend);
         job.import(urls);
         job
     }
 
     /// A fresh job with `count` item URLs on `server` imported, and those URLs.
     pub fn with_items(server: &Server, count: u64) -> (Job, Vec<String>) {
+        Job::with_items_on(Backend::Sqlite, server, count)
+    }
+
+    /// A fresh job on `backend` with `count` item URLs on `server` imported,
+    /// and those URLs.
+    pub fn with_items_on(backend: Backend, server: &Server, count: u64) -> (Job, Vec<String>) {
         let urls = item_urls(server, count);
-        (Job::with_urls(&urls), urls)
+        (Job::with_urls_on(backend, &urls), urls)
     }
 
     /// Writes `bytes` to the file `name` in the job folder.
@@ -302,8 +411,10 @@ impl Job {
         done
     }
 
-    /// The database, opened directly, for what the CLI does not show.
+    /// The database, opened directly, for what the CLI does not show
+    /// (SQLite).
     pub fn sql(&self) -> rusqlite::Connection {
+        assert_eq!(self.backend(), Backend::Sqlite, "sql() opens a SQLite file");
         let conn = rusqlite::Connection::open(self.db()).expect("open the database");
         conn.busy_timeout(Duration::from_secs(10))
             .expect("busy timeout");

@@ -1,14 +1,16 @@
-//! Two small proxies on 127.0.0.1 for tests, each counting what went
-//! through it: an HTTP proxy that forwards absolute-form requests
+//! Small proxies on 127.0.0.1 for tests. Two count what went through
+//! them: an HTTP proxy that forwards absolute-form requests
 //! (`GET http://host:port/path`) and tunnels `CONNECT host:port` (for
 //! https URLs), and a SOCKS5 proxy that does CONNECT without
 //! authentication. One connection per forwarded request is enough here:
-//! the HTTP proxy asks the server to close after each answer.
+//! the HTTP proxy asks the server to close after each answer. The third,
+//! [`TcpRelay`], forwards every connection to one address and can freeze:
+//! a network that stops carrying anything while the sockets stay open.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 pub struct Proxy {
@@ -226,4 +228,112 @@ fn relay(client: TcpStream, server: TcpStream) {
     let _ = io::copy(&mut server_read, &mut client_write);
     let _ = client_write.shutdown(Shutdown::Write);
     let _ = upstream.join();
+}
+
+/// Forwards every connection made to it to one address, byte for byte,
+/// until frozen: then nothing goes through either way (new connections
+/// included) and every socket stays open, as on a network that silently
+/// stops carrying packets, until thawed.
+pub struct TcpRelay {
+    addr: SocketAddr,
+    frozen: Arc<Frozen>,
+    stop: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Frozen {
+    on: Mutex<bool>,
+    thawed: Condvar,
+}
+
+impl Frozen {
+    fn wait_until_thawed(&self) {
+        let mut on = self.on.lock().unwrap();
+        while *on {
+            on = self.thawed.wait(on).unwrap();
+        }
+    }
+
+    fn set(&self, frozen: bool) {
+        *self.on.lock().unwrap() = frozen;
+        self.thawed.notify_all();
+    }
+}
+
+impl TcpRelay {
+    pub fn to(target: SocketAddr) -> TcpRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the test relay");
+        let addr = listener.local_addr().expect("test relay address");
+        let frozen = Arc::new(Frozen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (frozen, stop) = (frozen.clone(), stop.clone());
+            thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let frozen = frozen.clone();
+                    thread::spawn(move || {
+                        frozen.wait_until_thawed();
+                        let Ok(server) = TcpStream::connect(target) else {
+                            return;
+                        };
+                        let (Ok(client_read), Ok(server_read)) =
+                            (client.try_clone(), server.try_clone())
+                        else {
+                            return;
+                        };
+                        let upstream = {
+                            let frozen = frozen.clone();
+                            thread::spawn(move || pump(client_read, server, &frozen))
+                        };
+                        pump(server_read, client, &frozen);
+                        let _ = upstream.join();
+                    });
+                }
+            });
+        }
+        TcpRelay { addr, frozen, stop }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// From now on nothing goes through, until [`TcpRelay::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.set(true);
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.set(false);
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thaw();
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+/// Copies from `from` to `to` while not frozen; bytes read just as the
+/// relay freezes are held until it thaws.
+fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        frozen.wait_until_thawed();
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        frozen.wait_until_thawed();
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
 }

@@ -295,8 +295,9 @@ impl PostgresStore {
 
     pub(super) fn rows(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         self.each_row(
-            "SELECT url, state, path, http_status, attempts, bytes, encode(sha256, 'hex'), error
-             FROM urls ORDER BY id",
+            "SELECT u.url, u.state, u.path, u.http_status, u.attempts, u.bytes,
+                    encode(u.sha256, 'hex'), u.error, CASE WHEN u.state = 'done' THEN r.host END
+             FROM urls u LEFT JOIN runs r ON r.id = u.written_by ORDER BY u.id",
             |row| ExportRow {
                 url: row.get(0),
                 state: JobState::parse(row.get(1)).unwrap_or(JobState::Failed),
@@ -308,6 +309,7 @@ impl PostgresStore {
                     .get::<_, Option<String>>(6)
                     .filter(|hex| !hex.is_empty()),
                 error: row.get(7),
+                written_on: row.get(8),
             },
             each,
         )

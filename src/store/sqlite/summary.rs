@@ -268,6 +268,7 @@ impl SqliteStore {
                         .get::<_, Option<String>>(6)?
                         .filter(|hex| !hex.is_empty()),
                     error: row.get(7)?,
+                    written_on: None,
                 })
             },
             each,
