@@ -186,19 +186,13 @@ impl Job {
 
     /// Starts `jobrun run ARGS` without waiting for it.
     pub fn spawn_run(&self, args: &[&str]) -> Child {
-        self.spawn_run_on(self.db(), args)
+        spawn_run_with(self.command(), args)
     }
 
     /// Starts `jobrun run ARGS` on the database `db` (a file or a
     /// postgres:// URL) without waiting for it.
     pub fn spawn_run_on(&self, db: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Child {
-        self.command_on(db)
-            .arg("run")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start jobrun run")
+        spawn_run_with(self.command_on(db), args)
     }
 
     /// A fresh job whose database is a copy of `tests/fixtures/NAME`.
@@ -559,6 +553,17 @@ pub fn assert_no_url_fetched_twice(server: &Server) {
 pub fn assert_stderr_contains(output: &Output, text: &str) {
     let stderr = stderr(output);
     assert!(stderr.contains(text), "{stderr}");
+}
+
+/// Starts `command` as `jobrun run ARGS`, its output piped.
+fn spawn_run_with(mut command: Command, args: &[&str]) -> Child {
+    command
+        .arg("run")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun run")
 }
 
 /// A server that answers every request with the request's own body.
