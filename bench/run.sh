@@ -117,8 +117,7 @@ seq 0 $((N - 1)) | sed "s|.*|$scheme://127.0.0.1:$port/items/&.json|" > "$OUT/ur
 # Connections the bench server has accepted so far ("-" for nginx), this question's own
 # included.
 accepted() {
-    if [ -n "$server_pid" ]; then curl -s "${CURL_TLS[@]}" "$scheme://127.0.0.1:$port/connections"
-    else echo -; fi
+    [ -n "$server_pid" ] && curl -sf "${CURL_TLS[@]}" "$scheme://127.0.0.1:$port/connections" || echo -
 }
 
 available=()
@@ -175,7 +174,7 @@ for round in $(seq "$RUNS"); do
             after=$(accepted)
             # Less the one that asked for the count before the run.
             opened=-
-            [ "$before" = - ] || opened=$((after - before - 1))
+            [ "$before" = - ] || [ "$after" = - ] || opened=$((after - before - 1))
             read -r secs user sys rss < <(tail -n 1 "$out.time")
             echo "$tool $w $secs $user $sys $rss $(check "$out") $opened" | tee -a "$OUT/results" >&2
         done

@@ -543,18 +543,23 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, length: u64) -> std
 /// The TLS settings of the h2 server: a CA made now, its certificate written to
 /// `dir/ca.pem`, and a certificate of it for 127.0.0.1 and localhost.
 fn h2_tls(dir: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let error = |e: rcgen::Error| format!("cannot make the bench certificate: {e}");
+    // Distinct names: OpenSSL (curl) takes a certificate whose issuer is its
+    // own subject for self-signed, and rcgen's default name is the same for both.
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(error)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "jobrun bench CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca =
         CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(error)?).map_err(error)?;
     let key = KeyPair::generate().map_err(error)?;
-    let cert = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .map_err(error)?
-        .signed_by(&key, &ca)
-        .map_err(error)?;
+    let mut leaf =
+        CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).map_err(error)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "jobrun bench server");
+    let cert = leaf.signed_by(&key, &ca).map_err(error)?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, ca.pem()).map_err(|e| format!("{}: {e}", ca_path.display()))?;
