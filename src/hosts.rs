@@ -22,11 +22,13 @@
 //! has its connection closed after the answer instead of kept idle (see
 //! `keeps_connection`).
 //!
-//! Over TLS a host's first request goes alone: until its answer comes, the
-//! client does not know whether the server speaks HTTP/2, and requests sent
-//! meanwhile would each open a connection (and a TLS handshake) that ALPN
-//! then shows to be one too many, since HTTP/2 carries them all on one.
-//! curl waits for the first connection in the same way.
+//! Over TLS a host's first request goes alone, for `FIRST_ALONE` at most:
+//! until its answer comes, the client does not know whether the server
+//! speaks HTTP/2, and requests sent meanwhile would each open a connection
+//! (and a TLS handshake) that ALPN then shows to be one too many, since
+//! HTTP/2 carries them all on one. curl waits for the first connection in
+//! the same way. The bound keeps a host whose first answer is slow from
+//! holding the rest back for long.
 //!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
@@ -43,6 +45,9 @@ use crate::rate::Rate;
 /// How long a connection is kept open unused, and a host's state kept
 /// when there is nothing else to remember of it.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// The longest a host's other requests wait for its first answer over TLS:
+/// enough for a TLS handshake and a request across the world.
+const FIRST_ALONE: Duration = Duration::from_secs(1);
 /// How often hosts with nothing to remember are looked for.
 const SWEEP: Duration = Duration::from_secs(1);
 /// The most connections kept open unused for a host's next request: at
@@ -123,6 +128,8 @@ struct HostState {
     /// Whether an answer (or a failure to get one) came back since this
     /// state was made: a connection to the host is then known.
     answered: bool,
+    /// When the first request before any answer was sent.
+    first_sent: Option<Instant>,
     /// When its last request ended.
     last_end: Option<Instant>,
     /// Whether its last request kept its connection open.
@@ -237,6 +244,7 @@ impl Hosts {
         let mut state = HostState {
             in_flight: 0,
             answered: false,
+            first_sent: None,
             last_end: None,
             kept_open: false,
             next_slot: now,
@@ -271,7 +279,10 @@ impl Hosts {
                 return Err(Wait::Slot);
             }
             if transport == Transport::Tls && !state.answered && state.in_flight > 0 {
-                return Err(Wait::Slot);
+                let until = state.first_sent.unwrap_or(now) + FIRST_ALONE;
+                if until > now {
+                    return Err(Wait::Until(until));
+                }
             }
             let rate = state.rate(ceiling);
             let free_at = state.paused_until.unwrap_or(now).max(match rate {
@@ -287,6 +298,9 @@ impl Hosts {
                 // A slot left unused long ago is not saved up for a burst.
                 let unused_since = now.checked_sub(interval(rate)).unwrap_or(now);
                 state.next_slot = state.next_slot.max(unused_since) + interval(rate);
+            }
+            if !state.answered && state.in_flight == 0 {
+                state.first_sent = Some(now);
             }
             state.in_flight += 1;
             Ok(HostPermit {
@@ -1058,16 +1072,21 @@ mod tests {
     }
 
     #[test]
-    fn over_tls_a_hosts_first_request_goes_alone_until_answered() {
+    fn over_tls_a_hosts_first_request_goes_alone_until_answered_or_a_second() {
         let hosts = Arc::new(Hosts::new(Politeness::default()));
         let first = hosts
             .try_acquire("h", Transport::Tls)
             .expect("a first request");
-        assert_eq!(
-            hosts.try_acquire("h", Transport::Tls).err(),
-            Some(Wait::Slot),
-            "the second waits for the first one's answer"
-        );
+        match hosts.try_acquire("h", Transport::Tls) {
+            Err(Wait::Until(at)) => {
+                let wait = at - Instant::now();
+                assert!(wait > FIRST_ALONE / 2 && wait <= FIRST_ALONE, "{wait:?}");
+            }
+            other => panic!(
+                "the second waits for the first one's answer: {:?}",
+                other.err()
+            ),
+        }
         assert!(
             hosts.try_acquire("h", Transport::Plain).is_ok(),
             "without TLS nothing waits"
