@@ -6,12 +6,17 @@
 # N URLs of ~20 KB JSON (default 20000), fetched by each tool with each worker count
 # (default 20 64), RUNS times (default 3), tools in a new order each round. Prints, per
 # tool and worker count, the medians (and min-max) of URLs/s, CPU seconds (user + sys of
-# the tool and its children), CPU per URL and peak memory, and whether every run's files
-# were right: exactly N files whose byte total and multiset of sha256s match the data.
+# the tool and its children), CPU per URL, peak memory and, against the bench server, the
+# connections the tool opened (counted where the server accepts them), and whether every
+# run's files were right: exactly N files whose byte total and multiset of sha256s match
+# the data.
 #
 # Settings (environment):
 #   SERVER=static      nginx serving files (when installed; else the bench server, no delay)
 #   SERVER=latency:MS  the bench server (examples/bench_server.rs), answering after MS ms
+#   SERVER=h2:MS       the bench server over HTTP/2 and TLS (ALPN h2 only), answering after MS
+#                      ms; its certificate is trusted for the bench only (--cacert), and curl
+#                      runs with --http2
 #   TOOLS="jobrun curl wget2 aria2c python"   the tools; one that is not installed is skipped
 #   RUNS=3             rounds
 #   BENCH_DIR=DIR      data and output (default /tmp/jobrun-bench); needs RUNS x tools x
@@ -91,13 +96,29 @@ latency:*)
     server_name="bench_server, ${SERVER#latency:} ms per request"
     "$BENCH_SERVER" serve --dir "$DATA" --port "$port" --delay-ms "${SERVER#latency:}" &
     server_pid=$! ;;
-*) echo "SERVER must be static or latency:MS" >&2; exit 2 ;;
+h2:*)
+    server_name="bench_server, HTTP/2 over TLS, ${SERVER#h2:} ms per request"
+    "$BENCH_SERVER" serve --dir "$DATA" --port "$port" --delay-ms "${SERVER#h2:}" --tls "$OUT/tls" &
+    server_pid=$!
+    scheme=https
+    CACERT=$OUT/tls/ca.pem ;;
+*) echo "SERVER must be static, latency:MS or h2:MS" >&2; exit 2 ;;
 esac
+scheme=${scheme:-http}
+CURL_TLS=()
+[ -z "${CACERT:-}" ] || CURL_TLS=(--http2 --cacert "$CACERT")
 for _ in $(seq 100); do
-    curl -s -o /dev/null "http://127.0.0.1:$port/items/0.json" && break
+    [ "$scheme" = http ] || [ -f "$CACERT" ] || { sleep 0.1; continue; }
+    curl -s "${CURL_TLS[@]}" -o /dev/null "$scheme://127.0.0.1:$port/items/0.json" && break
     sleep 0.1
 done
-seq 0 $((N - 1)) | sed "s|.*|http://127.0.0.1:$port/items/&.json|" > "$OUT/urls.txt"
+seq 0 $((N - 1)) | sed "s|.*|$scheme://127.0.0.1:$port/items/&.json|" > "$OUT/urls.txt"
+
+# Connections the bench server has accepted so far ("-" for nginx), this question's own
+# included.
+accepted() {
+    [ -n "$server_pid" ] && curl -sf "${CURL_TLS[@]}" "$scheme://127.0.0.1:$port/connections" || echo -
+}
 
 available=()
 for tool in $TOOLS; do
@@ -114,11 +135,11 @@ done
 command_for() {
     local tool=$1 out=$2 w=$3
     case $tool in
-    jobrun) echo "sh -c '$JOBRUN --db $out.db import $OUT/urls.txt 2>/dev/null && exec $JOBRUN --db $out.db run --out $out --workers $w'" ;;
+    jobrun) echo "sh -c '$JOBRUN --db $out.db import $OUT/urls.txt 2>/dev/null && exec $JOBRUN --db $out.db run --out $out --workers $w${CACERT:+ --cacert $CACERT}'" ;;
     curl)
         awk -v d="$out" '{ n = $0; sub(/.*\//, "", n); printf "url = \"%s\"\noutput = \"%s/%s\"\n", $0, d, n }' \
             "$OUT/urls.txt" > "$out.curl"
-        echo "curl --parallel --parallel-max $w -sS --fail --retry 3 -K $out.curl" ;;
+        echo "curl --parallel --parallel-max $w -sS --fail --retry 3 ${CURL_TLS[*]} -K $out.curl" ;;
     wget2) echo "wget2 -i $OUT/urls.txt -P $out --max-threads=$w -q --no-hsts --no-hpkp --no-netrc" ;;
     aria2c) echo "aria2c -i $OUT/urls.txt -d $out -j $w --max-connection-per-server=1 --split=1 --allow-overwrite=true --auto-file-renaming=false --file-allocation=none --deferred-input=true --console-log-level=warn --summary-interval=0 --download-result=hide" ;;
     python) echo "python3 bench/pool_fetch.py $OUT/urls.txt $out $w" ;;
@@ -148,9 +169,14 @@ for round in $(seq "$RUNS"); do
             mkdir -p "$out"
             cmd=$(command_for "$tool" "$out" "$w")
             sync
+            before=$(accepted)
             /usr/bin/time -f '%e %U %S %M' -o "$out.time" sh -c "exec $cmd" > "$out.log" 2>&1 || true
+            after=$(accepted)
+            # Less the one that asked for the count before the run.
+            opened=-
+            [ "$before" = - ] || [ "$after" = - ] || opened=$((after - before - 1))
             read -r secs user sys rss < <(tail -n 1 "$out.time")
-            echo "$tool $w $secs $user $sys $rss $(check "$out")" | tee -a "$OUT/results" >&2
+            echo "$tool $w $secs $user $sys $rss $(check "$out") $opened" | tee -a "$OUT/results" >&2
         done
     done
 done
@@ -158,7 +184,7 @@ done
 # Medians per tool and worker count: "median (min-max)".
 echo
 echo "$N URLs of ~20 KB ($BYTES bytes), server: $server_name, $RUNS runs each, $(nproc) CPUs"
-printf '%-7s %5s  %-22s %-20s %-16s %-16s %s\n' tool W "URLs/s" "CPU s" "CPU us/URL" "peak MB" check
+printf '%-7s %5s  %-22s %-20s %-16s %-16s %-18s %s\n' tool W "URLs/s" "CPU s" "CPU us/URL" "peak MB" "connections" check
 for w in "${WORKERS[@]}"; do
     for tool in "${available[@]}"; do
         awk -v t="$tool" -v w="$w" -v n="$N" '
@@ -168,9 +194,10 @@ for w in "${WORKERS[@]}"; do
             }
             function show(a, k, fmt) { return sprintf(fmt " (" fmt "-" fmt ")", median(a, k), a[1], a[k]) }
             $1 == t && $2 == w { k++; rate[k] = n / $3; cpu[k] = $4 + $5; per[k] = 1e6 * ($4 + $5) / n; mb[k] = $6 / 1024
-                                 if ($7 != "ok") bad = bad " " $7 }
+                                 conns[k] = $8; if ($7 != "ok") bad = bad " " $7 }
             END { if (!k) exit
-                  printf "%-7s %5s  %-22s %-20s %-16s %-16s %s\n", t, w, show(rate, k, "%.0f"), show(cpu, k, "%.2f"),
-                      show(per, k, "%.0f"), show(mb, k, "%.0f"), bad ? "FAIL" bad : "ok" }' "$OUT/results"
+                  printf "%-7s %5s  %-22s %-20s %-16s %-16s %-18s %s\n", t, w, show(rate, k, "%.0f"), show(cpu, k, "%.2f"),
+                      show(per, k, "%.0f"), show(mb, k, "%.0f"), conns[1] == "-" ? "-" : show(conns, k, "%d"),
+                      bad ? "FAIL" bad : "ok" }' "$OUT/results"
     done
 done

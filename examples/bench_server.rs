@@ -3,7 +3,7 @@
 //!     bench_server generate --items N --dir DIR
 //!     bench_server serve --dir DIR [--delay-ms MS] [--url-file FILE] [--note-first-request]
 //!     bench_server serve --synthetic BYTES [--delay-ms MS] [--url-file FILE]
-//!     bench_server serve ... [--bind ADDR] [--bucket RATE:BURST] [--faults 500=P,429=P,reset=P]
+//!     bench_server serve ... [--tls DIR] [--bind ADDR] [--bucket RATE:BURST] [--faults 500=P,429=P,reset=P]
 //!                            [--first STATUS:SECS] [--always STATUS:SECS] [--hits FILE]
 //!     bench_server free-port
 //!
@@ -28,11 +28,18 @@
 //! request: unix milliseconds, item and status. `--bind` takes a comma-separated list, and
 //! `--listeners N` listens on N ports of each address (hosts are host:port for jobrun);
 //! `--url-file` then lists every `http://ADDR:PORT`, one a line.
+//!
+//! `GET /connections` answers how many connections the server has accepted so far (this
+//! request's own included), so that a bench can count the connections a client opened.
+//!
+//! `--tls DIR` serves HTTP/2 over TLS instead (ALPN `h2` only, up to 128 streams per
+//! connection), with a certificate for 127.0.0.1 from a CA made at start, whose certificate
+//! it writes to `DIR/ca.pem` for the clients to trust (`--cacert`); the URLs are then https.
 
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -180,6 +187,8 @@ struct Api {
     /// Whether to say when the first request came (for resume timings).
     note_first: AtomicBool,
     faults: Faults,
+    /// Connections accepted so far.
+    accepted: AtomicU64,
 }
 
 /// How the API misbehaves on purpose.
@@ -336,7 +345,12 @@ fn serve(args: &[String]) -> Result<(), String> {
         delay: Duration::from_millis(options.number("--delay-ms")?.unwrap_or(0)),
         note_first: AtomicBool::new(options.flag("--note-first-request")),
         faults: Faults::parse(&options)?,
+        accepted: AtomicU64::new(0),
     });
+    let tls = match options.value("--tls") {
+        Some(dir) => Some(h2_tls(Path::new(dir))?),
+        None => None,
+    };
     let port = options.number("--port")?.unwrap_or(0);
     let url_file = options.value("--url-file").map(PathBuf::from);
     let bind = options.value("--bind").unwrap_or("127.0.0.1").to_string();
@@ -353,18 +367,24 @@ fn serve(args: &[String]) -> Result<(), String> {
                     .await
                     .map_err(|e| format!("cannot listen on {address} port {port}: {e}"))?;
                 bases.push(format!(
-                    "http://{}",
+                    "{}://{}",
+                    if tls.is_some() { "https" } else { "http" },
                     listener.local_addr().map_err(|e| e.to_string())?
                 ));
-                let api = api.clone();
+                let (api, tls) = (api.clone(), tls.clone());
                 tokio::spawn(async move {
                     loop {
                         let Ok((stream, _)) = listener.accept().await else {
                             continue;
                         };
+                        api.accepted.fetch_add(1, Ordering::Relaxed);
                         let api = api.clone();
+                        let tls = tls.clone();
                         tokio::spawn(async move {
-                            let _ = connection(stream, &api).await;
+                            let _ = match tls {
+                                Some(tls) => h2_connection(stream, tls, api).await,
+                                None => connection(stream, &api).await,
+                            };
                         });
                     }
                 });
@@ -407,6 +427,15 @@ async fn connection(mut stream: TcpStream, api: &Api) -> std::io::Result<()> {
             .nth(1)
             .and_then(|path| path.strip_prefix("/items/")?.strip_suffix(".json"))
             .and_then(|i| i.parse().ok());
+        if head.split(' ').nth(1) == Some("/connections") {
+            let count = api.accepted.load(Ordering::Relaxed).to_string();
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{count}",
+                count.len()
+            );
+            stream.write_all(reply.as_bytes()).await?;
+            continue;
+        }
         let body = item.and_then(|i| api.bodies.get(i));
         if !api.delay.is_zero() {
             tokio::time::sleep(api.delay).await;
@@ -507,6 +536,100 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, length: u64) -> std
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
+    }
+    Ok(())
+}
+
+/// The TLS settings of the h2 server: a CA made now, its certificate written to
+/// `dir/ca.pem`, and a certificate of it for 127.0.0.1 and localhost.
+fn h2_tls(dir: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let error = |e: rcgen::Error| format!("cannot make the bench certificate: {e}");
+    // Distinct names: OpenSSL (curl) takes a certificate whose issuer is its
+    // own subject for self-signed, and rcgen's default name is the same for both.
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(error)?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "jobrun bench CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(error)?).map_err(error)?;
+    let key = KeyPair::generate().map_err(error)?;
+    let mut leaf =
+        CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).map_err(error)?;
+    leaf.distinguished_name
+        .push(DnType::CommonName, "jobrun bench server");
+    let cert = leaf.signed_by(&key, &ca).map_err(error)?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca.pem()).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Answers the streams of one HTTP/2 connection over TLS, each on a task of its own.
+async fn h2_connection(
+    stream: TcpStream,
+    tls: tokio_rustls::TlsAcceptor,
+    api: Arc<Api>,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let stream = tls.accept(stream).await?;
+    let mut connection = h2::server::Builder::new()
+        .max_concurrent_streams(128)
+        .handshake(stream)
+        .await
+        .map_err(std::io::Error::other)?;
+    while let Some(accepted) = connection.accept().await {
+        let Ok((request, mut respond)) = accepted else {
+            break;
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let path = request.uri().path();
+            let (status, body) = if path == "/connections" {
+                let count = api.accepted.load(Ordering::Relaxed);
+                (200, count.to_string().into_bytes())
+            } else {
+                let item: Option<u64> = path
+                    .strip_prefix("/items/")
+                    .and_then(|p| p.strip_suffix(".json"))
+                    .and_then(|i| i.parse().ok());
+                if !api.delay.is_zero() {
+                    tokio::time::sleep(api.delay).await;
+                }
+                match item.and_then(|i| api.bodies.get(i)) {
+                    Some(Body::Bytes(bytes)) => (200, bytes),
+                    Some(Body::File(mut file, _)) => {
+                        let mut bytes = Vec::new();
+                        match std::io::Read::read_to_end(&mut file, &mut bytes) {
+                            Ok(_) => (200, bytes),
+                            Err(_) => (500, Vec::new()),
+                        }
+                    }
+                    None => (404, b"{\"error\": \"not found\"}\n".to_vec()),
+                }
+            };
+            let response = http::Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .body(());
+            let Ok(response) = response else { return };
+            if let Ok(mut send) = respond.send_response(response, false) {
+                let _ = send.send_data(bytes::Bytes::from(body), true);
+            }
+        });
     }
     Ok(())
 }

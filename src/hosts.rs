@@ -22,6 +22,14 @@
 //! has its connection closed after the answer instead of kept idle (see
 //! `keeps_connection`).
 //!
+//! Over TLS a host's first request goes alone, for `FIRST_ALONE` at most:
+//! until its answer comes, the client does not know whether the server
+//! speaks HTTP/2, and requests sent meanwhile would each open a connection
+//! (and a TLS handshake) that ALPN then shows to be one too many, since
+//! HTTP/2 carries them all on one. curl waits for the first connection in
+//! the same way. The bound keeps a host whose first answer is slow from
+//! holding the rest back for long.
+//!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
 //! time per host.
@@ -37,6 +45,9 @@ use crate::rate::Rate;
 /// How long a connection is kept open unused, and a host's state kept
 /// when there is nothing else to remember of it.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// The longest a host's other requests wait for its first answer over TLS:
+/// enough for a TLS handshake and a request across the world.
+const FIRST_ALONE: Duration = Duration::from_secs(1);
 /// How often hosts with nothing to remember are looked for.
 const SWEEP: Duration = Duration::from_secs(1);
 /// The most connections kept open unused for a host's next request: at
@@ -114,6 +125,11 @@ struct Table {
 
 struct HostState {
     in_flight: usize,
+    /// Whether an answer (or a failure to get one) came back since this
+    /// state was made: a connection to the host is then known.
+    answered: bool,
+    /// When the first request before any answer was sent.
+    first_sent: Option<Instant>,
     /// When its last request ended.
     last_end: Option<Instant>,
     /// Whether its last request kept its connection open.
@@ -126,6 +142,14 @@ struct HostState {
     /// Answers in this run, and how many were 429 or 503.
     answers: u64,
     throttled: u64,
+}
+
+/// How a request reaches its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    /// TLS, where ALPN may pick HTTP/2.
+    Tls,
 }
 
 /// Why a host cannot take a request now.
@@ -219,6 +243,8 @@ impl Hosts {
         }
         let mut state = HostState {
             in_flight: 0,
+            answered: false,
+            first_sent: None,
             last_end: None,
             kept_open: false,
             next_slot: now,
@@ -234,8 +260,13 @@ impl Hosts {
     }
 
     /// A permit for a request to `host` now, or why there is none: a free
-    /// slot, no pause, and its turn under the host's rate.
-    pub fn try_acquire(self: &Arc<Self>, host: &str) -> Result<HostPermit, Wait> {
+    /// slot, no pause, its turn under the host's rate, and over TLS no first
+    /// request still waiting for its answer.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        host: &str,
+        transport: Transport,
+    ) -> Result<HostPermit, Wait> {
         let now = Instant::now();
         let share = self.share();
         let slots = self
@@ -246,6 +277,12 @@ impl Hosts {
         self.with_host(host, now, |state| {
             if slots.is_some_and(|slots| state.in_flight >= slots) {
                 return Err(Wait::Slot);
+            }
+            if transport == Transport::Tls && !state.answered && state.in_flight > 0 {
+                let until = state.first_sent.unwrap_or(now) + FIRST_ALONE;
+                if until > now {
+                    return Err(Wait::Until(until));
+                }
             }
             let rate = state.rate(ceiling);
             let free_at = state.paused_until.unwrap_or(now).max(match rate {
@@ -261,6 +298,9 @@ impl Hosts {
                 // A slot left unused long ago is not saved up for a burst.
                 let unused_since = now.checked_sub(interval(rate)).unwrap_or(now);
                 state.next_slot = state.next_slot.max(unused_since) + interval(rate);
+            }
+            if !state.answered && state.in_flight == 0 {
+                state.first_sent = Some(now);
             }
             state.in_flight += 1;
             Ok(HostPermit {
@@ -346,7 +386,9 @@ impl Hosts {
     pub fn answered(&self, host: &str, sent_at: Instant, answer: Answer) {
         let adaptive = self.politeness.adaptive;
         let now = Instant::now();
-        self.with_host(host, now, |state| {
+        let first = self.with_host(host, now, |state| {
+            let first = !state.answered;
+            state.answered = true;
             state.answers += 1;
             state.throttled += u64::from(answer != Answer::Other);
             if adaptive && answer != Answer::Paused {
@@ -354,7 +396,12 @@ impl Hosts {
                     .throttle
                     .answered(now, sent_at, answer == Answer::Throttled);
             }
+            first
         });
+        if first {
+            // Requests held back behind the first one over TLS may go.
+            self.freed.notify_one();
+        }
     }
 
     fn ceiling(&self) -> Option<f64> {
@@ -969,15 +1016,29 @@ mod tests {
             ..Default::default()
         }));
         let start = Instant::now();
-        drop(hosts.try_acquire("done").expect("a permit"));
+        drop(
+            hosts
+                .try_acquire("done", Transport::Plain)
+                .expect("a permit"),
+        );
         assert!(hosts.keeps_connection("done"), "just used");
-        drop(hosts.try_acquire("paused").expect("a permit"));
+        drop(
+            hosts
+                .try_acquire("paused", Transport::Plain)
+                .expect("a permit"),
+        );
         hosts.pause("paused", start + Duration::from_secs(60), None);
-        drop(hosts.try_acquire("cut").expect("a permit"));
+        drop(
+            hosts
+                .try_acquire("cut", Transport::Plain)
+                .expect("a permit"),
+        );
         for _ in 0..10 {
             hosts.answered("cut", Instant::now(), Answer::Throttled);
         }
-        let busy = hosts.try_acquire("busy").expect("a permit");
+        let busy = hosts
+            .try_acquire("busy", Transport::Plain)
+            .expect("a permit");
         assert_eq!(hosts.len(), 4);
         let later = Instant::now() + KEEP_ALIVE + Duration::from_millis(1);
         hosts.lock().forget_idle(later);
@@ -988,7 +1049,7 @@ mod tests {
         );
         assert!(hosts.rate_of("cut").is_some(), "a cut is remembered");
         assert!(
-            hosts.try_acquire("paused").is_err(),
+            hosts.try_acquire("paused", Transport::Plain).is_err(),
             "a pause is remembered"
         );
         drop(busy);
@@ -999,15 +1060,42 @@ mod tests {
         let hosts = Arc::new(Hosts::new(Politeness::default()));
         let names: Vec<String> = (0..MOST_KEPT + 100).map(|i| format!("h{i}")).collect();
         for name in &names {
-            drop(hosts.try_acquire(name).expect("a permit"));
+            drop(hosts.try_acquire(name, Transport::Plain).expect("a permit"));
         }
         let mut kept = 0;
         for name in &names {
-            let permit = hosts.try_acquire(name).expect("a permit");
+            let permit = hosts.try_acquire(name, Transport::Plain).expect("a permit");
             kept += usize::from(hosts.keeps_connection(name));
             drop(permit);
         }
         assert_eq!(kept, MOST_KEPT, "hosts called again within the keep-alive");
+    }
+
+    #[test]
+    fn over_tls_a_hosts_first_request_goes_alone_until_answered_or_a_second() {
+        let hosts = Arc::new(Hosts::new(Politeness::default()));
+        let first = hosts
+            .try_acquire("h", Transport::Tls)
+            .expect("a first request");
+        match hosts.try_acquire("h", Transport::Tls) {
+            Err(Wait::Until(at)) => {
+                let wait = at - Instant::now();
+                assert!(wait > FIRST_ALONE / 2 && wait <= FIRST_ALONE, "{wait:?}");
+            }
+            other => panic!(
+                "the second waits for the first one's answer: {:?}",
+                other.err()
+            ),
+        }
+        assert!(
+            hosts.try_acquire("h", Transport::Plain).is_ok(),
+            "without TLS nothing waits"
+        );
+        hosts.answered("h", Instant::now(), Answer::Other);
+        let together: Vec<_> = (0..3)
+            .map(|_| hosts.try_acquire("h", Transport::Tls).expect("answered"))
+            .collect();
+        drop((first, together));
     }
 
     #[test]
@@ -1017,25 +1105,35 @@ mod tests {
             per_host_workers: Some(2),
             ..Default::default()
         }));
-        let first = hosts.try_acquire("h").expect("a first request at once");
-        match hosts.try_acquire("h") {
+        let first = hosts
+            .try_acquire("h", Transport::Plain)
+            .expect("a first request at once");
+        match hosts.try_acquire("h", Transport::Plain) {
             Err(Wait::Until(at)) => {
                 let gap = at - Instant::now();
                 assert!(gap > Duration::from_millis(80), "{gap:?}");
             }
             other => panic!("the second must wait for its slot: {:?}", other.err()),
         }
-        let other = hosts.try_acquire("other");
+        let other = hosts.try_acquire("other", Transport::Plain);
         assert!(other.is_ok(), "hosts are paced apart");
         drop(first);
         let hosts_one = Arc::new(Hosts::new(Politeness {
             per_host_workers: Some(1),
             ..Default::default()
         }));
-        let held = hosts_one.try_acquire("h").expect("a free slot");
-        assert_eq!(hosts_one.try_acquire("h").err(), Some(Wait::Slot));
+        let held = hosts_one
+            .try_acquire("h", Transport::Plain)
+            .expect("a free slot");
+        assert_eq!(
+            hosts_one.try_acquire("h", Transport::Plain).err(),
+            Some(Wait::Slot)
+        );
         drop(held);
-        assert!(hosts_one.try_acquire("h").is_ok(), "the slot came back");
+        assert!(
+            hosts_one.try_acquire("h", Transport::Plain).is_ok(),
+            "the slot came back"
+        );
     }
 
     #[test]
@@ -1046,8 +1144,10 @@ mod tests {
             ..Default::default()
         }));
         hosts.share_among(2);
-        let first = hosts.try_acquire("h").expect("a first request at once");
-        match hosts.try_acquire("h") {
+        let first = hosts
+            .try_acquire("h", Transport::Plain)
+            .expect("a first request at once");
+        match hosts.try_acquire("h", Transport::Plain) {
             // Half of 10/s: a request every 200 ms.
             Err(Wait::Until(at)) => {
                 let gap = at - Instant::now();
@@ -1062,13 +1162,25 @@ mod tests {
         }));
         slots.share_among(2);
         let held: Vec<_> = (0..2)
-            .map(|_| slots.try_acquire("h").expect("a free slot"))
+            .map(|_| {
+                slots
+                    .try_acquire("h", Transport::Plain)
+                    .expect("a free slot")
+            })
             .collect();
-        assert_eq!(slots.try_acquire("h").err(), Some(Wait::Slot));
+        assert_eq!(
+            slots.try_acquire("h", Transport::Plain).err(),
+            Some(Wait::Slot)
+        );
         drop(held);
         slots.share_among(10);
-        let one = slots.try_acquire("h").expect("one slot at least");
-        assert_eq!(slots.try_acquire("h").err(), Some(Wait::Slot));
+        let one = slots
+            .try_acquire("h", Transport::Plain)
+            .expect("one slot at least");
+        assert_eq!(
+            slots.try_acquire("h", Transport::Plain).err(),
+            Some(Wait::Slot)
+        );
         drop(one);
     }
 }

@@ -1,8 +1,8 @@
 //! Habits from curl, wget and aria2c: a private CA (`--cacert`), client
 //! certificates (`--cert`, `--key`), proxies (`--proxy`, `--noproxy` and
 //! the environment), curl's short flags, `--connect-timeout`,
-//! `--max-redirs`, `--retry-on`, and manual pages and completions that
-//! cover all of it.
+//! `--max-redirs`, `--retry-on`, HTTP/2 over TLS, and manual pages and
+//! completions that cover all of it.
 
 mod support;
 
@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use support::h2::H2Server;
 use support::pki::TestCa;
 use support::proxy::Proxy;
 use support::*;
@@ -73,6 +74,39 @@ fn failure_errors(job: &Job) -> Vec<String> {
 
 fn path_arg(path: &Path) -> &str {
     path.to_str().expect("a UTF-8 path")
+}
+
+#[test]
+fn an_http2_only_server_gets_its_streams_over_few_connections() {
+    // A server that speaks only HTTP/2 (as ALPN tells) is fetched at all,
+    // and many requests share a connection instead of opening one each.
+    let ca = TestCa::new("jobrun HTTP/2 test CA");
+    let server = H2Server::start(&ca, Duration::from_millis(20));
+    let urls: Vec<String> = (0..400)
+        .map(|i| server.url(&format!("/items/{i}.json")))
+        .collect();
+    let job = Job::new();
+    job.import(&urls);
+    let cacert = ca.write(&job.dir().join("ca.pem"));
+    assert_success(
+        &run(&job, &["--workers", "50", "--cacert", path_arg(&cacert)]),
+        "run against an HTTP/2-only server",
+    );
+    job.assert_all_files_are(&urls, |url| {
+        item_body(
+            item_of(url.strip_prefix(&server.url("")).expect("an item URL")).expect("an item"),
+        )
+    });
+    assert!(
+        server.most_streams_at_once() >= 10,
+        "at most {} streams at once on one connection, with 50 workers",
+        server.most_streams_at_once()
+    );
+    assert!(
+        server.accepted() <= 2,
+        "{} connections for 400 requests from 50 workers",
+        server.accepted()
+    );
 }
 
 #[test]

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
 use crate::domain::{Completion, HostFilter};
-use crate::hosts::{HostPermit, Hosts, Wait};
+use crate::hosts::{HostPermit, Hosts, Transport, Wait};
 
 use super::messages::{Event, Job};
 
@@ -40,6 +40,12 @@ const MOST_SKIPPED: usize = 1000;
 /// it out: at least this many, at least four per `--per-host-workers` slot,
 /// and at least two seconds' worth at its rate.
 const LIMITED_QUEUE: usize = 16;
+
+/// Whether a URL is fetched over TLS.
+fn is_https(url: &str) -> bool {
+    url.get(..6)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https:"))
+}
 
 /// A job and its host's permit, on the way to a worker.
 pub type Dispatched = (Job, HostPermit);
@@ -218,7 +224,11 @@ impl Dispatcher {
             let Some(host) = self.turns.pop_front() else {
                 break;
             };
-            match self.hosts.try_acquire(&host) {
+            let transport = match self.queues.get(&host).and_then(VecDeque::front) {
+                Some(job) if is_https(&job.claim.url) => Transport::Tls,
+                _ => Transport::Plain,
+            };
+            match self.hosts.try_acquire(&host, transport) {
                 Ok(permit) => {
                     let Some(queue) = self.queues.get_mut(&host) else {
                         continue;

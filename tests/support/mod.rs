@@ -4,6 +4,7 @@
 //! filesystem that fills up, a read-only one).
 #![allow(dead_code)]
 
+pub mod h2;
 pub mod pki;
 pub mod proxy;
 pub mod server;

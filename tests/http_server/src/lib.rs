@@ -210,6 +210,8 @@ pub struct Server {
     log: Arc<Mutex<Vec<Hit>>>,
     stop: Arc<AtomicBool>,
     in_flight: Arc<InFlight>,
+    /// Connections accepted so far.
+    accepted: Arc<AtomicUsize>,
 }
 
 /// Requests being answered now, and the most there ever were at once.
@@ -310,14 +312,17 @@ impl Server {
         let handler: Arc<Handler> = Arc::new(handler);
         let counts = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
         let in_flight = Arc::new(InFlight::default());
+        let accepted = Arc::new(AtomicUsize::new(0));
         {
             let (log, stop, in_flight) = (log.clone(), stop.clone(), in_flight.clone());
+            let accepted = accepted.clone();
             thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(stream) = stream else { continue };
+                    accepted.fetch_add(1, Ordering::SeqCst);
                     let _ = stream.set_nodelay(true);
                     let Ok(connection) = wrap(stream) else {
                         continue;
@@ -337,7 +342,13 @@ impl Server {
             log,
             stop,
             in_flight,
+            accepted,
         })
+    }
+
+    /// The connections this server has accepted.
+    pub fn connections_accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// The most requests this server was answering at one time.
