@@ -52,22 +52,24 @@ fn unfinished_sets(state: &str) -> String {
 /// Retries that are due first (the latest due first, as SQLite picks them),
 /// then rows never tried in import order; `$4` lists hosts to skip. Both
 /// walk the partial index of pending rows in its own order (ordering new
-/// rows by id alone would walk the primary key past every done row).
+/// rows by id alone would walk the primary key past every done row): new
+/// rows are `next_attempt_at <= 0`, not `= 0`, which would let the planner
+/// see that the primary key gives the same order.
 const CLAIM_FETCH: &str = "WITH retries AS (
-        SELECT id FROM urls
+        SELECT id FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
-        SELECT id FROM urls
-        WHERE state = 'pending' AND next_attempt_at = 0 AND NOT (host = ANY($4))
+        SELECT id FROM jobs
+        WHERE state = 'pending' AND next_attempt_at <= 0 AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
     picked AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
-        SELECT id FROM urls
+        SELECT id FROM jobs
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
@@ -151,9 +153,9 @@ impl PostgresStore {
 
     pub(super) fn due_at(&self, work: Work) -> Result<Option<i64>> {
         let sql = match work {
-            Work::Fetch => "SELECT min(next_attempt_at) FROM urls WHERE state = 'pending'",
+            Work::Fetch => "SELECT min(next_attempt_at) FROM jobs WHERE state = 'pending'",
             Work::Refresh => {
-                "SELECT min(next_attempt_at) FROM urls WHERE refresh = 'pending' AND state = 'done'"
+                "SELECT min(next_attempt_at) FROM jobs WHERE refresh = 'pending' AND state = 'done'"
             }
         };
         Ok(self.client()?.query_one(sql, &[]).at(&self.name)?.get(0))
@@ -170,7 +172,7 @@ impl PostgresStore {
         // Locked rows are skipped by every claim until the commit.
         let rows = tx
             .query(
-                "SELECT id, state FROM urls WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                "SELECT id, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 &[&ids],
             )
             .at(&name)?;
@@ -194,7 +196,7 @@ impl PostgresStore {
         let status = status.map(i32::from);
         self.client()?
             .execute(
-                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0
                  WHERE state = 'failed'
                    AND ($1::integer IS NULL OR http_status = $1)
                    AND ($2::text IS NULL OR strpos(error, $2) > 0)",
@@ -206,7 +208,7 @@ impl PostgresStore {
     pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
         self.client()?
             .execute(
-                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
                      error = 'file missing or damaged (found by verify)'
                  WHERE id = ANY($1) AND state = 'done'",
                 &[&ids],
@@ -248,7 +250,7 @@ impl PostgresStore {
         // The retry budget starts afresh: attempts count this refresh's.
         let rows = tx
             .execute(
-                "UPDATE urls SET refresh = 'pending', refresh_round = $1, refresh_error = NULL,
+                "UPDATE jobs SET refresh = 'pending', refresh_round = $1, refresh_error = NULL,
                      attempts = 0, next_attempt_at = 0
                  WHERE state = 'done'
                    AND ($2::bigint IS NULL OR coalesce(fetched_at, updated_at, 0) < $2)",
@@ -370,18 +372,19 @@ fn record(
     let (guard3, guard2) = (guard("$3"), guard("$2"));
     let mut recorded = 0;
     // Attempts that reached an end also count as their host's answers, in
-    // the same statement: the updated rows say which host they belong to.
+    // the same statement: the updated rows say which host they belong to,
+    // and the batch's counts per host go in as one row of host_changes.
     let mut answered = |update: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
         let sql = format!(
             "WITH updated AS ({update} RETURNING u.host, c.status),
+             per_host AS (
+                 SELECT host, count(*) AS answers, count(*) FILTER (WHERE status = 429) AS s429,
+                        count(*) FILTER (WHERE status = 503) AS s503
+                 FROM updated GROUP BY host),
              answered AS (
-                 INSERT INTO host_answers AS h (slot, host, answers, status_429, status_503)
-                 SELECT pg_backend_pid(), host, count(*), count(*) FILTER (WHERE status = 429),
-                        count(*) FILTER (WHERE status = 503)
-                 FROM updated GROUP BY host ORDER BY host
-                 ON CONFLICT (slot, host) DO UPDATE SET answers = h.answers + excluded.answers,
-                     status_429 = h.status_429 + excluded.status_429,
-                     status_503 = h.status_503 + excluded.status_503)
+                 INSERT INTO host_changes (hosts, answers, status_429, status_503)
+                 SELECT array_agg(host), array_agg(answers), array_agg(s429), array_agg(s503)
+                 FROM per_host HAVING count(*) > 0)
              SELECT count(*) FROM updated"
         );
         recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
@@ -390,7 +393,7 @@ fn record(
     if !done.ids.is_empty() {
         answered(
             format!(
-                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
                      http_status = c.status, bytes = c.bytes, sha256 = c.sha256, error = NULL,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = c.etag, last_modified = c.last_modified, fetched_at = $2,
@@ -419,7 +422,7 @@ fn record(
         // A 304 may carry newer validators; it need not repeat them.
         answered(
             format!(
-                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = coalesce(c.etag, u.etag),
                      last_modified = coalesce(c.last_modified, u.last_modified),
@@ -446,7 +449,7 @@ fn record(
         // refresh waits for the retry; the URL's own status and error stay.
         answered(
             format!(
-                "UPDATE urls u SET {}, next_attempt_at = c.next_attempt_at
+                "UPDATE jobs u SET {}, next_attempt_at = c.next_attempt_at
                  FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[],
                              $7::bigint[], $8::bigint[])
                       AS c(id, fence, status, error, next_attempt_at, millis)
@@ -469,7 +472,7 @@ fn record(
         // A failed refresh fails the refresh, not the URL: its file stays.
         answered(
             format!(
-                "UPDATE urls u SET {},
+                "UPDATE jobs u SET {},
                      refresh = CASE WHEN u.refresh = 'pending' THEN 'failed' ELSE u.refresh END,
                      next_attempt_at = CASE WHEN u.refresh = 'pending' THEN 0
                                             ELSE u.next_attempt_at END
@@ -496,7 +499,7 @@ fn record(
     if !interrupted.ids.is_empty() {
         apply(
             format!(
-                "UPDATE urls u SET state = {UNCLAIMED}, interrupted = u.interrupted + 1,
+                "UPDATE jobs u SET state = {UNCLAIMED}, interrupted = u.interrupted + 1,
                      updated_at = $2
                  FROM unnest($3::bigint[], $4::bigint[]) AS c(id, fence)
                  WHERE {guard3}"
@@ -507,7 +510,7 @@ fn record(
     if !unstarted.ids.is_empty() {
         apply(
             format!(
-                "UPDATE urls u SET state = {UNCLAIMED}
+                "UPDATE jobs u SET state = {UNCLAIMED}
                  FROM unnest($2::bigint[], $3::bigint[]) AS c(id, fence)
                  WHERE {guard2}"
             ),
@@ -580,16 +583,19 @@ fn claim_due(
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
     };
-    // `= ANY(ARRAY(…))` finds the picked rows by primary key; a join with
-    // the pick is planned for far more rows than a batch, as a scan.
+    // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
+    // primary key; a join with the pick is planned for far more rows than a
+    // batch, as a scan.
     let rows = tx
         .query(
             &format!(
                 "{pick}
-                 UPDATE urls u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                 UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
                      lease_until = {SERVER_NOW} + $5
+                 FROM requests r
                  WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
-                 RETURNING u.id, u.url, u.request, u.path, u.attempts, u.bytes, u.sha256,
+                   AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
+                 RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
                      u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
                      u.fence"
             ),
