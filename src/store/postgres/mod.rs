@@ -55,6 +55,7 @@ pub struct PostgresStore {
     /// The URL without its password.
     name: String,
     lease: Duration,
+    fresh_from: queue::FreshFrom,
 }
 
 impl PostgresStore {
@@ -71,6 +72,7 @@ impl PostgresStore {
             client: RefCell::new(client),
             name,
             lease: DEFAULT_LEASE,
+            fresh_from: queue::FreshFrom::default(),
         };
         store.lease = match options.lease {
             Some(lease) => lease,

@@ -4,6 +4,7 @@
 //! are one `UPDATE … FROM unnest(…)` per kind, each guarded by run and
 //! fence; a row that no longer matches means the run was taken for dead.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use anyhow::Result;
@@ -50,11 +51,12 @@ fn unfinished_sets(state: &str) -> String {
 }
 
 /// Retries that are due first (the latest due first, as SQLite picks them),
-/// then rows never tried in import order; `$4` lists hosts to skip. Both
-/// walk the partial index of pending rows in its own order (ordering new
-/// rows by id alone would walk the primary key past every done row): new
-/// rows are `next_attempt_at <= 0`, not `= 0`, which would let the planner
-/// see that the primary key gives the same order.
+/// then rows never tried in import order from `$6` on, then, if those run
+/// short, rows never tried before `$6`; `$4` lists hosts to skip. Each walks
+/// the partial index of pending rows in its own order (ordering new rows by
+/// id alone would walk the primary key past every done row). `next_from`
+/// is where the run's next claim starts: past the rows taken, or at the
+/// first row passed over because its host was skipped.
 const CLAIM_FETCH: &str = "WITH retries AS (
         SELECT id FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
@@ -62,17 +64,59 @@ const CLAIM_FETCH: &str = "WITH retries AS (
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
         SELECT id FROM jobs
-        WHERE state = 'pending' AND next_attempt_at <= 0 AND NOT (host = ANY($4))
+        WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6 AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
-    picked AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh)";
+    behind AS (
+        SELECT id FROM jobs
+        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < $6 AND NOT (host = ANY($4))
+        ORDER BY next_attempt_at, id
+        LIMIT $3 - (SELECT count(*) FROM retries) - (SELECT count(*) FROM fresh)
+        FOR UPDATE SKIP LOCKED),
+    picked AS (
+        SELECT id FROM retries UNION ALL SELECT id FROM behind UNION ALL SELECT id FROM fresh),
+    next_from AS (
+        SELECT coalesce(
+            (SELECT min(id) FROM jobs
+             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6
+               AND id <= (SELECT max(id) FROM fresh) AND host = ANY($4)),
+            (SELECT max(id) + 1 FROM fresh),
+            $6) AS id)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
         SELECT id FROM jobs
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
-        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED),
+    next_from AS (SELECT $6::bigint AS id)";
+
+/// Where a run's next claim starts looking for rows never tried: just past
+/// the last ones it took. Every claimed row leaves an entry in the index of
+/// pending rows until a vacuum (one in five rows of a big table may be
+/// claimed before one starts), and a claim that started at the beginning
+/// would step over all of them. Rows that go back to pending behind it are
+/// taken when the rows ahead run short, at once when this store sent them
+/// back itself, and at every 64th claim, which starts from the beginning.
+#[derive(Default)]
+pub(super) struct FreshFrom {
+    id: Cell<i64>,
+    claims: Cell<u32>,
+}
+
+impl FreshFrom {
+    /// Where the next claim starts.
+    fn next(&self) -> i64 {
+        let claims = self.claims.get().wrapping_add(1);
+        self.claims.set(claims);
+        if claims % 64 == 0 { 0 } else { self.id.get() }
+    }
+
+    /// Rows from `id` on may be pending again.
+    pub(super) fn back_to(&self, id: i64) {
+        self.id.set(self.id.get().min(id));
+    }
+}
 
 impl PostgresStore {
     pub(super) fn complete_and_claim_batch(
@@ -124,12 +168,23 @@ impl PostgresStore {
             return Err(TakenForDead { run }.into());
         }
         count_durations(&mut tx, completions, name)?;
-        let claims = if claim > 0 {
-            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, name)?
+        for completion in completions {
+            if let Completion::Interrupted { id, .. } | Completion::Unstarted { id, .. } =
+                completion
+            {
+                self.fresh_from.back_to(*id);
+            }
+        }
+        let (claims, next_from) = if claim > 0 {
+            let from = self.fresh_from.next();
+            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, from, name)?
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         tx.commit().at(name)?;
+        if let Some(id) = next_from {
+            self.fresh_from.id.set(id);
+        }
         Ok(claims)
     }
 
@@ -193,6 +248,7 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
+        self.fresh_from.back_to(0);
         let status = status.map(i32::from);
         self.client()?
             .execute(
@@ -206,6 +262,7 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
+        self.fresh_from.back_to(0);
         self.client()?
             .execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
@@ -577,8 +634,9 @@ fn claim_due(
     filter: &HostFilter,
     work: Work,
     lease_ms: i64,
+    from: i64,
     name: &str,
-) -> Result<Vec<Claim>> {
+) -> Result<(Vec<Claim>, Option<i64>)> {
     let pick = match work {
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
@@ -597,11 +655,19 @@ fn claim_due(
                    AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
                  RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
                      u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                     u.fence"
+                     u.fence, (SELECT id FROM next_from)"
             ),
-            &[&run.0, &now, &(limit as i64), &filter.skip, &lease_ms],
+            &[
+                &run.0,
+                &now,
+                &(limit as i64),
+                &filter.skip,
+                &lease_ms,
+                &from,
+            ],
         )
         .at(name)?;
+    let next_from = rows.first().map(|row| row.get(12));
     let mut claims: Vec<Claim> = rows
         .iter()
         .map(|row| Claim {
@@ -633,5 +699,5 @@ fn claim_due(
         .collect();
     // Import order within the batch, as the queue hands rows out.
     claims.sort_by_key(|claim| claim.id);
-    Ok(claims)
+    Ok((claims, next_from))
 }

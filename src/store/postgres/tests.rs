@@ -404,6 +404,50 @@ fn counters_equal_a_count_of_the_rows_through_claims_outcomes_rescues_and_folds(
 }
 
 #[test]
+fn claims_go_back_for_rows_behind_where_they_got_to() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let urls = [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("b2", "b"),
+        ("a3", "a"),
+        ("b3", "b"),
+        ("a4", "a"),
+        ("a5", "a"),
+    ];
+    import(&mut store, &urls);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let paths = |claims: &[Claim]| -> Vec<String> {
+        claims
+            .iter()
+            .map(|c| c.path.trim_end_matches(".body").to_string())
+            .collect()
+    };
+    // Host b skipped: its rows passed over are the next claim's first.
+    let skip_b = HostFilter {
+        skip: vec!["b".to_string()],
+    };
+    let first = store.complete_and_claim(run, &[], 2, &skip_b, Work::Fetch)?;
+    assert_eq!(paths(&first), ["a1", "a2"]);
+    let second = claim(&mut store, run, 2);
+    assert_eq!(paths(&second), ["b1", "b2"]);
+    // Rows another run gives back behind this one's claims are still
+    // claimed: here when the rows ahead run short.
+    let mut other = schema.open();
+    let run2 = other.start_run(&me(2), &alive)?.id;
+    let theirs = claim(&mut other, run2, 2);
+    assert_eq!(paths(&theirs), ["a3", "b3"]);
+    let mine = claim(&mut store, run, 1);
+    assert_eq!(paths(&mine), ["a4"]);
+    other.end_run(run2, &RunEnd::Interrupted)?;
+    let rest = claim(&mut store, run, 10);
+    assert_eq!(paths(&rest), ["a3", "b3", "a5"]);
+    Ok(())
+}
+
+#[test]
 fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Result<()> {
     let schema = Schema::new();
     let mut store = schema.open();
