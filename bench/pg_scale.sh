@@ -23,5 +23,5 @@ for rows in 10000 "$ROWS"; do
         target/release/jobrun --db "$db" report >/dev/null
         echo "report: $(echo "$(date +%s.%N) - $start" | bc) s"
     done
-    psql -q "$PG" -c "DROP SCHEMA $schema CASCADE"
+    psql -q "$PG" -c "SET client_min_messages = warning; DROP SCHEMA $schema CASCADE"
 done

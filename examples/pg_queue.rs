@@ -106,11 +106,14 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
             started.elapsed().as_secs_f64()
         );
     } else {
+        let cpu_before = server_cpu(admin)?;
         let imported = import(&mut store, options.urls, options.import_batch)?;
         let secs = started.elapsed().as_secs_f64();
+        let cpu = server_cpu(admin)? - cpu_before;
         println!(
-            "import: {imported} URLs in {secs:.2} s ({:.0} URLs/s)",
-            imported as f64 / secs
+            "import: {imported} URLs in {secs:.2} s ({:.0} URLs/s); server CPU {:.1} µs per URL",
+            imported as f64 / secs,
+            cpu * 1e6 / imported.max(1) as f64
         );
     }
     // The runs start together, and stop together before their connections

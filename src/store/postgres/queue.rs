@@ -109,7 +109,11 @@ impl FreshFrom {
     fn next(&self) -> i64 {
         let claims = self.claims.get().wrapping_add(1);
         self.claims.set(claims);
-        if claims % 64 == 0 { 0 } else { self.id.get() }
+        if claims.is_multiple_of(64) {
+            0
+        } else {
+            self.id.get()
+        }
     }
 
     /// Rows from `id` on may be pending again.
