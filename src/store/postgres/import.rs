@@ -18,8 +18,11 @@ impl PostgresStore {
         let name = name.as_str();
         let mut client = self.client()?;
         let mut tx = client.transaction().at(name)?;
+        // A batch's statements are not worth compiling, however big the
+        // tables make the planner's estimates.
         tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS import_staging (
+            "SET LOCAL jit = off;
+             CREATE TEMP TABLE IF NOT EXISTS import_staging (
                  ord integer, url text, request text, request_hash text, host text,
                  path text COLLATE \"C\") ON COMMIT DELETE ROWS",
         )
