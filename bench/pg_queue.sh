@@ -3,7 +3,9 @@
 # 10,000, then claim + complete of every row in batches of 1,024 by RUNS runs (default 1 and
 # 4), each on its own connection, against JOBRUN_BENCH_PG (default the tests' server,
 # postgres://postgres@127.0.0.1:5432/test), in a schema of its own that is dropped after.
-# Figures: bench/README.md.
+# Prints jobs/s, the median and p99 time of a claim + complete call, and the CPU time the
+# server's backends spent per job (read from /proc: a figure that other load on the machine
+# does not change much). Figures: bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 URLS=${URLS:-1000000}

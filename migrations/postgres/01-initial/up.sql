@@ -29,46 +29,66 @@ CREATE TABLE runs (
 );
 CREATE INDEX runs_unfinished ON runs (id) WHERE ended_at IS NULL;
 
-CREATE TABLE urls (
-    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    url             text NOT NULL,
-    request         text,
-    request_hash    text NOT NULL DEFAULT '',
-    host            text NOT NULL,
+-- What each URL is, fixed at import and never updated: what to send and where its file
+-- goes. Its unique indexes on text are written once per URL, never by the queue.
+CREATE TABLE requests (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    url          text COLLATE "C" NOT NULL,   -- byte order: unique checks need no locale
+    request      text,
+    request_hash text COLLATE "C" NOT NULL DEFAULT '',
+    host         text NOT NULL,
     -- Byte order, as in SQLite: the folder checks of named paths compare ranges.
-    path            text COLLATE "C" NOT NULL UNIQUE,
-    state           text NOT NULL DEFAULT 'pending'
-                    CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    path         text COLLATE "C" NOT NULL UNIQUE,
+    UNIQUE (url, request_hash)
+);
+
+-- Where each URL stands: the queue, one row per request with the same id. Every claim and
+-- outcome rewrites a row here and nothing else, so a change of state writes a narrow row,
+-- its primary key and at most one partial index, not the URL's text indexes.
+CREATE TABLE jobs (
+    id              bigint PRIMARY KEY,
+    next_attempt_at bigint NOT NULL DEFAULT 0,
+    fence           bigint NOT NULL DEFAULT 0,   -- bumped by every claim
+    run_id          bigint,                      -- lease owner: the run that holds or last held it
+    lease_until     bigint,                      -- deadline at claim; the owner's heartbeat renews it
+    written_by      bigint,                      -- the run (and so the machine) that wrote the done file
+    bytes           bigint,
+    duration_ms     bigint,
+    updated_at      bigint,
+    fetched_at      bigint,
+    refresh_round   bigint,
     attempts        integer NOT NULL DEFAULT 0,
     interrupted     integer NOT NULL DEFAULT 0,
     rescued         integer NOT NULL DEFAULT 0,  -- taken back from runs that died holding it
-    next_attempt_at bigint NOT NULL DEFAULT 0,
-    run_id          bigint,                      -- lease owner: the run that holds or last held it
-    fence           bigint NOT NULL DEFAULT 0,   -- bumped by every claim
-    lease_until     bigint,                      -- deadline at claim; the owner's heartbeat renews it
-    written_by      bigint,                      -- the run (and so the machine) that wrote the done file
     http_status     integer,
-    bytes           bigint,
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    host            text NOT NULL,               -- the request's, for claims that skip hosts
     sha256          bytea,
     error           text,
-    duration_ms     bigint,
-    updated_at      bigint,
     etag            text,
     last_modified   text,
-    fetched_at      bigint,
     refresh         text,
-    refresh_round   bigint,
-    refresh_error   text,
-    UNIQUE (url, request_hash)
-);
+    refresh_error   text
+) WITH (fillfactor = 80);                        -- room for a row's next version on its page
 -- What a claim walks: due rows only, retries by due time, new rows in import order.
-CREATE INDEX urls_claimable ON urls (next_attempt_at, id) WHERE state = 'pending';
-CREATE INDEX urls_running ON urls (run_id) WHERE state = 'running';
-CREATE INDEX urls_failed ON urls (id) WHERE state = 'failed';
-CREATE INDEX urls_to_refresh ON urls (next_attempt_at, id) WHERE refresh = 'pending' AND state = 'done';
+CREATE INDEX jobs_claimable ON jobs (next_attempt_at, id) WHERE state = 'pending';
+CREATE INDEX jobs_running ON jobs (run_id) WHERE state = 'running';
+CREATE INDEX jobs_failed ON jobs (id) WHERE state = 'failed';
+CREATE INDEX jobs_to_refresh ON jobs (next_attempt_at, id) WHERE refresh = 'pending' AND state = 'done';
 
--- Counters kept by the triggers below in the statements that change urls, one slot per
--- database connection (its backend pid) so that runs never wait on each other's counters.
+-- The two as one, for reading (report, export, verify). A query that needs no column of
+-- requests reads jobs alone: the planner drops a left join on a unique key it does not use.
+CREATE VIEW urls AS
+SELECT j.id, r.url, r.request, r.request_hash, j.host, r.path, j.state, j.attempts,
+       j.interrupted, j.rescued, j.next_attempt_at, j.run_id, j.fence, j.lease_until,
+       j.written_by, j.http_status, j.bytes, j.sha256, j.error, j.duration_ms, j.updated_at,
+       j.etag, j.last_modified, j.fetched_at, j.refresh, j.refresh_round, j.refresh_error
+FROM jobs j LEFT JOIN requests r ON r.id = j.id;
+
+-- Counters kept in the statements that change jobs, one slot per database connection (its
+-- backend pid) so that runs never wait on each other's counters. Import adds its rows
+-- itself; every update is counted by the trigger below.
 CREATE TABLE tallies (
     slot   integer NOT NULL,
     state  text NOT NULL,
@@ -76,14 +96,6 @@ CREATE TABLE tallies (
     rows   bigint NOT NULL,
     bytes  bigint NOT NULL,                    -- of done rows
     PRIMARY KEY (slot, state, status)
-);
--- Per host, running rows count as pending: a claim, the commonest change, changes nothing here.
-CREATE TABLE host_tallies (
-    slot  integer NOT NULL,
-    host  text NOT NULL,
-    state text NOT NULL,                       -- pending (or running), done, failed
-    rows  bigint NOT NULL,
-    PRIMARY KEY (slot, host, state)
 );
 CREATE TABLE error_tallies (
     slot    integer NOT NULL,
@@ -100,113 +112,136 @@ CREATE TABLE refresh_tallies (
     PRIMARY KEY (slot, round, refresh)
 );
 
--- One function for inserts and updates (rows are never deleted): old rows count -1, new rows
--- +1, one upsert per counter table for the whole statement, in key order so that two
--- transactions never take the same counters' locks in opposite orders. Static SQL, so that
--- its plans are kept; each trigger only runs the branch whose transition tables it has.
-CREATE FUNCTION tally_urls() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
-        SELECT pg_backend_pid(), state, coalesce(http_status, 0), sum(n),
-               sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
-        GROUP BY 2, 3
-        HAVING sum(n) <> 0
-            OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, state, status)
-        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
-        INSERT INTO host_tallies AS t (slot, host, state, rows)
-        SELECT pg_backend_pid(), host, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
-               sum(n)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
-        GROUP BY 2, 3 HAVING sum(n) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, host, state) DO UPDATE SET rows = t.rows + excluded.rows;
-        INSERT INTO error_tallies AS t (slot, error, rows, example)
-        SELECT pg_backend_pid(), error, sum(n), min(url)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
-        WHERE state <> 'done' AND error IS NOT NULL
-        GROUP BY 2 HAVING sum(n) <> 0
-        ORDER BY 2
-        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows;
-        INSERT INTO refresh_tallies AS t (slot, round, refresh, rows)
-        SELECT pg_backend_pid(), refresh_round, coalesce(refresh, ''), sum(n)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1 AS n FROM changed_new) AS d
-        WHERE refresh_round IS NOT NULL
-        GROUP BY 2, 3 HAVING sum(n) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
-    ELSE
-        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
-        SELECT pg_backend_pid(), state, coalesce(http_status, 0), sum(n),
-               sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
-              FROM changed_old
-              UNION ALL
-              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
-              FROM changed_new) AS d
-        GROUP BY 2, 3
-        HAVING sum(n) <> 0
-            OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, state, status)
-        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes;
-        INSERT INTO host_tallies AS t (slot, host, state, rows)
-        SELECT pg_backend_pid(), host, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
-               sum(n)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
-              FROM changed_old
-              UNION ALL
-              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
-              FROM changed_new) AS d
-        GROUP BY 2, 3 HAVING sum(n) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, host, state) DO UPDATE SET rows = t.rows + excluded.rows;
-        INSERT INTO error_tallies AS t (slot, error, rows, example)
-        SELECT pg_backend_pid(), error, sum(n), min(url)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
-              FROM changed_old
-              UNION ALL
-              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
-              FROM changed_new) AS d
-        WHERE state <> 'done' AND error IS NOT NULL
-        GROUP BY 2 HAVING sum(n) <> 0
-        ORDER BY 2
-        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows;
-        INSERT INTO refresh_tallies AS t (slot, round, refresh, rows)
-        SELECT pg_backend_pid(), refresh_round, coalesce(refresh, ''), sum(n)
-        FROM (SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
-              FROM changed_old
-              UNION ALL
-              SELECT url, host, state, http_status, bytes, error, refresh_round, refresh, 1
-              FROM changed_new) AS d
-        WHERE refresh_round IS NOT NULL
-        GROUP BY 2, 3 HAVING sum(n) <> 0
-        ORDER BY 2, 3
-        ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER urls_tally_insert AFTER INSERT ON urls
-    REFERENCING NEW TABLE AS changed_new
-    FOR EACH STATEMENT EXECUTE FUNCTION tally_urls();
-CREATE TRIGGER urls_tally_update AFTER UPDATE ON urls
-    REFERENCING OLD TABLE AS changed_old NEW TABLE AS changed_new
-    FOR EACH STATEMENT EXECUTE FUNCTION tally_urls();
-
--- Finished attempts per host and how many were 429 or 503, and the duration histogram,
--- per connection like the tallies.
-CREATE TABLE host_answers (
+-- Per host: rows by state (running rows count as pending, so that a claim changes nothing
+-- here) and finished attempts, with how many were answered 429 or 503. A batch spread over
+-- a thousand hosts would rewrite a thousand counters; it appends one row of arrays to
+-- host_changes instead, and every 64 such rows are added up into host_counts at once.
+CREATE TABLE host_counts (
     slot       integer NOT NULL,
     host       text NOT NULL,
+    pending    bigint NOT NULL,
+    done       bigint NOT NULL,
+    failed     bigint NOT NULL,
     answers    bigint NOT NULL,
     status_429 bigint NOT NULL,
     status_503 bigint NOT NULL,
     PRIMARY KEY (slot, host)
 );
+CREATE TABLE host_changes (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    hosts      text[] NOT NULL,
+    pending    bigint[],                       -- NULL when the change has no such counts
+    done       bigint[],
+    failed     bigint[],
+    answers    bigint[],
+    status_429 bigint[],
+    status_503 bigint[]
+);
+
+-- Both, added up; what report reads.
+CREATE VIEW host_totals AS
+SELECT host, pending, done, failed, answers, status_429, status_503 FROM host_counts
+UNION ALL
+SELECT c.host, coalesce(c.pending, 0), coalesce(c.done, 0), coalesce(c.failed, 0),
+       coalesce(c.answers, 0), coalesce(c.status_429, 0), coalesce(c.status_503, 0)
+FROM host_changes,
+     unnest(hosts, pending, done, failed, answers, status_429, status_503)
+         AS c(host, pending, done, failed, answers, status_429, status_503);
+CREATE VIEW host_tallies AS
+SELECT t.host, s.state, s.rows
+FROM host_totals t
+CROSS JOIN LATERAL (VALUES ('pending', t.pending), ('done', t.done), ('failed', t.failed))
+    AS s(state, rows);
+CREATE VIEW host_answers AS
+SELECT host, answers, status_429, status_503 FROM host_totals;
+
+-- Adds up the changes no other transaction is folding, in this connection's slot, and
+-- removes them in the same transaction: each is counted once, whoever folds it.
+CREATE FUNCTION fold_host_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (SELECT count(*) FROM host_changes) >= 64 THEN
+        WITH folded AS (
+            DELETE FROM host_changes
+            WHERE id = ANY(ARRAY(SELECT id FROM host_changes FOR UPDATE SKIP LOCKED))
+            RETURNING hosts, pending, done, failed, answers, status_429, status_503)
+        INSERT INTO host_counts AS h
+            (slot, host, pending, done, failed, answers, status_429, status_503)
+        SELECT pg_backend_pid(), c.host, coalesce(sum(c.pending), 0), coalesce(sum(c.done), 0),
+               coalesce(sum(c.failed), 0), coalesce(sum(c.answers), 0),
+               coalesce(sum(c.status_429), 0), coalesce(sum(c.status_503), 0)
+        FROM folded,
+             unnest(hosts, pending, done, failed, answers, status_429, status_503)
+                 AS c(host, pending, done, failed, answers, status_429, status_503)
+        GROUP BY c.host ORDER BY c.host
+        ON CONFLICT (slot, host) DO UPDATE SET pending = h.pending + excluded.pending,
+            done = h.done + excluded.done, failed = h.failed + excluded.failed,
+            answers = h.answers + excluded.answers,
+            status_429 = h.status_429 + excluded.status_429,
+            status_503 = h.status_503 + excluded.status_503;
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER host_changes_fold AFTER INSERT ON host_changes
+    FOR EACH STATEMENT EXECUTE FUNCTION fold_host_changes();
+
+-- Every update of jobs, counted in one statement: old rows -1, new rows +1, one upsert per
+-- counter table in key order, so that two transactions never take the same counters' locks
+-- in opposite orders. Static SQL, so that its plan is kept. The error's example URL is
+-- looked up only for rows that have an error.
+CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    WITH d AS (
+        SELECT id, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+        FROM changed_old
+        UNION ALL
+        SELECT id, host, state, http_status, bytes, error, refresh_round, refresh, 1
+        FROM changed_new),
+    states AS (
+        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+        SELECT pg_backend_pid(), state, coalesce(http_status, 0), sum(n),
+               sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END)
+        FROM d
+        GROUP BY 2, 3
+        HAVING sum(n) <> 0
+            OR sum(CASE WHEN state = 'done' THEN n * coalesce(bytes, 0) ELSE 0 END) <> 0
+        ORDER BY 2, 3
+        ON CONFLICT (slot, state, status)
+        DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes),
+    per_host AS (
+        SELECT host,
+               coalesce(sum(n) FILTER (WHERE state IN ('pending', 'running')), 0) AS pending,
+               coalesce(sum(n) FILTER (WHERE state = 'done'), 0) AS done,
+               coalesce(sum(n) FILTER (WHERE state = 'failed'), 0) AS failed
+        FROM d GROUP BY host),
+    hosts AS (
+        INSERT INTO host_changes (hosts, pending, done, failed)
+        SELECT array_agg(host), array_agg(pending), array_agg(done), array_agg(failed)
+        FROM per_host WHERE pending <> 0 OR done <> 0 OR failed <> 0
+        HAVING count(*) > 0),
+    errors AS (
+        INSERT INTO error_tallies AS t (slot, error, rows, example)
+        SELECT pg_backend_pid(), error, sum(n),
+               min((SELECT r.url FROM requests r WHERE r.id = d.id))
+        FROM d
+        WHERE state <> 'done' AND error IS NOT NULL
+        GROUP BY 2 HAVING sum(n) <> 0
+        ORDER BY 2
+        ON CONFLICT (slot, error) DO UPDATE SET rows = t.rows + excluded.rows)
+    INSERT INTO refresh_tallies AS t (slot, round, refresh, rows)
+    SELECT pg_backend_pid(), refresh_round, coalesce(refresh, ''), sum(n)
+    FROM d
+    WHERE refresh_round IS NOT NULL
+    GROUP BY 2, 3 HAVING sum(n) <> 0
+    ORDER BY 2, 3
+    ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER jobs_tally AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS changed_old NEW TABLE AS changed_new
+    FOR EACH STATEMENT EXECUTE FUNCTION tally_jobs();
+
+-- The duration histogram of finished attempts, per connection like the tallies.
 CREATE TABLE durations (
     slot   integer NOT NULL,
     bucket integer NOT NULL,

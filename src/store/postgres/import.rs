@@ -1,5 +1,6 @@
 //! Import: the batch goes into a temporary staging table by binary COPY,
-//! then into the queue with `INSERT … SELECT … ON CONFLICT DO NOTHING`, a
+//! then into requests with `INSERT … SELECT … ON CONFLICT DO NOTHING` and
+//! the new ones into the queue (jobs) in the same statement, a
 //! run of lines at a time. A line with a name the user gave is checked on
 //! its own first, as SQLite's import does, against the rows before it.
 
@@ -17,8 +18,11 @@ impl PostgresStore {
         let name = name.as_str();
         let mut client = self.client()?;
         let mut tx = client.transaction().at(name)?;
+        // A batch's statements are not worth compiling, however big the
+        // tables make the planner's estimates.
         tx.batch_execute(
-            "CREATE TEMP TABLE IF NOT EXISTS import_staging (
+            "SET LOCAL jit = off;
+             CREATE TEMP TABLE IF NOT EXISTS import_staging (
                  ord integer, url text, request text, request_hash text, host text,
                  path text COLLATE \"C\") ON COMMIT DELETE ROWS",
         )
@@ -87,16 +91,14 @@ fn insert_unnamed(
     let (first, last) = (start as i32, end as i32 - 1);
     let inserted = tx
         .query(
-            "WITH inserted AS (
-                 INSERT INTO urls (url, request, request_hash, host, path)
-                 SELECT url, request, request_hash, host, path FROM import_staging
-                 WHERE ord BETWEEN $1 AND $2 ORDER BY ord
-                 ON CONFLICT DO NOTHING
-                 RETURNING url, request_hash, path)
-             SELECT min(s.ord) FROM inserted i
-             JOIN import_staging s USING (url, request_hash, path)
-             WHERE s.ord BETWEEN $1 AND $2
-             GROUP BY i.url, i.request_hash, i.path",
+            &queue_new(
+                "SELECT url, request, request_hash, host, path FROM import_staging
+                 WHERE ord BETWEEN $1 AND $2 ORDER BY ord",
+                "SELECT min(s.ord) FROM inserted i
+                 JOIN import_staging s USING (url, request_hash, path)
+                 WHERE s.ord BETWEEN $1 AND $2
+                 GROUP BY i.url, i.request_hash, i.path",
+            ),
             &[&first, &last],
         )
         .at(name)?;
@@ -118,7 +120,7 @@ fn insert_unnamed(
     }
     let rows = tx
         .query(
-            "SELECT s.ord, EXISTS (SELECT 1 FROM urls u
+            "SELECT s.ord, EXISTS (SELECT 1 FROM requests u
                                    WHERE u.url = s.url AND u.request_hash = s.request_hash)
              FROM import_staging s WHERE s.ord = ANY($1)",
             &[&left],
@@ -139,7 +141,7 @@ fn insert_unnamed(
 fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Result<InsertResult> {
     let existing = first_path(
         tx,
-        "SELECT path FROM urls WHERE url = $1 AND request_hash = $2",
+        "SELECT path FROM requests WHERE url = $1 AND request_hash = $2",
         &[&new.url, &new.request_hash],
         name,
     )?;
@@ -154,7 +156,7 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
     if !folders.is_empty() {
         let folder = first_path(
             tx,
-            "SELECT path FROM urls WHERE path = ANY($1) ORDER BY length(path) LIMIT 1",
+            "SELECT path FROM requests WHERE path = ANY($1) ORDER BY length(path) LIMIT 1",
             &[&folders],
             name,
         )?;
@@ -165,17 +167,19 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
     // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
     let inside = first_path(
         tx,
-        "SELECT path FROM urls WHERE path > $1 AND path < $2 LIMIT 1",
+        "SELECT path FROM requests WHERE path > $1 AND path < $2 LIMIT 1",
         &[&format!("{}/", new.path), &format!("{}0", new.path)],
         name,
     )?;
     if let Some(other) = inside {
         return Ok(InsertResult::folder_of_file(new.path, &other));
     }
-    let inserted = tx
-        .execute(
-            "INSERT INTO urls (url, request, request_hash, host, path)
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    let inserted: i64 = tx
+        .query_one(
+            &queue_new(
+                "VALUES ($1, $2, $3, $4, $5)",
+                "SELECT count(*) FROM inserted",
+            ),
             &[
                 &new.url,
                 &new.request,
@@ -184,12 +188,36 @@ fn insert_named(tx: &mut Transaction<'_>, new: &NewUrl<'_>, name: &str) -> Resul
                 &new.path,
             ],
         )
-        .at(name)?;
+        .at(name)?
+        .get(0);
     Ok(if inserted == 1 {
         InsertResult::Inserted
     } else {
         InsertResult::name_used(new.path)
     })
+}
+
+/// Inserts the requests `source` selects (url, request, request_hash, host,
+/// path) that are not there yet, queues each as pending and counts them, in
+/// one statement; `select` reads what was inserted from `inserted`.
+fn queue_new(source: &str, select: &str) -> String {
+    format!(
+        "WITH inserted AS (
+             INSERT INTO requests (url, request, request_hash, host, path) {source}
+             ON CONFLICT DO NOTHING
+             RETURNING id, url, request_hash, path, host),
+         queued AS (INSERT INTO jobs (id, host) SELECT id, host FROM inserted),
+         counted AS (
+             INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+             SELECT pg_backend_pid(), 'pending', 0, count(*), 0 FROM inserted
+             HAVING count(*) > 0
+             ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows),
+         per_host AS (SELECT host, count(*) AS rows FROM inserted GROUP BY host),
+         hosts AS (
+             INSERT INTO host_changes (hosts, pending)
+             SELECT array_agg(host), array_agg(rows) FROM per_host HAVING count(*) > 0)
+         {select}"
+    )
 }
 
 /// The path in the first row `query` finds, if it finds one.

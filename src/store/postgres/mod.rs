@@ -1,13 +1,18 @@
 //! The PostgreSQL store: several machines' runs on one queue.
 //!
-//! Runs claim rows in batches with `FOR UPDATE SKIP LOCKED`, each claim
-//! bumping the row's fencing value; outcomes are applied in batches, one
-//! statement per kind, only where the row is still running under the same
-//! run and fence. A run renews its heartbeat with every commit; one whose
-//! heartbeat is older than its lease is dead, and any other run takes its
-//! rows back. Counters that `report` reads are kept by statement-level
-//! triggers in the statements that change the rows, so nothing counts
-//! millions of rows. Transactions are short and never span a fetch.
+//! A URL is two rows: what to fetch and where its file goes (`requests`,
+//! written once by import) and where it stands (`jobs`, a narrow row that
+//! every claim and outcome rewrites without touching the URL's text
+//! indexes). Runs claim rows in batches with `FOR UPDATE SKIP LOCKED`, each
+//! claim bumping the row's fencing value; outcomes are applied in batches,
+//! one statement per kind, only where the row is still running under the
+//! same run and fence. A run renews its heartbeat with every commit; one
+//! whose heartbeat is older than its lease is dead, and any other run takes
+//! its rows back. Counters that `report` reads are kept in the statements
+//! that change the rows (import's own, a statement-level trigger on jobs),
+//! per-host ones as one appended row per statement, added up every 64, so
+//! nothing counts millions of rows. Transactions are short and never span a
+//! fetch.
 //!
 //! The client is the synchronous `postgres` crate (its own small runtime per
 //! connection): the store is used from the run owner's thread and from
@@ -55,6 +60,7 @@ pub struct PostgresStore {
     /// The URL without its password.
     name: String,
     lease: Duration,
+    fresh_from: queue::FreshFrom,
 }
 
 impl PostgresStore {
@@ -71,6 +77,7 @@ impl PostgresStore {
             client: RefCell::new(client),
             name,
             lease: DEFAULT_LEASE,
+            fresh_from: queue::FreshFrom::default(),
         };
         store.lease = match options.lease {
             Some(lease) => lease,

@@ -4,6 +4,7 @@
 //! are one `UPDATE … FROM unnest(…)` per kind, each guarded by run and
 //! fence; a row that no longer matches means the run was taken for dead.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 
 use crate::store::{CallerResult, Result};
@@ -50,27 +51,76 @@ fn unfinished_sets(state: &str) -> String {
 }
 
 /// Retries that are due first (the latest due first, as SQLite picks them),
-/// then rows never tried in import order; `$4` lists hosts to skip. Both
-/// walk the partial index of pending rows in its own order (ordering new
-/// rows by id alone would walk the primary key past every done row).
+/// then rows never tried in import order from `$6` on, then, if those run
+/// short, rows never tried before `$6`; `$4` lists hosts to skip. Each walks
+/// the partial index of pending rows in its own order (ordering new rows by
+/// id alone would walk the primary key past every done row). `next_from`
+/// is where the run's next claim starts: past the rows taken, or at the
+/// first row passed over because its host was skipped.
 const CLAIM_FETCH: &str = "WITH retries AS (
-        SELECT id FROM urls
+        SELECT id FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
-        SELECT id FROM urls
-        WHERE state = 'pending' AND next_attempt_at = 0 AND NOT (host = ANY($4))
+        SELECT id FROM jobs
+        WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6 AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
-    picked AS (SELECT id FROM retries UNION ALL SELECT id FROM fresh)";
+    behind AS (
+        SELECT id FROM jobs
+        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < $6 AND NOT (host = ANY($4))
+        ORDER BY next_attempt_at, id
+        LIMIT $3 - (SELECT count(*) FROM retries) - (SELECT count(*) FROM fresh)
+        FOR UPDATE SKIP LOCKED),
+    picked AS (
+        SELECT id FROM retries UNION ALL SELECT id FROM behind UNION ALL SELECT id FROM fresh),
+    next_from AS (
+        SELECT coalesce(
+            (SELECT min(id) FROM jobs
+             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6
+               AND id <= (SELECT max(id) FROM fresh) AND host = ANY($4)),
+            (SELECT max(id) + 1 FROM fresh),
+            $6) AS id)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
-        SELECT id FROM urls
+        SELECT id FROM jobs
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
-        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED)";
+        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED),
+    next_from AS (SELECT $6::bigint AS id)";
+
+/// Where a run's next claim starts looking for rows never tried: just past
+/// the last ones it took. Every claimed row leaves an entry in the index of
+/// pending rows until a vacuum (one in five rows of a big table may be
+/// claimed before one starts), and a claim that started at the beginning
+/// would step over all of them. Rows that go back to pending behind it are
+/// taken when the rows ahead run short, at once when this store sent them
+/// back itself, and at every 64th claim, which starts from the beginning.
+#[derive(Default)]
+pub(super) struct FreshFrom {
+    id: Cell<i64>,
+    claims: Cell<u32>,
+}
+
+impl FreshFrom {
+    /// Where the next claim starts.
+    fn next(&self) -> i64 {
+        let claims = self.claims.get().wrapping_add(1);
+        self.claims.set(claims);
+        if claims.is_multiple_of(64) {
+            0
+        } else {
+            self.id.get()
+        }
+    }
+
+    /// Rows from `id` on may be pending again.
+    pub(super) fn back_to(&self, id: i64) {
+        self.id.set(self.id.get().min(id));
+    }
+}
 
 impl PostgresStore {
     pub(super) fn complete_and_claim_batch(
@@ -90,8 +140,11 @@ impl PostgresStore {
         // A queue's table changes faster than its statistics: the planner,
         // thinking a batch's rows are few, joined the batch's arrays to them
         // in a nested loop, a million comparisons per batch of a thousand.
-        // Batches are joined by hash, their rows found by primary key.
-        tx.batch_execute("SET LOCAL enable_nestloop = off")
+        // Batches are joined by hash, their rows found by primary key. And
+        // at millions of rows the planner's estimates pass `jit_above_cost`:
+        // compiling each batch's statements took 42% of the server's CPU at
+        // 10,000,000 rows, for statements that touch a thousand rows.
+        tx.batch_execute("SET LOCAL enable_nestloop = off; SET LOCAL jit = off")
             .at(name)?;
         // The run's own row first, then the URLs: the order a rescuer takes
         // them in too, so that the two never deadlock.
@@ -122,12 +175,23 @@ impl PostgresStore {
             return Err(TakenForDead { run }.into());
         }
         count_durations(&mut tx, completions, name)?;
-        let claims = if claim > 0 {
-            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, name)?
+        for completion in completions {
+            if let Completion::Interrupted { id, .. } | Completion::Unstarted { id, .. } =
+                completion
+            {
+                self.fresh_from.back_to(*id);
+            }
+        }
+        let (claims, next_from) = if claim > 0 {
+            let from = self.fresh_from.next();
+            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, from, name)?
         } else {
-            Vec::new()
+            (Vec::new(), None)
         };
         tx.commit().at(name)?;
+        if let Some(id) = next_from {
+            self.fresh_from.id.set(id);
+        }
         Ok(claims)
     }
 
@@ -151,9 +215,9 @@ impl PostgresStore {
 
     pub(super) fn due_at(&self, work: Work) -> Result<Option<i64>> {
         let sql = match work {
-            Work::Fetch => "SELECT min(next_attempt_at) FROM urls WHERE state = 'pending'",
+            Work::Fetch => "SELECT min(next_attempt_at) FROM jobs WHERE state = 'pending'",
             Work::Refresh => {
-                "SELECT min(next_attempt_at) FROM urls WHERE refresh = 'pending' AND state = 'done'"
+                "SELECT min(next_attempt_at) FROM jobs WHERE refresh = 'pending' AND state = 'done'"
             }
         };
         Ok(self.client()?.query_one(sql, &[]).at(&self.name)?.get(0))
@@ -170,7 +234,7 @@ impl PostgresStore {
         // Locked rows are skipped by every claim until the commit.
         let rows = tx
             .query(
-                "SELECT id, state FROM urls WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                "SELECT id, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
                 &[&ids],
             )
             .at(&name)?;
@@ -191,10 +255,11 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
+        self.fresh_from.back_to(0);
         let status = status.map(i32::from);
         self.client()?
             .execute(
-                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0
                  WHERE state = 'failed'
                    AND ($1::integer IS NULL OR http_status = $1)
                    AND ($2::text IS NULL OR strpos(error, $2) > 0)",
@@ -204,9 +269,10 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
+        self.fresh_from.back_to(0);
         self.client()?
             .execute(
-                "UPDATE urls SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
                      error = 'file missing or damaged (found by verify)'
                  WHERE id = ANY($1) AND state = 'done'",
                 &[&ids],
@@ -248,7 +314,7 @@ impl PostgresStore {
         // The retry budget starts afresh: attempts count this refresh's.
         let rows = tx
             .execute(
-                "UPDATE urls SET refresh = 'pending', refresh_round = $1, refresh_error = NULL,
+                "UPDATE jobs SET refresh = 'pending', refresh_round = $1, refresh_error = NULL,
                      attempts = 0, next_attempt_at = 0
                  WHERE state = 'done'
                    AND ($2::bigint IS NULL OR coalesce(fetched_at, updated_at, 0) < $2)",
@@ -363,18 +429,19 @@ fn record(
     let (guard3, guard2) = (guard("$3"), guard("$2"));
     let mut recorded = 0;
     // Attempts that reached an end also count as their host's answers, in
-    // the same statement: the updated rows say which host they belong to.
+    // the same statement: the updated rows say which host they belong to,
+    // and the batch's counts per host go in as one row of host_changes.
     let mut answered = |update: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
         let sql = format!(
             "WITH updated AS ({update} RETURNING u.host, c.status),
+             per_host AS (
+                 SELECT host, count(*) AS answers, count(*) FILTER (WHERE status = 429) AS s429,
+                        count(*) FILTER (WHERE status = 503) AS s503
+                 FROM updated GROUP BY host),
              answered AS (
-                 INSERT INTO host_answers AS h (slot, host, answers, status_429, status_503)
-                 SELECT pg_backend_pid(), host, count(*), count(*) FILTER (WHERE status = 429),
-                        count(*) FILTER (WHERE status = 503)
-                 FROM updated GROUP BY host ORDER BY host
-                 ON CONFLICT (slot, host) DO UPDATE SET answers = h.answers + excluded.answers,
-                     status_429 = h.status_429 + excluded.status_429,
-                     status_503 = h.status_503 + excluded.status_503)
+                 INSERT INTO host_changes (hosts, answers, status_429, status_503)
+                 SELECT array_agg(host), array_agg(answers), array_agg(s429), array_agg(s503)
+                 FROM per_host HAVING count(*) > 0)
              SELECT count(*) FROM updated"
         );
         recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
@@ -383,7 +450,7 @@ fn record(
     if !done.ids.is_empty() {
         answered(
             format!(
-                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
                      http_status = c.status, bytes = c.bytes, sha256 = c.sha256, error = NULL,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = c.etag, last_modified = c.last_modified, fetched_at = $2,
@@ -412,7 +479,7 @@ fn record(
         // A 304 may carry newer validators; it need not repeat them.
         answered(
             format!(
-                "UPDATE urls u SET state = 'done', attempts = u.attempts + 1,
+                "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = coalesce(c.etag, u.etag),
                      last_modified = coalesce(c.last_modified, u.last_modified),
@@ -439,7 +506,7 @@ fn record(
         // refresh waits for the retry; the URL's own status and error stay.
         answered(
             format!(
-                "UPDATE urls u SET {}, next_attempt_at = c.next_attempt_at
+                "UPDATE jobs u SET {}, next_attempt_at = c.next_attempt_at
                  FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[],
                              $7::bigint[], $8::bigint[])
                       AS c(id, fence, status, error, next_attempt_at, millis)
@@ -462,7 +529,7 @@ fn record(
         // A failed refresh fails the refresh, not the URL: its file stays.
         answered(
             format!(
-                "UPDATE urls u SET {},
+                "UPDATE jobs u SET {},
                      refresh = CASE WHEN u.refresh = 'pending' THEN 'failed' ELSE u.refresh END,
                      next_attempt_at = CASE WHEN u.refresh = 'pending' THEN 0
                                             ELSE u.next_attempt_at END
@@ -489,7 +556,7 @@ fn record(
     if !interrupted.ids.is_empty() {
         apply(
             format!(
-                "UPDATE urls u SET state = {UNCLAIMED}, interrupted = u.interrupted + 1,
+                "UPDATE jobs u SET state = {UNCLAIMED}, interrupted = u.interrupted + 1,
                      updated_at = $2
                  FROM unnest($3::bigint[], $4::bigint[]) AS c(id, fence)
                  WHERE {guard3}"
@@ -500,7 +567,7 @@ fn record(
     if !unstarted.ids.is_empty() {
         apply(
             format!(
-                "UPDATE urls u SET state = {UNCLAIMED}
+                "UPDATE jobs u SET state = {UNCLAIMED}
                  FROM unnest($2::bigint[], $3::bigint[]) AS c(id, fence)
                  WHERE {guard2}"
             ),
@@ -567,28 +634,40 @@ fn claim_due(
     filter: &HostFilter,
     work: Work,
     lease_ms: i64,
+    from: i64,
     name: &str,
-) -> Result<Vec<Claim>> {
+) -> Result<(Vec<Claim>, Option<i64>)> {
     let pick = match work {
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
     };
-    // `= ANY(ARRAY(…))` finds the picked rows by primary key; a join with
-    // the pick is planned for far more rows than a batch, as a scan.
+    // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
+    // primary key; a join with the pick is planned for far more rows than a
+    // batch, as a scan.
     let rows = tx
         .query(
             &format!(
                 "{pick}
-                 UPDATE urls u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                 UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
                      lease_until = {SERVER_NOW} + $5
+                 FROM requests r
                  WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
-                 RETURNING u.id, u.url, u.request, u.path, u.attempts, u.bytes, u.sha256,
+                   AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
+                 RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
                      u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                     u.fence"
+                     u.fence, (SELECT id FROM next_from)"
             ),
-            &[&run.0, &now, &(limit as i64), &filter.skip, &lease_ms],
+            &[
+                &run.0,
+                &now,
+                &(limit as i64),
+                &filter.skip,
+                &lease_ms,
+                &from,
+            ],
         )
         .at(name)?;
+    let next_from = rows.first().map(|row| row.get(12));
     let mut claims: Vec<Claim> = rows
         .iter()
         .map(|row| Claim {
@@ -620,5 +699,5 @@ fn claim_due(
         .collect();
     // Import order within the batch, as the queue hands rows out.
     claims.sort_by_key(|claim| claim.id);
-    Ok(claims)
+    Ok((claims, next_from))
 }

@@ -96,6 +96,9 @@ impl PostgresStore {
             .at(&name)?
             .get(0);
         tx.commit().at(&name)?;
+        if reclaimed.rows > 0 {
+            self.fresh_from.back_to(0);
+        }
         Ok(Started {
             id: RunId(id),
             reclaimed: reclaimed.rows,
@@ -110,6 +113,9 @@ impl PostgresStore {
         let mut tx = client.transaction().at(&name)?;
         let reclaimed = reclaim(&mut tx, liveness, &name)?;
         tx.commit().at(&name)?;
+        if reclaimed.rows > 0 {
+            self.fresh_from.back_to(0);
+        }
         Ok(reclaimed)
     }
 
@@ -117,7 +123,7 @@ impl PostgresStore {
         let rows = self
             .client()?
             .query(
-                "SELECT u.run_id, coalesce(r.pid, 0), count(*) FROM urls u
+                "SELECT u.run_id, coalesce(r.pid, 0), count(*) FROM jobs u
                  LEFT JOIN runs r ON r.id = u.run_id
                  WHERE u.state = 'running' AND u.run_id IS DISTINCT FROM $1
                  GROUP BY u.run_id, r.pid ORDER BY count(*) DESC, u.run_id",
@@ -155,7 +161,7 @@ impl PostgresStore {
         .at(&name)?;
         tx.execute(
             &format!(
-                "UPDATE urls u SET state = {UNCLAIMED} WHERE state = 'running' AND run_id = $1"
+                "UPDATE jobs u SET state = {UNCLAIMED} WHERE state = 'running' AND run_id = $1"
             ),
             &[&run.0],
         )
@@ -245,7 +251,7 @@ fn reclaim(
         reclaimed.rows += tx
             .execute(
                 &format!(
-                    "UPDATE urls u SET {} WHERE u.state = 'running' AND u.run_id = $1",
+                    "UPDATE jobs u SET {} WHERE u.state = 'running' AND u.run_id = $1",
                     rescue_set()
                 ),
                 params,
@@ -256,7 +262,7 @@ fn reclaim(
     reclaimed.rows += tx
         .execute(
             &format!(
-                "UPDATE urls u SET {} WHERE u.state = 'running'
+                "UPDATE jobs u SET {} WHERE u.state = 'running'
                    AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = u.run_id
                                    AND r.ended_at IS NULL)",
                 rescue_set()

@@ -210,6 +210,245 @@ fn claims_and_outcomes_keep_the_counters() -> Result<()> {
     Ok(())
 }
 
+/// Every counter report reads against a count of the rows themselves.
+fn assert_counters_match_rows(store: &PostgresStore, answers_are_attempts: bool) {
+    let summary = store.summary(100).unwrap();
+    let mut client = store.client().unwrap();
+    let mut by_state = StateCounts::default();
+    for row in client
+        .query("SELECT state, count(*) FROM jobs GROUP BY state", &[])
+        .unwrap()
+    {
+        let rows = count(row.get(1));
+        by_state.total += rows;
+        match row.get::<_, &str>(0) {
+            "pending" => by_state.pending = rows,
+            "running" => by_state.running = rows,
+            "done" => by_state.done = rows,
+            _ => by_state.failed = rows,
+        }
+    }
+    let counted = &summary.counts;
+    assert_eq!(
+        (counted.total, counted.pending, counted.running),
+        (by_state.total, by_state.pending, by_state.running)
+    );
+    assert_eq!(
+        (counted.done, counted.failed),
+        (by_state.done, by_state.failed)
+    );
+    let bytes: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(bytes), 0)::bigint FROM jobs WHERE state = 'done'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(summary.bytes, count(bytes));
+    let statuses: Vec<(u16, u64)> = client
+        .query(
+            "SELECT http_status, count(*) FROM jobs WHERE http_status > 0
+             GROUP BY http_status ORDER BY http_status",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get::<_, i32>(0) as u16, count(row.get(1))))
+        .collect();
+    let counted: Vec<(u16, u64)> = summary
+        .http_statuses
+        .iter()
+        .map(|s| (s.status, s.count))
+        .collect();
+    assert_eq!(counted, statuses);
+    let hosts: Vec<(String, u64, u64, u64, u64, u64)> = client
+        .query(
+            "SELECT host, count(*), count(*) FILTER (WHERE state IN ('pending', 'running')),
+                 count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE state = 'failed'),
+                 sum(attempts)::bigint
+             FROM jobs GROUP BY host ORDER BY host",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row.get(0),
+                count(row.get(1)),
+                count(row.get(2)),
+                count(row.get(3)),
+                count(row.get(4)),
+                count(row.get(5)),
+            )
+        })
+        .collect();
+    let counted: Vec<(String, u64, u64, u64, u64, u64)> = summary
+        .hosts
+        .iter()
+        .map(|h| {
+            let answers = if answers_are_attempts { h.answers } else { 0 };
+            (
+                h.host.clone(),
+                h.total,
+                h.pending,
+                h.done,
+                h.failed,
+                answers,
+            )
+        })
+        .collect();
+    let hosts: Vec<_> = hosts
+        .into_iter()
+        .map(|(host, total, pending, done, failed, attempts)| {
+            let attempts = if answers_are_attempts { attempts } else { 0 };
+            (host, total, pending, done, failed, attempts)
+        })
+        .collect();
+    assert_eq!(counted, hosts);
+    let errors: Vec<(String, u64)> = client
+        .query(
+            "SELECT error, count(*) FROM jobs WHERE state <> 'done' AND error IS NOT NULL
+             GROUP BY error ORDER BY 2 DESC, 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), count(row.get(1))))
+        .collect();
+    let counted: Vec<(String, u64)> = summary
+        .errors
+        .iter()
+        .map(|e| (e.error.clone(), e.count))
+        .collect();
+    assert_eq!(counted, errors);
+}
+
+#[test]
+fn counters_equal_a_count_of_the_rows_through_claims_outcomes_rescues_and_folds() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let hosts = ["a", "b", "c", "d", "e", "f", "g"];
+    let names: Vec<(String, &str)> = (0..300)
+        .map(|i| (format!("u{i}"), hosts[i % hosts.len()]))
+        .collect();
+    let mut lines: Vec<(&str, &str)> = names.iter().map(|(u, h)| (u.as_str(), *h)).collect();
+    // Duplicates within the batch and of earlier imports count nothing.
+    lines.extend_from_slice(&[("u1", "b"), ("u2", "c")]);
+    import(&mut store, &lines[..150]);
+    import(&mut store, &lines[100..]);
+    assert_counters_match_rows(&store, true);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let mut outcomes = Vec::new();
+    // Small batches, so that far more than 64 changes per host are written
+    // and folded on the way.
+    for round in 0..120 {
+        let claims =
+            store.complete_and_claim(run, &outcomes, 3, &HostFilter::default(), Work::Fetch)?;
+        outcomes = claims
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match (round + i) % 6 {
+                0 | 1 => done(c, (round * 10 + i) as u64),
+                2 => Completion::Retry {
+                    id: c.id,
+                    lease: c.lease,
+                    status: Some(503),
+                    error: "HTTP 503".to_string(),
+                    next_attempt_at: now_ms() - 1,
+                    millis: 5,
+                },
+                3 => Completion::Failed {
+                    id: c.id,
+                    lease: c.lease,
+                    status: Some(404 + (round % 2) as u16),
+                    error: format!("HTTP {}", 404 + round % 2),
+                    millis: 5,
+                },
+                4 => Completion::Interrupted {
+                    id: c.id,
+                    lease: c.lease,
+                },
+                _ => Completion::Unstarted {
+                    id: c.id,
+                    lease: c.lease,
+                },
+            })
+            .collect();
+        if round % 40 == 0 {
+            assert_counters_match_rows(&store, true);
+        }
+    }
+    assert_counters_match_rows(&store, true);
+    let folded: i64 = store
+        .client()?
+        .query_one("SELECT count(*) FROM host_counts", &[])?
+        .get(0);
+    assert!(folded > 0, "no change was folded");
+    // The run dies holding its last claims; another takes them back.
+    let gone = |_: &RunInfo| Liveness::Gone;
+    let mut other = schema.open();
+    let started = other.start_run(&me(2), &gone)?;
+    assert_eq!(started.reclaimed, outcomes.len() as u64);
+    assert_counters_match_rows(&store, true);
+    assert!(store.requeue_failed(Some(404), None)? > 0);
+    assert_counters_match_rows(&store, false);
+    let claims = claim(&mut other, started.id, 50);
+    let finished: Vec<Completion> = claims.iter().map(|c| done(c, 1)).collect();
+    other.complete_and_claim(
+        started.id,
+        &finished,
+        0,
+        &HostFilter::default(),
+        Work::Fetch,
+    )?;
+    assert_counters_match_rows(&other, false);
+    Ok(())
+}
+
+#[test]
+fn claims_go_back_for_rows_behind_where_they_got_to() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let urls = [
+        ("a1", "a"),
+        ("b1", "b"),
+        ("a2", "a"),
+        ("b2", "b"),
+        ("a3", "a"),
+        ("b3", "b"),
+        ("a4", "a"),
+        ("a5", "a"),
+    ];
+    import(&mut store, &urls);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let paths = |claims: &[Claim]| -> Vec<String> {
+        claims
+            .iter()
+            .map(|c| c.path.trim_end_matches(".body").to_string())
+            .collect()
+    };
+    // Host b skipped: its rows passed over are the next claim's first.
+    let skip_b = HostFilter {
+        skip: vec!["b".to_string()],
+    };
+    let first = store.complete_and_claim(run, &[], 2, &skip_b, Work::Fetch)?;
+    assert_eq!(paths(&first), ["a1", "a2"]);
+    let second = claim(&mut store, run, 2);
+    assert_eq!(paths(&second), ["b1", "b2"]);
+    // Rows another run gives back behind this one's claims are still
+    // claimed: here when the rows ahead run short.
+    let mut other = schema.open();
+    let run2 = other.start_run(&me(2), &alive)?.id;
+    let theirs = claim(&mut other, run2, 2);
+    assert_eq!(paths(&theirs), ["a3", "b3"]);
+    let mine = claim(&mut store, run, 1);
+    assert_eq!(paths(&mine), ["a4"]);
+    other.end_run(run2, &RunEnd::Interrupted)?;
+    let rest = claim(&mut store, run, 10);
+    assert_eq!(paths(&rest), ["a3", "b3", "a5"]);
+    Ok(())
+}
+
 #[test]
 fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Result<()> {
     let schema = Schema::new();
