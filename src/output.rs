@@ -566,9 +566,13 @@ impl OutputDir {
         }
         let shard = &self.shards[file.id.rem_euclid(TEMP_SHARDS) as usize];
         let temp_name = file.id.to_string();
-        if let Some(body) = self.unnamed.as_ref().and_then(|u| u.take(file.id)) {
+        if let Some((unnamed, body)) = self
+            .unnamed
+            .as_ref()
+            .and_then(|u| Some((u, u.take(file.id)?)))
+        {
             if existing.is_none() {
-                match unnamed::link(&body, folder.fd.as_fd(), leaf) {
+                match unnamed.link(&body, folder.fd.as_fd(), leaf) {
                     Ok(()) => return Ok(()),
                     // Something took the name meanwhile: replaced below.
                     Err(Errno::EXIST) => {}
@@ -578,7 +582,8 @@ impl OutputDir {
             // A link cannot replace a file: the body gets its temp name,
             // which the rename below puts in place.
             let _ = rustix::fs::unlinkat(&shard.fd, &temp_name, AtFlags::empty());
-            unnamed::link(&body, shard.fd.as_fd(), &temp_name)
+            unnamed
+                .link(&body, shard.fd.as_fd(), &temp_name)
                 .map_err(|e| self.classify(e, &shard.path.join(&temp_name)))?;
         }
         match rustix::fs::renameat(&shard.fd, &temp_name, &folder.fd, leaf) {

@@ -6,7 +6,8 @@
 //! crash leaves nothing to clean: the filesystem frees a file nobody named.
 //! A thread of their own creates them ahead of need, so the runtime that
 //! drives the requests does not wait while the filesystem finds an inode;
-//! when none is ready, one is created on the spot.
+//! when none is ready, one is created on the spot. That thread is woken
+//! only once half of them are taken, not for every file.
 //!
 //! Each file holds a descriptor until its batch links it, so only so many
 //! are held at once; past that, and where the filesystem has no
@@ -19,6 +20,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::{JoinHandle, Thread};
 
 use rustix::fs::{AtFlags, CWD, Mode, OFlags};
 use rustix::io::Errno;
@@ -36,7 +38,11 @@ pub const PROBE: &str = "probe";
 /// The unnamed files of one run: those created ahead, and those holding a
 /// body until its batch links it.
 pub struct Unnamed {
-    ahead: flume::Receiver<OwnedFd>,
+    /// None once the run is over, which ends the thread.
+    ahead: Option<flume::Receiver<OwnedFd>>,
+    maker: Thread,
+    made: Option<JoinHandle<()>>,
+    linking: Linking,
     /// Where a file is created when none is ready.
     folder: OwnedFd,
     /// Written bodies by row, until their batch takes them.
@@ -56,26 +62,43 @@ impl Unnamed {
             tracing::debug!("named temp files: the descriptor limit is too low for unnamed ones");
             return None;
         }
-        if let Err(error) = probe(run_folder.as_fd()) {
-            tracing::debug!("named temp files: no unnamed file on this filesystem ({error})");
-            return None;
-        }
+        let linking = match probe(run_folder.as_fd()) {
+            Ok(linking) => linking,
+            Err(error) => {
+                tracing::debug!("named temp files: no unnamed file on this filesystem ({error})");
+                return None;
+            }
+        };
         let (ready, ahead) = flume::bounded(AHEAD);
-        let (folder, maker) = (run_folder.try_clone().ok()?, run_folder.try_clone().ok()?);
-        // Ends when the run drops `ahead`, or on the first error (files are
-        // then created on the spot, which reports it).
-        std::thread::Builder::new()
+        let (folder, at) = (run_folder.try_clone().ok()?, run_folder.try_clone().ok()?);
+        // Fills the queue, then waits to be woken. Ends when the run drops
+        // `ahead`, or on the first error (files are then created on the
+        // spot, which reports it).
+        let made = std::thread::Builder::new()
             .name("jobrun-tmpfiles".into())
             .spawn(move || {
-                while let Ok(fd) = create(maker.as_fd()) {
-                    if ready.send(fd).is_err() {
-                        return;
+                let mut spare = None;
+                loop {
+                    let fd = match spare.take().map_or_else(|| create(at.as_fd()), Ok) {
+                        Ok(fd) => fd,
+                        Err(_) => return,
+                    };
+                    match ready.try_send(fd) {
+                        Ok(()) => {}
+                        Err(flume::TrySendError::Full(fd)) => {
+                            spare = Some(fd);
+                            std::thread::park();
+                        }
+                        Err(flume::TrySendError::Disconnected(_)) => return,
                     }
                 }
             })
             .ok()?;
         Some(Unnamed {
-            ahead,
+            ahead: Some(ahead),
+            maker: made.thread().clone(),
+            made: Some(made),
+            linking,
             folder,
             written: Mutex::default(),
             most_held,
@@ -90,7 +113,12 @@ impl Unnamed {
         if self.held().len() >= self.most_held {
             return None;
         }
-        let fd = match self.ahead.try_recv() {
+        let ahead = self.ahead.as_ref()?;
+        let taken = ahead.try_recv();
+        if ahead.len() <= AHEAD / 2 {
+            self.maker.unpark();
+        }
+        let fd = match taken {
             Ok(fd) => {
                 self.taken_ahead.fetch_add(1, Ordering::Relaxed);
                 fd
@@ -122,20 +150,45 @@ impl Unnamed {
         )
     }
 
+    /// Gives the unnamed `file` the name `name` in `folder`.
+    pub fn link(&self, file: &File, folder: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+        link(self.linking, file, folder, name)
+    }
+
     fn held(&self) -> MutexGuard<'_, HashMap<i64, Arc<File>>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Gives the unnamed `file` the name `name` in `folder`. Through
-/// `/proc/self/fd`, which any user may do; without `/proc`, with
-/// `AT_EMPTY_PATH`, which only some may.
-pub fn link(file: &File, folder: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
-    let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
-    match rustix::fs::linkat(CWD, &proc, folder, name, AtFlags::SYMLINK_FOLLOW) {
+/// Ends the thread, after the file it may be creating.
+impl Drop for Unnamed {
+    fn drop(&mut self) {
+        self.ahead = None;
+        self.maker.unpark();
+        if let Some(made) = self.made.take() {
+            let _ = made.join();
+        }
+    }
+}
+
+/// How an unnamed file is given a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linking {
+    /// `linkat` of the file itself (`AT_EMPTY_PATH`): Linux 6.10 and later
+    /// let the process that opened it; earlier ones only a privileged one.
+    EmptyPath,
+    /// `linkat` of `/proc/self/fd/N`, which any process may.
+    Proc,
+}
+
+fn link(how: Linking, file: &File, folder: BorrowedFd<'_>, name: &str) -> rustix::io::Result<()> {
+    match how {
         #[cfg(any(target_os = "linux", target_os = "android"))]
-        Err(Errno::NOENT) => rustix::fs::linkat(file, "", folder, name, AtFlags::EMPTY_PATH),
-        other => other,
+        Linking::EmptyPath => rustix::fs::linkat(file, "", folder, name, AtFlags::EMPTY_PATH),
+        _ => {
+            let proc = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rustix::fs::linkat(CWD, &proc, folder, name, AtFlags::SYMLINK_FOLLOW)
+        }
     }
 }
 
@@ -155,12 +208,20 @@ fn create(_folder: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
     Err(Errno::OPNOTSUPP)
 }
 
-/// Creates an unnamed file, links it under [`PROBE`] and removes it.
-fn probe(folder: BorrowedFd<'_>) -> rustix::io::Result<()> {
+/// Creates an unnamed file, links it under [`PROBE`] and removes it: how
+/// it could be linked.
+fn probe(folder: BorrowedFd<'_>) -> rustix::io::Result<Linking> {
     let file = File::from(create(folder)?);
     let _ = rustix::fs::unlinkat(folder, PROBE, AtFlags::empty());
-    link(&file, folder, PROBE)?;
-    rustix::fs::unlinkat(folder, PROBE, AtFlags::empty())
+    let linking = match link(Linking::EmptyPath, &file, folder, PROBE) {
+        Ok(()) => Linking::EmptyPath,
+        Err(_) => {
+            link(Linking::Proc, &file, folder, PROBE)?;
+            Linking::Proc
+        }
+    };
+    rustix::fs::unlinkat(folder, PROBE, AtFlags::empty())?;
+    Ok(linking)
 }
 
 /// How many unnamed files may be held: a quarter of the descriptors this
@@ -217,12 +278,52 @@ mod tests {
         (&*file).write_all(b"body").unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let file = unnamed.take(7).unwrap();
-        link(&file, folder.as_fd(), "seven").unwrap();
+        unnamed.link(&file, folder.as_fd(), "seven").unwrap();
         assert_eq!(std::fs::read(dir.path().join("seven")).unwrap(), b"body");
         assert_eq!(
-            link(&file, folder.as_fd(), "seven"),
+            unnamed.link(&file, folder.as_fd(), "seven"),
             Err(Errno::EXIST),
             "a link replaced a file"
         );
+    }
+
+    #[test]
+    fn both_ways_of_linking_give_the_file_its_name() {
+        let (dir, folder) = run_folder();
+        for (how, name) in [(Linking::EmptyPath, "a"), (Linking::Proc, "b")] {
+            let file = File::from(create(folder.as_fd()).unwrap());
+            (&file).write_all(name.as_bytes()).unwrap();
+            match link(how, &file, folder.as_fd(), name) {
+                // Before Linux 6.10, only a privileged process.
+                Err(Errno::NOENT) if how == Linking::EmptyPath => continue,
+                other => other.unwrap(),
+            }
+            assert_eq!(
+                std::fs::read(dir.path().join(name)).unwrap(),
+                name.as_bytes()
+            );
+        }
+        assert!(dir.path().join("b").exists());
+    }
+
+    #[test]
+    fn the_thread_refills_what_is_taken_and_ends_with_the_run() {
+        let (_dir, folder) = run_folder();
+        let unnamed = Unnamed::start(&folder).unwrap();
+        for id in 0..(3 * AHEAD as i64) {
+            unnamed.create(id).unwrap().unwrap();
+        }
+        let (ahead, on_the_spot) = unnamed.counts();
+        assert_eq!(ahead + on_the_spot, 3 * AHEAD as u64);
+        assert!(ahead > 0, "none came from the thread");
+        // Half taken wakes it, and it fills the queue again.
+        let queue = unnamed.ahead.as_ref().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while queue.len() < AHEAD && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(queue.len(), AHEAD);
+        // Dropping it waits for the thread to end.
+        drop(unnamed);
     }
 }
