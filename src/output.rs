@@ -267,14 +267,15 @@ impl OutputDir {
         let run_name = format!("run-{run}");
         let leftovers = dead_runs(&temp_area, &temp_path, run, live_runs);
         let run_path = temp_path.join(&run_name);
-        let shards = (0..TEMP_SHARDS)
+        let shards: Vec<Arc<Shard>> = (0..TEMP_SHARDS)
             .zip(shards)
             .map(|(shard, fd)| {
                 let path = run_path.join(shard.to_string());
                 Arc::new(Shard { fd, path })
             })
             .collect();
-        let unnamed = Unnamed::start(&run_folder).map(Arc::new);
+        let unnamed =
+            Unnamed::start(&run_folder, shards.iter().map(|s| s.fd.as_fd())).map(Arc::new);
         let out = OutputDir {
             root_path: root.to_path_buf(),
             root: root_fd,

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Thread};
 
@@ -43,8 +43,7 @@ pub struct Unnamed {
     maker: Thread,
     made: Option<JoinHandle<()>>,
     linking: Linking,
-    /// Where a file is created when none is ready.
-    folder: OwnedFd,
+    folders: Arc<Spread>,
     /// Written bodies by row, until their batch takes them.
     written: Mutex<HashMap<i64, Arc<File>>>,
     most_held: usize,
@@ -54,9 +53,13 @@ pub struct Unnamed {
 
 impl Unnamed {
     /// Checks that unnamed files can be created in `run_folder` and linked
-    /// back in, and starts the thread that creates them ahead. None when
-    /// they cannot (the body files are then named).
-    pub fn start(run_folder: &OwnedFd) -> Option<Unnamed> {
+    /// back in, and starts the thread that creates them ahead, in the
+    /// folders `spread` in turn. None when they cannot (the body files are
+    /// then named).
+    pub fn start<'a>(
+        run_folder: &OwnedFd,
+        spread: impl IntoIterator<Item = BorrowedFd<'a>>,
+    ) -> Option<Unnamed> {
         let most_held = descriptor_budget();
         if most_held == 0 {
             tracing::debug!("named temp files: the descriptor limit is too low for unnamed ones");
@@ -70,7 +73,17 @@ impl Unnamed {
             }
         };
         let (ready, ahead) = flume::bounded(AHEAD);
-        let (folder, at) = (run_folder.try_clone().ok()?, run_folder.try_clone().ok()?);
+        let folders = spread
+            .into_iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<io::Result<Vec<_>>>()
+            .ok()
+            .filter(|folders| !folders.is_empty())?;
+        let folders = Arc::new(Spread {
+            folders,
+            next: AtomicUsize::new(0),
+        });
+        let at = folders.clone();
         // Fills the queue, then waits to be woken. Ends when the run drops
         // `ahead`, or on the first error (files are then created on the
         // spot, which reports it).
@@ -79,7 +92,7 @@ impl Unnamed {
             .spawn(move || {
                 let mut spare = None;
                 loop {
-                    let fd = match spare.take().map_or_else(|| create(at.as_fd()), Ok) {
+                    let fd = match spare.take().map_or_else(|| at.create(), Ok) {
                         Ok(fd) => fd,
                         Err(_) => return,
                     };
@@ -99,7 +112,7 @@ impl Unnamed {
             maker: made.thread().clone(),
             made: Some(made),
             linking,
-            folder,
+            folders,
             written: Mutex::default(),
             most_held,
             taken_ahead: AtomicU64::new(0),
@@ -125,7 +138,7 @@ impl Unnamed {
             }
             Err(_) => {
                 self.created_on_the_spot.fetch_add(1, Ordering::Relaxed);
-                match create(self.folder.as_fd()) {
+                match self.folders.create() {
                     Ok(fd) => fd,
                     Err(error) => return Some(Err(error.into())),
                 }
@@ -168,6 +181,21 @@ impl Drop for Unnamed {
         if let Some(made) = self.made.take() {
             let _ = made.join();
         }
+    }
+}
+
+/// The folders files are created in, in turn: the filesystem looks for a
+/// free inode near the file's folder, and with one folder for all, ext4
+/// kept searching the same group of inodes.
+struct Spread {
+    folders: Vec<OwnedFd>,
+    next: AtomicUsize,
+}
+
+impl Spread {
+    fn create(&self) -> rustix::io::Result<OwnedFd> {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.folders.len();
+        create(self.folders[turn].as_fd())
     }
 }
 
@@ -259,7 +287,8 @@ mod tests {
     #[test]
     fn past_the_most_held_a_body_gets_a_named_file() {
         let (_dir, folder) = run_folder();
-        let mut unnamed = Unnamed::start(&folder).expect("O_TMPFILE on the test's filesystem");
+        let mut unnamed =
+            Unnamed::start(&folder, [folder.as_fd()]).expect("O_TMPFILE on the test's filesystem");
         unnamed.most_held = 2;
         assert!(unnamed.create(1).is_some());
         assert!(unnamed.create(2).is_some());
@@ -272,7 +301,8 @@ mod tests {
     #[test]
     fn a_linked_file_has_what_was_written_and_the_probe_is_gone() {
         let (dir, folder) = run_folder();
-        let unnamed = Unnamed::start(&folder).expect("O_TMPFILE on the test's filesystem");
+        let unnamed =
+            Unnamed::start(&folder, [folder.as_fd()]).expect("O_TMPFILE on the test's filesystem");
         assert!(!dir.path().join(PROBE).exists());
         let file = unnamed.create(7).unwrap().unwrap();
         (&*file).write_all(b"body").unwrap();
@@ -309,7 +339,7 @@ mod tests {
     #[test]
     fn the_thread_refills_what_is_taken_and_ends_with_the_run() {
         let (_dir, folder) = run_folder();
-        let unnamed = Unnamed::start(&folder).unwrap();
+        let unnamed = Unnamed::start(&folder, [folder.as_fd()]).unwrap();
         for id in 0..(3 * AHEAD as i64) {
             unnamed.create(id).unwrap().unwrap();
         }
