@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{JoinHandle, Thread};
 
 use rustix::fs::{AtFlags, CWD, Mode, OFlags};
-use rustix::io::Errno;
 
 /// Files created ahead of need.
 const AHEAD: usize = 32;
@@ -233,7 +232,7 @@ fn create(folder: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
 /// Elsewhere there is no `O_TMPFILE`: temp files are named.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 fn create(_folder: BorrowedFd<'_>) -> rustix::io::Result<OwnedFd> {
-    Err(Errno::OPNOTSUPP)
+    Err(rustix::io::Errno::OPNOTSUPP)
 }
 
 /// Creates an unnamed file, links it under [`PROBE`] and removes it: how
@@ -271,6 +270,7 @@ fn descriptor_budget() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustix::io::Errno;
     use std::io::Write;
 
     fn run_folder() -> (tempfile::TempDir, OwnedFd) {
