@@ -1,10 +1,12 @@
 //! The output folder and how a body becomes a durable file in it.
 //!
-//! Bodies are written to the folder's own temp area, `.jobrun-tmp/run-ID/`,
-//! never under their final names. A batch of finished bodies is made durable
-//! together: list the batch in the run's manifest, sync the filesystem (the
-//! bodies' data and the manifest), rename each into place, sync again (the
-//! renames), and only then may the database mark them done. One `syncfs` per
+//! Bodies are written to unnamed files (`O_TMPFILE`, see [`unnamed`]) or,
+//! where the filesystem has none, to the folder's own temp area,
+//! `.jobrun-tmp/run-ID/`; never under their final names. A batch of finished
+//! bodies is made durable together: list the batch in the run's manifest,
+//! sync the filesystem (the bodies' data and the manifest), link or rename
+//! each into place, sync again (the names), and only then may the database
+//! mark them done. One `syncfs` per
 //! step costs the same for one file or a thousand, which is what lets
 //! durability keep up with the network.
 //!
@@ -15,8 +17,9 @@
 //! fails that one URL. A file is removed only when jobrun can prove it wrote
 //! it: its size and sha256 are what the manifest or the row recorded.
 //!
-//! A crash leaves temp files (removed when the next run starts) and, between
-//! the renames and the commit, files whose rows are not done: the next run
+//! A crash leaves named temp files (removed when the next run starts; the
+//! unnamed ones the filesystem frees) and, between the renames and the
+//! commit, files whose rows are not done: the next run
 //! reads the dead run's manifest and removes those, so they are fetched
 //! again.
 
@@ -37,6 +40,10 @@ use sha2::{Digest, Sha256};
 
 use crate::crashpoint::{self, Step};
 use crate::domain::RowState;
+
+mod unnamed;
+
+use unnamed::Unnamed;
 
 /// The temp area inside the output folder.
 pub const TEMP_DIR: &str = ".jobrun-tmp";
@@ -142,16 +149,43 @@ struct Shard {
     path: PathBuf,
 }
 
-/// A row's temp file, in one of the run's temp folders, reached by handle.
-#[derive(Debug, Clone)]
+/// A row's temp file: unnamed until its batch, or named in one of the
+/// run's temp folders, reached by handle.
+#[derive(Clone)]
 pub struct TempFile {
     shard: Arc<Shard>,
+    unnamed: Option<Arc<Unnamed>>,
     id: i64,
+}
+
+impl std::fmt::Debug for TempFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TempFile")
+            .field("shard", &self.shard)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A temp file open for its body.
+pub struct BodyFile(Arc<File>);
+
+impl Write for BodyFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        (&*self.0).flush()
+    }
 }
 
 impl TempFile {
     /// Creates (or empties) the file, for writing.
-    pub fn create(&self) -> io::Result<File> {
+    pub fn create(&self) -> io::Result<BodyFile> {
+        if let Some(file) = self.unnamed.as_ref().and_then(|u| u.create(self.id)) {
+            return file.map(BodyFile);
+        }
         let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW;
         let fd = rustix::fs::openat(
             &self.shard.fd,
@@ -159,11 +193,19 @@ impl TempFile {
             flags | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o666),
         )?;
-        Ok(File::from(fd))
+        Ok(BodyFile(Arc::new(File::from(fd))))
     }
 
     /// Removes the file if it is there.
     pub fn remove(&self) {
+        if self
+            .unnamed
+            .as_ref()
+            .and_then(|u| u.take(self.id))
+            .is_some()
+        {
+            return;
+        }
         let _ = rustix::fs::unlinkat(&self.shard.fd, self.id.to_string(), AtFlags::empty());
     }
 
@@ -195,6 +237,8 @@ pub struct OutputDir {
     run_name: String,
     run_folder: OwnedFd,
     shards: Vec<Arc<Shard>>,
+    /// None where bodies go to named temp files.
+    unnamed: Option<Arc<Unnamed>>,
     protected: Protected,
 }
 
@@ -225,13 +269,15 @@ impl OutputDir {
         let run_name = format!("run-{run}");
         let leftovers = dead_runs(&temp_area, &temp_path, run, live_runs);
         let run_path = temp_path.join(&run_name);
-        let shards = (0..TEMP_SHARDS)
+        let shards: Vec<Arc<Shard>> = (0..TEMP_SHARDS)
             .zip(shards)
             .map(|(shard, fd)| {
                 let path = run_path.join(shard.to_string());
                 Arc::new(Shard { fd, path })
             })
             .collect();
+        let unnamed =
+            Unnamed::start(&run_folder, shards.iter().map(|s| s.fd.as_fd())).map(Arc::new);
         let out = OutputDir {
             root_path: root.to_path_buf(),
             root: root_fd,
@@ -239,6 +285,7 @@ impl OutputDir {
             run_name,
             run_folder,
             shards,
+            unnamed,
             protected: Protected::of_database(db),
         };
         Ok((out, leftovers))
@@ -248,6 +295,7 @@ impl OutputDir {
     pub fn temp_file(&self, id: i64) -> TempFile {
         TempFile {
             shard: self.shards[id.rem_euclid(TEMP_SHARDS) as usize].clone(),
+            unnamed: self.unnamed.clone(),
             id,
         }
     }
@@ -390,6 +438,10 @@ impl OutputDir {
     /// batch perhaps in place but not committed), the manifest stays for
     /// the next run to settle.
     pub fn close(self, keep_manifest: bool) -> Result<()> {
+        if let Some(unnamed) = &self.unnamed {
+            let (ahead, on_the_spot) = unnamed.counts();
+            tracing::debug!("unnamed temp files: {ahead} created ahead, {on_the_spot} on the spot");
+        }
         let run_path = self.root_path.join(TEMP_DIR).join(&self.run_name);
         remove_temp_files(&self.run_folder, &run_path);
         if !keep_manifest {
@@ -516,7 +568,28 @@ impl OutputDir {
             }
         }
         let shard = &self.shards[file.id.rem_euclid(TEMP_SHARDS) as usize];
-        match rustix::fs::renameat(&shard.fd, file.id.to_string(), &folder.fd, leaf) {
+        let temp_name = file.id.to_string();
+        if let Some((unnamed, body)) = self
+            .unnamed
+            .as_ref()
+            .and_then(|u| Some((u, u.take(file.id)?)))
+        {
+            if existing.is_none() {
+                match unnamed.link(&body, folder.fd.as_fd(), leaf) {
+                    Ok(()) => return Ok(()),
+                    // Something took the name meanwhile: replaced below.
+                    Err(Errno::EXIST) => {}
+                    Err(e) => return Err(self.classify(e, &target())),
+                }
+            }
+            // A link cannot replace a file: the body gets its temp name,
+            // which the rename below puts in place.
+            let _ = rustix::fs::unlinkat(&shard.fd, &temp_name, AtFlags::empty());
+            unnamed
+                .link(&body, shard.fd.as_fd(), &temp_name)
+                .map_err(|e| self.classify(e, &shard.path.join(&temp_name)))?;
+        }
+        match rustix::fs::renameat(&shard.fd, &temp_name, &folder.fd, leaf) {
             Ok(()) => Ok(()),
             // Something took the name meanwhile.
             Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => Err(refuse("a folder")),
@@ -754,6 +827,10 @@ fn remove_temp_files(run_folder: &OwnedFd, run_path: &Path) {
     for name in names_in(run_folder.as_fd()) {
         let path = run_path.join(&name);
         if name == MANIFEST {
+            continue;
+        }
+        if name == unnamed::PROBE {
+            let _ = rustix::fs::unlinkat(run_folder, &name, AtFlags::empty());
             continue;
         }
         let shard = match open_child_folder(run_folder.as_fd(), &name) {
@@ -1083,5 +1160,75 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("is a file"), "{err}");
+    }
+
+    /// Stages two bodies, one for a new name and one over an old file,
+    /// and makes them durable; says whether each body had a name in the
+    /// temp area before its batch.
+    fn land_a_batch(out: &OutputDir, root: &Path) -> Vec<bool> {
+        fs::write(root.join("old.json"), b"old body").unwrap();
+        let files = [written(1, "new/a.json", b"A"), written(2, "old.json", b"B")];
+        let mut named = Vec::new();
+        for (file, body) in files.iter().zip([b"A", b"B"]) {
+            let temp = out.temp_file(file.id);
+            temp.create().unwrap().write_all(body).unwrap();
+            named.push(temp.path().exists());
+        }
+        let refused = out.make_durable(&files).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(fs::read(root.join("new/a.json")).unwrap(), b"A");
+        assert_eq!(fs::read(root.join("old.json")).unwrap(), b"B");
+        for file in &files {
+            assert!(!out.temp_file(file.id).path().exists(), "{}", file.name);
+        }
+        named
+    }
+
+    #[test]
+    fn bodies_wait_in_unnamed_files_and_their_batch_links_them_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let (out, _) = OutputDir::open(&root, 1, &[], &dir.path().join("db")).unwrap();
+        assert!(
+            out.unnamed.is_some(),
+            "no O_TMPFILE on the test's filesystem"
+        );
+        assert_eq!(land_a_batch(&out, &root), [false, false]);
+        // A body that fails is dropped: nothing of it is left to remove.
+        let temp = out.temp_file(3);
+        temp.create().unwrap().write_all(b"partial").unwrap();
+        temp.remove();
+        assert!(out.unnamed.as_ref().unwrap().take(3).is_none());
+        out.close(false).unwrap();
+        assert!(!root.join(TEMP_DIR).exists());
+    }
+
+    #[test]
+    fn without_unnamed_files_bodies_wait_in_named_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let (mut out, _) = OutputDir::open(&root, 1, &[], &dir.path().join("db")).unwrap();
+        // As on a filesystem without O_TMPFILE.
+        out.unnamed = None;
+        assert_eq!(land_a_batch(&out, &root), [true, true]);
+        let temp = out.temp_file(3);
+        temp.create().unwrap().write_all(b"partial").unwrap();
+        temp.remove();
+        assert!(!temp.path().exists());
+        out.close(false).unwrap();
+        assert!(!root.join(TEMP_DIR).exists());
+    }
+
+    #[test]
+    fn a_start_up_check_left_by_a_crash_is_removed_with_the_run_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        let dead = root.join(TEMP_DIR).join("run-1");
+        fs::create_dir_all(&dead).unwrap();
+        fs::write(dead.join(unnamed::PROBE), b"").unwrap();
+        let (out, leftovers) = OutputDir::open(&root, 2, &[], &dir.path().join("db")).unwrap();
+        out.settle(leftovers, &HashMap::new());
+        assert!(!dead.exists());
+        out.close(false).unwrap();
     }
 }

@@ -354,7 +354,7 @@ fn an_error_making_the_last_batch_durable_ends_the_run_as_an_error() {
     // The body is in its temp file, arriving a byte at a time; the output
     // folder goes away before it can be made durable.
     wait_for(Duration::from_secs(30), "the temp file", || {
-        !job.temp_files().is_empty()
+        !job.temp_files().is_empty() || job.unnamed_temp_bodies(child.id()) > 0
     });
     let moved = job.dir().join("out.moved");
     std::fs::rename(job.out(), &moved).unwrap();

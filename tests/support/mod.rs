@@ -317,6 +317,29 @@ impl Job {
             .collect()
     }
 
+    /// How many bodies process `pid` holds in unnamed temp files
+    /// (`O_TMPFILE`): files it has open in the temp area that have no name
+    /// and have bytes in them.
+    pub fn unnamed_temp_bodies(&self, pid: u32) -> usize {
+        let temp = self
+            .out()
+            .canonicalize()
+            .unwrap_or_else(|_| self.out())
+            .join(TEMP_DIR);
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return 0;
+        };
+        fds.flatten()
+            .filter(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|target| {
+                    target.starts_with(&temp)
+                        && target.to_string_lossy().ends_with(" (deleted)")
+                        && std::fs::metadata(fd.path()).is_ok_and(|m| m.len() > 0)
+                })
+            })
+            .count()
+    }
+
     /// Every file under the output folder, temp area included.
     pub fn files(&self) -> Vec<PathBuf> {
         fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
