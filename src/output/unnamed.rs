@@ -340,6 +340,15 @@ mod tests {
     fn the_thread_refills_what_is_taken_and_ends_with_the_run() {
         let (_dir, folder) = run_folder();
         let unnamed = Unnamed::start(&folder, [folder.as_fd()]).unwrap();
+        let queue = unnamed.ahead.as_ref().unwrap();
+        let filled = |queue: &flume::Receiver<OwnedFd>| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while queue.len() < AHEAD && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            queue.len()
+        };
+        assert_eq!(filled(queue), AHEAD, "the thread fills the queue at start");
         for id in 0..(3 * AHEAD as i64) {
             unnamed.create(id).unwrap().unwrap();
         }
@@ -347,12 +356,7 @@ mod tests {
         assert_eq!(ahead + on_the_spot, 3 * AHEAD as u64);
         assert!(ahead > 0, "none came from the thread");
         // Half taken wakes it, and it fills the queue again.
-        let queue = unnamed.ahead.as_ref().unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while queue.len() < AHEAD && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
-        }
-        assert_eq!(queue.len(), AHEAD);
+        assert_eq!(filled(queue), AHEAD);
         // Dropping it waits for the thread to end.
         drop(unnamed);
     }

@@ -437,8 +437,9 @@ fn serve(
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let now = in_flight.now.fetch_add(1, Ordering::SeqCst) + 1;
         in_flight.most.fetch_max(now, Ordering::SeqCst);
-        let answered = answer(reader.get_mut(), handler(&request), close);
-        in_flight.now.fetch_sub(1, Ordering::SeqCst);
+        let mut leaving = Some(&in_flight.now);
+        let answered = answer(reader.get_mut(), handler(&request), close, &mut leaving);
+        leave(&mut leaving);
         if !answered? {
             return Ok(());
         }
@@ -517,7 +518,23 @@ fn head(status: u16, headers: &[(String, String)], length: Option<u64>, close: b
 }
 
 /// Writes the reply; false when the connection must end.
-fn answer(stream: &mut impl Connection, reply: Reply, close: bool) -> io::Result<bool> {
+/// Counts a request as answered, once.
+fn leave(leaving: &mut Option<&AtomicUsize>) {
+    if let Some(now) = leaving.take() {
+        now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sends `reply`. A complete reply stops counting as in flight just before
+/// its last byte goes out: the client cannot have the whole answer, and so
+/// cannot send its next request, before that, so a count taken at the
+/// server never sees a request that follows another as overlapping it.
+fn answer(
+    stream: &mut impl Connection,
+    reply: Reply,
+    close: bool,
+    leaving: &mut Option<&AtomicUsize>,
+) -> io::Result<bool> {
     let length = |body: &[u8]| Some(body.len() as u64);
     match reply {
         Reply::Full {
@@ -527,13 +544,17 @@ fn answer(stream: &mut impl Connection, reply: Reply, close: bool) -> io::Result
         } => {
             let mut bytes = head(status, &headers, length(&body), close);
             bytes.extend_from_slice(&body);
-            stream.write_all(&bytes)?;
+            let (most, last) = bytes.split_at(bytes.len() - 1);
+            stream.write_all(most)?;
+            stream.flush()?;
+            leave(leaving);
+            stream.write_all(last)?;
             stream.flush()?;
             Ok(!close)
         }
         Reply::Delayed(delay, reply) => {
             thread::sleep(delay);
-            answer(stream, *reply, close)
+            answer(stream, *reply, close, leaving)
         }
         Reply::ResetMidBody { body, sent } => {
             let mut bytes = head(200, &[], length(&body), false);
