@@ -251,6 +251,7 @@ impl Coordinator {
         self.hand_out(claims)?;
         if claim_due && got < want {
             let mut next_due = self.store.next_due(self.work)?;
+            let mut waiting = false;
             if next_due.is_none() && self.in_flight.is_empty() && self.durability.batch().is_empty()
             {
                 // Every URL is done only when no other live run holds any.
@@ -258,10 +259,14 @@ impl Coordinator {
                     return Ok(Turn::NothingLeft);
                 }
                 next_due = self.store.next_due(self.work)?;
+                waiting = true;
             }
             let filtered = !self.filter().is_empty();
             self.schedule
                 .came_short(now, next_due.map(instant_of), filtered);
+            if waiting {
+                self.schedule.waiting_for_peers(now);
+            }
         }
         Ok(Turn::Continue)
     }

@@ -2,7 +2,8 @@
 //! and the queue has room; when a claim came short, not before the next
 //! due row (a retry's time), within bounds: not sooner than a few
 //! milliseconds, so that an empty database is not polled in a loop, and not
-//! later than a second, so that rows another run gives back are found.
+//! later than a second, so that rows another run gives back are found (a
+//! tenth of a second while other live runs still hold URLs).
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,10 @@ pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
 pub const FILTERED_RECHECK: Duration = Duration::from_millis(100);
 /// How soon to look again when a claim came short otherwise.
 pub const SOONEST_RECHECK: Duration = Duration::from_millis(5);
+/// How often a run with nothing left looks again while other live runs
+/// still hold URLs: the job ends when the last of them is done, not up to
+/// a second later.
+pub const PEER_RECHECK: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct ClaimSchedule {
@@ -54,6 +59,12 @@ impl ClaimSchedule {
                 SOONEST_RECHECK
             };
         self.next_at = next_due.map_or(latest, |due| due.clamp(soonest, latest));
+    }
+
+    /// Nothing is left to claim but other live runs hold URLs: look again
+    /// soon, for their end or for URLs they give back.
+    pub fn waiting_for_peers(&mut self, now: Instant) {
+        self.next_at = self.next_at.min(now + PEER_RECHECK);
     }
 }
 
@@ -102,6 +113,22 @@ mod tests {
             schedule.next_at(),
             now + FILTERED_RECHECK,
             "hosts left out may hold every due row"
+        );
+    }
+
+    #[test]
+    fn a_run_waiting_for_other_runs_looks_again_soon() {
+        let now = Instant::now();
+        let mut schedule = ClaimSchedule::new(now);
+        schedule.came_short(now, None, false);
+        schedule.waiting_for_peers(now);
+        assert_eq!(schedule.next_at(), now + PEER_RECHECK);
+        schedule.came_short(now, Some(now), false);
+        schedule.waiting_for_peers(now);
+        assert_eq!(
+            schedule.next_at(),
+            now + SOONEST_RECHECK,
+            "a row due sooner is not delayed"
         );
     }
 
