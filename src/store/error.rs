@@ -22,8 +22,8 @@ pub type CallerResult = Result<(), CallerError>;
 #[derive(Debug, thiserror::Error)]
 #[error(
     "run #{run} was taken for dead by another run, which gave its URLs to others \
-     (its heartbeat had not been renewed for too long); it stopped so that no URL \
-     is fetched twice. Run again to carry on"
+     (its heartbeat had not been renewed for too long); it stopped and recorded \
+     nothing more, so that no URL is recorded twice. Run again to carry on"
 )]
 pub struct TakenForDead {
     pub run: RunId,
