@@ -59,6 +59,13 @@ pub struct Cli {
     )]
     pub lock_wait: Duration,
 
+    /// With a PostgreSQL --db: how long one wait for the server may last
+    /// (connecting, or one answer) before the command gives up with exit
+    /// status 2, for a server or network that hangs [default: the lease +
+    /// 10s, 40s unless the job's lease is set].
+    #[arg(long, global = true, env = "JOBRUN_DB_TIMEOUT", value_parser = parse_duration)]
+    pub db_timeout: Option<Duration>,
+
     #[command(subcommand)]
     pub command: Command,
 }

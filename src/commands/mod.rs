@@ -130,7 +130,7 @@ impl From<Status> for ExitCode {
 /// Runs the command; `stop` is what stops a run (`run`, `refresh`).
 pub fn dispatch(cli: Cli, stop: StopSignal) -> Result<Status> {
     let display = progress_display(&cli);
-    let db = &Database::new(cli.db, cli.lock_wait);
+    let db = &Database::new(cli.db, cli.lock_wait).answering_within(cli.db_timeout);
     match cli.command {
         Command::Import(args) => import::run(db, args),
         Command::Run(args) => {

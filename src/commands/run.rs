@@ -109,7 +109,10 @@ pub fn prepare(
         work,
         lease,
         answer_within: match db.location {
-            Location::Postgres(_) => Some(lease.unwrap_or(DEFAULT_LEASE) + runner::ANSWER_MARGIN),
+            Location::Postgres(_) => Some(
+                db.answer_within
+                    .unwrap_or(lease.unwrap_or(DEFAULT_LEASE) + runner::ANSWER_MARGIN),
+            ),
             Location::Sqlite(_) => None,
         },
         fetch: FetchOptions {

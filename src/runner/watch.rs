@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 use super::RunError;
 use crate::domain::RunId;
 
-/// How long past its lease a run waits for its database before giving up:
-/// time for a connection that comes back to hear that the run was taken for
-/// dead, or to carry on when no other run took its URLs.
-pub const MARGIN: Duration = Duration::from_secs(10);
+/// How long past its lease a run waits for its database before giving up,
+/// unless `--db-timeout` says otherwise.
+pub use crate::store::ANSWER_MARGIN as MARGIN;
 
 /// Since when the coordinator has been busy, in milliseconds since
 /// `origin` (on the monotonic clock, which no clock change moves), plus one;

@@ -29,6 +29,25 @@ pub struct TakenForDead {
     pub run: RunId,
 }
 
+/// The database did not answer one request within the limit (a hung
+/// server, or a network that stopped carrying packets while keeping its
+/// connections open): the command stops rather than wait for ever.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "the database {db} has not answered for {:.1} s, longer than --db-timeout ({}); jobrun \
+     stopped waiting for it. Nothing recorded is lost, and what was under way is not recorded \
+     (an import run again counts the URLs it already holds as duplicates). Check the network \
+     and the server, then run the command again",
+    waited.as_secs_f64(),
+    humantime::format_duration(*limit)
+)]
+pub struct Unanswered {
+    /// The database as messages show it: any password as `***`.
+    pub db: String,
+    pub waited: std::time::Duration,
+    pub limit: std::time::Duration,
+}
+
 /// A store error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,6 +61,8 @@ pub enum Error {
     },
     #[error(transparent)]
     TakenForDead(#[from] TakenForDead),
+    #[error(transparent)]
+    Unanswered(#[from] Unanswered),
     /// The database is not one this jobrun can use as it is (missing,
     /// empty, not a database, another program's, or from a newer jobrun);
     /// nothing in it was changed.

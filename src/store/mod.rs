@@ -15,9 +15,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use backend::Store;
-pub use error::{CallerError, CallerResult, Context, Error, Result, TakenForDead};
-pub use postgres::{DEFAULT_LEASE, PostgresStore};
+pub use error::{CallerError, CallerResult, Context, Error, Result, TakenForDead, Unanswered};
+pub use postgres::{ANSWER_MARGIN, DEFAULT_LEASE, PostgresStore};
 pub use sqlite::SqliteStore;
+
+/// How much longer a run's connection waits than the run's own watch on
+/// it (which polls every second at most), so that the watch gives up first
+/// and says so as the run.
+const RUN_WATCH_LEAD: Duration = Duration::from_secs(2);
 
 /// Where the database is, as `--db` (or `JOBRUN_DB`) names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +76,12 @@ pub struct OpenOptions {
     /// rows (PostgreSQL; on SQLite a run's own machine tells at once).
     /// The job's setting `lease`, else 30 s, when None.
     pub lease: Option<Duration>,
+    /// How long one wait for the server may last before the command gives
+    /// up (PostgreSQL): the lease and `ANSWER_MARGIN` when None.
+    pub answer_within: Option<Duration>,
+    /// Added to that: a run's own watch gives up first, and says so as the
+    /// run (PostgreSQL).
+    pub answer_slack: Duration,
 }
 
 impl OpenOptions {
@@ -85,6 +96,8 @@ impl OpenOptions {
             lock_wait: OpenOptions::DEFAULT_LOCK_WAIT,
             cache_kib: None,
             lease: None,
+            answer_within: None,
+            answer_slack: Duration::ZERO,
         }
     }
 }
@@ -96,6 +109,8 @@ pub struct Database {
     pub path: PathBuf,
     pub location: Location,
     lock_wait: Duration,
+    /// `--db-timeout`: how long one wait for a PostgreSQL server may last.
+    pub answer_within: Option<Duration>,
 }
 
 impl Database {
@@ -104,11 +119,25 @@ impl Database {
             location: Location::parse(&path),
             path,
             lock_wait,
+            answer_within: None,
+        }
+    }
+
+    /// With `--db-timeout`: no wait for a PostgreSQL server lasts longer.
+    pub fn answering_within(self, limit: Option<Duration>) -> Database {
+        Database {
+            answer_within: limit,
+            ..self
         }
     }
 
     pub fn open(&self, mode: Open) -> Result<Box<dyn Store>> {
-        self.open_for_runs(mode, None)
+        let options = OpenOptions {
+            lock_wait: self.lock_wait,
+            answer_within: self.answer_within,
+            ..OpenOptions::new(mode)
+        };
+        open(&self.location, &options)
     }
 
     /// Opens it for runs that hold `lease` (PostgreSQL): how long a run's
@@ -117,6 +146,8 @@ impl Database {
         let options = OpenOptions {
             lock_wait: self.lock_wait,
             lease,
+            answer_within: self.answer_within,
+            answer_slack: RUN_WATCH_LEAD,
             ..OpenOptions::new(mode)
         };
         open(&self.location, &options)

@@ -8,14 +8,15 @@ use std::time::Duration;
 
 use crate::store::{Context, Error, Result};
 use include_dir::{Dir, include_dir};
-use postgres::config::SslMode;
-use postgres::{Client, Config, NoTls};
+use postgres::config::{Host, SslMode, SslNegotiation};
+use postgres::{Client, Config};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::bounded::{self, AnswerLimit, BoundedConnect};
 use super::{PgResult, no_jobrun_tables};
 use crate::store::Open;
 
@@ -97,8 +98,9 @@ fn split_ssl_mode(url: &str) -> Result<(String, Tls)> {
 }
 
 /// Opens a connection to `url`, with statements waiting at most
-/// `lock_wait` for another transaction's locks.
-pub fn connect(url: &str, lock_wait: Duration) -> Result<Client> {
+/// `lock_wait` for another transaction's locks, and every wait for the
+/// server (connecting included) at most what `limit` says.
+pub fn connect(url: &str, lock_wait: Duration, limit: Arc<AnswerLimit>) -> Result<Client> {
     let name = without_password(url);
     let (url, tls) = split_ssl_mode(url)?;
     let mut config = Config::from_str(&url).map_err(|e| {
@@ -110,40 +112,51 @@ pub fn connect(url: &str, lock_wait: Duration) -> Result<Client> {
         .application_name("jobrun")
         .connect_timeout(Duration::from_secs(10));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = match tls {
-        Tls::Disable => {
-            config.ssl_mode(SslMode::Disable);
-            config.connect(NoTls)
-        }
+    let tls = match tls {
+        Tls::Disable => None,
         Tls::Encrypt { required } => {
-            config.ssl_mode(if required {
-                SslMode::Require
-            } else {
-                SslMode::Prefer
-            });
             let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_safe_default_protocol_versions()?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(EncryptOnly(provider)))
                 .with_no_client_auth();
-            config.connect(MakeRustlsConnect::new(tls))
+            Some((MakeRustlsConnect::new(tls), required))
         }
         Tls::Verify => {
-            config.ssl_mode(SslMode::Require);
             let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
             let tls = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(verifier))
                 .with_no_client_auth();
-            config.connect(MakeRustlsConnect::new(tls))
+            Some((MakeRustlsConnect::new(tls), true))
         }
     };
-    let mut client = client.with_context(|| {
-        format!(
+    if config
+        .get_hosts()
+        .iter()
+        .any(|host| !matches!(host, Host::Tcp(_)))
+    {
+        // No TLS over a Unix socket, as in libpq; and the client hands the
+        // connector no socket then.
+        config.ssl_mode(SslMode::Disable);
+    } else {
+        // The connector asks for TLS itself, as `sslmode` says: the client
+        // hands it the socket before sending anything.
+        config
+            .ssl_mode(SslMode::Require)
+            .ssl_negotiation(SslNegotiation::Direct);
+    }
+    let client = config.connect(BoundedConnect {
+        tls,
+        limit: limit.clone(),
+    });
+    let mut client = client.map_err(|error| match bounded::unanswered(&error) {
+        Some(unanswered) => Error::from(unanswered.clone()),
+        None => Error::from(error).context(format!(
             "cannot connect to PostgreSQL at {name}: is the server running and reachable, \
              and are the user, password and database right?"
-        )
+        )),
     })?;
     let wait = lock_wait.as_millis().max(1);
     // Plans made for each batch's own arrays and limits: a generic plan

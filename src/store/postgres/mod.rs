@@ -18,6 +18,7 @@
 //! connection): the store is used from the run owner's thread and from
 //! synchronous commands, never from inside the async runtime.
 
+mod bounded;
 mod connect;
 mod import;
 mod queue;
@@ -45,6 +46,12 @@ pub use connect::without_password;
 /// rows, unless `--lease` says otherwise.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 
+/// How much longer than its lease a wait for the server may last, unless
+/// `--db-timeout` says: time for a connection that comes back to hear that
+/// its run was taken for dead, or to carry on when no other run took its
+/// URLs.
+pub const ANSWER_MARGIN: Duration = Duration::from_secs(10);
+
 /// A URL taken back this many times from runs that died while fetching it
 /// fails instead of being handed out again: it may be what kills them.
 pub const RESCUE_LIMIT: i32 = 5;
@@ -71,7 +78,14 @@ impl PostgresStore {
     /// setting `lease`, else 30 s.
     pub fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore> {
         let name = without_password(url);
-        let mut client = connect::connect(url, options.lock_wait)?;
+        let bound = |lease: Duration| {
+            options.answer_within.unwrap_or(lease + ANSWER_MARGIN) + options.answer_slack
+        };
+        let limit = bounded::AnswerLimit::new(
+            crate::redact::redact_url(url).into_owned(),
+            bound(options.lease.unwrap_or(DEFAULT_LEASE)),
+        );
+        let mut client = connect::connect(url, options.lock_wait, limit.clone())?;
         connect::check_schema(&mut client, &name, options.mode)?;
         let mut store = PostgresStore {
             client: RefCell::new(client),
@@ -91,6 +105,7 @@ impl PostgresStore {
                 None => DEFAULT_LEASE,
             },
         };
+        limit.set(bound(store.lease));
         Ok(store)
     }
 
@@ -233,6 +248,9 @@ impl Store for PostgresStore {
 
 /// Adds what the database said to an error, with where it happened.
 fn pg_context(error: postgres::Error, name: &str) -> Error {
+    if let Some(unanswered) = bounded::unanswered(&error) {
+        return Error::from(unanswered.clone());
+    }
     let detail = error
         .as_db_error()
         .map(|db| format!("{} ({})", db.message(), db.code().code()));

@@ -17,6 +17,10 @@ pub(crate) fn test_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
+fn test_limit() -> std::sync::Arc<bounded::AnswerLimit> {
+    bounded::AnswerLimit::new(test_url(), Duration::from_secs(30))
+}
+
 /// A schema of its own on the test server, dropped when this goes.
 pub(crate) struct Schema {
     pub url: String,
@@ -27,7 +31,7 @@ impl Schema {
     pub(crate) fn new() -> Schema {
         let base = test_url();
         let name = format!("jobrun_test_{}_{:x}", std::process::id(), fastrand::u64(..));
-        let mut admin = connect::connect(&base, Duration::from_secs(5))
+        let mut admin = connect::connect(&base, Duration::from_secs(5), test_limit())
             .expect("the test PostgreSQL server (JOBRUN_TEST_PG) must be reachable");
         admin
             .batch_execute(&format!("CREATE SCHEMA {name}"))
@@ -54,7 +58,7 @@ impl Schema {
 
 impl Drop for Schema {
     fn drop(&mut self) {
-        if let Ok(mut admin) = connect::connect(&test_url(), Duration::from_secs(5)) {
+        if let Ok(mut admin) = connect::connect(&test_url(), Duration::from_secs(5), test_limit()) {
             let _ = admin.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.name));
         }
     }
