@@ -569,3 +569,133 @@ fn export_names_the_machine_and_folder_of_files_written_elsewhere() {
         }
     }
 }
+
+/// `url` with the password `secret` for its user, and TLS off, so that the
+/// relay sees the statements go by.
+fn with_password_in_clear(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("a URL");
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => format!("{}:secret@{host}", user.split(':').next().unwrap_or(user)),
+        None => format!("postgres:secret@{authority}"),
+    };
+    let separator = if tail.contains('?') { '&' } else { '?' };
+    format!("{scheme}://{authority}{tail}{separator}sslmode=disable")
+}
+
+/// A server that stops answering while its connections stay open (here a
+/// relay that freezes as a given statement goes by, or before anything
+/// does) stops every command within --db-timeout, with exit status 2 and a
+/// message that names the database, its password as ***; nothing the
+/// server had recorded is lost, and an import cut short counts what it
+/// finds again as duplicates.
+#[test]
+fn every_command_gives_up_on_a_server_that_stops_answering() {
+    let job = PgJob::new();
+    let server = faulty_item_server(Duration::ZERO, |item, _| {
+        (item == 0).then(|| Reply::status(404))
+    });
+    assert_success(&job.import(&item_urls(&server, 10)), "import");
+    let output = job.jobrun(&["run", "--out", "out"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let more = item_urls(&server, 20).join("\n") + "\n";
+    std::fs::write(job.job.dir().join("more.txt"), more).expect("write more.txt");
+
+    let limit = Duration::from_secs(2);
+    for (what, args, trigger) in [
+        ("connecting", &["report"][..], None),
+        ("its first message", &["report"], Some("application_name")),
+        (
+            "import",
+            &["import", "more.txt"],
+            Some("COPY import_staging"),
+        ),
+        (
+            "report",
+            &["report"],
+            Some("sum(bytes)::bigint FROM tallies"),
+        ),
+        ("export", &["export"], Some("encode(u.sha256, 'hex')")),
+        (
+            "verify",
+            &["verify"],
+            Some("WHERE u.state = 'done' ORDER BY u.id"),
+        ),
+        ("retry", &["retry"], Some("strpos(error, $2)")),
+        (
+            "a run's start-up",
+            &["run", "--out", "out"],
+            Some("LOCK TABLE runs"),
+        ),
+    ] {
+        let relay = TcpRelay::to(server_addr());
+        let url = with_password_in_clear(&job.url_via(relay.addr()));
+        let url = match trigger {
+            Some(statement) => {
+                relay.freeze_on(statement.as_bytes());
+                url
+            }
+            // TLS as the server offers it: the TLS request goes unanswered.
+            None => {
+                relay.freeze();
+                url.replace("sslmode=disable", "sslmode=prefer")
+            }
+        };
+        let started = Instant::now();
+        let mut child = job
+            .job
+            .command_on(&url)
+            .arg("--db-timeout")
+            .arg("2s")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jobrun");
+        let gave_up = (|| {
+            while started.elapsed() < Duration::from_secs(30) {
+                if child.try_wait().expect("poll jobrun").is_some() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        })();
+        let took = started.elapsed();
+        if !gave_up {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().expect("jobrun's output");
+        let err = stderr(&output);
+        assert!(gave_up, "{what}: still waiting after {took:?}; {err}");
+        assert_eq!(output.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains("has not answered for"), "{what}: {err}");
+        assert!(
+            err.contains("longer than --db-timeout (2s)"),
+            "{what}: {err}"
+        );
+        assert!(err.contains("postgres:***@127.0.0.1:"), "{what}: {err}");
+        assert!(
+            !err.contains("secret") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        // The limit, and a run's connection's lead over its watch.
+        assert!(took >= limit, "{what}: {took:?}");
+        assert!(took < limit + Duration::from_secs(12), "{what}: {took:?}");
+    }
+
+    let again = job.jobrun(&["import", "more.txt"]);
+    assert_success(&again, "the import again");
+    assert!(
+        stderr(&again).contains("10 imported, 10 duplicate"),
+        "{}",
+        stderr(&again)
+    );
+    let report = job.report();
+    assert_eq!(
+        (&report["done"], &report["failed"], &report["pending"]),
+        (&Value::from(9), &Value::from(1), &Value::from(10)),
+        "{report}"
+    );
+}

@@ -244,6 +244,8 @@ pub struct TcpRelay {
 struct Frozen {
     on: Mutex<bool>,
     thawed: Condvar,
+    /// Bytes that freeze the relay when a client sends them.
+    trigger: Mutex<Option<Vec<u8>>>,
 }
 
 impl Frozen {
@@ -257,6 +259,18 @@ impl Frozen {
     fn set(&self, frozen: bool) {
         *self.on.lock().unwrap() = frozen;
         self.thawed.notify_all();
+    }
+
+    /// Freezes if `sent` holds the trigger.
+    fn pulled_by(&self, sent: &[u8]) {
+        let mut trigger = self.trigger.lock().unwrap();
+        let pulled = trigger
+            .as_deref()
+            .is_some_and(|needle| sent.windows(needle.len()).any(|w| w == needle));
+        if pulled {
+            *trigger = None;
+            self.set(true);
+        }
     }
 }
 
@@ -287,9 +301,9 @@ impl TcpRelay {
                         };
                         let upstream = {
                             let frozen = frozen.clone();
-                            thread::spawn(move || pump(client_read, server, &frozen))
+                            thread::spawn(move || pump(client_read, server, &frozen, true))
                         };
-                        pump(server_read, client, &frozen);
+                        pump(server_read, client, &frozen, false);
                         let _ = upstream.join();
                     });
                 }
@@ -307,6 +321,12 @@ impl TcpRelay {
         self.frozen.set(true);
     }
 
+    /// Freezes as a client sends `bytes` (in one read), before they go
+    /// through: the server never sees them.
+    pub fn freeze_on(&self, bytes: &[u8]) {
+        *self.frozen.trigger.lock().unwrap() = Some(bytes.to_vec());
+    }
+
     pub fn thaw(&self) {
         self.frozen.set(false);
     }
@@ -321,8 +341,9 @@ impl Drop for TcpRelay {
 }
 
 /// Copies from `from` to `to` while not frozen; bytes read just as the
-/// relay freezes are held until it thaws.
-fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen) {
+/// relay freezes are held until it thaws. What a client sends
+/// (`from_client`) may pull the trigger.
+fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen, from_client: bool) {
     let mut buf = vec![0; 64 * 1024];
     loop {
         frozen.wait_until_thawed();
@@ -330,6 +351,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if from_client {
+            frozen.pulled_by(&buf[..n]);
+        }
         frozen.wait_until_thawed();
         if to.write_all(&buf[..n]).is_err() {
             break;

@@ -44,29 +44,40 @@ const MAX_MS: u64 = 365 * 24 * 3600 * 1000;
 /// messages show it (any password as `***`).
 #[derive(Debug)]
 pub struct AnswerLimit {
+    /// The limit as the user knows it (`--db-timeout`, or the lease and a
+    /// margin).
     limit_ms: AtomicU64,
+    /// Added to it: a run's lead for its own watch.
+    slack_ms: AtomicU64,
     db: String,
 }
 
 impl AnswerLimit {
-    pub fn new(db: String, limit: Duration) -> Arc<AnswerLimit> {
+    pub fn new(db: String, limit: Duration, slack: Duration) -> Arc<AnswerLimit> {
         let bound = AnswerLimit {
             limit_ms: AtomicU64::new(0),
+            slack_ms: AtomicU64::new(0),
             db,
         };
-        bound.set(limit);
+        bound.set(limit, slack);
         Arc::new(bound)
     }
 
+    /// How long a wait may last.
     pub fn get(&self) -> Duration {
+        self.said() + Duration::from_millis(self.slack_ms.load(Ordering::Relaxed))
+    }
+
+    fn said(&self) -> Duration {
         Duration::from_millis(self.limit_ms.load(Ordering::Relaxed))
     }
 
     /// Sets the limit of the waits that start from now on.
-    pub fn set(&self, limit: Duration) {
+    pub fn set(&self, limit: Duration, slack: Duration) {
         // Capped, so that adding it to an instant never overflows.
-        let ms = u64::try_from(limit.as_millis()).map_or(MAX_MS, |ms| ms.clamp(1, MAX_MS));
-        self.limit_ms.store(ms, Ordering::Relaxed);
+        let ms = |d: Duration| u64::try_from(d.as_millis()).map_or(MAX_MS, |ms| ms.min(MAX_MS));
+        self.limit_ms.store(ms(limit).max(1), Ordering::Relaxed);
+        self.slack_ms.store(ms(slack), Ordering::Relaxed);
     }
 
     fn exceeded(&self, waited: Duration) -> io::Error {
@@ -75,7 +86,7 @@ impl AnswerLimit {
             Unanswered {
                 db: self.db.clone(),
                 waited,
-                limit: self.get(),
+                limit: self.said(),
             },
         )
     }
@@ -434,7 +445,11 @@ mod tests {
 
     #[test]
     fn a_wait_is_said_with_the_database_and_the_limit() {
-        let limit = AnswerLimit::new("postgres://u:***@h/db".into(), Duration::from_secs(3));
+        let limit = AnswerLimit::new(
+            "postgres://u:***@h/db".into(),
+            Duration::from_secs(3),
+            Duration::ZERO,
+        );
         let error = limit.exceeded(Duration::from_millis(3200));
         let found = unanswered(&error).expect("an Unanswered inside");
         let text = found.to_string();

@@ -78,12 +78,11 @@ impl PostgresStore {
     /// setting `lease`, else 30 s.
     pub fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore> {
         let name = without_password(url);
-        let bound = |lease: Duration| {
-            options.answer_within.unwrap_or(lease + ANSWER_MARGIN) + options.answer_slack
-        };
+        let bound = |lease: Duration| options.answer_within.unwrap_or(lease + ANSWER_MARGIN);
         let limit = bounded::AnswerLimit::new(
             crate::redact::redact_url(url).into_owned(),
             bound(options.lease.unwrap_or(DEFAULT_LEASE)),
+            options.answer_slack,
         );
         let mut client = connect::connect(url, options.lock_wait, limit.clone())?;
         connect::check_schema(&mut client, &name, options.mode)?;
@@ -105,7 +104,7 @@ impl PostgresStore {
                 None => DEFAULT_LEASE,
             },
         };
-        limit.set(bound(store.lease));
+        limit.set(bound(store.lease), options.answer_slack);
         Ok(store)
     }
 

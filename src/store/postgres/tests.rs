@@ -18,7 +18,7 @@ pub(crate) fn test_url() -> String {
 }
 
 fn test_limit() -> std::sync::Arc<bounded::AnswerLimit> {
-    bounded::AnswerLimit::new(test_url(), Duration::from_secs(30))
+    bounded::AnswerLimit::new(test_url(), Duration::from_secs(30), Duration::ZERO)
 }
 
 /// A schema of its own on the test server, dropped when this goes.
