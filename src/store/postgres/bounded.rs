@@ -30,12 +30,15 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::store::Unanswered;
 
-/// A poll this long after the end of a wait means nobody was waiting: the
-/// program was busy between two statements (a reader of `export` that
-/// paused, say) and the runtime that keeps the time was not running. The
-/// wait starts again then instead of ending; a real wait is woken by its
-/// timer at its end.
-const LATE: Duration = Duration::from_millis(500);
+/// A poll this long after the end of a wait (a quarter of the limit, a
+/// second at least) means nobody was waiting: the program was busy between
+/// two statements (a reader of `export` that paused, say) and the runtime
+/// that keeps the time was not running. The wait starts again then instead
+/// of ending; a real wait is woken by its timer at its end, late only by
+/// the time the machine takes to run the process again.
+fn late(limit: Duration) -> Duration {
+    (limit / 4).max(Duration::from_secs(1))
+}
 
 /// The longest limit kept: a year.
 const MAX_MS: u64 = 365 * 24 * 3600 * 1000;
@@ -316,7 +319,7 @@ impl Bounded {
         let now = Instant::now();
         let limit = self.limit.get();
         let since = match self.since {
-            Some(since) if now < since + limit + LATE => since,
+            Some(since) if now < since + limit + late(limit) => since,
             _ => {
                 self.timer.as_mut().reset(now + limit);
                 self.since = Some(now);
