@@ -7,7 +7,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use governor::DefaultDirectRateLimiter;
+use crate::rate::{Rate, SharedRate};
 use reqwest::header::{
     CONNECTION, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
     LOCATION, RANGE, RETRY_AFTER,
@@ -36,7 +36,7 @@ const ERROR_BODY_DRAIN: usize = 64 * 1024;
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
     client: Client,
-    limiter: Option<DefaultDirectRateLimiter>,
+    rate: Option<Arc<SharedRate>>,
     hosts: Arc<Hosts>,
     backoff: Backoff,
     max_attempts: u32,
@@ -53,7 +53,8 @@ pub struct FetchOptions {
     pub headers: HeaderMap,
     pub timeout: Duration,
     pub workers: usize,
-    pub limiter: Option<DefaultDirectRateLimiter>,
+    /// Requests per second of the whole job (`--rate`).
+    pub rate: Option<Rate>,
     pub backoff: Backoff,
     pub max_attempts: u32,
     pub politeness: Politeness,
@@ -267,7 +268,7 @@ impl Fetcher {
         let client = builder.build().map_err(ClientError::Build)?;
         Ok(Fetcher {
             client,
-            limiter: options.limiter,
+            rate: options.rate.map(|rate| Arc::new(SharedRate::new(rate))),
             hosts: Arc::new(Hosts::new(options.politeness)),
             backoff: options.backoff,
             max_attempts: options.max_attempts,
@@ -278,6 +279,11 @@ impl Fetcher {
             retry_on: options.retry_on,
             max_retry_after: options.politeness.max_retry_after,
         })
+    }
+
+    /// `--rate`, this run's part of it, to share among the live runs.
+    pub fn rate(&self) -> Option<Arc<SharedRate>> {
+        self.rate.clone()
     }
 
     /// The hosts' politeness state, for the progress display.
@@ -366,8 +372,8 @@ impl Fetcher {
         if claim.refresh {
             request = conditional(request, &claim.validators);
         }
-        if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
+        if let Some(rate) = &self.rate {
+            rate.until_ready().await;
         }
         if !self.hosts.keeps_connection(host) {
             // Over thousands of hosts visited in turn, each idle connection

@@ -1,4 +1,6 @@
 //! Request rates: the `--rate` syntax and the limiter that enforces it.
+//! `--rate` holds for the whole job: the runs live on a shared queue each
+//! take an equal part of it ([`SharedRate`]).
 //!
 //! A rate is kept as the interval between two requests. The limiter is a
 //! governor GCRA with a burst of about 50 ms worth of requests: enough that a
@@ -6,6 +8,7 @@
 //! the server never sees more than the rate over any window it can notice.
 
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -77,6 +80,50 @@ impl Rate {
     }
 }
 
+/// A rate shared by the runs on one queue: this run's part of it, which
+/// changes as runs come and go.
+pub struct SharedRate {
+    whole: Rate,
+    /// Among how many runs, and the limiter for this run's part.
+    part: Mutex<(u64, Arc<DefaultDirectRateLimiter>)>,
+}
+
+impl SharedRate {
+    /// The whole rate, to one run until told otherwise.
+    pub fn new(whole: Rate) -> SharedRate {
+        SharedRate {
+            whole,
+            part: Mutex::new((1, Arc::new(whole.limiter()))),
+        }
+    }
+
+    /// Gives this run its part of the rate, shared among `runs` runs (at
+    /// least one). A new part starts with a fresh burst, of 50 ms worth of
+    /// requests at most.
+    pub fn share_among(&self, runs: u64) {
+        let runs = runs.max(1);
+        let mut part = self.part.lock().unwrap_or_else(|e| e.into_inner());
+        if part.0 != runs {
+            let interval = self
+                .whole
+                .interval
+                .saturating_mul(u32::try_from(runs).unwrap_or(u32::MAX));
+            *part = (runs, Arc::new(Rate { interval }.limiter()));
+        }
+    }
+
+    /// Waits until this run's part lets one more request through.
+    pub async fn until_ready(&self) {
+        let limiter = self
+            .part
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone();
+        limiter.until_ready().await;
+    }
+}
+
 impl std::fmt::Display for Rate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/s", self.per_second())
@@ -119,6 +166,22 @@ mod tests {
             Duration::from_micros(1)
         );
         assert!(Rate::parse("0.05/h").is_ok());
+    }
+
+    #[test]
+    fn runs_sharing_a_rate_each_take_their_part() {
+        let shared = SharedRate::new(Rate::parse("100").unwrap());
+        // A burst of 50 ms worth (5 requests), then one every 10 ms.
+        let allowed = |shared: &SharedRate| {
+            let limiter = shared.part.lock().unwrap().1.clone();
+            (0..100).filter(|_| limiter.check().is_ok()).count()
+        };
+        assert_eq!(allowed(&shared), 5);
+        shared.share_among(4);
+        // 25/s: 50 ms hold one request.
+        assert_eq!(allowed(&shared), 1);
+        shared.share_among(0);
+        assert_eq!(allowed(&shared), 5, "no runs counted is this run alone");
     }
 
     #[test]

@@ -699,3 +699,50 @@ fn every_command_gives_up_on_a_server_that_stops_answering() {
         "{report}"
     );
 }
+
+/// `--rate` holds for the whole job: runs on one queue share it, each
+/// taking its part once it sees the others (at its start, and at its next
+/// heartbeat for the runs already there), so the server sees the rate
+/// asked for in all, not that rate per run.
+#[test]
+fn runs_on_one_queue_share_the_rate() {
+    let job = PgJob::new();
+    let server = faulty_item_server(Duration::ZERO, |_, _| None);
+    assert_success(&job.import(&item_urls(&server, 3000)), "import");
+    let args = [
+        "--workers",
+        "4",
+        "--out",
+        "out",
+        "--rate",
+        "40",
+        "--lease",
+        "6s",
+    ];
+    let mut runs = vec![job.spawn_run(&args)];
+    server.wait_for_hits(20, "the first run's requests");
+    runs.push(job.spawn_run(&args));
+    wait_for(Duration::from_secs(30), "the second run to start", || {
+        job.number("SELECT count(*) FROM runs") == 2
+    });
+    // The first run learns of the second within a heartbeat (2 s here).
+    let from = Instant::now() + Duration::from_secs(3);
+    let to = from + Duration::from_secs(5);
+    wait_for(Duration::from_secs(60), "requests after the window", || {
+        server.hits().last().is_some_and(|hit| hit.at > to)
+    });
+    for mut run in runs {
+        let _ = run.kill();
+        let _ = run.wait();
+    }
+    let in_window = server
+        .hits()
+        .iter()
+        .filter(|hit| hit.at >= from && hit.at < to)
+        .count();
+    // 40 a second for 5 s is 200; each run at the whole rate, 400.
+    assert!(
+        (120..=230).contains(&in_window),
+        "{in_window} requests in 5 s from two runs at --rate 40"
+    );
+}

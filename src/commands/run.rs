@@ -119,7 +119,7 @@ pub fn prepare(
             headers,
             timeout: args.timeout,
             workers: args.workers,
-            limiter: args.rate.map(|rate| rate.limiter()),
+            rate: args.rate,
             backoff: Backoff {
                 base: args.backoff_base,
                 max: args.backoff_max,

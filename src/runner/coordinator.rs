@@ -91,10 +91,10 @@ impl Coordinator {
         out: OutputDir,
         run: RunId,
         work: Work,
-        links: Links,
+        mut links: Links,
     ) -> Result<Coordinator> {
         let now = Instant::now();
-        links.peers.share_limits(&*store)?;
+        links.peers.share_limits(&*store, now)?;
         let out = Arc::new(out);
         let syncer = Syncer::start(out.clone(), links.events_tx)?;
         Ok(Coordinator {
@@ -233,8 +233,10 @@ impl Coordinator {
         if !(commit_due || claim_due || heartbeat_due) {
             return Ok(Turn::Continue);
         }
-        if heartbeat_due {
-            self.peers.share_limits(&*self.store)?;
+        if self.peers.share_due(now) {
+            // Also while busy, when the heartbeat rides on commits: runs
+            // that come or go change every run's part.
+            self.peers.share_limits(&*self.store, now)?;
         }
         if !(commit_due || claim_due) && self.durability.batch().is_empty() {
             // Only alive to say: no transaction needed.

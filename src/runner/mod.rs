@@ -136,7 +136,14 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
             wind_down,
             host_filter,
             counters: counters.clone(),
-            peers: Peers::new(me, run, counters.clone(), plan.lease, fetcher.hosts()),
+            peers: Peers::new(
+                me,
+                run,
+                counters.clone(),
+                plan.lease,
+                fetcher.hosts(),
+                fetcher.rate(),
+            ),
             busy: busy.clone(),
         },
     )?;
@@ -341,7 +348,7 @@ mod tests {
                 headers: HeaderMap::new(),
                 timeout: Duration::from_secs(60),
                 workers: 2,
-                limiter: None,
+                rate: None,
                 backoff: Backoff {
                     base: Duration::from_secs(1),
                     max: Duration::from_secs(60),

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Result;
 
@@ -17,6 +17,7 @@ use crate::format::thousands;
 use crate::hosts::Hosts;
 use crate::output::{Leftover, OutputDir};
 use crate::process;
+use crate::rate::SharedRate;
 use crate::store::Store;
 
 use super::durability::HEARTBEAT;
@@ -32,6 +33,10 @@ pub struct Peers {
     pub heartbeat: Duration,
     /// Per-host limits, shared with the other live runs.
     hosts: Arc<Hosts>,
+    /// `--rate`, shared with the other live runs too.
+    rate: Option<Arc<SharedRate>>,
+    /// When the limits were last shared out.
+    shared_at: Option<Instant>,
 }
 
 impl Peers {
@@ -41,6 +46,7 @@ impl Peers {
         counters: Arc<Counters>,
         lease: Option<Duration>,
         hosts: Arc<Hosts>,
+        rate: Option<Arc<SharedRate>>,
     ) -> Peers {
         Peers {
             me,
@@ -49,14 +55,27 @@ impl Peers {
             told: Vec::new(),
             heartbeat: lease.map_or(HEARTBEAT, |lease| (lease / 3).min(HEARTBEAT)),
             hosts,
+            rate,
+            shared_at: None,
         }
     }
 
-    /// Gives this run its part of the per-host limits, as many runs as are
-    /// live now share them (PostgreSQL; elsewhere a run has them whole).
-    pub fn share_limits(&self, store: &dyn Store) -> Result<()> {
-        self.hosts.share_among(store.live_runs()?);
+    /// Gives this run its part of `--rate` and of the per-host limits, as
+    /// many runs as are live now share them (PostgreSQL; elsewhere a run has
+    /// them whole).
+    pub fn share_limits(&mut self, store: &dyn Store, now: Instant) -> Result<()> {
+        self.shared_at = Some(now);
+        let runs = store.live_runs()?;
+        self.hosts.share_among(runs);
+        if let Some(rate) = &self.rate {
+            rate.share_among(runs);
+        }
         Ok(())
+    }
+
+    /// Whether the limits are to be shared out again: once a heartbeat.
+    pub fn share_due(&self, now: Instant) -> bool {
+        self.shared_at.is_none_or(|at| now >= at + self.heartbeat)
     }
 
     /// For a run with nothing left to claim: whether other runs still hold
