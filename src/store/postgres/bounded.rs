@@ -405,7 +405,14 @@ impl AsyncWrite for Bounded {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Some(error) = this.failed() {
+            return Poll::Ready(Err(error));
+        }
+        match Pin::new(&mut this.inner).poll_shutdown(cx) {
+            Poll::Pending => this.wait(cx),
+            ready => ready,
+        }
     }
 }
 
