@@ -4,8 +4,9 @@
 //! https URLs), and a SOCKS5 proxy that does CONNECT without
 //! authentication. One connection per forwarded request is enough here:
 //! the HTTP proxy asks the server to close after each answer. The third,
-//! [`TcpRelay`], forwards every connection to one address and can freeze:
-//! a network that stops carrying anything while the sockets stay open.
+//! [`TcpRelay`], forwards every connection to one address and can freeze,
+//! at once or as a client sends given bytes: a network that stops carrying
+//! anything while the sockets stay open.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
