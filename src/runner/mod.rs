@@ -93,7 +93,9 @@ pub struct RunTotals {
 /// work in flight is settled.
 pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Result<RunTotals> {
     let started_at = Instant::now();
-    one_malloc_arena();
+    if plan.workers > SINGLE_THREAD_WORKERS {
+        one_malloc_arena();
+    }
     let me = process::this_process(plan.command.clone());
     let (run, out) = start(&mut store, &plan, &me)?;
     let per_host_workers = plan.fetch.politeness.per_host_workers;
@@ -297,14 +299,14 @@ fn progress_start(store: &dyn Store, work: Work, counters: &Counters) -> Result<
     })
 }
 
-/// Keeps every thread's allocations in one glibc heap. By default glibc
-/// gives each new thread a heap of its own (up to eight per core), and a
-/// connection's buffers, grown on one runtime thread and freed on another,
-/// leave each heap with free space it cannot hand to the others: at a
-/// thousand workers that is a tenth of the run's memory. The big buffers
-/// are a few per URL, so the one heap's lock is rarely contended, and
-/// small blocks never take it (glibc caches them per thread). Called before
-/// the run starts its threads; other C libraries decide for themselves.
+/// Keeps every thread's allocations in one glibc heap, for a run on
+/// several runtime threads. By default glibc gives each new thread a heap
+/// of its own (up to eight per core), and a connection's buffers, grown on
+/// one runtime thread and freed on another, leave each heap with free space
+/// the others cannot use: with a thousand workers, a tenth of the run's
+/// memory. The big buffers are a few per URL, so the one heap's lock is
+/// rarely contended, and most small blocks do not take it (glibc caches them per
+/// thread). Called before the run starts its threads.
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets a limit glibc reads when it next needs a
