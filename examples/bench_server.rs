@@ -366,7 +366,7 @@ fn serve(args: &[String]) -> Result<(), String> {
         let mut bases = Vec::new();
         for address in bind.split(',') {
             for _ in 0..listeners {
-                let listener = listen(&address, port as u16)
+                let listener = listen(address, port as u16)
                     .map_err(|e| format!("cannot listen on {address} port {port}: {e}"))?;
                 bases.push(format!(
                     "{}://{}",
