@@ -29,6 +29,9 @@
 //! `--listeners N` listens on N ports of each address (hosts are host:port for jobrun);
 //! `--url-file` then lists every `http://ADDR:PORT`, one a line.
 //!
+//! It listens with a backlog of 8,192 (capped by `net.core.somaxconn`), so that a thousand
+//! clients connecting at once are not dropped and made to wait a second for a retry.
+//!
 //! `GET /connections` answers how many connections the server has accepted so far (this
 //! request's own included), so that a bench can count the connections a client opened.
 //!
@@ -363,8 +366,7 @@ fn serve(args: &[String]) -> Result<(), String> {
         let mut bases = Vec::new();
         for address in bind.split(',') {
             for _ in 0..listeners {
-                let listener = TcpListener::bind((address, port as u16))
-                    .await
+                let listener = listen(address, port as u16)
                     .map_err(|e| format!("cannot listen on {address} port {port}: {e}"))?;
                 bases.push(format!(
                     "{}://{}",
@@ -396,6 +398,29 @@ fn serve(args: &[String]) -> Result<(), String> {
         }
         std::future::pending::<Result<(), String>>().await
     })
+}
+
+/// Connections the kernel may hold for the server before it accepts them.
+/// tokio's `bind` asks for 1,024, which a thousand clients connecting at once
+/// overflow while the server's one thread is busy: the kernel then drops
+/// their SYNs and each client waits a second to send it again, a second of
+/// the bench's clock that is the server's doing, not the client's. The
+/// kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 8192;
+
+/// A listener on `address:port` with room for `BACKLOG` connections.
+fn listen(address: &str, port: u16) -> std::io::Result<TcpListener> {
+    let at: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&(address, port))?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let socket = if at.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(at)?;
+    socket.listen(BACKLOG)
 }
 
 /// Answers the requests of one connection, in order.
