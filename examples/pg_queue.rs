@@ -145,6 +145,13 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         jobs += done;
         calls.extend(times);
     }
+    let mut slowest: Vec<(usize, Duration)> = calls.iter().copied().enumerate().collect();
+    slowest.sort_by_key(|&(_, time)| std::cmp::Reverse(time));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(n, time)| format!("#{} {:.1} ms", n + 1, time.as_secs_f64() * 1000.0))
+        .collect();
     calls.sort();
     let at = |q: f64| calls[((calls.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
     println!(
@@ -157,6 +164,10 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         at(0.99),
         calls.len(),
         cpu * 1e6 / jobs.max(1) as f64
+    );
+    println!(
+        "slowest calls (numbered run after run): {}",
+        slowest.join(", ")
     );
     let counts = store.state_counts()?;
     let drained = options.batches.is_none();

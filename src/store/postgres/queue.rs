@@ -51,25 +51,36 @@ fn unfinished_sets(state: &str) -> String {
 }
 
 /// Retries that are due first (the latest due first, as SQLite picks them),
-/// then rows never tried in import order from `$6` on, then, if those run
-/// short, rows never tried before `$6`; `$4` lists hosts to skip. Each walks
-/// the partial index of pending rows in its own order (ordering new rows by
-/// id alone would walk the primary key past every done row). `next_from`
-/// is where the run's next claim starts: past the rows taken, or at the
-/// first row passed over because its host was skipped.
-const CLAIM_FETCH: &str = "WITH retries AS (
+/// then rows never tried in import order from `start`, then, if those run
+/// short, rows never tried before `start`; `$4` lists hosts to skip.
+/// `start` is `$6`, where the run's last claim got to, unless a statement
+/// has put rows back to pending since the run's last claim (a row in
+/// `requeues` newer than `$7`, the newest it saw): then the beginning. Each
+/// walks the partial index of pending rows in its own order: `next_attempt_at`
+/// is bounded, not equal to 0, so that no plan can order the rows by id
+/// alone and walk the primary key past every done row (seen at 1,000,000
+/// rows: a claim from the beginning read 200,000 done rows). `next_from` is
+/// where the run's next claim starts: past the rows taken, or at the first
+/// row passed over because its host was skipped; `seen` the newest row of
+/// `requeues` this claim saw.
+const CLAIM_FETCH: &str = "WITH start AS (
+        SELECT CASE WHEN (SELECT max(id) FROM requeues) IS DISTINCT FROM $7::bigint THEN 0
+                    ELSE $6::bigint END AS id),
+    retries AS (
         SELECT id FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
         SELECT id FROM jobs
-        WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6 AND NOT (host = ANY($4))
+        WHERE state = 'pending' AND next_attempt_at >= 0 AND next_attempt_at <= 0
+          AND id >= (SELECT id FROM start) AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
     behind AS (
         SELECT id FROM jobs
-        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < $6 AND NOT (host = ANY($4))
+        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < (SELECT id FROM start)
+          AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id
         LIMIT $3 - (SELECT count(*) FROM retries) - (SELECT count(*) FROM fresh)
         FOR UPDATE SKIP LOCKED),
@@ -78,10 +89,11 @@ const CLAIM_FETCH: &str = "WITH retries AS (
     next_from AS (
         SELECT coalesce(
             (SELECT min(id) FROM jobs
-             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6
+             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= (SELECT id FROM start)
                AND id <= (SELECT max(id) FROM fresh) AND host = ANY($4)),
             (SELECT max(id) + 1 FROM fresh),
-            $6) AS id)";
+            (SELECT id FROM start)) AS id,
+            (SELECT max(id) FROM requeues) AS seen)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
@@ -89,37 +101,21 @@ const CLAIM_REFRESH: &str = "WITH picked AS (
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED),
-    next_from AS (SELECT $6::bigint AS id)";
+    next_from AS (SELECT $6::bigint AS id, $7::bigint AS seen)";
 
 /// Where a run's next claim starts looking for rows never tried: just past
-/// the last ones it took. Every claimed row leaves an entry in the index of
-/// pending rows until a vacuum (one in five rows of a big table may be
-/// claimed before one starts), and a claim that started at the beginning
-/// would step over all of them. Rows that go back to pending behind it are
-/// taken when the rows ahead run short, at once when this store sent them
-/// back itself, and at every 64th claim, which starts from the beginning.
+/// the last ones it took, and the newest row of `requeues` it has seen.
+/// Every claimed row leaves an entry in the index of pending rows until a
+/// vacuum (one in five rows of a big table may be claimed before one
+/// starts), and a claim that started at the beginning would step over all
+/// of them, visiting the table for each one the first time. Rows that go
+/// back to pending behind it are taken when the rows ahead run short, and
+/// at once when a statement has put rows back since its last claim (it
+/// finds a newer row in `requeues`), its own statements included.
 #[derive(Default)]
 pub(super) struct FreshFrom {
     id: Cell<i64>,
-    claims: Cell<u32>,
-}
-
-impl FreshFrom {
-    /// Where the next claim starts.
-    fn next(&self) -> i64 {
-        let claims = self.claims.get().wrapping_add(1);
-        self.claims.set(claims);
-        if claims.is_multiple_of(64) {
-            0
-        } else {
-            self.id.get()
-        }
-    }
-
-    /// Rows from `id` on may be pending again.
-    pub(super) fn back_to(&self, id: i64) {
-        self.id.set(self.id.get().min(id));
-    }
+    seen: Cell<Option<i64>>,
 }
 
 impl PostgresStore {
@@ -175,22 +171,16 @@ impl PostgresStore {
             return Err(TakenForDead { run }.into());
         }
         count_durations(&mut tx, completions, name)?;
-        for completion in completions {
-            if let Completion::Interrupted { id, .. } | Completion::Unstarted { id, .. } =
-                completion
-            {
-                self.fresh_from.back_to(*id);
-            }
-        }
         let (claims, next_from) = if claim > 0 {
-            let from = self.fresh_from.next();
+            let from = (self.fresh_from.id.get(), self.fresh_from.seen.get());
             claim_due(&mut tx, run, now, claim, filter, work, lease_ms, from, name)?
         } else {
             (Vec::new(), None)
         };
         tx.commit().at(name)?;
-        if let Some(id) = next_from {
+        if let Some((id, seen)) = next_from {
             self.fresh_from.id.set(id);
+            self.fresh_from.seen.set(seen);
         }
         Ok(claims)
     }
@@ -255,7 +245,6 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
-        self.fresh_from.back_to(0);
         let status = status.map(i32::from);
         self.client()?
             .execute(
@@ -269,7 +258,6 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
-        self.fresh_from.back_to(0);
         self.client()?
             .execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
@@ -634,9 +622,9 @@ fn claim_due(
     filter: &HostFilter,
     work: Work,
     lease_ms: i64,
-    from: i64,
+    (from, seen): (i64, Option<i64>),
     name: &str,
-) -> Result<(Vec<Claim>, Option<i64>)> {
+) -> Result<(Vec<Claim>, Option<(i64, Option<i64>)>)> {
     let pick = match work {
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
@@ -655,7 +643,7 @@ fn claim_due(
                    AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
                  RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
                      u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                     u.fence, (SELECT id FROM next_from)"
+                     u.fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)"
             ),
             &[
                 &run.0,
@@ -664,10 +652,11 @@ fn claim_due(
                 &filter.skip,
                 &lease_ms,
                 &from,
+                &seen,
             ],
         )
         .at(name)?;
-    let next_from = rows.first().map(|row| row.get(12));
+    let next_from = rows.first().map(|row| (row.get(12), row.get(13)));
     let mut claims: Vec<Claim> = rows
         .iter()
         .map(|row| Claim {
