@@ -4,12 +4,12 @@
 //! are one `UPDATE … FROM unnest(…)` per kind, each guarded by run and
 //! fence; a row that no longer matches means the run was taken for dead.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::store::{CallerResult, Result};
-use postgres::Transaction;
 use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
 
 use super::{PgResult, PostgresStore, SERVER_NOW, count};
 use crate::clock::now_ms;
@@ -118,6 +118,26 @@ pub(super) struct FreshFrom {
     seen: Cell<Option<i64>>,
 }
 
+/// The statements of claim + complete batches, prepared once per
+/// connection and kept by their text: each is parsed once, and later
+/// batches send it without waiting for it to be described first. They are
+/// still planned for each batch's values (`plan_cache_mode`, below).
+#[derive(Default)]
+pub(super) struct Prepared(RefCell<HashMap<String, Statement>>);
+
+impl Prepared {
+    fn get(&self, tx: &mut Transaction<'_>, sql: &str, name: &str) -> Result<Statement> {
+        if let Some(statement) = self.0.borrow().get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = tx.prepare(sql).at(name)?;
+        self.0
+            .borrow_mut()
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
+    }
+}
+
 impl PostgresStore {
     pub(super) fn complete_and_claim_batch(
         &mut self,
@@ -139,19 +159,30 @@ impl PostgresStore {
         // Batches are joined by hash, their rows found by primary key. And
         // at millions of rows the planner's estimates pass `jit_above_cost`:
         // compiling each batch's statements took 42% of the server's CPU at
-        // 10,000,000 rows, for statements that touch a thousand rows.
-        tx.batch_execute("SET LOCAL enable_nestloop = off; SET LOCAL jit = off")
-            .at(name)?;
+        // 10,000,000 rows, for statements that touch a thousand rows. The
+        // statements are prepared once (`Prepared`), but each batch's are
+        // planned for its own arrays and positions, never by a generic plan.
+        tx.batch_execute(
+            "SET LOCAL enable_nestloop = off; SET LOCAL jit = off;
+             SET LOCAL plan_cache_mode = force_custom_plan",
+        )
+        .at(name)?;
+        let prepared = &self.prepared;
         // The run's own row first, then the URLs: the order a rescuer takes
         // them in too, so that the two never deadlock.
         let tally = Tally::of(completions);
+        let heartbeat = prepared.get(
+            &mut tx,
+            &format!(
+                "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
+                     failed = failed + $3, retried = retried + $4, bytes = bytes + $5
+                 WHERE id = $1 AND ended_at IS NULL"
+            ),
+            name,
+        )?;
         let alive = tx
             .execute(
-                &format!(
-                    "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
-                         failed = failed + $3, retried = retried + $4, bytes = bytes + $5
-                     WHERE id = $1 AND ended_at IS NULL"
-                ),
+                &heartbeat,
                 &[
                     &run.0,
                     &tally.done,
@@ -165,15 +196,17 @@ impl PostgresStore {
             return Err(TakenForDead { run }.into());
         }
         let ours = completions.iter().all(|c| c.lease().run == run);
-        let recorded = record(&mut tx, run, now, completions, name)?;
+        let recorded = record(&mut tx, prepared, run, now, completions, name)?;
         if !ours || recorded != completions.len() as u64 {
             // Dropping the transaction keeps nothing of it.
             return Err(TakenForDead { run }.into());
         }
-        count_durations(&mut tx, completions, name)?;
+        count_durations(&mut tx, prepared, completions, name)?;
         let (claims, next_from) = if claim > 0 {
             let from = (self.fresh_from.id.get(), self.fresh_from.seen.get());
-            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, from, name)?
+            claim_due(
+                &mut tx, prepared, run, now, claim, filter, work, lease_ms, from, name,
+            )?
         } else {
             (Vec::new(), None)
         };
@@ -353,6 +386,7 @@ impl Tally {
 /// were still this run's under the same fence.
 fn record(
     tx: &mut Transaction<'_>,
+    prepared: &Prepared,
     run: RunId,
     now: i64,
     completions: &[Completion],
@@ -432,7 +466,8 @@ fn record(
                  FROM per_host HAVING count(*) > 0)
              SELECT count(*) FROM updated"
         );
-        recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
+        let statement = prepared.get(tx, &sql, name)?;
+        recorded += count(tx.query_one(&statement, params).at(name)?.get(0));
         Ok(())
     };
     if !done.ids.is_empty() {
@@ -538,7 +573,8 @@ fn record(
         )?;
     }
     let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
-        recorded += tx.execute(sql.as_str(), params).at(name)?;
+        let statement = prepared.get(tx, &sql, name)?;
+        recorded += tx.execute(&statement, params).at(name)?;
         Ok(())
     };
     if !interrupted.ids.is_empty() {
@@ -594,21 +630,27 @@ impl Columns {
 
 /// The duration histogram, in the connection's own slot: runs never wait
 /// on each other's counters.
-fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &str) -> Result<()> {
+fn count_durations(
+    tx: &mut Transaction<'_>,
+    prepared: &Prepared,
+    completions: &[Completion],
+    name: &str,
+) -> Result<()> {
     let buckets: Vec<i32> = completions
         .iter()
         .filter_map(|c| c.millis())
         .map(|millis| Durations::bucket(millis) as i32)
         .collect();
     if !buckets.is_empty() {
-        tx.execute(
+        let statement = prepared.get(
+            tx,
             "INSERT INTO durations AS d (slot, bucket, count)
              SELECT pg_backend_pid(), b, count(*) FROM unnest($1::integer[]) AS b
              GROUP BY b ORDER BY b
              ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count",
-            &[&buckets],
-        )
-        .at(name)?;
+            name,
+        )?;
+        tx.execute(&statement, &[&buckets]).at(name)?;
     }
     Ok(())
 }
@@ -616,6 +658,7 @@ fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &
 #[allow(clippy::too_many_arguments)]
 fn claim_due(
     tx: &mut Transaction<'_>,
+    prepared: &Prepared,
     run: RunId,
     now: i64,
     limit: usize,
@@ -632,19 +675,24 @@ fn claim_due(
     // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
     // primary key; a join with the pick is planned for far more rows than a
     // batch, as a scan.
+    let statement = prepared.get(
+        tx,
+        &format!(
+            "{pick}
+             UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                 lease_until = {SERVER_NOW} + $5
+             FROM requests r
+             WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
+               AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
+             RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
+                 u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
+                 u.fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)"
+        ),
+        name,
+    )?;
     let rows = tx
         .query(
-            &format!(
-                "{pick}
-                 UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
-                     lease_until = {SERVER_NOW} + $5
-                 FROM requests r
-                 WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
-                   AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
-                 RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
-                     u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                     u.fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)"
-            ),
+            &statement,
             &[
                 &run.0,
                 &now,
