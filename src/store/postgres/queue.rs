@@ -113,9 +113,14 @@ const CLAIM_REFRESH: &str = "WITH picked AS (
 /// at once when a statement has put rows back since its last claim (it
 /// finds a newer row in `requeues`), its own statements included.
 #[derive(Default)]
-pub(super) struct FreshFrom {
-    id: Cell<i64>,
-    seen: Cell<Option<i64>>,
+pub(super) struct FreshFrom(Cell<Position>);
+
+/// Where a claim starts (`id`), and the newest row of `requeues` the run
+/// had seen by then (`seen`).
+#[derive(Clone, Copy, Default)]
+struct Position {
+    id: i64,
+    seen: Option<i64>,
 }
 
 /// The statements of claim + complete batches, prepared once per
@@ -203,7 +208,7 @@ impl PostgresStore {
         }
         count_durations(&mut tx, prepared, completions, name)?;
         let (claims, next_from) = if claim > 0 {
-            let from = (self.fresh_from.id.get(), self.fresh_from.seen.get());
+            let from = self.fresh_from.0.get();
             claim_due(
                 &mut tx, prepared, run, now, claim, filter, work, lease_ms, from, name,
             )?
@@ -211,9 +216,8 @@ impl PostgresStore {
             (Vec::new(), None)
         };
         tx.commit().at(name)?;
-        if let Some((id, seen)) = next_from {
-            self.fresh_from.id.set(id);
-            self.fresh_from.seen.set(seen);
+        if let Some(next_from) = next_from {
+            self.fresh_from.0.set(next_from);
         }
         Ok(claims)
     }
@@ -665,9 +669,9 @@ fn claim_due(
     filter: &HostFilter,
     work: Work,
     lease_ms: i64,
-    (from, seen): (i64, Option<i64>),
+    from: Position,
     name: &str,
-) -> Result<(Vec<Claim>, Option<(i64, Option<i64>)>)> {
+) -> Result<(Vec<Claim>, Option<Position>)> {
     let pick = match work {
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
@@ -699,12 +703,15 @@ fn claim_due(
                 &(limit as i64),
                 &filter.skip,
                 &lease_ms,
-                &from,
-                &seen,
+                &from.id,
+                &from.seen,
             ],
         )
         .at(name)?;
-    let next_from = rows.first().map(|row| (row.get(12), row.get(13)));
+    let next_from = rows.first().map(|row| Position {
+        id: row.get(12),
+        seen: row.get(13),
+    });
     let mut claims: Vec<Claim> = rows
         .iter()
         .map(|row| Claim {
