@@ -490,6 +490,42 @@ fn rows_given_back_behind_a_claim_are_taken_first_by_its_next_claim() -> Result<
 }
 
 #[test]
+fn claim_and_complete_statements_are_prepared_once_per_connection() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let urls: Vec<String> = (1..=6).map(|n| format!("u{n}")).collect();
+    let urls: Vec<(&str, &str)> = urls.iter().map(|url| (url.as_str(), "h")).collect();
+    import(&mut store, &urls);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let prepared = |store: &PostgresStore| -> i64 {
+        store
+            .client()
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_statements
+                 WHERE statement NOT LIKE '%pg_prepared_statements%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut claims = claim(&mut store, run, 2);
+    let batch = |store: &mut PostgresStore, claims: &[Claim]| -> Vec<Claim> {
+        let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 10)).collect();
+        store
+            .complete_and_claim(run, &outcomes, 2, &HostFilter::default(), Work::Fetch)
+            .unwrap()
+    };
+    claims = batch(&mut store, &claims);
+    let after_one = prepared(&store);
+    assert!(after_one > 0, "nothing stays prepared");
+    claims = batch(&mut store, &claims);
+    assert_eq!(claims.len(), 2);
+    assert_eq!(prepared(&store), after_one);
+    Ok(())
+}
+
+#[test]
 fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Result<()> {
     let schema = Schema::new();
     let mut store = schema.open();
