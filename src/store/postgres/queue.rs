@@ -58,8 +58,7 @@ fn unfinished_sets(state: &str) -> String {
 /// `requeues` newer than `$7`, the newest it saw): then the beginning. Each
 /// walks the partial index of pending rows in its own order: `next_attempt_at`
 /// is bounded, not equal to 0, so that no plan can order the rows by id
-/// alone and walk the primary key past every done row (seen at 1,000,000
-/// rows: a claim from the beginning read 200,000 done rows). `next_from` is
+/// alone and walk the primary key past every done row. `next_from` is
 /// where the run's next claim starts: past the rows taken, or at the first
 /// row passed over because its host was skipped; `seen` the newest row of
 /// `requeues` this claim saw.
