@@ -2,7 +2,7 @@
 //! and bench/pg_scale.sh).
 //!
 //!     pg_queue [--urls N] [--batch B] [--runs R] [--import-batch I]
-//!              [--fill N] [--batches K] [--keep]
+//!              [--fill N] [--batches K] [--keep] [--reuse SCHEMA]
 //!
 //! In a schema of its own on `JOBRUN_BENCH_PG` (default the tests' server,
 //! postgres://postgres@127.0.0.1:5432/test), dropped at the end unless
@@ -15,7 +15,10 @@
 //! empty, or until each has made K calls. Prints the seconds of each phase,
 //! jobs per second, the median and 99th percentile of the calls' times, and
 //! checks that every row claimed was completed exactly once. With `--keep`
-//! it prints the `--db` URL of the schema, for `jobrun report`.
+//! it prints the `--db` URL of the schema, for `jobrun report`. With
+//! `--reuse SCHEMA` it neither imports nor fills, nor drops: the runs claim
+//! what a kept schema still holds (a 10,000,000-row fill takes minutes). It
+//! also prints the five slowest calls, numbered run after run.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -35,6 +38,7 @@ struct Options {
     fill: bool,
     batches: Option<usize>,
     keep: bool,
+    reuse: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -46,11 +50,16 @@ fn main() -> Result<()> {
         fill: false,
         batches: None,
         keep: false,
+        reuse: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         if flag == "--keep" {
             options.keep = true;
+            continue;
+        }
+        if flag == "--reuse" {
+            options.reuse = Some(args.next().context("--reuse needs a schema")?);
             continue;
         }
         let value: usize = args
@@ -73,14 +82,20 @@ fn main() -> Result<()> {
     }
     let base = std::env::var("JOBRUN_BENCH_PG")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
-    let schema = format!("jobrun_bench_{}", std::process::id());
     let mut admin = postgres::Client::connect(&base, postgres::NoTls)
         .with_context(|| format!("cannot connect to {base}"))?;
-    admin.batch_execute(&format!("CREATE SCHEMA {schema}"))?;
+    let schema = match &options.reuse {
+        Some(schema) => schema.clone(),
+        None => {
+            let schema = format!("jobrun_bench_{}", std::process::id());
+            admin.batch_execute(&format!("CREATE SCHEMA {schema}"))?;
+            schema
+        }
+    };
     let separator = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
     let result = bench(&url, &options, &mut admin);
-    if options.keep {
+    if options.keep || options.reuse.is_some() {
         println!("kept: --db '{url}' (DROP SCHEMA {schema} CASCADE when done)");
     } else {
         admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
@@ -99,7 +114,13 @@ fn open(url: &str) -> Result<PostgresStore> {
 fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<()> {
     let mut store = open(url)?;
     let started = Instant::now();
-    if options.fill {
+    if options.reuse.is_some() {
+        let counts = store.state_counts()?;
+        println!(
+            "reused: {} rows pending, {} done",
+            counts.pending, counts.done
+        );
+    } else if options.fill {
         fill(url, options.urls)?;
         println!(
             "fill: {} rows in {:.2} s",
@@ -117,6 +138,7 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
             cpu * 1e6 / imported.max(1) as f64
         );
     }
+    let done_before = store.state_counts()?.done;
     // The runs start together, and stop together before their connections
     // close, so that the CPU time of the server's backends can be read.
     let gate = Arc::new(Barrier::new(options.runs + 1));
@@ -145,6 +167,13 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         jobs += done;
         calls.extend(times);
     }
+    let mut slowest: Vec<(usize, Duration)> = calls.iter().copied().enumerate().collect();
+    slowest.sort_by_key(|&(_, time)| std::cmp::Reverse(time));
+    let slowest: Vec<String> = slowest
+        .iter()
+        .take(5)
+        .map(|(n, time)| format!("#{} {:.1} ms", n + 1, time.as_secs_f64() * 1000.0))
+        .collect();
     calls.sort();
     let at = |q: f64| calls[((calls.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
     println!(
@@ -158,12 +187,16 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         calls.len(),
         cpu * 1e6 / jobs.max(1) as f64
     );
+    println!(
+        "slowest calls (numbered run after run): {}",
+        slowest.join(", ")
+    );
     let counts = store.state_counts()?;
-    let drained = options.batches.is_none();
-    if counts.done != jobs as u64 || (drained && jobs != options.urls) {
+    let drained = options.batches.is_none() && options.reuse.is_none();
+    if counts.done.saturating_sub(done_before) != jobs as u64 || (drained && jobs != options.urls) {
         bail!(
             "{} rows done, {jobs} completed, of {}",
-            counts.done,
+            counts.done.saturating_sub(done_before),
             options.urls
         );
     }

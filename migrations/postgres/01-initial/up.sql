@@ -156,7 +156,10 @@ CREATE VIEW host_answers AS
 SELECT host, answers, status_429, status_503 FROM host_totals;
 
 -- Adds up the changes no other transaction is folding, in this connection's slot, and
--- removes them in the same transaction: each is counted once, whoever folds it.
+-- removes them in the same transaction: each is counted once, whoever folds it. The arrays
+-- are stepped through together by unnest in the select list (a shorter or NULL one gives
+-- NULLs, as unnest of several arrays does), without unnest in FROM copying each row's arrays
+-- into a store first.
 CREATE FUNCTION fold_host_changes() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF (SELECT count(*) FROM host_changes) >= 64 THEN
@@ -169,9 +172,10 @@ BEGIN
         SELECT pg_backend_pid(), c.host, coalesce(sum(c.pending), 0), coalesce(sum(c.done), 0),
                coalesce(sum(c.failed), 0), coalesce(sum(c.answers), 0),
                coalesce(sum(c.status_429), 0), coalesce(sum(c.status_503), 0)
-        FROM folded,
-             unnest(hosts, pending, done, failed, answers, status_429, status_503)
-                 AS c(host, pending, done, failed, answers, status_429, status_503)
+        FROM (SELECT unnest(hosts) AS host, unnest(pending) AS pending, unnest(done) AS done,
+                     unnest(failed) AS failed, unnest(answers) AS answers,
+                     unnest(status_429) AS status_429, unnest(status_503) AS status_503
+              FROM folded) AS c
         GROUP BY c.host ORDER BY c.host
         ON CONFLICT (slot, host) DO UPDATE SET pending = h.pending + excluded.pending,
             done = h.done + excluded.done, failed = h.failed + excluded.failed,
@@ -184,10 +188,20 @@ END $$;
 CREATE TRIGGER host_changes_fold AFTER INSERT ON host_changes
     FOR EACH STATEMENT EXECUTE FUNCTION fold_host_changes();
 
+-- A row for every statement that put rows back to pending as never tried (a run's unstarted
+-- or interrupted rows, a rescue, `retry`, `verify`), written by the trigger below. A claim
+-- starts where its run's last one got to; one that finds a row here it has not seen starts
+-- from the beginning instead, so rows given back behind it are not left waiting. Only
+-- inserted, so that those statements never wait on each other here.
+CREATE TABLE requeues (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY
+);
+
 -- Every update of jobs, counted in one statement: old rows -1, new rows +1, one upsert per
 -- counter table in key order, so that two transactions never take the same counters' locks
 -- in opposite orders. Static SQL, so that its plan is kept. The error's example URL is
--- looked up only for rows that have an error.
+-- looked up only for rows that have an error. Rows back to pending as never tried leave a
+-- row in requeues.
 CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     WITH d AS (
@@ -234,6 +248,9 @@ BEGIN
     GROUP BY 2, 3 HAVING sum(n) <> 0
     ORDER BY 2, 3
     ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
+    IF EXISTS (SELECT 1 FROM changed_new WHERE state = 'pending' AND next_attempt_at <= 0) THEN
+        INSERT INTO requeues DEFAULT VALUES;
+    END IF;
     RETURN NULL;
 END $$;
 

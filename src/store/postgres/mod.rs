@@ -68,6 +68,7 @@ pub struct PostgresStore {
     name: String,
     lease: Duration,
     fresh_from: queue::FreshFrom,
+    prepared: queue::Prepared,
 }
 
 impl PostgresStore {
@@ -91,6 +92,7 @@ impl PostgresStore {
             name,
             lease: DEFAULT_LEASE,
             fresh_from: queue::FreshFrom::default(),
+            prepared: queue::Prepared::default(),
         };
         store.lease = match options.lease {
             Some(lease) => lease,

@@ -4,12 +4,12 @@
 //! are one `UPDATE … FROM unnest(…)` per kind, each guarded by run and
 //! fence; a row that no longer matches means the run was taken for dead.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 use crate::store::{CallerResult, Result};
-use postgres::Transaction;
 use postgres::types::ToSql;
+use postgres::{Statement, Transaction};
 
 use super::{PgResult, PostgresStore, SERVER_NOW, count};
 use crate::clock::now_ms;
@@ -51,25 +51,35 @@ fn unfinished_sets(state: &str) -> String {
 }
 
 /// Retries that are due first (the latest due first, as SQLite picks them),
-/// then rows never tried in import order from `$6` on, then, if those run
-/// short, rows never tried before `$6`; `$4` lists hosts to skip. Each walks
-/// the partial index of pending rows in its own order (ordering new rows by
-/// id alone would walk the primary key past every done row). `next_from`
-/// is where the run's next claim starts: past the rows taken, or at the
-/// first row passed over because its host was skipped.
-const CLAIM_FETCH: &str = "WITH retries AS (
+/// then rows never tried in import order from `start`, then, if those run
+/// short, rows never tried before `start`; `$4` lists hosts to skip.
+/// `start` is `$6`, where the run's last claim got to, unless a statement
+/// has put rows back to pending since the run's last claim (a row in
+/// `requeues` newer than `$7`, the newest it saw): then the beginning. Each
+/// walks the partial index of pending rows in its own order: `next_attempt_at`
+/// is bounded, not equal to 0, so that no plan can order the rows by id
+/// alone and walk the primary key past every done row. `next_from` is
+/// where the run's next claim starts: past the rows taken, or at the first
+/// row passed over because its host was skipped; `seen` the newest row of
+/// `requeues` this claim saw.
+const CLAIM_FETCH: &str = "WITH start AS (
+        SELECT CASE WHEN (SELECT max(id) FROM requeues) IS DISTINCT FROM $7::bigint THEN 0
+                    ELSE $6::bigint END AS id),
+    retries AS (
         SELECT id FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
         SELECT id FROM jobs
-        WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6 AND NOT (host = ANY($4))
+        WHERE state = 'pending' AND next_attempt_at >= 0 AND next_attempt_at <= 0
+          AND id >= (SELECT id FROM start) AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
     behind AS (
         SELECT id FROM jobs
-        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < $6 AND NOT (host = ANY($4))
+        WHERE state = 'pending' AND next_attempt_at <= 0 AND id < (SELECT id FROM start)
+          AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id
         LIMIT $3 - (SELECT count(*) FROM retries) - (SELECT count(*) FROM fresh)
         FOR UPDATE SKIP LOCKED),
@@ -78,10 +88,11 @@ const CLAIM_FETCH: &str = "WITH retries AS (
     next_from AS (
         SELECT coalesce(
             (SELECT min(id) FROM jobs
-             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= $6
+             WHERE state = 'pending' AND next_attempt_at = 0 AND id >= (SELECT id FROM start)
                AND id <= (SELECT max(id) FROM fresh) AND host = ANY($4)),
             (SELECT max(id) + 1 FROM fresh),
-            $6) AS id)";
+            (SELECT id FROM start)) AS id,
+            (SELECT max(id) FROM requeues) AS seen)";
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
@@ -89,36 +100,45 @@ const CLAIM_REFRESH: &str = "WITH picked AS (
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED),
-    next_from AS (SELECT $6::bigint AS id)";
+    next_from AS (SELECT $6::bigint AS id, $7::bigint AS seen)";
 
 /// Where a run's next claim starts looking for rows never tried: just past
-/// the last ones it took. Every claimed row leaves an entry in the index of
-/// pending rows until a vacuum (one in five rows of a big table may be
-/// claimed before one starts), and a claim that started at the beginning
-/// would step over all of them. Rows that go back to pending behind it are
-/// taken when the rows ahead run short, at once when this store sent them
-/// back itself, and at every 64th claim, which starts from the beginning.
+/// the last ones it took, and the newest row of `requeues` it has seen.
+/// Every claimed row leaves an entry in the index of pending rows until a
+/// vacuum (one in five rows of a big table may be claimed before one
+/// starts), and a claim that started at the beginning would step over all
+/// of them, visiting the table for each one the first time. Rows that go
+/// back to pending behind it are taken when the rows ahead run short, and
+/// at once when a statement has put rows back since its last claim (it
+/// finds a newer row in `requeues`), its own statements included.
 #[derive(Default)]
-pub(super) struct FreshFrom {
-    id: Cell<i64>,
-    claims: Cell<u32>,
+pub(super) struct FreshFrom(Cell<Position>);
+
+/// Where a claim starts (`id`), and the newest row of `requeues` the run
+/// had seen by then (`seen`).
+#[derive(Clone, Copy, Default)]
+struct Position {
+    id: i64,
+    seen: Option<i64>,
 }
 
-impl FreshFrom {
-    /// Where the next claim starts.
-    fn next(&self) -> i64 {
-        let claims = self.claims.get().wrapping_add(1);
-        self.claims.set(claims);
-        if claims.is_multiple_of(64) {
-            0
-        } else {
-            self.id.get()
-        }
-    }
+/// The statements of claim + complete batches, prepared once per
+/// connection and kept by their text: each is parsed once, and later
+/// batches send it without waiting for it to be described first. They are
+/// still planned for each batch's values (`plan_cache_mode`, below).
+#[derive(Default)]
+pub(super) struct Prepared(RefCell<HashMap<String, Statement>>);
 
-    /// Rows from `id` on may be pending again.
-    pub(super) fn back_to(&self, id: i64) {
-        self.id.set(self.id.get().min(id));
+impl Prepared {
+    fn get(&self, tx: &mut Transaction<'_>, sql: &str, name: &str) -> Result<Statement> {
+        if let Some(statement) = self.0.borrow().get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = tx.prepare(sql).at(name)?;
+        self.0
+            .borrow_mut()
+            .insert(sql.to_string(), statement.clone());
+        Ok(statement)
     }
 }
 
@@ -143,19 +163,30 @@ impl PostgresStore {
         // Batches are joined by hash, their rows found by primary key. And
         // at millions of rows the planner's estimates pass `jit_above_cost`:
         // compiling each batch's statements took 42% of the server's CPU at
-        // 10,000,000 rows, for statements that touch a thousand rows.
-        tx.batch_execute("SET LOCAL enable_nestloop = off; SET LOCAL jit = off")
-            .at(name)?;
+        // 10,000,000 rows, for statements that touch a thousand rows. The
+        // statements are prepared once (`Prepared`), but each batch's are
+        // planned for its own arrays and positions, never by a generic plan.
+        tx.batch_execute(
+            "SET LOCAL enable_nestloop = off; SET LOCAL jit = off;
+             SET LOCAL plan_cache_mode = force_custom_plan",
+        )
+        .at(name)?;
+        let prepared = &self.prepared;
         // The run's own row first, then the URLs: the order a rescuer takes
         // them in too, so that the two never deadlock.
         let tally = Tally::of(completions);
+        let heartbeat = prepared.get(
+            &mut tx,
+            &format!(
+                "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
+                     failed = failed + $3, retried = retried + $4, bytes = bytes + $5
+                 WHERE id = $1 AND ended_at IS NULL"
+            ),
+            name,
+        )?;
         let alive = tx
             .execute(
-                &format!(
-                    "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
-                         failed = failed + $3, retried = retried + $4, bytes = bytes + $5
-                     WHERE id = $1 AND ended_at IS NULL"
-                ),
+                &heartbeat,
                 &[
                     &run.0,
                     &tally.done,
@@ -169,28 +200,23 @@ impl PostgresStore {
             return Err(TakenForDead { run }.into());
         }
         let ours = completions.iter().all(|c| c.lease().run == run);
-        let recorded = record(&mut tx, run, now, completions, name)?;
+        let recorded = record(&mut tx, prepared, run, now, completions, name)?;
         if !ours || recorded != completions.len() as u64 {
             // Dropping the transaction keeps nothing of it.
             return Err(TakenForDead { run }.into());
         }
-        count_durations(&mut tx, completions, name)?;
-        for completion in completions {
-            if let Completion::Interrupted { id, .. } | Completion::Unstarted { id, .. } =
-                completion
-            {
-                self.fresh_from.back_to(*id);
-            }
-        }
+        count_durations(&mut tx, prepared, completions, name)?;
         let (claims, next_from) = if claim > 0 {
-            let from = self.fresh_from.next();
-            claim_due(&mut tx, run, now, claim, filter, work, lease_ms, from, name)?
+            let from = self.fresh_from.0.get();
+            claim_due(
+                &mut tx, prepared, run, now, claim, filter, work, lease_ms, from, name,
+            )?
         } else {
             (Vec::new(), None)
         };
         tx.commit().at(name)?;
-        if let Some(id) = next_from {
-            self.fresh_from.id.set(id);
+        if let Some(next_from) = next_from {
+            self.fresh_from.0.set(next_from);
         }
         Ok(claims)
     }
@@ -255,7 +281,6 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue(&mut self, status: Option<u16>, error: Option<&str>) -> Result<u64> {
-        self.fresh_from.back_to(0);
         let status = status.map(i32::from);
         self.client()?
             .execute(
@@ -269,7 +294,6 @@ impl PostgresStore {
     }
 
     pub(super) fn requeue_files(&mut self, ids: &[i64]) -> Result<()> {
-        self.fresh_from.back_to(0);
         self.client()?
             .execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, rescued = 0,
@@ -365,6 +389,7 @@ impl Tally {
 /// were still this run's under the same fence.
 fn record(
     tx: &mut Transaction<'_>,
+    prepared: &Prepared,
     run: RunId,
     now: i64,
     completions: &[Completion],
@@ -444,7 +469,8 @@ fn record(
                  FROM per_host HAVING count(*) > 0)
              SELECT count(*) FROM updated"
         );
-        recorded += count(tx.query_one(sql.as_str(), params).at(name)?.get(0));
+        let statement = prepared.get(tx, &sql, name)?;
+        recorded += count(tx.query_one(&statement, params).at(name)?.get(0));
         Ok(())
     };
     if !done.ids.is_empty() {
@@ -550,7 +576,8 @@ fn record(
         )?;
     }
     let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
-        recorded += tx.execute(sql.as_str(), params).at(name)?;
+        let statement = prepared.get(tx, &sql, name)?;
+        recorded += tx.execute(&statement, params).at(name)?;
         Ok(())
     };
     if !interrupted.ids.is_empty() {
@@ -606,21 +633,27 @@ impl Columns {
 
 /// The duration histogram, in the connection's own slot: runs never wait
 /// on each other's counters.
-fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &str) -> Result<()> {
+fn count_durations(
+    tx: &mut Transaction<'_>,
+    prepared: &Prepared,
+    completions: &[Completion],
+    name: &str,
+) -> Result<()> {
     let buckets: Vec<i32> = completions
         .iter()
         .filter_map(|c| c.millis())
         .map(|millis| Durations::bucket(millis) as i32)
         .collect();
     if !buckets.is_empty() {
-        tx.execute(
+        let statement = prepared.get(
+            tx,
             "INSERT INTO durations AS d (slot, bucket, count)
              SELECT pg_backend_pid(), b, count(*) FROM unnest($1::integer[]) AS b
              GROUP BY b ORDER BY b
              ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count",
-            &[&buckets],
-        )
-        .at(name)?;
+            name,
+        )?;
+        tx.execute(&statement, &[&buckets]).at(name)?;
     }
     Ok(())
 }
@@ -628,15 +661,16 @@ fn count_durations(tx: &mut Transaction<'_>, completions: &[Completion], name: &
 #[allow(clippy::too_many_arguments)]
 fn claim_due(
     tx: &mut Transaction<'_>,
+    prepared: &Prepared,
     run: RunId,
     now: i64,
     limit: usize,
     filter: &HostFilter,
     work: Work,
     lease_ms: i64,
-    from: i64,
+    from: Position,
     name: &str,
-) -> Result<(Vec<Claim>, Option<i64>)> {
+) -> Result<(Vec<Claim>, Option<Position>)> {
     let pick = match work {
         Work::Fetch => CLAIM_FETCH,
         Work::Refresh => CLAIM_REFRESH,
@@ -644,30 +678,39 @@ fn claim_due(
     // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
     // primary key; a join with the pick is planned for far more rows than a
     // batch, as a scan.
+    let statement = prepared.get(
+        tx,
+        &format!(
+            "{pick}
+             UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                 lease_until = {SERVER_NOW} + $5
+             FROM requests r
+             WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
+               AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
+             RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
+                 u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
+                 u.fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)"
+        ),
+        name,
+    )?;
     let rows = tx
         .query(
-            &format!(
-                "{pick}
-                 UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
-                     lease_until = {SERVER_NOW} + $5
-                 FROM requests r
-                 WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
-                   AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
-                 RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
-                     u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                     u.fence, (SELECT id FROM next_from)"
-            ),
+            &statement,
             &[
                 &run.0,
                 &now,
                 &(limit as i64),
                 &filter.skip,
                 &lease_ms,
-                &from,
+                &from.id,
+                &from.seen,
             ],
         )
         .at(name)?;
-    let next_from = rows.first().map(|row| row.get(12));
+    let next_from = rows.first().map(|row| Position {
+        id: row.get(12),
+        seen: row.get(13),
+    });
     let mut claims: Vec<Claim> = rows
         .iter()
         .map(|row| Claim {

@@ -96,9 +96,6 @@ impl PostgresStore {
             .at(&name)?
             .get(0);
         tx.commit().at(&name)?;
-        if reclaimed.rows > 0 {
-            self.fresh_from.back_to(0);
-        }
         Ok(Started {
             id: RunId(id),
             reclaimed: reclaimed.rows,
@@ -113,9 +110,6 @@ impl PostgresStore {
         let mut tx = client.transaction().at(&name)?;
         let reclaimed = reclaim(&mut tx, liveness, &name)?;
         tx.commit().at(&name)?;
-        if reclaimed.rows > 0 {
-            self.fresh_from.back_to(0);
-        }
         Ok(reclaimed)
     }
 

@@ -454,6 +454,82 @@ fn claims_go_back_for_rows_behind_where_they_got_to() -> Result<()> {
 }
 
 #[test]
+fn rows_given_back_behind_a_claim_are_taken_first_by_its_next_claim() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let urls: Vec<String> = (1..=9).map(|n| format!("a{n}")).collect();
+    let urls: Vec<(&str, &str)> = urls.iter().map(|url| (url.as_str(), "a")).collect();
+    import(&mut store, &urls);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let paths = |claims: &[Claim]| -> Vec<String> {
+        claims
+            .iter()
+            .map(|c| c.path.trim_end_matches(".body").to_string())
+            .collect()
+    };
+    let first = claim(&mut store, run, 2);
+    assert_eq!(paths(&first), ["a1", "a2"]);
+    let mut other = schema.open();
+    let run2 = other.start_run(&me(2), &alive)?.id;
+    assert_eq!(paths(&claim(&mut other, run2, 1)), ["a3"]);
+    assert_eq!(paths(&claim(&mut store, run, 1)), ["a4"]);
+    // Another run gives its row back while rows ahead are plenty.
+    other.end_run(run2, &RunEnd::Interrupted)?;
+    assert_eq!(paths(&claim(&mut store, run, 1)), ["a3"]);
+    assert_eq!(paths(&claim(&mut store, run, 1)), ["a5"]);
+    // `jobrun retry` in another process puts a failed row back.
+    let failed = Completion::Failed {
+        id: first[0].id,
+        lease: first[0].lease,
+        status: Some(500),
+        error: "HTTP 500".to_string(),
+        millis: 5,
+    };
+    let next = store.complete_and_claim(run, &[failed], 1, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(paths(&next), ["a6"]);
+    assert_eq!(schema.open().requeue_failed(None, None)?, 1);
+    assert_eq!(paths(&claim(&mut store, run, 1)), ["a1"]);
+    assert_eq!(paths(&claim(&mut store, run, 10)), ["a7", "a8", "a9"]);
+    Ok(())
+}
+
+#[test]
+fn claim_and_complete_statements_are_prepared_once_per_connection() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let urls: Vec<String> = (1..=6).map(|n| format!("u{n}")).collect();
+    let urls: Vec<(&str, &str)> = urls.iter().map(|url| (url.as_str(), "h")).collect();
+    import(&mut store, &urls);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let prepared = |store: &PostgresStore| -> i64 {
+        store
+            .client()
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_statements
+                 WHERE statement NOT LIKE '%pg_prepared_statements%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut claims = claim(&mut store, run, 2);
+    let batch = |store: &mut PostgresStore, claims: &[Claim]| -> Vec<Claim> {
+        let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 10)).collect();
+        store
+            .complete_and_claim(run, &outcomes, 2, &HostFilter::default(), Work::Fetch)
+            .unwrap()
+    };
+    claims = batch(&mut store, &claims);
+    let after_one = prepared(&store);
+    assert!(after_one > 0, "nothing stays prepared");
+    claims = batch(&mut store, &claims);
+    assert_eq!(claims.len(), 2);
+    assert_eq!(prepared(&store), after_one);
+    Ok(())
+}
+
+#[test]
 fn an_outcome_with_an_old_fence_is_refused_and_nothing_of_its_batch_kept() -> Result<()> {
     let schema = Schema::new();
     let mut store = schema.open();
