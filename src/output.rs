@@ -240,8 +240,6 @@ pub struct OutputDir {
     /// None where bodies go to named temp files.
     unnamed: Option<Arc<Unnamed>>,
     protected: Protected,
-    /// Flush each body and folder rather than the whole filesystem.
-    per_file: bool,
 }
 
 impl OutputDir {
@@ -289,7 +287,6 @@ impl OutputDir {
             shards,
             unnamed,
             protected: Protected::of_database(db),
-            per_file: std::env::var_os("JOBRUN_SYNC_FILES").is_some(),
         };
         Ok((out, leftovers))
     }
@@ -312,14 +309,10 @@ impl OutputDir {
         if staged.is_empty() {
             return Ok(Vec::new());
         }
-        let manifest = self.write_manifest(staged)?;
+        self.write_manifest(staged)?;
         crashpoint::passed(Step::TempWritten);
         self.check_still_there()?;
-        if self.per_file {
-            self.sync_bodies(staged, &manifest)?;
-        } else {
-            self.sync()?;
-        }
+        self.sync()?;
         crashpoint::passed(Step::DataSynced);
         let mut folders = HashMap::new();
         let mut placed = Vec::with_capacity(staged.len());
@@ -340,12 +333,7 @@ impl OutputDir {
                 }
             }
         }
-        let names = if self.per_file {
-            self.sync_folders(folders.values())
-        } else {
-            self.sync()
-        };
-        if let Err(error) = names {
+        if let Err(error) = self.sync() {
             self.take_back(&placed);
             return Err(error);
         }
@@ -472,44 +460,9 @@ impl OutputDir {
         Ok(())
     }
 
-    /// Flushes each body of the batch, and the manifest, file by file.
-    fn sync_bodies(&self, staged: &[Written], manifest: &File) -> Result<()> {
-        let run_path = || self.root_path.join(TEMP_DIR).join(&self.run_name);
-        manifest
-            .sync_data()
-            .and_then(|()| rustix::fs::fsync(&self.run_folder).map_err(io::Error::from))
-            .map_err(|e| local_write_error(e, "cannot flush to disk", &run_path()))?;
-        for file in staged {
-            let temp = self.temp_file(file.id);
-            let synced = match self.unnamed.as_ref().and_then(|u| u.peek(file.id)) {
-                Some(body) => body.sync_data(),
-                None => rustix::fs::openat(
-                    &temp.shard.fd,
-                    file.id.to_string(),
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io::Error::from)
-                .and_then(|fd| File::from(fd).sync_data()),
-            };
-            synced.map_err(|e| local_write_error(e, "cannot flush to disk", &temp.path()))?;
-        }
-        Ok(())
-    }
-
-    /// Flushes the names placed in the output folder and in `folders`.
-    fn sync_folders<'a>(&'a self, folders: impl Iterator<Item = &'a Folder>) -> Result<()> {
-        for folder in std::iter::once(&self.root).chain(folders) {
-            rustix::fs::fsync(&folder.fd).map_err(|e| {
-                local_write_error(e.into(), "cannot flush to disk", &self.root_path)
-            })?;
-        }
-        Ok(())
-    }
-
     /// Lists the batch in the run's manifest, before the data sync that
     /// makes the manifest durable with the bodies.
-    fn write_manifest(&self, staged: &[Written]) -> Result<File> {
+    fn write_manifest(&self, staged: &[Written]) -> Result<()> {
         let mut text = String::with_capacity(staged.len() * 128);
         for file in staged {
             text.push_str(&manifest_line(file));
@@ -528,10 +481,7 @@ impl OutputDir {
             Mode::from_raw_mode(0o600),
         )
         .map_err(io::Error::from)
-        .and_then(|fd| {
-            let mut file = File::from(fd);
-            file.write_all(text.as_bytes()).map(|()| file)
-        })
+        .and_then(|fd| File::from(fd).write_all(text.as_bytes()))
         .map_err(|e| local_write_error(e, "cannot write", &path()))
     }
 

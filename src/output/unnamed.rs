@@ -154,11 +154,6 @@ impl Unnamed {
         self.held().remove(&id)
     }
 
-    /// Row `id`'s written body, left held.
-    pub fn peek(&self, id: i64) -> Option<Arc<File>> {
-        self.held().get(&id).cloned()
-    }
-
     /// How many files came ready and how many were created on the spot.
     pub fn counts(&self) -> (u64, u64) {
         (
