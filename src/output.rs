@@ -536,6 +536,23 @@ impl OutputDir {
             None => (&self.root, file.name.as_str()),
         };
         let target = || self.root_path.join(&file.name);
+        // An unnamed body is linked in straight away: a link never replaces
+        // anything, so where the name is free (nearly always) the checks
+        // below, which cost a lookup per file, are not needed.
+        let unnamed = self
+            .unnamed
+            .as_ref()
+            .and_then(|u| Some((u, u.take(file.id)?)));
+        if let Some((unnamed, body)) = &unnamed
+            && !self.protected.covers(folder, OsStr::new(leaf), None)
+        {
+            match unnamed.link(body, folder.fd.as_fd(), leaf) {
+                Ok(()) => return Ok(()),
+                // Something has the name: checked below.
+                Err(Errno::EXIST) => {}
+                Err(e) => return Err(self.classify(e, &target())),
+            }
+        }
         let refuse = |what: &str| {
             PlaceError::Name(format!(
                 "it is {what}, and jobrun replaces only regular files; remove it or give the \
@@ -569,11 +586,7 @@ impl OutputDir {
         }
         let shard = &self.shards[file.id.rem_euclid(TEMP_SHARDS) as usize];
         let temp_name = file.id.to_string();
-        if let Some((unnamed, body)) = self
-            .unnamed
-            .as_ref()
-            .and_then(|u| Some((u, u.take(file.id)?)))
-        {
+        if let Some((unnamed, body)) = unnamed {
             if existing.is_none() {
                 match unnamed.link(&body, folder.fd.as_fd(), leaf) {
                     Ok(()) => return Ok(()),

@@ -265,6 +265,13 @@ struct Tally {
     bytes: i64,
 }
 
+/// [`UNCLAIMED`], for statements put together at compile time.
+macro_rules! unclaimed {
+    () => {
+        "CASE WHEN refresh = 'pending' THEN 'done' ELSE 'pending' END"
+    };
+}
+
 /// Records one outcome; false when the row is no longer this run's.
 fn record(
     tx: &Transaction<'_>,
@@ -280,37 +287,60 @@ fn record(
     let (id, run) = (completion.id(), run.0);
     // Each statement sets its columns under the same guard: the row is still
     // ours, under the very claim this outcome is for. ?1 is the row, ?2 the
-    // run, ?3 the fence; a statement's own values follow from ?4.
-    let update = |sets: &str, values: &[&dyn ToSql]| -> Result<usize> {
-        let mut all: Vec<&dyn ToSql> = vec![&id, &run, &fence];
-        all.extend_from_slice(values);
-        Ok(tx
-            .prepare_cached(&format!(
-                "UPDATE urls SET {sets}
-                 WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'"
-            ))?
-            .execute(&all[..])?)
+    // run, ?3 the fence; a statement's own values follow from ?4. The text
+    // is put together at compile time: this runs once per URL.
+    macro_rules! guarded {
+        ($sets:expr) => {
+            guarded!($sets, "")
+        };
+        ($sets:expr, $and:expr) => {
+            concat!(
+                "UPDATE urls SET ",
+                $sets,
+                " WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'",
+                $and
+            )
+        };
+    }
+    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<usize> {
+        let mut all: [&dyn ToSql; 10] = [&rusqlite::types::Null; 10];
+        all[..3].copy_from_slice(&[&id, &run, &fence]);
+        all[3..3 + values.len()].copy_from_slice(values);
+        Ok(tx.prepare_cached(sql)?.execute(&all[..3 + values.len()])?)
     };
     let changed = match completion {
         Completion::Done { fetched, .. } => {
             tally.done += 1;
             tally.bytes += fetched.bytes as i64;
-            update(
-                "state = 'done', attempts = attempts + 1, http_status = ?4, bytes = ?5,
-                 sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
-                 duration_ms = ?8, etag = ?9, last_modified = ?10, fetched_at = ?7,
-                 refresh = CASE WHEN refresh = 'pending' THEN 'changed' ELSE refresh END,
-                 refresh_error = NULL",
-                params![
-                    fetched.status,
-                    fetched.bytes as i64,
-                    &fetched.sha256[..],
-                    now,
-                    fetched.millis,
-                    fetched.validators.etag,
-                    fetched.validators.last_modified
-                ],
-            )?
+            macro_rules! done {
+                ($refresh:expr) => {
+                    concat!(
+                        "state = 'done', attempts = attempts + 1, http_status = ?4, bytes = ?5,
+                         sha256 = ?6, error = NULL, next_attempt_at = 0, updated_at = ?7,
+                         duration_ms = ?8, etag = ?9, last_modified = ?10, fetched_at = ?7,
+                         refresh_error = NULL",
+                        $refresh
+                    )
+                };
+            }
+            let values = params![
+                fetched.status,
+                fetched.bytes as i64,
+                &fetched.sha256[..],
+                now,
+                fetched.millis,
+                fetched.validators.etag,
+                fetched.validators.last_modified
+            ];
+            // Setting `refresh` costs the index on it an update per row:
+            // only the body a refresh asked for sets it.
+            match update(guarded!(done!(""), " AND refresh IS NOT 'pending'"), values)? {
+                0 => update(
+                    guarded!(done!(", refresh = 'changed'"), " AND refresh = 'pending'"),
+                    values,
+                )?,
+                changed => changed,
+            }
         }
         Completion::Unchanged {
             millis, validators, ..
@@ -318,10 +348,12 @@ fn record(
             tally.done += 1;
             // A 304 may carry newer validators; it need not repeat them.
             update(
-                "state = 'done', attempts = attempts + 1, next_attempt_at = 0,
+                guarded!(
+                    "state = 'done', attempts = attempts + 1, next_attempt_at = 0,
                  updated_at = ?4, duration_ms = ?5, etag = coalesce(?6, etag),
                  last_modified = coalesce(?7, last_modified), fetched_at = ?4,
-                 refresh = 'unchanged', refresh_error = NULL",
+                 refresh = 'unchanged', refresh_error = NULL"
+                ),
                 params![now, millis, validators.etag, validators.last_modified],
             )?
         }
@@ -336,14 +368,18 @@ fn record(
             if refreshing(tx, id)? {
                 // The old file stays done while its refresh waits for a retry.
                 update(
-                    "state = 'done', attempts = attempts + 1, refresh_error = ?4,
-                     next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7",
+                    guarded!(
+                        "state = 'done', attempts = attempts + 1, refresh_error = ?4,
+                     next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7"
+                    ),
                     params![error, next_attempt_at, now, millis],
                 )?
             } else {
                 update(
-                    "state = 'pending', attempts = attempts + 1, http_status = ?4, error = ?5,
-                     next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8",
+                    guarded!(
+                        "state = 'pending', attempts = attempts + 1, http_status = ?4, error = ?5,
+                     next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8"
+                    ),
                     params![status, error, next_attempt_at, now, millis],
                 )?
             }
@@ -358,23 +394,33 @@ fn record(
             if refreshing(tx, id)? {
                 // The refresh failed, not the URL: its file and done state stay.
                 update(
-                    "state = 'done', attempts = attempts + 1, refresh = 'failed',
-                     refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6",
+                    guarded!(
+                        "state = 'done', attempts = attempts + 1, refresh = 'failed',
+                     refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6"
+                    ),
                     params![error, now, millis],
                 )?
             } else {
                 update(
-                    "state = 'failed', attempts = attempts + 1, http_status = ?4, error = ?5,
-                     updated_at = ?6, duration_ms = ?7",
+                    guarded!(
+                        "state = 'failed', attempts = attempts + 1, http_status = ?4, error = ?5,
+                     updated_at = ?6, duration_ms = ?7"
+                    ),
                     params![status, error, now, millis],
                 )?
             }
         }
         Completion::Interrupted { .. } => update(
-            &format!("state = {UNCLAIMED}, interrupted = interrupted + 1, updated_at = ?4"),
+            guarded!(concat!(
+                "state = ",
+                unclaimed!(),
+                ", interrupted = interrupted + 1, updated_at = ?4"
+            )),
             params![now],
         )?,
-        Completion::Unstarted { .. } => update(&format!("state = {UNCLAIMED}"), params![])?,
+        Completion::Unstarted { .. } => {
+            update(guarded!(concat!("state = ", unclaimed!())), params![])?
+        }
     };
     debug_assert!(changed <= 1);
     Ok(changed == 1)
@@ -382,7 +428,7 @@ fn record(
 
 /// The state a claimed row goes back to when its attempt did not finish:
 /// pending, or done for a row being refreshed (its old file is still there).
-pub(super) const UNCLAIMED: &str = "CASE WHEN refresh = 'pending' THEN 'done' ELSE 'pending' END";
+pub(super) const UNCLAIMED: &str = unclaimed!();
 
 /// Whether row `id` is being refreshed rather than fetched.
 fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
