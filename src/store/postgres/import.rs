@@ -1,15 +1,16 @@
 //! Import: a batch is one transaction and, in the usual case, one
 //! statement after a binary COPY into a temporary staging table: `INSERT …
-//! SELECT … ON CONFLICT (url, request_hash) DO NOTHING` into requests, the
-//! new ones into the queue (jobs) and the counters in the same statement.
+//! SELECT` into requests, the new ones into the queue (jobs) and the
+//! counters in the same statement.
 //!
-//! Only the unique index of requests is checked before each row goes in,
-//! not the primary key's or the path's (a third of the statement's time when
-//! all three were): a file name already taken then stops the statement
-//! with an error instead of being skipped. Generated names never clash, so
-//! that error means a name the user gave looks like a generated one, or
-//! another import took a name meanwhile; the batch is then written again
-//! with every unique index checked.
+//! Checking a unique index before a row goes in (`ON CONFLICT`) walks the
+//! index a second time: with all three of requests' checked, that was a
+//! third of the statement's time. So a batch first checks none, and a row
+//! already there stops it with an error; the batch is then written again
+//! checking the request's index (`ON CONFLICT (url, request_hash) DO
+//! NOTHING`: the same request is a duplicate), and, should a file name be
+//! taken (a name the user gave that looks like a generated one, or one
+//! another import took meanwhile), once more checking all of them.
 //!
 //! Lines whose result the one statement cannot tell, named lines and the
 //! unnamed lines that share a request or a file or folder with one, are
@@ -30,40 +31,63 @@ use super::{PgResult, PostgresStore};
 use crate::domain::{InsertResult, NewUrl};
 
 /// Which unique indexes an import checks before each row goes in.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Arbiter {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Arbiter {
+    /// None: any row already there is an error. A list's first import
+    /// seldom meets one, and each index is then walked once per row.
+    Nothing,
     /// The request's alone: a file name already taken is an error.
     Request,
     /// Every one: a row that would break any of them is left out.
     All,
 }
 
+impl Arbiter {
+    /// What to check when this met a row already there.
+    fn after_conflict(self) -> Option<Arbiter> {
+        match self {
+            Arbiter::Nothing => Some(Arbiter::Request),
+            Arbiter::Request => Some(Arbiter::All),
+            Arbiter::All => None,
+        }
+    }
+}
+
 impl PostgresStore {
+    /// Writes the batch checking as little as the import so far allows,
+    /// and again, checking more, when that met a row already there. Once
+    /// it has met one, the batches after it check the request's index from
+    /// the start: a list that repeats URLs, or is imported again, is
+    /// likely to go on doing so.
     pub(super) fn import_batch(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
         let name = self.name.clone();
         let name = name.as_str();
-        let mut client = self.client()?;
         let checked = lines_to_check(batch);
-        let mut tx = client.transaction().at(name)?;
-        if let Some(results) = import_in(&mut tx, batch, &checked, Arbiter::Request, name)? {
-            tx.commit().at(name)?;
-            return Ok(results);
-        }
-        drop(tx);
-        let mut tx = client.transaction().at(name)?;
-        let results =
-            import_in(&mut tx, batch, &checked, Arbiter::All, name)?.ok_or_else(|| {
-                crate::store::Error::Invalid(format!(
-                    "internal error: {name} refused an import that left out every conflicting row"
-                ))
-            })?;
-        tx.commit().at(name)?;
+        let mut arbiter = self.import_arbiter;
+        let results = {
+            let mut client = self.client()?;
+            loop {
+                let mut tx = client.transaction().at(name)?;
+                if let Some(results) = import_in(&mut tx, batch, &checked, arbiter, name)? {
+                    tx.commit().at(name)?;
+                    break results;
+                }
+                drop(tx);
+                arbiter = arbiter.after_conflict().ok_or_else(|| {
+                    crate::store::Error::Invalid(format!(
+                        "internal error: {name} refused an import that left out every \
+                         conflicting row"
+                    ))
+                })?;
+            }
+        };
+        self.import_arbiter = self.import_arbiter.max(arbiter);
         Ok(results)
     }
 }
 
-/// Writes `batch` in `tx`; `None` when `arbiter` is `Request` and a line's
-/// file name was taken (the transaction is then aborted).
+/// Writes `batch` in `tx`; `None` when a row met a unique index that
+/// `arbiter` does not check (the transaction is then aborted).
 fn import_in(
     tx: &mut Transaction<'_>,
     batch: &[NewUrl<'_>],
@@ -85,6 +109,9 @@ fn import_in(
         let known = what_is_there(tx, batch, checked, name)?;
         check_in_order(batch, checked, known, &mut results);
     }
+    if arbiter == Arbiter::Nothing {
+        repeats_are_duplicates(batch, checked, &mut results);
+    }
     // The lines still `Inserted` are the ones to write.
     let chosen: Vec<usize> = (0..batch.len())
         .filter(|&at| results[at] == InsertResult::Inserted)
@@ -93,20 +120,35 @@ fn import_in(
         return Ok(Some(results));
     }
     stage(tx, batch, &chosen, name)?;
-    let conflict = match arbiter {
-        Arbiter::Request => "ON CONFLICT (url, request_hash) DO NOTHING",
-        Arbiter::All => "ON CONFLICT DO NOTHING",
+    let (conflict, select) = match arbiter {
+        Arbiter::Nothing => ("", "SELECT count(*)::int4 FROM inserted"),
+        Arbiter::Request => (
+            "ON CONFLICT (url, request_hash) DO NOTHING",
+            "SELECT url, request_hash, path FROM inserted",
+        ),
+        Arbiter::All => (
+            "ON CONFLICT DO NOTHING",
+            "SELECT url, request_hash, path FROM inserted",
+        ),
     };
-    let rows = match tx.query(
-        &queue_new(conflict, "SELECT url, request_hash, path FROM inserted"),
-        &[],
-    ) {
+    let rows = match tx.query(&queue_new(conflict, select), &[]) {
         Ok(rows) => rows,
-        Err(e) if arbiter == Arbiter::Request && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+        Err(e) if arbiter != Arbiter::All && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             return Ok(None);
         }
         Err(e) => return Err(e).at(name),
     };
+    if arbiter == Arbiter::Nothing {
+        // Nothing was left out: it would have been an error.
+        let inserted: i32 = rows.first().map_or(0, |row| row.get(0));
+        if inserted as usize != chosen.len() {
+            return Err(crate::store::Error::Invalid(format!(
+                "internal error: {name} inserted {inserted} of {} URLs without a conflict",
+                chosen.len()
+            )));
+        }
+        return Ok(Some(results));
+    }
     // A row inserted is the first chosen line with its URL, request and
     // name: the statement inserts them in order and skips the others.
     let mut lines: HashMap<(&str, &str, &str), usize> = HashMap::with_capacity(chosen.len());
@@ -138,6 +180,19 @@ fn import_in(
         explain_left_out(tx, batch, &left, &mut results, name)?;
     }
     Ok(Some(results))
+}
+
+/// Marks as duplicates the unchecked lines whose request an earlier one in
+/// the batch has: that one is inserted or was there already. (When no
+/// index is checked, the insert would otherwise stop at them.)
+fn repeats_are_duplicates(batch: &[NewUrl<'_>], checked: &[usize], results: &mut [InsertResult]) {
+    let checked: HashSet<usize> = checked.iter().copied().collect();
+    let mut seen = HashSet::with_capacity(batch.len());
+    for (at, new) in batch.iter().enumerate() {
+        if !checked.contains(&at) && !seen.insert((new.url, new.request_hash)) {
+            results[at] = InsertResult::Duplicate;
+        }
+    }
 }
 
 /// Copies the lines `chosen` into the staging table, numbered by their

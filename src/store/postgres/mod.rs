@@ -61,6 +61,8 @@ pub struct PostgresStore {
     name: String,
     lease: Duration,
     fresh_from: queue::FreshFrom,
+    /// What the next import batch checks before each row goes in.
+    import_arbiter: import::Arbiter,
 }
 
 impl PostgresStore {
@@ -78,6 +80,7 @@ impl PostgresStore {
             name,
             lease: DEFAULT_LEASE,
             fresh_from: queue::FreshFrom::default(),
+            import_arbiter: import::Arbiter::Nothing,
         };
         store.lease = match options.lease {
             Some(lease) => lease,
