@@ -63,6 +63,9 @@ pub struct PostgresStore {
     fresh_from: queue::FreshFrom,
     /// What the next import batch checks before each row goes in.
     import_arbiter: import::Arbiter,
+    /// Import batches commit without waiting for the disk (see
+    /// `import::flush_imports`).
+    bulk: bool,
 }
 
 impl PostgresStore {
@@ -81,6 +84,7 @@ impl PostgresStore {
             lease: DEFAULT_LEASE,
             fresh_from: queue::FreshFrom::default(),
             import_arbiter: import::Arbiter::Nothing,
+            bulk: false,
         };
         store.lease = match options.lease {
             Some(lease) => lease,
@@ -122,7 +126,12 @@ impl Store for PostgresStore {
     }
 
     fn expect_bulk_writes(&mut self) -> Result<()> {
+        self.bulk = true;
         Ok(())
+    }
+
+    fn finish_bulk_writes(&mut self) -> Result<()> {
+        self.flush_imports()
     }
 
     fn start_run(
