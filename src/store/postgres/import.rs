@@ -164,18 +164,7 @@ fn import_in(
         return Ok(Some(results));
     }
     stage(tx, batch, &chosen, name)?;
-    let (conflict, select) = match arbiter {
-        Arbiter::Nothing => ("", "SELECT count(*)::int4 FROM inserted"),
-        Arbiter::Request => (
-            "ON CONFLICT (url, request_hash) DO NOTHING",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
-        Arbiter::All => (
-            "ON CONFLICT DO NOTHING",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
-    };
-    let rows = match tx.query(&queue_new(conflict, select), &[]) {
+    let rows = match tx.query(&queue_new(arbiter), &[]) {
         Ok(rows) => rows,
         Err(e) if arbiter != Arbiter::All && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
             return Ok(None);
@@ -477,17 +466,31 @@ fn check_line(new: &NewUrl<'_>, known: Known, earlier: &Earlier<'_>) -> InsertRe
     InsertResult::Inserted
 }
 
-/// Inserts the staged requests that are not there yet, in the order of the
-/// batch, with `conflict` saying which are left out, queues each as pending
-/// and counts them, in one statement; `select` reads what was inserted from
-/// `inserted`.
-fn queue_new(conflict: &str, select: &str) -> String {
+/// Inserts the staged requests, in the order of the batch, leaving out
+/// those that would break an index `arbiter` checks; queues each as
+/// pending and counts them, in one statement. Returns how many were
+/// inserted (`Nothing`: none can be left out) or what tells each inserted
+/// row's line.
+fn queue_new(arbiter: Arbiter) -> String {
+    let (conflict, returning, select) = match arbiter {
+        Arbiter::Nothing => ("", "", "SELECT count(*)::int4 FROM inserted"),
+        Arbiter::Request => (
+            "ON CONFLICT (url, request_hash) DO NOTHING",
+            ", url, request_hash, path",
+            "SELECT url, request_hash, path FROM inserted",
+        ),
+        Arbiter::All => (
+            "ON CONFLICT DO NOTHING",
+            ", url, request_hash, path",
+            "SELECT url, request_hash, path FROM inserted",
+        ),
+    };
     format!(
         "WITH inserted AS (
              INSERT INTO requests (url, request, request_hash, host, path)
              SELECT url, request, request_hash, host, path FROM import_staging ORDER BY ord
              {conflict}
-             RETURNING id, url, request_hash, path, host),
+             RETURNING id, host{returning}),
          queued AS (INSERT INTO jobs (id, host) SELECT id, host FROM inserted),
          counted AS (
              INSERT INTO tallies AS t (slot, state, status, rows, bytes)
