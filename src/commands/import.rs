@@ -199,8 +199,8 @@ fn write_batch(
                 None => 0,
             };
             format!(
-                "{name}: lines {} to {} were not imported (the lines before them were): \
-                 importing the list again adds what is missing and counts the rest as duplicates",
+                "{name}: lines {} to {} were not imported: importing the list again adds \
+                 whatever is missing and counts the rest as duplicates",
                 line(batch.first()),
                 line(batch.last())
             )
