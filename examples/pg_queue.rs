@@ -204,6 +204,7 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
 }
 
 fn import(store: &mut PostgresStore, urls: usize, import_batch: usize) -> Result<usize> {
+    store.expect_bulk_writes()?;
     let mut lines = Vec::with_capacity(import_batch);
     let mut imported = 0;
     for i in 0..urls {
@@ -233,6 +234,7 @@ fn import(store: &mut PostgresStore, urls: usize, import_batch: usize) -> Result
             lines.clear();
         }
     }
+    store.finish_bulk_writes()?;
     Ok(imported)
 }
 

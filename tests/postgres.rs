@@ -746,3 +746,100 @@ fn runs_on_one_queue_share_the_rate() {
         "{in_window} requests in 5 s from two runs at --rate 40"
     );
 }
+
+/// A list mixing named and unnamed lines, with repeats and names that
+/// clash with rows already there and with lines before them, is written
+/// in one statement per batch, which appends one row of per-host counts,
+/// and every line is counted and kept as SQLite's import counts and keeps it.
+#[test]
+fn named_and_unnamed_lines_with_duplicates_are_imported_in_one_statement() {
+    let pg = PgJob::new();
+    let import = |lines: &[String]| {
+        let file = pg.job.dir().join("urls.jsonl");
+        std::fs::write(&file, lines.join("\n") + "\n").expect("write urls.jsonl");
+        pg.jobrun(&["import", "urls.jsonl"])
+    };
+    let named =
+        |url: &str, name: &str| format!(r#"{{"url": "http://a.test/{url}", "name": "{name}"}}"#);
+    let unnamed = |url: &str| format!(r#"{{"url": "http://a.test/{url}"}}"#);
+    let first = import(&[
+        named("1", "one.json"),
+        unnamed("2"),
+        named("3", "dir/three.json"),
+    ]);
+    assert_success(&first, "the first import");
+    assert_stderr_contains(&first, "3 imported, 0 duplicate, 0 rejected");
+    assert_eq!(pg.number("SELECT count(*) FROM host_changes"), 1);
+
+    let mut lines = vec![
+        named("1", "one.json"),    // 1: duplicate of a row there
+        unnamed("2"),              // 2: duplicate of a row there
+        named("4", "four.json"),   // 3
+        unnamed("5"),              // 4
+        named("4", "four.json"),   // 5: duplicate of line 3
+        unnamed("5"),              // 6: duplicate of line 4
+        named("6", "four.json"),   // 7: the name of line 3
+        named("1", "uno.json"),    // 8: the request of a row there
+        named("7", "dir"),         // 9: a row's folder
+        named("8", "four.json/x"), // 10: needs line 3's file as a folder
+        named("4", "cuatro.json"), // 11: the request of line 3
+        unnamed("4"),              // 12: duplicate of line 3
+    ];
+    for i in 10..30 {
+        lines.push(if i % 2 == 0 {
+            named(&i.to_string(), &format!("items/{i}.json"))
+        } else {
+            unnamed(&i.to_string())
+        });
+    }
+    lines.push(named("9", "items")); // 33: a folder of lines before it
+    let second = import(&lines);
+    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    assert_stderr_contains(&second, "22 imported, 5 duplicate, 6 rejected");
+    for rejected in [
+        "urls.jsonl:7: \"name\" \"four.json\" is already used by another URL",
+        "urls.jsonl:8: the same request is already imported with the name \"one.json\", not \
+         \"uno.json\"",
+        "urls.jsonl:9: \"name\" \"dir\" is a folder of another URL's file \"dir/three.json\"",
+        "urls.jsonl:10: \"name\" \"four.json/x\" needs a folder \"four.json\", which is \
+         another URL's file",
+        "urls.jsonl:11: the same request is already imported with the name \"four.json\", not \
+         \"cuatro.json\"",
+        "urls.jsonl:33: \"name\" \"items\" is a folder of another URL's file \"items/10.json\"",
+    ] {
+        assert_stderr_contains(&second, rejected);
+    }
+    // One more row of per-host counts: the second list's one batch.
+    assert_eq!(pg.number("SELECT count(*) FROM host_changes"), 2);
+    assert_eq!(pg.number("SELECT count(*) FROM requests"), 25);
+    assert_eq!(
+        pg.number("SELECT count(*) FROM jobs WHERE state = 'pending'"),
+        25
+    );
+    let rows = pg.job.export();
+    assert_eq!(rows.len(), 25);
+    let path = |url: &str| {
+        rows[&format!("http://a.test/{url}")]["path"]
+            .as_str()
+            .expect("a path")
+            .to_string()
+    };
+    for (url, name) in [
+        ("1", "/one.json"),
+        ("3", "/dir/three.json"),
+        ("4", "/four.json"),
+    ] {
+        assert!(path(url).ends_with(name), "{url}: {}", path(url));
+    }
+    for i in 10..30 {
+        let path = path(&i.to_string());
+        assert_eq!(
+            path.ends_with(&format!("/items/{i}.json")),
+            i % 2 == 0,
+            "{i}: {path}"
+        );
+    }
+    assert_ne!(path("2"), path("5"));
+    let report = pg.report();
+    assert_eq!(report["pending"], 25, "{report}");
+}

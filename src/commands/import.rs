@@ -93,7 +93,10 @@ pub fn run(db: &Database, args: ImportArgs) -> Result<Status> {
         ImportFormat::Jsonl => Some(Format::JsonLines),
     };
     store.expect_bulk_writes()?;
-    let counts = import(&mut *store, input, &name, suffix, format)?;
+    let imported = import(&mut *store, input, &name, suffix, format);
+    let finished = store.finish_bulk_writes();
+    let counts = imported?;
+    finished?;
     if counts.rejected > MAX_SHOWN {
         tracing::info!(
             "{name}: {} more rejected lines not shown",
@@ -188,7 +191,21 @@ fn write_batch(
             Parsed::Reject { .. } => None,
         })
         .collect();
-    let mut results = store.import(&new)?.into_iter();
+    let mut results = store
+        .import(&new)
+        .with_context(|| {
+            let line = |parsed: Option<&Parsed>| match parsed {
+                Some(Parsed::Entry { line, .. } | Parsed::Reject { line, .. }) => *line,
+                None => 0,
+            };
+            format!(
+                "{name}: lines {} to {} were not imported: importing the list again adds \
+                 whatever is missing and counts the rest as duplicates",
+                line(batch.first()),
+                line(batch.last())
+            )
+        })?
+        .into_iter();
     let mut reject = |line: u64, reason: &str| {
         counts.rejected += 1;
         if counts.rejected <= MAX_SHOWN {

@@ -33,8 +33,14 @@ pub trait Store: Send {
     fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>>;
 
     /// Tuning for a long import (SQLite: a bigger cache, rarer
-    /// checkpoints). A no-op where there is nothing to tune.
+    /// checkpoints; PostgreSQL: batches that commit without waiting for
+    /// the disk). A no-op where there is nothing to tune. The importer
+    /// calls [`Store::finish_bulk_writes`] when it stops, on error too.
     fn expect_bulk_writes(&mut self) -> Result<()>;
+
+    /// Ends what [`Store::expect_bulk_writes`] began: when it returns,
+    /// every batch imported since is on disk, as after any other commit.
+    fn finish_bulk_writes(&mut self) -> Result<()>;
 
     // ---- runs and leases ----
 

@@ -69,6 +69,11 @@ pub struct PostgresStore {
     lease: Duration,
     fresh_from: queue::FreshFrom,
     prepared: queue::Prepared,
+    /// What the next import batch checks before each row goes in.
+    import_arbiter: import::Arbiter,
+    /// Import batches commit without waiting for the disk (see
+    /// `import::flush_imports`).
+    bulk: bool,
 }
 
 impl PostgresStore {
@@ -93,6 +98,8 @@ impl PostgresStore {
             lease: DEFAULT_LEASE,
             fresh_from: queue::FreshFrom::default(),
             prepared: queue::Prepared::default(),
+            import_arbiter: import::Arbiter::Nothing,
+            bulk: false,
         };
         store.lease = match options.lease {
             Some(lease) => lease,
@@ -135,7 +142,12 @@ impl Store for PostgresStore {
     }
 
     fn expect_bulk_writes(&mut self) -> Result<()> {
+        self.bulk = true;
         Ok(())
+    }
+
+    fn finish_bulk_writes(&mut self) -> Result<()> {
+        self.flush_imports()
     }
 
     fn start_run(

@@ -216,6 +216,10 @@ impl Store for SqliteStore {
         SqliteStore::expect_bulk_writes(self)
     }
 
+    fn finish_bulk_writes(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     fn start_run(
         &mut self,
         me: &RunStart,
