@@ -25,10 +25,10 @@ pub(super) const HOST: &str = "(SELECT host FROM origins WHERE origins.id = urls
 pub(super) fn split_url(url: &str) -> (&str, &str) {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];
-        if let Some(slash) = rest.find('/') {
-            if !rest[..slash].contains(['@', '?', '#']) {
-                return url.split_at(scheme_end + 3 + slash);
-            }
+        if let Some(slash) = rest.find('/')
+            && !rest[..slash].contains(['@', '?', '#'])
+        {
+            return url.split_at(scheme_end + 3 + slash);
         }
     }
     ("", url)
@@ -53,7 +53,7 @@ impl StoredPath<'_> {
             // Only the form that reads back the same: lowercase, hyphenated.
             Ok(uuid) if uuid.hyphenated().to_string() == head => {
                 let mut bytes = uuid.as_bytes().to_vec();
-                bytes.extend_from_slice(path[UUID_TEXT..].as_bytes());
+                bytes.extend_from_slice(&path.as_bytes()[UUID_TEXT..]);
                 StoredPath::Uuid(bytes)
             }
             _ => StoredPath::Text(path),
