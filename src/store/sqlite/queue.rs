@@ -30,8 +30,8 @@ const FILTER_WINDOW: usize = 16_384;
 /// URLs being imported, committed together.
 struct ImportBatch<'a> {
     tx: Transaction<'a>,
-    /// The ids of the origins seen in this batch, by prefix and host.
-    origins: RefCell<HashMap<(String, String), i64>>,
+    /// The ids of the origins seen in this batch, by prefix, then host.
+    origins: RefCell<HashMap<String, HashMap<String, i64>>>,
 }
 
 impl ImportBatch<'_> {
@@ -80,8 +80,12 @@ impl ImportBatch<'_> {
 
     /// The id of the origin of `prefix` and `host`, recorded if new.
     fn origin(&self, prefix: &str, host: &str) -> Result<i64> {
-        let key = (prefix.to_string(), host.to_string());
-        if let Some(&id) = self.origins.borrow().get(&key) {
+        if let Some(&id) = self
+            .origins
+            .borrow()
+            .get(prefix)
+            .and_then(|hosts| hosts.get(host))
+        {
             return Ok(id);
         }
         let known: Option<i64> = self
@@ -98,7 +102,11 @@ impl ImportBatch<'_> {
                 self.tx.last_insert_rowid()
             }
         };
-        self.origins.borrow_mut().insert(key, id);
+        self.origins
+            .borrow_mut()
+            .entry(prefix.to_string())
+            .or_default()
+            .insert(host.to_string(), id);
         Ok(id)
     }
 
