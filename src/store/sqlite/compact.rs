@@ -49,9 +49,10 @@ impl StoredPath<'_> {
         let Some(head) = path.get(..UUID_TEXT) else {
             return StoredPath::Text(path);
         };
+        let mut text = [0u8; UUID_TEXT];
         match Uuid::try_parse(head) {
             // Only the form that reads back the same: lowercase, hyphenated.
-            Ok(uuid) if uuid.hyphenated().to_string() == head => {
+            Ok(uuid) if uuid.hyphenated().encode_lower(&mut text) == head => {
                 let mut bytes = uuid.as_bytes().to_vec();
                 bytes.extend_from_slice(&path.as_bytes()[UUID_TEXT..]);
                 StoredPath::Uuid(bytes)
