@@ -20,8 +20,8 @@ pub(super) const FULL_URL: &str =
 pub(super) const HOST: &str = "(SELECT host FROM origins WHERE origins.id = urls.origin_id)";
 
 /// `url` as (prefix, rest): the prefix is everything before the path, or
-/// nothing when that part holds a user name or password (they stay in the
-/// row's own URL, invariant 10) or when there is no path.
+/// nothing when that part holds a user name or password (a password is
+/// kept nowhere but in its own row's URL) or when there is no path.
 pub(super) fn split_url(url: &str) -> (&str, &str) {
     if let Some(scheme_end) = url.find("://") {
         let rest = &url[scheme_end + 3..];

@@ -141,8 +141,10 @@ impl ImportBatch<'_> {
                 return Ok(Some(InsertResult::needs_folder(path, &folder)));
             }
         }
-        // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/'),
-        // kept as text or as a UUID both: they start with the same 36 characters.
+        // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
+        // They share their first 36 characters with both bounds, so they are kept
+        // in the same form as the bounds (all text, or all UUID blobs with the same
+        // 16 bytes first), and text and blobs never sort among each other.
         let (first, last) = (format!("{path}/"), format!("{path}0"));
         let inside: Option<PathColumn> = self
             .tx
