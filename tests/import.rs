@@ -219,3 +219,134 @@ fn a_database_from_the_first_schema_still_opens() {
         "HTTP 404 Not Found"
     );
 }
+
+/// Every column of every row of `urls`, in id order, as schema 6 kept them:
+/// the URL whole, the host in the row, the file name as text.
+fn rows_of_schema_6(conn: &rusqlite::Connection, sql: &str) -> Vec<Vec<rusqlite::types::Value>> {
+    use rusqlite::types::Value;
+    let mut statement = conn.prepare(sql).expect("prepare");
+    let columns = statement.column_count();
+    statement
+        .query_map([], |row| {
+            (0..columns)
+                .map(|i| {
+                    Ok(match row.get::<_, Value>(i)? {
+                        // A file name kept as a UUID's 16 bytes and the rest of the name.
+                        Value::Blob(bytes) if i == 5 => Value::Text(format!(
+                            "{}{}",
+                            uuid::Uuid::from_slice(&bytes[..16])
+                                .expect("16 bytes")
+                                .hyphenated(),
+                            std::str::from_utf8(&bytes[16..]).expect("UTF-8 name")
+                        )),
+                        value => value,
+                    })
+                })
+                .collect()
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+/// `report --json` without the database's name, which is the only part
+/// that depends on where the file is.
+fn report_without_database(job: &Job) -> serde_json::Value {
+    let mut report = job.report_json();
+    report
+        .as_object_mut()
+        .expect("an object")
+        .remove("database");
+    report
+}
+
+#[test]
+fn a_database_of_schema_6_keeps_every_row_when_made_compact() {
+    // tests/fixtures/v6.db was written by jobrun at schema 6 (d523bb6): 16 URLs on two
+    // hosts, one with a password, two POSTs to one URL, named and generated file names
+    // (one named like a generated one, inside a folder, one in capitals); done (refreshed),
+    // failed, waiting for a retry, running under a finished run, never tried, and a refresh
+    // round still pending. v6-report.json and v6-export.jsonl are what that jobrun's
+    // `report --json` and `export` printed for it.
+    let job = Job::with_fixture("v6.db");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut expected_report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures.join("v6-report.json")).expect("read v6-report.json"),
+    )
+    .expect("JSON");
+    expected_report.as_object_mut().unwrap().remove("database");
+    let expected_export =
+        std::fs::read_to_string(fixtures.join("v6-export.jsonl")).expect("read v6-export.jsonl");
+    const COLUMNS: &str = "id, url, request, request_hash, host, path, state, attempts,
+        interrupted, next_attempt_at, run_id, http_status, bytes, sha256, error, duration_ms,
+        updated_at, etag, last_modified, fetched_at, refresh, refresh_round, refresh_error, fence";
+    let before = rows_of_schema_6(
+        &job.sql(),
+        &format!("SELECT {COLUMNS} FROM urls ORDER BY id"),
+    );
+    assert_eq!(before.len(), 16);
+
+    // Read only: the file stays at schema 6, a copy in memory is converted.
+    assert_eq!(report_without_database(&job), expected_report);
+    assert_eq!(stdout(&job.jobrun(&["export"])), expected_export);
+
+    // Importing converts the file in place; the plain URLs are all there already.
+    let plain: Vec<String> = job
+        .export()
+        .keys()
+        .filter(|url| !url.ends_with("/api"))
+        .cloned()
+        .collect();
+    let output = job.import(&plain);
+    assert_stderr_contains(&output, "0 imported, 14 duplicate, 0 rejected");
+    let conn = job.sql();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert!(version >= 7, "schema {version}");
+    let after = rows_of_schema_6(
+        &conn,
+        &format!(
+            "SELECT {} FROM urls ORDER BY id",
+            COLUMNS
+                .replace(
+                    " url,",
+                    " (SELECT prefix FROM origins WHERE id = origin_id) || url,"
+                )
+                .replace(
+                    " host,",
+                    " (SELECT host FROM origins WHERE id = origin_id),"
+                )
+        ),
+    );
+    drop(conn);
+    assert_eq!(after, before);
+    assert_eq!(report_without_database(&job), expected_report);
+    assert_eq!(stdout(&job.jobrun(&["export"])), expected_export);
+
+    // Converted names still clash with the names they are.
+    let port = plain[0]
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let taken = [
+        "01a21dfb-ade8-789f-8775-39a6e63abd89.json",
+        "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/inner.txt/deeper",
+        "0190A1B2-C3D4-7E5F-8A9B-0C1D2E3F4A5B.json",
+        "named",
+    ];
+    let lines: Vec<String> = taken
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            format!(r#"{{"url": "http://127.0.0.1:{port}/new/{i}", "name": "{name}"}}"#)
+        })
+        .collect();
+    job.write("named.jsonl", lines.join("\n") + "\n");
+    let output = job.jobrun(&["import", "named.jsonl"]);
+    assert_stderr_contains(&output, "0 imported, 0 duplicate, 5 rejected");
+}

@@ -273,7 +273,8 @@ fn waiting_for_a_retry_counts_only_urls_whose_retry_time_is_still_to_come() {
     // /a is due since a minute, /b in an hour, /c was never tried.
     for (path, next) in [("/a", now - 60_000), ("/b", now + 3_600_000), ("/c", 0)] {
         conn.execute(
-            "UPDATE urls SET next_attempt_at = ?1, attempts = 1 WHERE url = ?2",
+            "UPDATE urls SET next_attempt_at = ?1, attempts = 1
+             WHERE (SELECT prefix FROM origins WHERE id = origin_id) || url = ?2",
             rusqlite::params![next, server.url(path)],
         )
         .unwrap();

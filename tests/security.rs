@@ -150,7 +150,8 @@ fn a_recorded_file_name_that_leads_outside_out_is_refused() {
     let sql = job.sql();
     for (i, name) in bad_names.iter().enumerate() {
         sql.execute(
-            "UPDATE urls SET path = ?1 WHERE url = ?2",
+            "UPDATE urls SET path = ?1
+             WHERE (SELECT prefix FROM origins WHERE id = origin_id) || url = ?2",
             rusqlite::params![name, urls[i]],
         )
         .unwrap();

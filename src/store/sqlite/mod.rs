@@ -1,11 +1,13 @@
 //! The SQLite backend: one database file, the embedded default. Opening
 //! it (creating, migrating, read-only access and the messages when it
 //! cannot be), then one file per part of the interface: the queue, the
-//! run registry, refresh rounds, the read models, and who holds the lock.
+//! run registry, refresh rounds, the read models, and who holds the lock;
+//! and how a row is kept small.
 //!
 //! Times are stored as unix milliseconds. The schema is built by the SQL files
 //! under `migrations/`, embedded in the binary.
 
+mod compact;
 mod lock;
 mod queue;
 mod refresh;

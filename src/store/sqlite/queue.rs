@@ -6,12 +6,14 @@
 //! row. Every later write is guarded by that id: a row taken back from a run
 //! thought dead is not overwritten by it.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::store::{CallerResult, Result};
 use rusqlite::{OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
+use super::compact::{FULL_URL, HOST, PathColumn, StoredPath, split_url};
 use crate::clock::now_ms;
 use crate::domain::{
     Claim, Completion, Durations, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl,
@@ -28,6 +30,8 @@ const FILTER_WINDOW: usize = 16_384;
 /// URLs being imported, committed together.
 struct ImportBatch<'a> {
     tx: Transaction<'a>,
+    /// The ids of the origins seen in this batch, by prefix, then host.
+    origins: RefCell<HashMap<String, HashMap<String, i64>>>,
 }
 
 impl ImportBatch<'_> {
@@ -48,19 +52,21 @@ impl ImportBatch<'_> {
                 return Ok(clash);
             }
         }
+        let (prefix, rest) = split_url(new.url);
+        let origin = self.origin(prefix, new.host)?;
         let changed = self
             .tx
             .prepare_cached(
-                "INSERT INTO urls (url, request, request_hash, host, path)
+                "INSERT INTO urls (origin_id, url, request, request_hash, path)
                  VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (url, request_hash) DO NOTHING",
+                 ON CONFLICT (origin_id, url, request_hash) DO NOTHING",
             )?
             .execute(params![
-                new.url,
+                origin,
+                rest,
                 new.request,
                 new.request_hash,
-                new.host,
-                new.path
+                StoredPath::of(new.path)
             ]);
         match changed {
             Ok(1) => Ok(InsertResult::Inserted),
@@ -72,13 +78,53 @@ impl ImportBatch<'_> {
         }
     }
 
+    /// The id of the origin of `prefix` and `host`, recorded if new.
+    fn origin(&self, prefix: &str, host: &str) -> Result<i64> {
+        if let Some(&id) = self
+            .origins
+            .borrow()
+            .get(prefix)
+            .and_then(|hosts| hosts.get(host))
+        {
+            return Ok(id);
+        }
+        let known: Option<i64> = self
+            .tx
+            .prepare_cached("SELECT id FROM origins WHERE prefix = ?1 AND host = ?2")?
+            .query_row(params![prefix, host], |row| row.get(0))
+            .optional()?;
+        let id = match known {
+            Some(id) => id,
+            None => {
+                self.tx
+                    .prepare_cached("INSERT INTO origins (prefix, host) VALUES (?1, ?2)")?
+                    .execute(params![prefix, host])?;
+                self.tx.last_insert_rowid()
+            }
+        };
+        self.origins
+            .borrow_mut()
+            .entry(prefix.to_string())
+            .or_default()
+            .insert(host.to_string(), id);
+        Ok(id)
+    }
+
     /// The file of the row holding the same request as `new`, if any.
     fn path_of(&self, new: &NewUrl<'_>) -> Result<Option<String>> {
+        let (prefix, rest) = split_url(new.url);
         Ok(self
             .tx
-            .prepare_cached("SELECT path FROM urls WHERE url = ?1 AND request_hash = ?2")?
-            .query_row(params![new.url, new.request_hash], |row| row.get(0))
-            .optional()?)
+            .prepare_cached(
+                "SELECT urls.path FROM origins JOIN urls ON urls.origin_id = origins.id
+                 WHERE origins.prefix = ?1 AND origins.host = ?2
+                   AND urls.url = ?3 AND urls.request_hash = ?4",
+            )?
+            .query_row(params![prefix, new.host, rest, new.request_hash], |row| {
+                row.get::<_, PathColumn>(0)
+            })
+            .optional()?
+            .map(|path| path.0))
     }
 
     /// Another row whose path is a folder of `path`, or inside `path`.
@@ -89,21 +135,26 @@ impl ImportBatch<'_> {
             let taken: Option<i64> = self
                 .tx
                 .prepare_cached("SELECT id FROM urls WHERE path = ?1")?
-                .query_row([&folder], |row| row.get(0))
+                .query_row([StoredPath::of(&folder)], |row| row.get(0))
                 .optional()?;
             if taken.is_some() {
                 return Ok(Some(InsertResult::needs_folder(path, &folder)));
             }
         }
         // Paths inside `path/` sort between "path/" and "path0" ('0' follows '/').
-        let inside: Option<String> = self
+        // They share their first 36 characters with both bounds, so they are kept
+        // in the same form as the bounds (all text, or all UUID blobs with the same
+        // 16 bytes first), and text and blobs never sort among each other.
+        let (first, last) = (format!("{path}/"), format!("{path}0"));
+        let inside: Option<PathColumn> = self
             .tx
             .prepare_cached("SELECT path FROM urls WHERE path > ?1 AND path < ?2 LIMIT 1")?
-            .query_row(params![format!("{path}/"), format!("{path}0")], |row| {
-                row.get(0)
-            })
+            .query_row(
+                params![StoredPath::of(&first), StoredPath::of(&last)],
+                |row| row.get(0),
+            )
             .optional()?;
-        Ok(inside.map(|other| InsertResult::folder_of_file(path, &other)))
+        Ok(inside.map(|other| InsertResult::folder_of_file(path, &other.0)))
     }
 }
 
@@ -111,6 +162,7 @@ impl SqliteStore {
     pub(super) fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
         let batch_writer = ImportBatch {
             tx: self.write_transaction()?,
+            origins: RefCell::default(),
         };
         let results = batch
             .iter()
@@ -466,10 +518,11 @@ fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Resul
     // WHERE true: without it SQLite would read ON CONFLICT as part of the join.
     tx.prepare_cached(
         "INSERT INTO host_answers (host, answers, status_429, status_503)
-         SELECT u.host, count(*), sum(coalesce(a.value ->> 1, 0) = 429),
+         SELECT o.host, count(*), sum(coalesce(a.value ->> 1, 0) = 429),
              sum(coalesce(a.value ->> 1, 0) = 503)
          FROM json_each(?1) AS a JOIN urls AS u ON u.id = a.value ->> 0
-         WHERE true GROUP BY u.host
+             JOIN origins AS o ON o.id = u.origin_id
+         WHERE true GROUP BY o.host
          ON CONFLICT (host) DO UPDATE SET answers = answers + excluded.answers,
              status_429 = status_429 + excluded.status_429,
              status_503 = status_503 + excluded.status_503",
@@ -499,15 +552,17 @@ fn claim_due(
     // FILTER_WINDOW due rows. Only used while some host is skipped: reading
     // every row's host costs more than walking the index.
     const PICK_RETRIES_FILTERED: &str = "SELECT id FROM (
-            SELECT id, host, next_attempt_at FROM urls
+            SELECT id, origin_id, next_attempt_at FROM urls
             WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= ?2
             ORDER BY next_attempt_at DESC LIMIT ?4)
-        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        WHERE origin_id NOT IN (SELECT id FROM origins
+            WHERE host IN (SELECT value FROM json_each(?5)))
         ORDER BY next_attempt_at DESC LIMIT ?3";
     const PICK_FRESH_FILTERED: &str = "SELECT id FROM (
-            SELECT id, host FROM urls
+            SELECT id, origin_id FROM urls
             WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?4)
-        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        WHERE origin_id NOT IN (SELECT id FROM origins
+            WHERE host IN (SELECT value FROM json_each(?5)))
         ORDER BY id LIMIT ?3";
     // Done rows a refresh asked for, due ones by when they became due
     // (rows not yet tried are due at 0), on the partial index.
@@ -515,10 +570,11 @@ fn claim_due(
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
         ORDER BY next_attempt_at, id LIMIT ?3";
     const PICK_REFRESH_FILTERED: &str = "SELECT id FROM (
-            SELECT id, host, next_attempt_at FROM urls
+            SELECT id, origin_id, next_attempt_at FROM urls
             WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
             ORDER BY next_attempt_at, id LIMIT ?4)
-        WHERE host NOT IN (SELECT value FROM json_each(?5))
+        WHERE origin_id NOT IN (SELECT id FROM origins
+            WHERE host IN (SELECT value FROM json_each(?5)))
         ORDER BY next_attempt_at, id LIMIT ?3";
     let picks: &[&str] = match (work, filter.is_empty()) {
         (Work::Fetch, true) => &[PICK_RETRIES, PICK_FRESH],
@@ -549,7 +605,7 @@ fn claim_due(
         let mut statement = tx.prepare_cached(&format!(
             "UPDATE urls SET state = 'running', run_id = ?1, fence = fence + 1
              WHERE id IN ({pick})
-             RETURNING id, url, request, path, attempts, bytes, sha256, host,
+             RETURNING id, {FULL_URL}, request, path, attempts, bytes, sha256, {HOST},
                  refresh IS 'pending', etag, last_modified, fence"
         ))?;
         let read = |row: &rusqlite::Row<'_>| {
@@ -561,7 +617,7 @@ fn claim_due(
                 },
                 url: row.get(1)?,
                 request: row.get(2)?,
-                path: row.get(3)?,
+                path: row.get::<_, PathColumn>(3)?.0,
                 attempts: row.get(4)?,
                 recorded: match (
                     row.get::<_, Option<i64>>(5)?,

@@ -19,7 +19,8 @@ impl SqliteStore {
         let tx = self.write_transaction()?;
         let unfinished: Option<(i64, i64)> = tx
             .query_row(
-                "SELECT refresh_round, count(*) FROM urls WHERE refresh = 'pending'
+                "SELECT refresh_round, count(*) FROM urls
+                 WHERE refresh = 'pending' AND refresh_round IS NOT NULL
                  GROUP BY refresh_round ORDER BY refresh_round DESC LIMIT 1",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
@@ -33,7 +34,8 @@ impl SqliteStore {
             });
         }
         let round: i64 = tx.query_row(
-            "SELECT coalesce(max(refresh_round), 0) + 1 FROM urls",
+            "SELECT coalesce(max(refresh_round), 0) + 1 FROM urls
+             WHERE refresh_round IS NOT NULL",
             [],
             |row| row.get(0),
         )?;
@@ -53,9 +55,11 @@ impl SqliteStore {
 
     /// The counts of the last refresh round, if there was one.
     pub(super) fn refresh_counts(&self) -> Result<Option<RefreshCounts>> {
-        let round: Option<i64> =
-            self.conn
-                .query_row("SELECT max(refresh_round) FROM urls", [], |row| row.get(0))?;
+        let round: Option<i64> = self.conn.query_row(
+            "SELECT max(refresh_round) FROM urls WHERE refresh_round IS NOT NULL",
+            [],
+            |row| row.get(0),
+        )?;
         let Some(round) = round else {
             return Ok(None);
         };

@@ -8,6 +8,7 @@ use crate::store::{CallerResult, Result};
 use rusqlite::types::ValueRef;
 
 use super::SqliteStore;
+use super::compact::{FULL_URL, PathColumn};
 use crate::clock::now_ms;
 use crate::domain::{
     DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, JobState, StateCounts,
@@ -72,38 +73,54 @@ impl SqliteStore {
         let mut summary = Summary::default();
         let now = now_ms();
         let mut statuses = BTreeMap::<u16, u64>::new();
-        // Rows come in import order, where one host usually follows itself:
-        // the last host's slot is tried before the map.
+        // Every origin's prefix and the slot of its host: origins are few,
+        // and several (http and https) may share a host.
         let mut hosts = Vec::<HostCount>::new();
-        let mut host_slots = HashMap::<Vec<u8>, usize>::new();
-        let mut last_host = usize::MAX;
+        let mut origins = HashMap::<i64, (String, usize)>::new();
+        {
+            let mut host_slots = HashMap::<String, usize>::new();
+            let mut statement = self.conn.prepare("SELECT id, prefix, host FROM origins")?;
+            let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let host: String = row.get(2)?;
+                let slot = *host_slots.entry(host.clone()).or_insert_with(|| {
+                    hosts.push(HostCount {
+                        host,
+                        ..HostCount::default()
+                    });
+                    hosts.len() - 1
+                });
+                origins.insert(row.get(0)?, (row.get(1)?, slot));
+            }
+        }
+        // Rows come in import order, where one origin usually follows itself:
+        // the last origin is tried before the map.
+        let mut last: Option<(i64, usize)> = None;
         // Error text -> (count, an example URL).
         let mut errors = HashMap::<Vec<u8>, (u64, String)>::new();
         let mut statement = self.conn.prepare(
-            "SELECT state, http_status, bytes, next_attempt_at, error, host, url FROM urls",
+            "SELECT state, http_status, bytes, next_attempt_at, error, origin_id, url FROM urls",
         )?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
             summary.counts.total += 1;
             let state = row.get_ref(0)?.as_bytes()?;
-            let host = row.get_ref(5)?.as_bytes()?;
-            if hosts
-                .get(last_host)
-                .is_none_or(|h| h.host.as_bytes() != host)
-            {
-                last_host = match host_slots.get(host) {
-                    Some(&slot) => slot,
-                    None => {
-                        hosts.push(HostCount {
-                            host: String::from_utf8_lossy(host).into_owned(),
-                            ..HostCount::default()
-                        });
-                        host_slots.insert(host.to_vec(), hosts.len() - 1);
-                        hosts.len() - 1
-                    }
-                };
-            }
-            let per_host = &mut hosts[last_host];
+            let origin: i64 = row.get(5)?;
+            let slot = match last {
+                Some((id, slot)) if id == origin => slot,
+                _ => {
+                    let slot = origins.get(&origin).map(|(_, slot)| *slot).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            5,
+                            rusqlite::types::Type::Integer,
+                            format!("URL of unknown origin {origin}").into(),
+                        )
+                    })?;
+                    last = Some((origin, slot));
+                    slot
+                }
+            };
+            let per_host = &mut hosts[slot];
             per_host.total += 1;
             match state {
                 b"pending" => {
@@ -137,7 +154,9 @@ impl SqliteStore {
                 match errors.get_mut(error) {
                     Some((count, _)) => *count += 1,
                     None => {
-                        errors.insert(error.to_vec(), (1, row.get(6)?));
+                        let prefix = origins.get(&origin).map_or("", |(prefix, _)| prefix);
+                        let rest = row.get_ref(6)?.as_str()?;
+                        errors.insert(error.to_vec(), (1, format!("{prefix}{rest}")));
                     }
                 }
             }
@@ -146,6 +165,8 @@ impl SqliteStore {
             .into_iter()
             .map(|(status, count)| StatusCount { status, count })
             .collect();
+        // Hosts whose URLs are all gone (none are removed today) are not shown.
+        hosts.retain(|host| host.total > 0);
         if hosts.len() > 1 {
             hosts.sort_by(|a, b| a.host.cmp(&b.host));
             self.add_host_answers(&mut hosts)?;
@@ -204,12 +225,15 @@ impl SqliteStore {
     /// Calls `each` with every done URL's file record, in import order.
     pub(super) fn done_files(&self, each: &mut dyn FnMut(DoneFile) -> CallerResult) -> Result<()> {
         self.each_row(
-            "SELECT id, url, path, bytes, sha256 FROM urls WHERE state = 'done' ORDER BY id",
+            &format!(
+                "SELECT id, {FULL_URL}, path, bytes, sha256 FROM urls
+                 WHERE state = 'done' ORDER BY id"
+            ),
             |row| {
                 Ok(DoneFile {
                     id: row.get(0)?,
                     url: row.get(1)?,
-                    path: row.get(2)?,
+                    path: row.get::<_, PathColumn>(2)?.0,
                     bytes: row.get::<_, Option<i64>>(3)?.map(count),
                     sha256: row.get::<_, Option<Vec<u8>>>(4)?.unwrap_or_default(),
                     written_on: None,
@@ -222,7 +246,10 @@ impl SqliteStore {
     /// Calls `each` with every failed URL, in import order.
     pub(super) fn failed(&self, each: &mut dyn FnMut(FailedRow) -> CallerResult) -> Result<()> {
         self.each_row(
-            "SELECT url, http_status, attempts, error FROM urls WHERE state = 'failed' ORDER BY id",
+            &format!(
+                "SELECT {FULL_URL}, http_status, attempts, error FROM urls
+                 WHERE state = 'failed' ORDER BY id"
+            ),
             |row| {
                 Ok(FailedRow {
                     url: row.get(0)?,
@@ -254,13 +281,16 @@ impl SqliteStore {
     /// Calls `each` with every URL in import order.
     pub(super) fn export(&self, each: &mut dyn FnMut(ExportRow) -> CallerResult) -> Result<()> {
         self.each_row(
-            "SELECT url, state, path, http_status, attempts, bytes, lower(hex(sha256)), error
-             FROM urls ORDER BY id",
+            &format!(
+                "SELECT {FULL_URL}, state, path, http_status, attempts, bytes,
+                     lower(hex(sha256)), error
+                 FROM urls ORDER BY id"
+            ),
             |row| {
                 Ok(ExportRow {
                     url: row.get(0)?,
                     state: job_state(row, 1)?,
-                    path: row.get(2)?,
+                    path: row.get::<_, PathColumn>(2)?.0,
                     http_status: row.get(3)?,
                     attempts: row.get(4)?,
                     bytes: row.get::<_, Option<i64>>(5)?.map(count),
