@@ -233,49 +233,94 @@ impl AsyncWrite for Link {
     }
 }
 
-/// The server's messages as they come, cut at their boundaries (a type
-/// byte, then a length that counts itself): enough to tell when the
-/// server's turn is over.
+/// Protocol messages as they go by, cut at their boundaries (a type byte,
+/// then a length that counts itself; the startup message has no type
+/// byte): enough to count the requests that end the client's turn and the
+/// answers that end the server's.
 #[derive(Debug, Default)]
 struct Messages {
     header: [u8; 5],
     /// Bytes of the header read so far.
     have: usize,
+    /// The next message has no type byte (the startup message).
+    untyped: bool,
     /// Bytes of the current message's body still to come.
     body_left: usize,
-    /// The last message read whole was a `ReadyForQuery`.
-    ready: bool,
 }
 
 impl Messages {
-    /// Reads `bytes`; true when they end with a whole `ReadyForQuery`.
-    fn read(&mut self, mut bytes: &[u8]) -> bool {
+    /// jobrun's side, which starts with the startup message.
+    fn from_client() -> Messages {
+        Messages {
+            untyped: true,
+            ..Messages::default()
+        }
+    }
+
+    /// Reads `bytes`, giving `whole` the type of every message they end
+    /// (None for the startup message).
+    fn read(&mut self, mut bytes: &[u8], mut whole: impl FnMut(Option<u8>)) {
         while !bytes.is_empty() {
             if self.body_left > 0 {
                 let n = self.body_left.min(bytes.len());
                 self.body_left -= n;
                 bytes = &bytes[n..];
                 if self.body_left == 0 {
-                    self.ready = self.header[0] == b'Z';
+                    whole(self.kind());
                 }
                 continue;
             }
-            self.ready = false;
-            let n = (self.header.len() - self.have).min(bytes.len());
+            let header = if self.untyped { 4 } else { 5 };
+            let n = (header - self.have).min(bytes.len());
             self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
             self.have += n;
             bytes = &bytes[n..];
-            if self.have < self.header.len() {
+            if self.have < header {
                 break;
             }
-            let [kind, length @ ..] = self.header;
             self.have = 0;
+            let at = header - 4;
+            let length = [
+                self.header[at],
+                self.header[at + 1],
+                self.header[at + 2],
+                self.header[at + 3],
+            ];
             self.body_left = (u32::from_be_bytes(length) as usize).saturating_sub(4);
             if self.body_left == 0 {
-                self.ready = kind == b'Z';
+                whole(self.kind());
             }
         }
-        self.ready && self.have == 0 && self.body_left == 0
+    }
+
+    /// The type of the message just read whole.
+    fn kind(&mut self) -> Option<u8> {
+        if std::mem::take(&mut self.untyped) {
+            return None;
+        }
+        Some(self.header[0])
+    }
+}
+
+/// How many answers that end the server's turn (`ReadyForQuery`) a message
+/// from jobrun asks for: the startup message, a simple `Query` and a `Sync`
+/// one each; `Terminate` is answered by the end of the connection, counted
+/// here so that waiting for it is bounded too.
+fn asks(kind: Option<u8>) -> u64 {
+    match kind {
+        None | Some(b'Q' | b'S' | b'X') => 1,
+        Some(_) => 0,
+    }
+}
+
+/// How many owed answers a message from the server settles: a
+/// `ReadyForQuery` one; a `CopyInResponse` one too, for the server ignores
+/// the `Sync` sent with the statement while the copy lasts, and answers only
+/// the one sent after its data.
+fn settles(kind: Option<u8>) -> u64 {
+    match kind {
+        Some(b'Z' | b'G') => 1,
+        _ => 0,
     }
 }
 
@@ -283,9 +328,11 @@ impl Messages {
 pub struct Bounded {
     inner: Link,
     limit: Arc<AnswerLimit>,
-    messages: Messages,
+    /// What jobrun sent and what the server answered, as messages.
+    sent: Messages,
+    answers: Messages,
     /// jobrun has sent something the server has not finished answering.
-    owed: bool,
+    owed: u64,
     /// When the wait in progress began.
     since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
@@ -299,9 +346,9 @@ impl Bounded {
         Bounded {
             inner,
             limit,
-            messages: Messages::default(),
-            // The startup message comes first, and is owed its answer.
-            owed: true,
+            sent: Messages::from_client(),
+            answers: Messages::default(),
+            owed: 0,
             since: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             gave_up: None,
@@ -357,14 +404,16 @@ impl AsyncRead for Bounded {
                 let read = &buf.filled()[before..];
                 if !read.is_empty() {
                     this.answered();
-                    if this.messages.read(read) {
-                        this.owed = false;
-                    }
+                    // A `Sync` sent without waiting (a rollback, say)
+                    // is answered after the next request has gone.
+                    let mut settled = 0;
+                    this.answers.read(read, |kind| settled += settles(kind));
+                    this.owed = this.owed.saturating_sub(settled);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending if this.owed => this.wait(cx),
+            Poll::Pending if this.owed > 0 => this.wait(cx),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -384,7 +433,9 @@ impl AsyncWrite for Bounded {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
                     this.answered();
-                    this.owed = true;
+                    let mut asked = 0;
+                    this.sent.read(&buf[..n], |kind| asked += asks(kind));
+                    this.owed += asked;
                 }
                 Poll::Ready(Ok(n))
             }
@@ -436,6 +487,15 @@ mod tests {
         bytes
     }
 
+    /// The kinds of the whole messages in `bytes`, read in two pieces cut
+    /// at `cut`.
+    fn kinds(mut messages: Messages, bytes: &[u8], cut: usize) -> Vec<Option<u8>> {
+        let mut kinds = Vec::new();
+        messages.read(&bytes[..cut], |kind| kinds.push(kind));
+        messages.read(&bytes[cut..], |kind| kinds.push(kind));
+        kinds
+    }
+
     #[test]
     fn the_servers_turn_ends_with_a_whole_ready_for_query_at_any_cut() {
         let mut answer = message(b'C', b"SELECT 1\0");
@@ -443,14 +503,29 @@ mod tests {
         answer.extend(message(b'D', &message(b'Z', b"I")));
         answer.extend(message(b'Z', b"I"));
         for cut in 0..answer.len() {
-            let mut messages = Messages::default();
-            let first = messages.read(&answer[..cut]);
-            let second = messages.read(&answer[cut..]);
-            assert!(!first, "cut at {cut}");
-            assert!(second, "cut at {cut}");
+            let kinds = kinds(Messages::default(), &answer, cut);
+            assert_eq!(kinds, [Some(b'C'), Some(b'D'), Some(b'Z')], "cut at {cut}");
+            assert_eq!(kinds.into_iter().map(settles).sum::<u64>(), 1);
         }
-        let mut messages = Messages::default();
-        assert!(!messages.read(&message(b'D', &message(b'Z', b"I"))));
+    }
+
+    #[test]
+    fn each_query_and_sync_jobrun_sends_is_owed_its_own_answer() {
+        // The startup message (no type byte), a simple query, then a
+        // statement in the extended protocol ended by its Sync.
+        let mut startup = 9u32.to_be_bytes().to_vec();
+        startup.extend_from_slice(b"\0\x03\0\0\0");
+        let mut sent = startup;
+        sent.extend(message(b'Q', b"ROLLBACK\0"));
+        sent.extend(message(b'P', b"\0SELECT 1\0\0\0"));
+        sent.extend(message(b'B', &[0; 8]));
+        sent.extend(message(b'E', &[0; 5]));
+        sent.extend(message(b'S', b""));
+        for cut in 0..sent.len() {
+            let kinds = kinds(Messages::from_client(), &sent, cut);
+            assert_eq!(kinds.len(), 6, "cut at {cut}");
+            assert_eq!(kinds.into_iter().map(asks).sum::<u64>(), 3, "cut at {cut}");
+        }
     }
 
     #[test]
