@@ -28,8 +28,9 @@ use rustix::fs::{AtFlags, CWD, Mode, OFlags};
 const AHEAD: usize = 32;
 
 /// Unnamed files held at most, whatever the descriptor limit: two full
-/// batches (one syncing, one gathering) and then some.
-const MOST_HELD: usize = 4096;
+/// batches of 1,024 (one syncing, one gathering). Past that, while the disk
+/// lags, bodies go to named files, which are closed once written.
+const MOST_HELD: usize = 2048;
 
 /// The name the start-up check links its file under, in the run's folder.
 pub const PROBE: &str = "probe";
