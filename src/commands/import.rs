@@ -127,10 +127,14 @@ fn import(
     format: Option<Format>,
 ) -> Result<Counts> {
     let (tx, rx) = flume::bounded(CHUNKS_AHEAD);
+    // Written batches go back to the reading thread, which frees them: its
+    // allocations freed here would make the two threads take turns at the
+    // allocator's lock.
+    let (spent, to_free) = flume::bounded(1);
     let reader_name = name.to_string();
     let reader = std::thread::Builder::new()
         .name("jobrun-import-reader".into())
-        .spawn(move || read_list(input, &reader_name, &suffix, format, tx))
+        .spawn(move || read_list(input, &reader_name, &suffix, format, tx, to_free))
         .context("cannot start the thread that reads the list")?;
     let mut counts = Counts::default();
     let mut batch: Vec<Parsed> = Vec::new();
@@ -149,16 +153,16 @@ fn import(
                 }
             }
             Ok(Err(error)) => {
-                write_batch(store, &mut batch, name, &mut counts)?;
+                write_batch(store, &mut batch, name, &mut counts, &spent)?;
                 return Err(error);
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        write_batch(store, &mut batch, name, &mut counts)?;
+        write_batch(store, &mut batch, name, &mut counts, &spent)?;
         since = None;
     }
-    write_batch(store, &mut batch, name, &mut counts)?;
+    write_batch(store, &mut batch, name, &mut counts, &spent)?;
     // The reader has let go of its end: it has finished, or panicked.
     reader
         .join()
@@ -166,13 +170,14 @@ fn import(
     Ok(counts)
 }
 
-/// Writes `batch` in one transaction, and says which lines were rejected,
-/// in order.
+/// Writes `batch` in one transaction, says which lines were rejected, in
+/// order, and hands the written lines to `spent` to be freed.
 fn write_batch(
     store: &mut dyn Store,
     batch: &mut Vec<Parsed>,
     name: &str,
     counts: &mut Counts,
+    spent: &flume::Sender<Vec<Parsed>>,
 ) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
@@ -213,17 +218,19 @@ fn write_batch(
         }
     };
     // Rejected lines are told in the order of the list, among the others.
-    for parsed in batch.drain(..) {
+    for parsed in batch.iter() {
         match parsed {
-            Parsed::Reject { line, reason } => reject(line, &reason),
+            Parsed::Reject { line, reason } => reject(*line, reason),
             Parsed::Entry { line, .. } => match results.next() {
                 Some(InsertResult::Inserted) => counts.imported += 1,
                 Some(InsertResult::Duplicate) => counts.duplicate += 1,
-                Some(InsertResult::NameTaken(reason)) => reject(line, &reason),
+                Some(InsertResult::NameTaken(reason)) => reject(*line, &reason),
                 None => anyhow::bail!("the database gave fewer results than URLs imported"),
             },
         }
     }
+    // Freed here when the reading thread has ended or is behind.
+    let _ = spent.try_send(std::mem::take(batch));
     Ok(())
 }
 
@@ -236,11 +243,13 @@ fn read_list(
     suffix: &str,
     format: Option<Format>,
     tx: flume::Sender<Result<Vec<Parsed>>>,
+    to_free: flume::Receiver<Vec<Parsed>>,
 ) {
     let handoff = |input: Box<dyn Read>| Handoff {
         input,
         chunk: Vec::new(),
         tx: tx.clone(),
+        to_free: to_free.clone(),
     };
     let mut reader = BufReader::with_capacity(
         256 * 1024,
@@ -298,6 +307,8 @@ struct Handoff {
     input: Box<dyn Read>,
     chunk: Vec<Parsed>,
     tx: flume::Sender<Result<Vec<Parsed>>>,
+    /// Batches written, to be freed on this thread.
+    to_free: flume::Receiver<Vec<Parsed>>,
 }
 
 impl Handoff {
@@ -305,6 +316,7 @@ impl Handoff {
         if self.chunk.is_empty() {
             return Ok(());
         }
+        self.to_free.try_iter().for_each(drop);
         self.tx
             .send(Ok(std::mem::take(&mut self.chunk)))
             .map_err(|_| io::Error::other("the import stopped"))
