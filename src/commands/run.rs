@@ -17,7 +17,7 @@ use crate::out_dir;
 use crate::progress::Display;
 use crate::proxy::Proxies;
 use crate::runner::{self, RunPlan, StopSignal};
-use crate::store::{DEFAULT_LEASE, Database, Location, Open, Store};
+use crate::store::{DEFAULT_LEASE, Database, Location, Open, Store, answer_limit};
 use crate::tls::ClientTls;
 
 /// The settings key of the lease runs hold on a PostgreSQL queue, when
@@ -109,10 +109,10 @@ pub fn prepare(
         work,
         lease,
         answer_within: match db.location {
-            Location::Postgres(_) => Some(
-                db.answer_within
-                    .unwrap_or(lease.unwrap_or(DEFAULT_LEASE) + runner::ANSWER_MARGIN),
-            ),
+            Location::Postgres(_) => Some(answer_limit(
+                db.answer_within,
+                lease.unwrap_or(DEFAULT_LEASE),
+            )),
             Location::Sqlite(_) => None,
         },
         fetch: FetchOptions {

@@ -45,7 +45,6 @@ use watch::{Busy, Watch};
 pub use crew::{SignalError, StopSignal};
 pub use error::{Result, RunError};
 use messages::{Event, Job};
-pub use watch::MARGIN as ANSWER_MARGIN;
 
 /// Up to this many workers run on one thread. On several threads a worker
 /// can send its next request before the connection of its last one is back

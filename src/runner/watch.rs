@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 use super::RunError;
 use crate::domain::RunId;
 
-/// How long past its lease a run waits for its database before giving up,
-/// unless `--db-timeout` says otherwise.
-pub use crate::store::ANSWER_MARGIN as MARGIN;
-
 /// Since when the coordinator has been busy, in milliseconds since
 /// `origin` (on the monotonic clock, which no clock change moves), plus one;
 /// 0 while it waits for events.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use backend::Store;
 pub use error::{CallerError, CallerResult, Context, Error, Result, TakenForDead, Unanswered};
-pub use postgres::{ANSWER_MARGIN, DEFAULT_LEASE, PostgresStore};
+pub use postgres::{DEFAULT_LEASE, PostgresStore, answer_limit};
 pub use sqlite::SqliteStore;
 
 /// How much longer a run's connection waits than the run's own watch on

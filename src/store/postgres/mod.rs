@@ -52,6 +52,12 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// URLs.
 pub const ANSWER_MARGIN: Duration = Duration::from_secs(10);
 
+/// How long one wait for the server may last: `--db-timeout` (`within`),
+/// else the lease and [`ANSWER_MARGIN`].
+pub fn answer_limit(within: Option<Duration>, lease: Duration) -> Duration {
+    within.unwrap_or(lease + ANSWER_MARGIN)
+}
+
 /// A URL taken back this many times from runs that died while fetching it
 /// fails instead of being handed out again: it may be what kills them.
 pub const RESCUE_LIMIT: i32 = 5;
@@ -84,7 +90,7 @@ impl PostgresStore {
     /// setting `lease`, else 30 s.
     pub fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore> {
         let name = without_password(url);
-        let bound = |lease: Duration| options.answer_within.unwrap_or(lease + ANSWER_MARGIN);
+        let bound = |lease: Duration| answer_limit(options.answer_within, lease);
         let limit = bounded::AnswerLimit::new(
             crate::redact::redact_url(url).into_owned(),
             bound(options.lease.unwrap_or(DEFAULT_LEASE)),
