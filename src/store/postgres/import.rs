@@ -153,8 +153,9 @@ fn import_in(
         let known = what_is_there(tx, batch, checked, name)?;
         check_in_order(batch, checked, known, &mut results);
     }
+    let checked: HashSet<usize> = checked.iter().copied().collect();
     if arbiter == Arbiter::Nothing {
-        repeats_are_duplicates(batch, checked, &mut results);
+        repeats_are_duplicates(batch, &checked, &mut results);
     }
     // The lines still `Inserted` are the ones to write.
     let chosen: Vec<usize> = (0..batch.len())
@@ -196,7 +197,6 @@ fn import_in(
             inserted[at] = true;
         }
     }
-    let checked: HashSet<usize> = checked.iter().copied().collect();
     let mut left = Vec::new();
     for &at in &chosen {
         if inserted[at] {
@@ -218,8 +218,11 @@ fn import_in(
 /// Marks as duplicates the unchecked lines whose request an earlier one in
 /// the batch has: that one is inserted or was there already. (When no
 /// index is checked, the insert would otherwise stop at them.)
-fn repeats_are_duplicates(batch: &[NewUrl<'_>], checked: &[usize], results: &mut [InsertResult]) {
-    let checked: HashSet<usize> = checked.iter().copied().collect();
+fn repeats_are_duplicates(
+    batch: &[NewUrl<'_>],
+    checked: &HashSet<usize>,
+    results: &mut [InsertResult],
+) {
     let mut seen = HashSet::with_capacity(batch.len());
     for (at, new) in batch.iter().enumerate() {
         if !checked.contains(&at) && !seen.insert((new.url, new.request_hash)) {
