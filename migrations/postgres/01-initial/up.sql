@@ -61,6 +61,7 @@ CREATE TABLE jobs (
     interrupted     integer NOT NULL DEFAULT 0,
     rescued         integer NOT NULL DEFAULT 0,  -- taken back from runs that died holding it
     http_status     integer,
+    answer_status   integer,                     -- of the last finished attempt, a refresh's too
     state           text NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'running', 'done', 'failed')),
     host            text NOT NULL,               -- the request's, for claims that skip hosts
@@ -114,8 +115,9 @@ CREATE TABLE refresh_tallies (
 
 -- Per host: rows by state (running rows count as pending, so that a claim changes nothing
 -- here) and finished attempts, with how many were answered 429 or 503. A batch spread over
--- a thousand hosts would rewrite a thousand counters; it appends one row of arrays to
--- host_changes instead, and every 64 such rows are added up into host_counts at once.
+-- a thousand hosts would rewrite a thousand counters; each statement that changes them
+-- appends one row of arrays to host_changes instead (a batch of outcomes, one row for its
+-- states and answers together), and every 64 such rows are added up into host_counts at once.
 CREATE TABLE host_counts (
     slot       integer NOT NULL,
     host       text NOT NULL,
@@ -197,18 +199,21 @@ CREATE TABLE requeues (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY
 );
 
--- Every update of jobs, counted in one statement: old rows -1, new rows +1, one upsert per
--- counter table in key order, so that two transactions never take the same counters' locks
--- in opposite orders. Static SQL, so that its plan is kept. The error's example URL is
--- looked up only for rows that have an error. Rows back to pending as never tried leave a
--- row in requeues.
+-- Every update of jobs, counted: old rows -1, new rows +1, one upsert per counter table in
+-- key order, so that two transactions never take the same counters' locks in opposite
+-- orders. Static SQL, so that its plans are kept. The error's example URL is looked up only
+-- for rows that have an error. Per host, the rows by state and the attempts that finished
+-- (a row's attempts went up; answer_status says how it was answered) go in as one row of
+-- host_changes; a claim, which only moves rows from pending to running, which count alike
+-- there, finishes no attempt and changes no host, skips that part. Rows back to pending as
+-- never tried leave a row in requeues.
 CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     WITH d AS (
-        SELECT id, host, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
+        SELECT id, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
         FROM changed_old
         UNION ALL
-        SELECT id, host, state, http_status, bytes, error, refresh_round, refresh, 1
+        SELECT id, state, http_status, bytes, error, refresh_round, refresh, 1
         FROM changed_new),
     states AS (
         INSERT INTO tallies AS t (slot, state, status, rows, bytes)
@@ -221,17 +226,6 @@ BEGIN
         ORDER BY 2, 3
         ON CONFLICT (slot, state, status)
         DO UPDATE SET rows = t.rows + excluded.rows, bytes = t.bytes + excluded.bytes),
-    per_host AS (
-        SELECT host,
-               coalesce(sum(n) FILTER (WHERE state IN ('pending', 'running')), 0) AS pending,
-               coalesce(sum(n) FILTER (WHERE state = 'done'), 0) AS done,
-               coalesce(sum(n) FILTER (WHERE state = 'failed'), 0) AS failed
-        FROM d GROUP BY host),
-    hosts AS (
-        INSERT INTO host_changes (hosts, pending, done, failed)
-        SELECT array_agg(host), array_agg(pending), array_agg(done), array_agg(failed)
-        FROM per_host WHERE pending <> 0 OR done <> 0 OR failed <> 0
-        HAVING count(*) > 0),
     errors AS (
         INSERT INTO error_tallies AS t (slot, error, rows, example)
         SELECT pg_backend_pid(), error, sum(n),
@@ -248,6 +242,30 @@ BEGIN
     GROUP BY 2, 3 HAVING sum(n) <> 0
     ORDER BY 2, 3
     ON CONFLICT (slot, round, refresh) DO UPDATE SET rows = t.rows + excluded.rows;
+    -- A row's host never changes: each old row and its new version are one host's.
+    IF EXISTS (SELECT 1 FROM changed_new WHERE state <> 'running')
+       OR EXISTS (SELECT 1 FROM changed_old WHERE state NOT IN ('pending', 'running')) THEN
+        WITH per_host AS (
+            SELECT n.host,
+                   count(*) FILTER (WHERE n.state IN ('pending', 'running'))
+                       - count(*) FILTER (WHERE o.state IN ('pending', 'running')) AS pending,
+                   count(*) FILTER (WHERE n.state = 'done')
+                       - count(*) FILTER (WHERE o.state = 'done') AS done,
+                   count(*) FILTER (WHERE n.state = 'failed')
+                       - count(*) FILTER (WHERE o.state = 'failed') AS failed,
+                   count(*) FILTER (WHERE n.attempts > o.attempts) AS answers,
+                   count(*) FILTER (WHERE n.attempts > o.attempts
+                                      AND n.answer_status = 429) AS status_429,
+                   count(*) FILTER (WHERE n.attempts > o.attempts
+                                      AND n.answer_status = 503) AS status_503
+            FROM changed_old o JOIN changed_new n ON n.id = o.id
+            GROUP BY n.host)
+        INSERT INTO host_changes (hosts, pending, done, failed, answers, status_429, status_503)
+        SELECT array_agg(host), array_agg(pending), array_agg(done), array_agg(failed),
+               array_agg(answers), array_agg(status_429), array_agg(status_503)
+        FROM per_host WHERE pending <> 0 OR done <> 0 OR failed <> 0 OR answers <> 0
+        HAVING count(*) > 0;
+    END IF;
     IF EXISTS (SELECT 1 FROM changed_new WHERE state = 'pending' AND next_attempt_at <= 0) THEN
         INSERT INTO requeues DEFAULT VALUES;
     END IF;

@@ -42,7 +42,7 @@ fn guard(ids: &str) -> String {
 fn unfinished_sets(state: &str) -> String {
     format!(
         "state = CASE WHEN u.refresh = 'pending' THEN 'done' ELSE '{state}' END,
-         attempts = u.attempts + 1,
+         attempts = u.attempts + 1, answer_status = c.status,
          http_status = CASE WHEN u.refresh = 'pending' THEN u.http_status ELSE c.status END,
          error = CASE WHEN u.refresh = 'pending' THEN u.error ELSE c.error END,
          refresh_error = CASE WHEN u.refresh = 'pending' THEN c.error ELSE u.refresh_error END,
@@ -453,31 +453,19 @@ fn record(
     }
     let (guard3, guard2) = (guard("$3"), guard("$2"));
     let mut recorded = 0;
-    // Attempts that reached an end also count as their host's answers, in
-    // the same statement: the updated rows say which host they belong to,
-    // and the batch's counts per host go in as one row of host_changes.
-    let mut answered = |update: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
-        let sql = format!(
-            "WITH updated AS ({update} RETURNING u.host, c.status),
-             per_host AS (
-                 SELECT host, count(*) AS answers, count(*) FILTER (WHERE status = 429) AS s429,
-                        count(*) FILTER (WHERE status = 503) AS s503
-                 FROM updated GROUP BY host),
-             answered AS (
-                 INSERT INTO host_changes (hosts, answers, status_429, status_503)
-                 SELECT array_agg(host), array_agg(answers), array_agg(s429), array_agg(s503)
-                 FROM per_host HAVING count(*) > 0)
-             SELECT count(*) FROM updated"
-        );
+    // An attempt that reached an end raises the row's attempts and sets
+    // its answer_status: the trigger on jobs counts it as its host's answer.
+    let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
         let statement = prepared.get(tx, &sql, name)?;
-        recorded += count(tx.query_one(&statement, params).at(name)?.get(0));
+        recorded += tx.execute(&statement, params).at(name)?;
         Ok(())
     };
     if !done.ids.is_empty() {
-        answered(
+        apply(
             format!(
                 "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
-                     http_status = c.status, bytes = c.bytes, sha256 = c.sha256, error = NULL,
+                     http_status = c.status, answer_status = c.status, bytes = c.bytes,
+                     sha256 = c.sha256, error = NULL,
                      next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
                      etag = c.etag, last_modified = c.last_modified, fetched_at = $2,
                      refresh = CASE WHEN u.refresh = 'pending' THEN 'changed' ELSE u.refresh END,
@@ -503,11 +491,11 @@ fn record(
     }
     if !unchanged.ids.is_empty() {
         // A 304 may carry newer validators; it need not repeat them.
-        answered(
+        apply(
             format!(
                 "UPDATE jobs u SET state = 'done', attempts = u.attempts + 1,
-                     next_attempt_at = 0, updated_at = $2, duration_ms = c.millis,
-                     etag = coalesce(c.etag, u.etag),
+                     answer_status = c.status, next_attempt_at = 0, updated_at = $2,
+                     duration_ms = c.millis, etag = coalesce(c.etag, u.etag),
                      last_modified = coalesce(c.last_modified, u.last_modified),
                      fetched_at = $2, refresh = 'unchanged', refresh_error = NULL
                  FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::text[], $7::text[],
@@ -530,7 +518,7 @@ fn record(
     if !retry.ids.is_empty() {
         // A row being refreshed stays done with its old file while its
         // refresh waits for the retry; the URL's own status and error stay.
-        answered(
+        apply(
             format!(
                 "UPDATE jobs u SET {}, next_attempt_at = c.next_attempt_at
                  FROM unnest($3::bigint[], $4::bigint[], $5::integer[], $6::text[],
@@ -553,7 +541,7 @@ fn record(
     }
     if !failed.ids.is_empty() {
         // A failed refresh fails the refresh, not the URL: its file stays.
-        answered(
+        apply(
             format!(
                 "UPDATE jobs u SET {},
                      refresh = CASE WHEN u.refresh = 'pending' THEN 'failed' ELSE u.refresh END,
@@ -575,11 +563,6 @@ fn record(
             ],
         )?;
     }
-    let mut apply = |sql: String, params: &[&(dyn ToSql + Sync)]| -> Result<()> {
-        let statement = prepared.get(tx, &sql, name)?;
-        recorded += tx.execute(&statement, params).at(name)?;
-        Ok(())
-    };
     if !interrupted.ids.is_empty() {
         apply(
             format!(

@@ -409,6 +409,60 @@ fn counters_equal_a_count_of_the_rows_through_claims_outcomes_rescues_and_folds(
     Ok(())
 }
 
+/// A batch of outcomes adds one row of per-host counts, its rows' states
+/// and its answers together, and a claim adds none. An attempt of a
+/// refresh answered 503, which leaves its row done with the URL's own
+/// status, still counts as its host's answer and its 503.
+#[test]
+fn a_batch_of_outcomes_appends_one_row_of_host_counts_with_its_answers() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    import(&mut store, &[("a1", "a"), ("a2", "a"), ("b1", "b")]);
+    let host_rows = |store: &PostgresStore| -> i64 {
+        store
+            .client()
+            .unwrap()
+            .query_one("SELECT count(*) FROM host_changes", &[])
+            .unwrap()
+            .get(0)
+    };
+    let imported = host_rows(&store);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let claims = claim(&mut store, run, 3);
+    assert_eq!(claims.len(), 3);
+    assert_eq!(
+        host_rows(&store),
+        imported,
+        "a claim changes no per-host count"
+    );
+    let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 10)).collect();
+    store.complete_and_claim(run, &outcomes, 0, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(host_rows(&store), imported + 1);
+    store.start_refresh(None)?;
+    let claims = store.complete_and_claim(run, &[], 3, &HostFilter::default(), Work::Refresh)?;
+    assert_eq!(claims.len(), 3);
+    let outcomes: Vec<Completion> = claims
+        .iter()
+        .map(|c| Completion::Retry {
+            id: c.id,
+            lease: c.lease,
+            status: Some(503),
+            error: "HTTP 503".to_string(),
+            next_attempt_at: now_ms() + 60_000,
+            millis: 5,
+        })
+        .collect();
+    store.complete_and_claim(run, &outcomes, 0, &HostFilter::default(), Work::Refresh)?;
+    let summary = store.summary(5)?;
+    let hosts: Vec<(&str, u64, u64, u64)> = summary
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.done, h.answers, h.status_503))
+        .collect();
+    assert_eq!(hosts, [("a", 2, 4, 2), ("b", 1, 2, 1)]);
+    Ok(())
+}
+
 #[test]
 fn claims_go_back_for_rows_behind_where_they_got_to() -> Result<()> {
     let schema = Schema::new();
