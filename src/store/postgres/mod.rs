@@ -10,7 +10,7 @@
 //! whose heartbeat is older than its lease is dead, and any other run takes
 //! its rows back. Counters that `report` reads are kept in the statements
 //! that change the rows (import's own, a statement-level trigger on jobs),
-//! per-host ones as one appended row per statement, added up every 64, so
+//! per-host ones as one appended row per statement, added up every 16, so
 //! nothing counts millions of rows. Transactions are short and never span a
 //! fetch.
 //!

@@ -343,7 +343,7 @@ fn counters_equal_a_count_of_the_rows_through_claims_outcomes_rescues_and_folds(
     assert_counters_match_rows(&store, true);
     let run = store.start_run(&me(1), &alive)?.id;
     let mut outcomes = Vec::new();
-    // Small batches, so that far more than 64 changes per host are written
+    // Small batches, so that far more than 16 changes per host are written
     // and folded on the way.
     for round in 0..120 {
         let claims =
