@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::proxy::TcpRelay;
+use support::proxy::{TcpRelay, UnixRelay};
 use support::*;
 
 fn server_url() -> String {
@@ -842,4 +842,144 @@ fn named_and_unnamed_lines_with_duplicates_are_imported_in_one_statement() {
     assert_ne!(path("2"), path("5"));
     let report = pg.report();
     assert_eq!(report["pending"], 25, "{report}");
+}
+
+/// The server's first Unix socket folder (`unix_socket_directories`) and
+/// its port, as the test server tells them.
+fn server_socket() -> (std::path::PathBuf, u16) {
+    let mut client = postgres::Client::connect(&server_url(), postgres::NoTls)
+        .expect("connect to the test server");
+    let row = client
+        .query_one(
+            "SELECT current_setting('unix_socket_directories'), current_setting('port')::int",
+            &[],
+        )
+        .expect("read the server's socket folder");
+    let dirs: String = row.get(0);
+    let port: i32 = row.get(1);
+    let dir = dirs
+        .split(',')
+        .map(str::trim)
+        .find(|dir| dir.starts_with('/'))
+        .expect("the test server listens on a Unix socket");
+    (dir.into(), u16::try_from(port).expect("a port"))
+}
+
+/// `--db-timeout` holds over a Unix socket as over TCP: a server that
+/// stops answering on its socket (here a relay on a socket of its own that
+/// freezes) stops every command within the limit, with exit status 2 and a
+/// message that names the database, its password as ***.
+#[test]
+fn every_command_gives_up_on_a_server_that_stops_answering_on_its_unix_socket() {
+    let job = PgJob::new();
+    let server = faulty_item_server(Duration::ZERO, |_, _| None);
+    assert_success(&job.import(&item_urls(&server, 10)), "import");
+    let more = item_urls(&server, 20).join("\n") + "\n";
+    std::fs::write(job.job.dir().join("more.txt"), more).expect("write more.txt");
+    let (dir, port) = server_socket();
+    let socket = format!(".s.PGSQL.{port}");
+    // The queue's URL with the relay's folder for host: the password is
+    // never checked (trust), only shown.
+    let via = |relay: &UnixRelay| {
+        let (scheme, rest) = job.url.split_once("://").expect("a URL");
+        let tail = &rest[rest.find(['/', '?']).unwrap_or(rest.len())..];
+        let folder = relay
+            .dir()
+            .to_str()
+            .expect("a UTF-8 folder")
+            .replace('/', "%2F");
+        let separator = if tail.contains('?') { '&' } else { '?' };
+        format!("{scheme}://postgres:secret@{folder}:{port}{tail}{separator}sslmode=disable")
+    };
+
+    // Through the relay, not frozen, a command works.
+    let relay = UnixRelay::to(&dir, &socket);
+    let output = job
+        .job
+        .command_on(via(&relay))
+        .args(["report"])
+        .output()
+        .expect("run jobrun");
+    assert_success(&output, "report through the relay");
+
+    let limit = Duration::from_secs(2);
+    for (what, args, trigger) in [
+        (
+            "its first message",
+            &["report"][..],
+            Some("application_name"),
+        ),
+        (
+            "import",
+            &["import", "more.txt"],
+            Some("COPY import_staging"),
+        ),
+        (
+            "report",
+            &["report"],
+            Some("sum(bytes)::bigint FROM tallies"),
+        ),
+        ("export", &["export"], Some("encode(u.sha256, 'hex')")),
+        (
+            "a run's start-up",
+            &["run", "--out", "out"],
+            Some("LOCK TABLE runs"),
+        ),
+        ("connecting", &["report"], None),
+    ] {
+        let relay = UnixRelay::to(&dir, &socket);
+        match trigger {
+            Some(statement) => relay.freeze_on(statement.as_bytes()),
+            None => relay.freeze(),
+        }
+        let started = Instant::now();
+        let mut child = job
+            .job
+            .command_on(via(&relay))
+            .arg("--db-timeout")
+            .arg("2s")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jobrun");
+        let gave_up = (|| {
+            while started.elapsed() < Duration::from_secs(30) {
+                if child.try_wait().expect("poll jobrun").is_some() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        })();
+        let took = started.elapsed();
+        if !gave_up {
+            let _ = child.kill();
+        }
+        let output = child.wait_with_output().expect("jobrun's output");
+        let err = stderr(&output);
+        assert!(gave_up, "{what}: still waiting after {took:?}; {err}");
+        assert_eq!(output.status.code(), Some(2), "{what}: {err}");
+        assert!(err.contains("has not answered for"), "{what}: {err}");
+        assert!(
+            err.contains("longer than --db-timeout (2s)"),
+            "{what}: {err}"
+        );
+        assert!(err.contains("postgres:***@%2F"), "{what}: {err}");
+        assert!(
+            !err.contains("secret") && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        assert!(took >= limit, "{what}: {took:?}");
+        assert!(took < limit + Duration::from_secs(12), "{what}: {took:?}");
+    }
+
+    // Nothing recorded was lost: the import was not, and adds its URLs now.
+    let again = job.jobrun(&["import", "more.txt"]);
+    assert_success(&again, "the import again");
+    assert!(
+        stderr(&again).contains("10 imported, 10 duplicate"),
+        "{}",
+        stderr(&again)
+    );
 }

@@ -6,10 +6,13 @@
 //! the HTTP proxy asks the server to close after each answer. The third,
 //! [`TcpRelay`], forwards every connection to one address and can freeze,
 //! at once or as a client sends given bytes: a network that stops carrying
-//! anything while the sockets stay open.
+//! anything while the sockets stay open. [`UnixRelay`] does the same for a
+//! server's Unix socket.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -341,10 +344,112 @@ impl Drop for TcpRelay {
     }
 }
 
+/// A stream a relay copies, and closes for writing when done.
+trait Pipe: Read + Write {
+    fn close_write(&self);
+}
+
+impl Pipe for TcpStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Pipe for UnixStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+/// [`TcpRelay`] for a server's Unix socket: a socket named as the server's
+/// (`.s.PGSQL.PORT`) in a folder of its own, forwarding every connection
+/// to the server's until frozen.
+pub struct UnixRelay {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    frozen: Arc<Frozen>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UnixRelay {
+    /// A relay to the socket `name` (`.s.PGSQL.5432`, say) in `server_dir`.
+    pub fn to(server_dir: &Path, name: &str) -> UnixRelay {
+        let dir = tempfile::tempdir().expect("a folder for the test relay");
+        let socket = dir.path().join(name);
+        let target = server_dir.join(name);
+        let listener = UnixListener::bind(&socket).expect("bind the test relay");
+        let frozen = Arc::new(Frozen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (frozen, stop) = (frozen.clone(), stop.clone());
+            thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let frozen = frozen.clone();
+                    let target = target.clone();
+                    thread::spawn(move || {
+                        frozen.wait_until_thawed();
+                        let Ok(server) = UnixStream::connect(&target) else {
+                            return;
+                        };
+                        let (Ok(client_read), Ok(server_read)) =
+                            (client.try_clone(), server.try_clone())
+                        else {
+                            return;
+                        };
+                        let upstream = {
+                            let frozen = frozen.clone();
+                            thread::spawn(move || pump(client_read, server, &frozen, true))
+                        };
+                        pump(server_read, client, &frozen, false);
+                        let _ = upstream.join();
+                    });
+                }
+            });
+        }
+        UnixRelay {
+            dir,
+            socket,
+            frozen,
+            stop,
+        }
+    }
+
+    /// The folder of its socket: what a client takes for the server's.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// As [`TcpRelay::freeze`].
+    pub fn freeze(&self) {
+        self.frozen.set(true);
+    }
+
+    /// As [`TcpRelay::freeze_on`].
+    pub fn freeze_on(&self, bytes: &[u8]) {
+        *self.frozen.trigger.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    pub fn thaw(&self) {
+        self.frozen.set(false);
+    }
+}
+
+impl Drop for UnixRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thaw();
+        let _ = UnixStream::connect(&self.socket); // wake the accept loop
+    }
+}
+
 /// Copies from `from` to `to` while not frozen; bytes read just as the
 /// relay freezes are held until it thaws. What a client sends
 /// (`from_client`) may pull the trigger.
-fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen, from_client: bool) {
+fn pump<P: Pipe>(mut from: P, mut to: P, frozen: &Frozen, from_client: bool) {
     let mut buf = vec![0; 64 * 1024];
     loop {
         frozen.wait_until_thawed();
@@ -360,5 +465,5 @@ fn pump(mut from: TcpStream, mut to: TcpStream, frozen: &Frozen, from_client: bo
             break;
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    to.close_write();
 }

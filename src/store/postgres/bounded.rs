@@ -12,10 +12,24 @@
 //! TLS request (libpq's `sslmode`) itself, bounded too, so that the client
 //! hands it the plain socket in every mode and the stream sees the
 //! protocol's messages whatever carries them.
+//!
+//! Over a Unix socket the client hands the connector nothing (there is no
+//! TLS to start), so the client is pointed at a socket of jobrun's own
+//! instead, in a folder only this user can enter, and a task on the
+//! connection's own runtime relays between it and the server's socket
+//! through the bounded stream. The task runs when the client does, so a
+//! wait it gives up on is the client's own: it closes the client's side
+//! and leaves what it gave up on to [`relay_gave_up`], which the error of
+//! the statement that was waiting reads on the same thread.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,14 +98,15 @@ impl AnswerLimit {
     }
 
     fn exceeded(&self, waited: Duration) -> io::Error {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            Unanswered {
-                db: self.db.clone(),
-                waited,
-                limit: self.said(),
-            },
-        )
+        io::Error::new(io::ErrorKind::TimedOut, self.unanswered(waited))
+    }
+
+    fn unanswered(&self, waited: Duration) -> Unanswered {
+        Unanswered {
+            db: self.db.clone(),
+            waited,
+            limit: self.said(),
+        }
     }
 }
 
@@ -114,11 +129,128 @@ pub fn unanswered<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'
     None
 }
 
+thread_local! {
+    /// The wait a relay running on this thread gave up on, until the error
+    /// of the statement that waited takes it.
+    static GAVE_UP: RefCell<Option<Unanswered>> = const { RefCell::new(None) };
+}
+
+/// The wait a relay gave up on, if `error` is what the client met then: its
+/// connection closed under it.
+pub fn relay_gave_up(error: &postgres::Error) -> Option<Unanswered> {
+    let closed = error.is_closed()
+        || std::error::Error::source(error).is_some_and(|cause| cause.is::<io::Error>());
+    if !closed {
+        return None;
+    }
+    GAVE_UP.with(|gave_up| gave_up.borrow_mut().take())
+}
+
+/// A socket of jobrun's own that stands for the server's Unix socket
+/// `server`, in a folder made for it alone, removed with it.
+pub struct UnixRelay {
+    listener: Option<UnixListener>,
+    dir: PathBuf,
+    socket: PathBuf,
+    server: PathBuf,
+}
+
+impl UnixRelay {
+    /// A socket for the server's socket in the folder `dir`, port `port`,
+    /// named as the client names sockets: `.s.PGSQL.PORT` in a folder.
+    pub fn new(dir: &Path, port: u16) -> io::Result<UnixRelay> {
+        let name = format!(".s.PGSQL.{port}");
+        let mut ours = None;
+        for _ in 0..8 {
+            let candidate = std::env::temp_dir().join(format!(
+                "jobrun-pg-{}-{:016x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
+                Ok(()) => {
+                    ours = Some(candidate);
+                    break;
+                }
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(error) => return Err(error),
+            }
+        }
+        let dir_made = ours.ok_or_else(|| {
+            io::Error::other("cannot make a folder for the relay to the server's Unix socket")
+        })?;
+        let mut relay = UnixRelay {
+            listener: None,
+            socket: dir_made.join(&name),
+            dir: dir_made,
+            server: dir.join(&name),
+        };
+        let listener = UnixListener::bind(&relay.socket)?;
+        listener.set_nonblocking(true)?;
+        relay.listener = Some(listener);
+        Ok(relay)
+    }
+
+    /// The folder the client is to connect in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Takes the client's connection and relays it to the server's socket,
+    /// every wait for the server bounded by `limit`. Runs on the client's
+    /// runtime.
+    async fn run(mut self, limit: Arc<AnswerLimit>) {
+        let Some(listener) = self.listener.take() else {
+            return;
+        };
+        let accepted = match tokio::net::UnixListener::from_std(listener) {
+            Ok(listener) => listener.accept().await,
+            Err(error) => Err(error),
+        };
+        drop(self.remove());
+        let Ok((mut client, _)) = accepted else {
+            return;
+        };
+        let wait = limit.get();
+        let server =
+            match tokio::time::timeout(wait, tokio::net::UnixStream::connect(&self.server)).await {
+                Ok(Ok(server)) => server,
+                // The client reads the end of its connection.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    GAVE_UP.with(|gave_up| *gave_up.borrow_mut() = Some(limit.unanswered(wait)));
+                    return;
+                }
+            };
+        let mut server = Bounded::new(Link::Unix(server), limit);
+        if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut server).await
+            && let Some(unanswered) = unanswered(&error)
+        {
+            let unanswered = unanswered.clone();
+            GAVE_UP.with(|gave_up| *gave_up.borrow_mut() = Some(unanswered));
+        }
+    }
+
+    fn remove(&mut self) -> io::Result<()> {
+        self.listener = None;
+        let _ = std::fs::remove_file(&self.socket);
+        std::fs::remove_dir(&self.dir)
+    }
+}
+
+impl Drop for UnixRelay {
+    fn drop(&mut self) {
+        let _ = self.remove();
+    }
+}
+
 /// Connects as `sslmode` says (`tls`: None for `disable`; else the TLS
-/// client and whether TLS is required), every stream bounded by `limit`.
+/// client and whether TLS is required), every stream bounded by `limit`;
+/// the Unix sockets through `relays`, in the order of the hosts.
 pub struct BoundedConnect {
     pub tls: Option<(MakeRustlsConnect, bool)>,
     pub limit: Arc<AnswerLimit>,
+    pub relays: VecDeque<UnixRelay>,
 }
 
 type RustlsConnect = <MakeRustlsConnect as MakeTlsConnect<Socket>>::TlsConnect;
@@ -130,6 +262,13 @@ impl MakeTlsConnect<Socket> for BoundedConnect {
     type Error = Infallible;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<BoundedTlsConnect, Infallible> {
+        // A Unix socket (no host name) has just been connected: its relay
+        // starts on the runtime that drives the client.
+        if domain.is_empty()
+            && let Some(relay) = self.relays.pop_front()
+        {
+            tokio::spawn(relay.run(self.limit.clone()));
+        }
         let tls = match &mut self.tls {
             Some((make, required)) => Some((
                 MakeTlsConnect::<Socket>::make_tls_connect(make, domain)?,
@@ -187,10 +326,12 @@ async fn negotiate(mut socket: Socket, tls: Option<(RustlsConnect, bool)>) -> io
     }
 }
 
-/// The connection under the protocol: plain, or TLS.
+/// The connection under the protocol: plain, TLS, or a relayed Unix
+/// socket.
 pub enum Link {
     Plain(Socket),
     Tls(Box<RustlsStream>),
+    Unix(tokio::net::UnixStream),
 }
 
 impl AsyncRead for Link {
@@ -202,6 +343,7 @@ impl AsyncRead for Link {
         match self.get_mut() {
             Link::Plain(socket) => Pin::new(socket).poll_read(cx, buf),
             Link::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            Link::Unix(socket) => Pin::new(socket).poll_read(cx, buf),
         }
     }
 }
@@ -215,6 +357,7 @@ impl AsyncWrite for Link {
         match self.get_mut() {
             Link::Plain(socket) => Pin::new(socket).poll_write(cx, buf),
             Link::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Link::Unix(socket) => Pin::new(socket).poll_write(cx, buf),
         }
     }
 
@@ -222,6 +365,7 @@ impl AsyncWrite for Link {
         match self.get_mut() {
             Link::Plain(socket) => Pin::new(socket).poll_flush(cx),
             Link::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            Link::Unix(socket) => Pin::new(socket).poll_flush(cx),
         }
     }
 
@@ -229,6 +373,7 @@ impl AsyncWrite for Link {
         match self.get_mut() {
             Link::Plain(socket) => Pin::new(socket).poll_shutdown(cx),
             Link::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            Link::Unix(socket) => Pin::new(socket).poll_shutdown(cx),
         }
     }
 }
@@ -470,7 +615,7 @@ impl AsyncWrite for Bounded {
 impl TlsStream for Bounded {
     fn channel_binding(&self) -> ChannelBinding {
         match &self.inner {
-            Link::Plain(_) => ChannelBinding::none(),
+            Link::Plain(_) | Link::Unix(_) => ChannelBinding::none(),
             Link::Tls(tls) => tls.channel_binding(),
         }
     }

@@ -2,6 +2,7 @@
 //! brought up to date by the SQL files under `migrations/postgres/`, each
 //! applied in one transaction and recorded in `jobrun_migrations`.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::bounded::{self, AnswerLimit, BoundedConnect};
+use super::bounded::{self, AnswerLimit, BoundedConnect, UnixRelay};
 use super::{PgResult, no_jobrun_tables};
 use crate::store::Open;
 
@@ -132,13 +133,19 @@ pub fn connect(url: &str, lock_wait: Duration, limit: Arc<AnswerLimit>) -> Resul
             Some((MakeRustlsConnect::new(tls), true))
         }
     };
+    let mut relays = VecDeque::new();
     if config
         .get_hosts()
         .iter()
         .any(|host| !matches!(host, Host::Tcp(_)))
     {
         // No TLS over a Unix socket, as in libpq; and the client hands the
-        // connector no socket then.
+        // connector no socket then: it connects to a relay instead.
+        (config, relays) = through_relays(&config).map_err(|e| {
+            Error::Invalid(format!(
+                "cannot prepare the connection to {name}'s Unix socket: {e}"
+            ))
+        })?;
         config.ssl_mode(SslMode::Disable);
     } else {
         // The connector asks for TLS itself, as `sslmode` says: the client
@@ -150,9 +157,15 @@ pub fn connect(url: &str, lock_wait: Duration, limit: Arc<AnswerLimit>) -> Resul
     let client = config.connect(BoundedConnect {
         tls,
         limit: limit.clone(),
+        relays,
     });
-    let mut client = client.map_err(|error| match bounded::unanswered(&error) {
-        Some(unanswered) => Error::from(unanswered.clone()),
+    let unanswered = |error: &postgres::Error| {
+        bounded::unanswered(error)
+            .cloned()
+            .or_else(|| bounded::relay_gave_up(error))
+    };
+    let mut client = client.map_err(|error| match unanswered(&error) {
+        Some(unanswered) => Error::from(unanswered),
         None => Error::from(error).context(format!(
             "cannot connect to PostgreSQL at {name}: is the server running and reachable, \
              and are the user, password and database right?"
@@ -168,6 +181,68 @@ pub fn connect(url: &str, lock_wait: Duration, limit: Arc<AnswerLimit>) -> Resul
         ))
         .at(&name)?;
     Ok(client)
+}
+
+/// `config` with each Unix socket's folder replaced by that of a relay to
+/// it (see `bounded`), and the relays, in the order of the hosts.
+fn through_relays(config: &Config) -> std::io::Result<(Config, VecDeque<UnixRelay>)> {
+    let mut relayed = Config::new();
+    let mut relays = VecDeque::new();
+    let ports = config.get_ports();
+    for (at, host) in config.get_hosts().iter().enumerate() {
+        match host {
+            Host::Tcp(host) => {
+                relayed.host(host);
+            }
+            Host::Unix(dir) => {
+                let port = ports.get(at).or(ports.first()).copied().unwrap_or(5432);
+                let relay = UnixRelay::new(dir, port)?;
+                relayed.host_path(relay.dir());
+                relays.push_back(relay);
+            }
+        }
+    }
+    for &port in ports {
+        relayed.port(port);
+    }
+    for &address in config.get_hostaddrs() {
+        relayed.hostaddr(address);
+    }
+    if let Some(user) = config.get_user() {
+        relayed.user(user);
+    }
+    if let Some(password) = config.get_password() {
+        relayed.password(password);
+    }
+    if let Some(dbname) = config.get_dbname() {
+        relayed.dbname(dbname);
+    }
+    if let Some(options) = config.get_options() {
+        relayed.options(options);
+    }
+    if let Some(application_name) = config.get_application_name() {
+        relayed.application_name(application_name);
+    }
+    if let Some(&timeout) = config.get_connect_timeout() {
+        relayed.connect_timeout(timeout);
+    }
+    if let Some(&timeout) = config.get_tcp_user_timeout() {
+        relayed.tcp_user_timeout(timeout);
+    }
+    if let Some(interval) = config.get_keepalives_interval() {
+        relayed.keepalives_interval(interval);
+    }
+    if let Some(retries) = config.get_keepalives_retries() {
+        relayed.keepalives_retries(retries);
+    }
+    relayed
+        .keepalives(config.get_keepalives())
+        .keepalives_idle(config.get_keepalives_idle())
+        .ssl_negotiation(config.get_ssl_negotiation())
+        .target_session_attrs(config.get_target_session_attrs())
+        .channel_binding(config.get_channel_binding())
+        .load_balance_hosts(config.get_load_balance_hosts());
+    Ok((relayed, relays))
 }
 
 /// The server's certificate is not checked, only its signatures on the

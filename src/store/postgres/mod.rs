@@ -267,8 +267,11 @@ impl Store for PostgresStore {
 
 /// Adds what the database said to an error, with where it happened.
 fn pg_context(error: postgres::Error, name: &str) -> Error {
-    if let Some(unanswered) = bounded::unanswered(&error) {
-        return Error::from(unanswered.clone());
+    if let Some(unanswered) = bounded::unanswered(&error)
+        .cloned()
+        .or_else(|| bounded::relay_gave_up(&error))
+    {
+        return Error::from(unanswered);
     }
     let detail = error
         .as_db_error()
