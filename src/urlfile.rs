@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead};
+use std::ops::Range;
 
 use reqwest::Url;
 use serde::Deserialize;
@@ -202,13 +203,17 @@ fn parse_url(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// The host of a URL as it is written, with its port if one is given.
-pub fn host_of(url: &Url) -> String {
-    let host = url.host_str().unwrap_or_default();
-    match url.port() {
-        Some(port) => format!("{host}:{port}"),
-        None => host.to_string(),
-    }
+/// Where the host of an http(s) URL is in its text, with its port if one
+/// is given: the part between `://` and the path, less a user name and
+/// password (`@` cannot appear unescaped in them, nor `/`).
+pub fn host_range(url: &Url) -> Range<usize> {
+    let text = url.as_str();
+    let start = text.find("://").map_or(0, |at| at + 3);
+    let end = text[start..].find('/').map_or(text.len(), |at| start + at);
+    let start = text[start..end]
+        .rfind('@')
+        .map_or(start, |at| start + at + 1);
+    start..end
 }
 
 #[cfg(test)]
@@ -273,6 +278,26 @@ mod tests {
         ] {
             let error = json(line).unwrap_err();
             assert!(error.contains(reason), "{line}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_host_range_is_the_host_and_the_port_as_written() {
+        for (text, host) in [
+            ("http://a.example/x", "a.example"),
+            ("https://A.Example:8443/x?y=/z", "a.example:8443"),
+            ("http://a.example:80/", "a.example"),
+            ("http://u:p%40@a.example:81/x@y", "a.example:81"),
+            ("http://[::1]:8080/", "[::1]:8080"),
+            ("http://b\u{fc}cher.example?q", "xn--bcher-kva.example"),
+        ] {
+            let url = Url::parse(text).unwrap();
+            let expected = match url.port() {
+                Some(port) => format!("{}:{port}", url.host_str().unwrap()),
+                None => url.host_str().unwrap().to_string(),
+            };
+            assert_eq!(expected, host, "{text}");
+            assert_eq!(&url.as_str()[host_range(&url)], host, "{text}");
         }
     }
 
@@ -402,6 +427,8 @@ mod tests {
                 Just(b"\n".to_vec()),
                 Just(b" \t".to_vec()),
                 Just(b"[::1]:99999".to_vec()),
+                Just(b"u:p@".to_vec()),
+                Just(b":8080".to_vec()),
                 Just(b"%zz\xff\xfe".to_vec()),
                 prop::collection::vec(any::<u8>(), 0..16),
             ];
@@ -442,6 +469,12 @@ mod tests {
                         Line::Entry(entry) => {
                             prop_assert!(matches!(entry.url.scheme(), "http" | "https"));
                             prop_assert!(entry.url.host_str().is_some_and(|h| !h.is_empty()));
+                            let host = entry.url.host_str().unwrap_or_default();
+                            let host = match entry.url.port() {
+                                Some(port) => format!("{host}:{port}"),
+                                None => host.to_string(),
+                            };
+                            prop_assert_eq!(&entry.url.as_str()[host_range(&entry.url)], host);
                         }
                         Line::Reject(reason) => prop_assert!(!reason.is_empty()),
                         Line::Skip => {}

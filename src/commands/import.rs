@@ -14,15 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
 use flume::RecvTimeoutError;
-use reqwest::Url;
-use uuid::Builder;
+use uuid::{Builder, Uuid};
 
 use crate::cli::{ImportArgs, ImportFormat};
 use crate::clock::unix_ms;
 use crate::commands::Status;
 use crate::domain::{InsertResult, NewUrl};
 use crate::format::thousands;
-use crate::request::RequestSpec;
 use crate::store::{Database, Open, Store};
 use crate::urlfile::{self, Entry, Format, Line};
 
@@ -32,8 +30,11 @@ const BATCH: usize = 10_000;
 /// How long a parsed line waits for its transaction at most, so that a
 /// slow stream still lands as it comes.
 const MAX_BATCH_DELAY: Duration = Duration::from_secs(1);
-/// Parsed lines handed over from the reading thread at once.
+/// Parsed lines handed over from the reading thread at once, at most.
 const CHUNK: usize = 1024;
+/// Bytes of text in a chunk after which it is handed over: long lines
+/// make fewer lines per chunk, so that memory stays flat with them too.
+const CHUNK_TEXT: usize = 256 * 1024;
 /// Chunks in flight between the threads: memory stays flat.
 const CHUNKS_AHEAD: usize = 16;
 /// Rejected lines shown one by one; the rest are only counted.
@@ -46,21 +47,130 @@ struct Counts {
     rejected: u64,
 }
 
+/// Parsed lines, handed from the reading thread to the writing one. The
+/// text of every entry (URL, host, name, request) sits in one buffer, so a
+/// chunk is two allocations, not a few per line; a written chunk goes back
+/// to the reading thread to be filled again, so that in the long run
+/// nothing is allocated or freed per line.
+#[derive(Default)]
+struct Chunk {
+    text: String,
+    lines: Vec<Parsed>,
+}
+
 /// A line of the list, parsed and ready to insert, with its number.
 enum Parsed {
     Entry { line: u64, row: Row },
     Reject { line: u64, reason: String },
 }
 
-/// A URL's row, prepared on the reading thread.
+/// A URL's row, prepared on the reading thread: where its parts are in
+/// the text of its chunk.
 struct Row {
-    url: Url,
-    request: Option<String>,
-    request_hash: String,
-    host: String,
-    path: String,
+    url: Span,
+    request: Option<Span>,
+    request_hash: Span,
+    host: Span,
+    path: Span,
     /// The name was given by the line, not made up.
     named: bool,
+}
+
+/// A part of a chunk's text, by byte offsets.
+#[derive(Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Chunk {
+    fn is_full(&self) -> bool {
+        self.lines.len() >= CHUNK || self.text.len() >= CHUNK_TEXT
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.lines.clear();
+    }
+
+    fn get(&self, span: Span) -> &str {
+        &self.text[span.start as usize..span.end as usize]
+    }
+
+    /// Adds `more` to the text, or a part of it: where it is.
+    fn push(&mut self, more: &str) -> Span {
+        let start = self.offset();
+        self.text.push_str(more);
+        Span {
+            start,
+            end: self.offset(),
+        }
+    }
+
+    /// The end of the text. A chunk is handed over at `CHUNK_TEXT` bytes
+    /// after at most one line longer than `urlfile::MAX_LINE`, and one
+    /// line's text is a few times its length: far below `u32::MAX`.
+    fn offset(&self) -> u32 {
+        self.text.len() as u32
+    }
+
+    /// Adds an entry of the list as a row: its text, and a generated name
+    /// (`file_name`) unless it has one.
+    fn push_entry(&mut self, line: u64, entry: Entry, suffix: &str) {
+        let url = self.push(entry.url.as_str());
+        let host = urlfile::host_range(&entry.url);
+        let host = Span {
+            start: url.start + host.start as u32,
+            end: url.start + host.end as u32,
+        };
+        let (request, request_hash) = match &entry.request {
+            Some(request) => (
+                Some(self.push(&request.to_json())),
+                self.push(&request.hash()),
+            ),
+            None => (None, self.push("")),
+        };
+        let named = entry.name.is_some();
+        let path = match &entry.name {
+            Some(name) => self.push(name),
+            None => {
+                let start = self.offset();
+                push_file_name(&mut self.text, suffix);
+                Span {
+                    start,
+                    end: self.offset(),
+                }
+            }
+        };
+        let row = Row {
+            url,
+            request,
+            request_hash,
+            host,
+            path,
+            named,
+        };
+        self.lines.push(Parsed::Entry { line, row });
+    }
+
+    fn new_url(&self, row: &Row) -> NewUrl<'_> {
+        NewUrl {
+            url: self.get(row.url),
+            request: row.request.map(|span| self.get(span)),
+            request_hash: self.get(row.request_hash),
+            host: self.get(row.host),
+            path: self.get(row.path),
+            named: row.named,
+        }
+    }
+}
+
+impl Parsed {
+    fn line(&self) -> u64 {
+        match self {
+            Parsed::Entry { line, .. } | Parsed::Reject { line, .. } => *line,
+        }
+    }
 }
 
 /// Where the list comes from.
@@ -127,17 +237,17 @@ fn import(
     format: Option<Format>,
 ) -> Result<Counts> {
     let (tx, rx) = flume::bounded(CHUNKS_AHEAD);
-    // Written batches go back to the reading thread, which frees them: its
-    // allocations freed here would make the two threads take turns at the
-    // allocator's lock.
-    let (spent, to_free) = flume::bounded(1);
+    // Written chunks go back to the reading thread to be filled again. It
+    // makes a new one only when none has come back, so there are never
+    // more than those in flight, in the batch and being filled.
+    let (spent, to_reuse) = flume::unbounded();
     let reader_name = name.to_string();
     let reader = std::thread::Builder::new()
         .name("jobrun-import-reader".into())
-        .spawn(move || read_list(input, &reader_name, &suffix, format, tx, to_free))
+        .spawn(move || read_list(input, &reader_name, &suffix, format, tx, to_reuse))
         .context("cannot start the thread that reads the list")?;
     let mut counts = Counts::default();
-    let mut batch: Vec<Parsed> = Vec::new();
+    let mut batch = Batch::default();
     let mut since: Option<Instant> = None;
     loop {
         let received = match since {
@@ -146,9 +256,10 @@ fn import(
         };
         match received {
             Ok(Ok(chunk)) => {
-                batch.extend(chunk);
+                batch.lines += chunk.lines.len();
+                batch.chunks.push(chunk);
                 since.get_or_insert_with(Instant::now);
-                if batch.len() < BATCH {
+                if batch.lines < BATCH {
                     continue;
                 }
             }
@@ -170,47 +281,54 @@ fn import(
     Ok(counts)
 }
 
+/// The chunks of the next transaction.
+#[derive(Default)]
+struct Batch {
+    chunks: Vec<Chunk>,
+    /// Lines in them.
+    lines: usize,
+}
+
+impl Batch {
+    fn parsed(&self) -> impl Iterator<Item = (&Chunk, &Parsed)> {
+        self.chunks
+            .iter()
+            .flat_map(|chunk| chunk.lines.iter().map(move |parsed| (chunk, parsed)))
+    }
+}
+
 /// Writes `batch` in one transaction, says which lines were rejected, in
-/// order, and hands the written lines to `spent` to be freed.
+/// order, and hands its chunks to `spent` to be filled again.
 fn write_batch(
     store: &mut dyn Store,
-    batch: &mut Vec<Parsed>,
+    batch: &mut Batch,
     name: &str,
     counts: &mut Counts,
-    spent: &flume::Sender<Vec<Parsed>>,
+    spent: &flume::Sender<Chunk>,
 ) -> Result<()> {
-    if batch.is_empty() {
+    if batch.lines == 0 {
         return Ok(());
     }
     let new: Vec<NewUrl<'_>> = batch
-        .iter()
-        .filter_map(|parsed| match parsed {
-            Parsed::Entry { row, .. } => Some(NewUrl {
-                url: row.url.as_str(),
-                request: row.request.as_deref(),
-                request_hash: &row.request_hash,
-                host: &row.host,
-                path: &row.path,
-                named: row.named,
-            }),
+        .parsed()
+        .filter_map(|(chunk, parsed)| match parsed {
+            Parsed::Entry { row, .. } => Some(chunk.new_url(row)),
             Parsed::Reject { .. } => None,
         })
         .collect();
     let mut results = store
         .import(&new)
         .with_context(|| {
-            let line = |parsed: Option<&Parsed>| match parsed {
-                Some(Parsed::Entry { line, .. } | Parsed::Reject { line, .. }) => *line,
-                None => 0,
-            };
+            let line = |parsed: Option<(&Chunk, &Parsed)>| parsed.map_or(0, |(_, p)| p.line());
             format!(
                 "{name}: lines {} to {} were not imported: importing the list again adds \
                  whatever is missing and counts the rest as duplicates",
-                line(batch.first()),
-                line(batch.last())
+                line(batch.parsed().next()),
+                line(batch.parsed().last())
             )
         })?
         .into_iter();
+    drop(new);
     let mut reject = |line: u64, reason: &str| {
         counts.rejected += 1;
         if counts.rejected <= MAX_SHOWN {
@@ -218,7 +336,7 @@ fn write_batch(
         }
     };
     // Rejected lines are told in the order of the list, among the others.
-    for parsed in batch.iter() {
+    for (_, parsed) in batch.parsed() {
         match parsed {
             Parsed::Reject { line, reason } => reject(*line, reason),
             Parsed::Entry { line, .. } => match results.next() {
@@ -229,8 +347,11 @@ fn write_batch(
             },
         }
     }
-    // Freed here when the reading thread has ended or is behind.
-    let _ = spent.try_send(std::mem::take(batch));
+    for chunk in batch.chunks.drain(..) {
+        // Dropped here when the reading thread has ended.
+        let _ = spent.send(chunk);
+    }
+    batch.lines = 0;
     Ok(())
 }
 
@@ -242,14 +363,14 @@ fn read_list(
     name: &str,
     suffix: &str,
     format: Option<Format>,
-    tx: flume::Sender<Result<Vec<Parsed>>>,
-    to_free: flume::Receiver<Vec<Parsed>>,
+    tx: flume::Sender<Result<Chunk>>,
+    to_reuse: flume::Receiver<Chunk>,
 ) {
     let handoff = |input: Box<dyn Read>| Handoff {
         input,
-        chunk: Vec::new(),
+        chunk: Chunk::default(),
         tx: tx.clone(),
-        to_free: to_free.clone(),
+        to_reuse: to_reuse.clone(),
     };
     let mut reader = BufReader::with_capacity(
         256 * 1024,
@@ -283,18 +404,14 @@ fn parse_lines(
         } else {
             Line::Reject(format!("line longer than {} bytes", urlfile::MAX_LINE))
         };
-        let parsed = match parsed {
+        let chunk = &mut reader.get_mut().chunk;
+        match parsed {
             Line::Skip => continue,
-            Line::Reject(reason) => Parsed::Reject { line, reason },
-            Line::Entry(entry) => Parsed::Entry {
-                line,
-                row: prepare(entry, suffix),
-            },
-        };
-        let handoff = reader.get_mut();
-        handoff.chunk.push(parsed);
-        if handoff.chunk.len() >= CHUNK {
-            handoff.hand_over()?;
+            Line::Reject(reason) => chunk.lines.push(Parsed::Reject { line, reason }),
+            Line::Entry(entry) => chunk.push_entry(line, entry, suffix),
+        }
+        if chunk.is_full() {
+            reader.get_mut().hand_over()?;
         }
     }
     Ok(())
@@ -305,20 +422,21 @@ fn parse_lines(
 /// the input is slow.
 struct Handoff {
     input: Box<dyn Read>,
-    chunk: Vec<Parsed>,
-    tx: flume::Sender<Result<Vec<Parsed>>>,
-    /// Batches written, to be freed on this thread.
-    to_free: flume::Receiver<Vec<Parsed>>,
+    chunk: Chunk,
+    tx: flume::Sender<Result<Chunk>>,
+    /// Written chunks, to be filled again.
+    to_reuse: flume::Receiver<Chunk>,
 }
 
 impl Handoff {
     fn hand_over(&mut self) -> io::Result<()> {
-        if self.chunk.is_empty() {
+        if self.chunk.lines.is_empty() {
             return Ok(());
         }
-        self.to_free.try_iter().for_each(drop);
+        let mut next = self.to_reuse.try_recv().unwrap_or_default();
+        next.clear();
         self.tx
-            .send(Ok(std::mem::take(&mut self.chunk)))
+            .send(Ok(std::mem::replace(&mut self.chunk, next)))
             .map_err(|_| io::Error::other("the import stopped"))
     }
 }
@@ -330,29 +448,15 @@ impl Read for Handoff {
     }
 }
 
-fn prepare(entry: Entry, suffix: &str) -> Row {
-    Row {
-        request: entry.request.as_ref().map(|r| r.to_json()),
-        request_hash: entry
-            .request
-            .as_ref()
-            .map(RequestSpec::hash)
-            .unwrap_or_default(),
-        host: urlfile::host_of(&entry.url),
-        named: entry.name.is_some(),
-        path: entry.name.unwrap_or_else(|| file_name(suffix)),
-        url: entry.url,
-    }
-}
-
-/// A new output file name: a version 7 UUID, which starts with the time, so
-/// that the index on paths grows at its end, and the extension. Its random
-/// part comes from fastrand: asking the system for it once per URL took a
-/// twentieth of an import.
-fn file_name(suffix: &str) -> String {
+/// Adds a new output file name to `text`: a version 7 UUID, which starts
+/// with the time, so that the index on paths grows at its end, and the
+/// extension. Its random part comes from fastrand: asking the system for
+/// it once per URL took a twentieth of an import.
+fn push_file_name(text: &mut String, suffix: &str) {
     let mut random = [0u8; 10];
     fastrand::fill(&mut random);
     let millis = unix_ms(SystemTime::now()) as u64;
     let uuid = Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    format!("{uuid}{suffix}")
+    text.push_str(uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+    text.push_str(suffix);
 }

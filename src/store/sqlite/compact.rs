@@ -37,11 +37,20 @@ pub(super) fn split_url(url: &str) -> (&str, &str) {
 /// Characters in a hyphenated UUID.
 const UUID_TEXT: usize = 36;
 
+/// Bytes of a name kept as a UUID that fit without an allocation: the
+/// UUID's 16 and an extension of up to 16.
+const INLINE: usize = 32;
+
 /// A file name as the `path` column keeps it.
 pub(super) enum StoredPath<'a> {
     Text(&'a str),
-    /// The name's first 36 characters as a UUID, then the rest.
-    Uuid(Vec<u8>),
+    /// The name's first 36 characters as a UUID, then the rest: in place
+    /// when short (`len` bytes of `bytes`), else on the heap.
+    Uuid {
+        bytes: [u8; INLINE],
+        len: u8,
+    },
+    LongUuid(Vec<u8>),
 }
 
 impl StoredPath<'_> {
@@ -53,9 +62,21 @@ impl StoredPath<'_> {
         match Uuid::try_parse(head) {
             // Only the form that reads back the same: lowercase, hyphenated.
             Ok(uuid) if uuid.hyphenated().encode_lower(&mut text) == head => {
-                let mut bytes = uuid.as_bytes().to_vec();
-                bytes.extend_from_slice(&path.as_bytes()[UUID_TEXT..]);
-                StoredPath::Uuid(bytes)
+                let rest = &path.as_bytes()[UUID_TEXT..];
+                let len = 16 + rest.len();
+                if len <= INLINE {
+                    let mut bytes = [0u8; INLINE];
+                    bytes[..16].copy_from_slice(uuid.as_bytes());
+                    bytes[16..len].copy_from_slice(rest);
+                    StoredPath::Uuid {
+                        bytes,
+                        len: len as u8,
+                    }
+                } else {
+                    let mut bytes = uuid.as_bytes().to_vec();
+                    bytes.extend_from_slice(rest);
+                    StoredPath::LongUuid(bytes)
+                }
             }
             _ => StoredPath::Text(path),
         }
@@ -66,7 +87,10 @@ impl ToSql for StoredPath<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         Ok(match self {
             StoredPath::Text(text) => ToSqlOutput::Borrowed(ValueRef::Text(text.as_bytes())),
-            StoredPath::Uuid(bytes) => ToSqlOutput::Borrowed(ValueRef::Blob(bytes)),
+            StoredPath::Uuid { bytes, len } => {
+                ToSqlOutput::Borrowed(ValueRef::Blob(&bytes[..usize::from(*len)]))
+            }
+            StoredPath::LongUuid(bytes) => ToSqlOutput::Borrowed(ValueRef::Blob(bytes)),
         })
     }
 }
@@ -131,6 +155,9 @@ mod tests {
             uuid.to_string(),
             format!("{uuid}.json"),
             format!("{uuid}/é.txt"),
+            format!("{uuid}.0123456789abcde"),
+            format!("{uuid}.0123456789abcdef"),
+            format!("{uuid}/a-much-longer-name-after-it.json"),
         ] {
             assert_eq!(round_trip(&name), (true, name.clone()));
         }

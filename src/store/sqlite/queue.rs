@@ -6,11 +6,10 @@
 //! row. Every later write is guarded by that id: a row taken back from a run
 //! thought dead is not overwritten by it.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 use crate::store::{CallerResult, Result};
-use rusqlite::{OptionalExtension, ToSql, Transaction, params};
+use rusqlite::{CachedStatement, OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::{FULL_URL, HOST, PathColumn, StoredPath, split_url};
@@ -29,18 +28,36 @@ const FILTER_WINDOW: usize = 16_384;
 
 /// URLs being imported, committed together.
 struct ImportBatch<'a> {
-    tx: Transaction<'a>,
+    tx: &'a Transaction<'a>,
+    /// The statement that inserts a row, prepared once for the batch.
+    insert: CachedStatement<'a>,
     /// The ids of the origins seen in this batch, by prefix, then host.
-    origins: RefCell<HashMap<String, HashMap<String, i64>>>,
+    origins: HashMap<String, HashMap<String, i64>>,
+    /// The last origin looked up, (prefix, host, id): lists hold long runs of
+    /// URLs of one origin, and comparing is cheaper than hashing.
+    last_origin: Option<(String, String, i64)>,
 }
 
-impl ImportBatch<'_> {
+impl<'a> ImportBatch<'a> {
+    fn new(tx: &'a Transaction<'a>) -> Result<ImportBatch<'a>> {
+        Ok(ImportBatch {
+            tx,
+            insert: tx.prepare_cached(
+                "INSERT INTO urls (origin_id, url, request, request_hash, path)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (origin_id, url, request_hash) DO NOTHING",
+            )?,
+            origins: HashMap::new(),
+            last_origin: None,
+        })
+    }
+
     /// Adds `new` unless the same request is there already. A name given
     /// by the user is checked against the others: the same file, or a file
     /// where another name needs a folder, would make two URLs share a path;
     /// and the same request under another name would be dropped as a
     /// duplicate, leaving the name the user asked for without its file.
-    fn insert(&self, new: &NewUrl<'_>) -> Result<InsertResult> {
+    fn insert(&mut self, new: &NewUrl<'_>) -> Result<InsertResult> {
         if new.named {
             if let Some(existing) = self.path_of(new)? {
                 if existing == new.path {
@@ -54,20 +71,13 @@ impl ImportBatch<'_> {
         }
         let (prefix, rest) = split_url(new.url);
         let origin = self.origin(prefix, new.host)?;
-        let changed = self
-            .tx
-            .prepare_cached(
-                "INSERT INTO urls (origin_id, url, request, request_hash, path)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (origin_id, url, request_hash) DO NOTHING",
-            )?
-            .execute(params![
-                origin,
-                rest,
-                new.request,
-                new.request_hash,
-                StoredPath::of(new.path)
-            ]);
+        let changed = self.insert.execute(params![
+            origin,
+            rest,
+            new.request,
+            new.request_hash,
+            StoredPath::of(new.path)
+        ]);
         match changed {
             Ok(1) => Ok(InsertResult::Inserted),
             Ok(_) => Ok(InsertResult::Duplicate),
@@ -79,13 +89,20 @@ impl ImportBatch<'_> {
     }
 
     /// The id of the origin of `prefix` and `host`, recorded if new.
-    fn origin(&self, prefix: &str, host: &str) -> Result<i64> {
-        if let Some(&id) = self
-            .origins
-            .borrow()
-            .get(prefix)
-            .and_then(|hosts| hosts.get(host))
+    fn origin(&mut self, prefix: &str, host: &str) -> Result<i64> {
+        if let Some((last_prefix, last_host, id)) = &self.last_origin
+            && last_prefix == prefix
+            && last_host == host
         {
+            return Ok(*id);
+        }
+        let id = self.origin_by_name(prefix, host)?;
+        self.last_origin = Some((prefix.to_string(), host.to_string(), id));
+        Ok(id)
+    }
+
+    fn origin_by_name(&mut self, prefix: &str, host: &str) -> Result<i64> {
+        if let Some(&id) = self.origins.get(prefix).and_then(|hosts| hosts.get(host)) {
             return Ok(id);
         }
         let known: Option<i64> = self
@@ -103,7 +120,6 @@ impl ImportBatch<'_> {
             }
         };
         self.origins
-            .borrow_mut()
             .entry(prefix.to_string())
             .or_default()
             .insert(host.to_string(), id);
@@ -160,15 +176,15 @@ impl ImportBatch<'_> {
 
 impl SqliteStore {
     pub(super) fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
-        let batch_writer = ImportBatch {
-            tx: self.write_transaction()?,
-            origins: RefCell::default(),
+        let tx = self.write_transaction()?;
+        let results = {
+            let mut batch_writer = ImportBatch::new(&tx)?;
+            batch
+                .iter()
+                .map(|new| batch_writer.insert(new))
+                .collect::<Result<Vec<_>>>()?
         };
-        let results = batch
-            .iter()
-            .map(|new| batch_writer.insert(new))
-            .collect::<Result<Vec<_>>>()?;
-        batch_writer.tx.commit()?;
+        tx.commit()?;
         Ok(results)
     }
 
