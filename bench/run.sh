@@ -14,9 +14,10 @@
 # Settings (environment):
 #   SERVER=static      nginx serving files (when installed; else the bench server, no delay)
 #   SERVER=latency:MS  the bench server (examples/bench_server.rs), answering after MS ms
-#   SERVER=h2:MS       the bench server over HTTP/2 and TLS (ALPN h2 only), answering after MS
-#                      ms; its certificate is trusted for the bench only (--cacert), and curl
-#                      runs with --http2
+#   SERVER=h2:MS[:STREAMS]  the bench server over HTTP/2 and TLS (ALPN h2 only), answering
+#                      after MS ms, allowing STREAMS streams at once per connection (default
+#                      128); its certificate is trusted for the bench only (--cacert), and
+#                      curl runs with --http2
 #   TOOLS="jobrun curl wget2 aria2c python"   the tools; one that is not installed is skipped
 #   RUNS=3             rounds
 #   BENCH_DIR=DIR      data and output (default /tmp/jobrun-bench); needs RUNS x tools x
@@ -97,12 +98,14 @@ latency:*)
     "$BENCH_SERVER" serve --dir "$DATA" --port "$port" --delay-ms "${SERVER#latency:}" &
     server_pid=$! ;;
 h2:*)
-    server_name="bench_server, HTTP/2 over TLS, ${SERVER#h2:} ms per request"
-    "$BENCH_SERVER" serve --dir "$DATA" --port "$port" --delay-ms "${SERVER#h2:}" --tls "$OUT/tls" &
+    IFS=: read -r _ delay streams <<< "$SERVER"
+    streams=${streams:-128}
+    server_name="bench_server, HTTP/2 over TLS, $delay ms per request, $streams streams per connection"
+    "$BENCH_SERVER" serve --dir "$DATA" --port "$port" --delay-ms "$delay" --tls "$OUT/tls" --max-streams "$streams" &
     server_pid=$!
     scheme=https
     CACERT=$OUT/tls/ca.pem ;;
-*) echo "SERVER must be static, latency:MS or h2:MS" >&2; exit 2 ;;
+*) echo "SERVER must be static, latency:MS or h2:MS[:STREAMS]" >&2; exit 2 ;;
 esac
 scheme=${scheme:-http}
 CURL_TLS=()

@@ -3,7 +3,7 @@
 //!     bench_server generate --items N --dir DIR
 //!     bench_server serve --dir DIR [--delay-ms MS] [--url-file FILE] [--note-first-request]
 //!     bench_server serve --synthetic BYTES [--delay-ms MS] [--url-file FILE]
-//!     bench_server serve ... [--tls DIR] [--bind ADDR] [--bucket RATE:BURST] [--faults 500=P,429=P,reset=P]
+//!     bench_server serve ... [--tls DIR [--max-streams N]] [--bind ADDR] [--bucket RATE:BURST] [--faults 500=P,429=P,reset=P]
 //!                            [--first STATUS:SECS] [--always STATUS:SECS] [--hits FILE]
 //!     bench_server free-port
 //!
@@ -35,8 +35,8 @@
 //! `GET /connections` answers how many connections the server has accepted so far (this
 //! request's own included), so that a bench can count the connections a client opened.
 //!
-//! `--tls DIR` serves HTTP/2 over TLS instead (ALPN `h2` only, up to 128 streams per
-//! connection), with a certificate for 127.0.0.1 from a CA made at start, whose certificate
+//! `--tls DIR` serves HTTP/2 over TLS instead (ALPN `h2` only, up to `--max-streams`
+//! streams at once per connection, 128 unless given), with a certificate for 127.0.0.1 from a CA made at start, whose certificate
 //! it writes to `DIR/ca.pem` for the clients to trust (`--cacert`); the URLs are then https.
 
 use std::collections::HashSet;
@@ -192,6 +192,8 @@ struct Api {
     faults: Faults,
     /// Connections accepted so far.
     accepted: AtomicU64,
+    /// Streams at once per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    max_streams: u32,
 }
 
 /// How the API misbehaves on purpose.
@@ -349,6 +351,10 @@ fn serve(args: &[String]) -> Result<(), String> {
         note_first: AtomicBool::new(options.flag("--note-first-request")),
         faults: Faults::parse(&options)?,
         accepted: AtomicU64::new(0),
+        max_streams: options
+            .number("--max-streams")?
+            .map_or(Ok(128), u32::try_from)
+            .map_err(|_| "--max-streams: too large".to_string())?,
     });
     let tls = match options.value("--tls") {
         Some(dir) => Some(h2_tls(Path::new(dir))?),
@@ -611,7 +617,7 @@ async fn h2_connection(
     stream.set_nodelay(true)?;
     let stream = tls.accept(stream).await?;
     let mut connection = h2::server::Builder::new()
-        .max_concurrent_streams(128)
+        .max_concurrent_streams(api.max_streams)
         .handshake(stream)
         .await
         .map_err(std::io::Error::other)?;

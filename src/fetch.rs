@@ -4,7 +4,7 @@
 //! `FetchError::is_permanent`.
 
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::rate::{Rate, SharedRate};
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::clock::unix_ms;
 use crate::domain::{Claim, Completion, Validators};
-use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness};
+use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness, STREAMS_PER_CONNECTION};
 use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
@@ -35,7 +35,7 @@ const ERROR_BODY_DRAIN: usize = 64 * 1024;
 
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
-    client: Client,
+    clients: Clients,
     rate: Option<Arc<SharedRate>>,
     hosts: Arc<Hosts>,
     backoff: Backoff,
@@ -226,6 +226,82 @@ pub enum ClientError {
     Build(#[source] reqwest::Error),
 }
 
+/// What every HTTP client of a run is built from.
+struct ClientSettings {
+    user_agent: String,
+    headers: HeaderMap,
+    timeout: Duration,
+    connect_timeout: Duration,
+    workers: usize,
+    max_redirects: usize,
+    insecure: bool,
+    tls: ClientTls,
+    proxies: Proxies,
+}
+
+impl ClientSettings {
+    fn build(&self) -> Result<Client, ClientError> {
+        let builder = Client::builder()
+            .user_agent(self.user_agent.clone())
+            .default_headers(self.headers.clone())
+            .timeout(self.timeout)
+            .connect_timeout(self.connect_timeout)
+            // A worker's next request can start before its last connection
+            // is back in the pool; hyper then opens another one, and a pool
+            // capped at one per worker closes the spare again. Room for the
+            // spares keeps every connection alive instead of opening a new
+            // one for most requests.
+            .pool_max_idle_per_host(self.workers * 2)
+            // Over thousands of hosts, each visited now and then, connections
+            // kept idle for reqwest's default 90 s add up to one socket and
+            // its buffers per host; a few seconds still covers a host's next
+            // URL and its first retries.
+            .pool_idle_timeout(KEEP_ALIVE)
+            .tcp_nodelay(true)
+            .redirect(redirect_policy(self.max_redirects))
+            // A Referer would hand the URL, query keys included, to whatever
+            // host a redirect leads to.
+            .referer(false)
+            .tls_danger_accept_invalid_certs(self.insecure);
+        let builder = self
+            .proxies
+            .clone()
+            .apply(self.tls.clone().apply(builder))?;
+        builder.build().map_err(ClientError::Build)
+    }
+}
+
+/// The run's HTTP clients: the first for every host, the others each for
+/// one more connection to a host over HTTP/2 (a lane, see `Hosts::lane`),
+/// built when first needed.
+struct Clients {
+    first: Client,
+    more: Vec<OnceLock<Client>>,
+    settings: ClientSettings,
+}
+
+impl Clients {
+    /// How many lanes a host may have.
+    fn count(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// The client of lane `index`; the first one if that client cannot be
+    /// built (as the first one was, from the same settings).
+    fn get(&self, index: usize) -> &Client {
+        let Some(slot) = index.checked_sub(1).and_then(|i| self.more.get(i)) else {
+            return &self.first;
+        };
+        if let Some(client) = slot.get() {
+            return client;
+        }
+        match self.settings.build() {
+            Ok(client) => slot.get_or_init(|| client),
+            Err(_) => &self.first,
+        }
+    }
+}
+
 impl Fetcher {
     pub fn new(options: FetchOptions) -> Result<Fetcher, ClientError> {
         // reqwest is built without a default crypto provider (aws-lc is a
@@ -238,36 +314,31 @@ impl Fetcher {
             .connect_timeout
             .unwrap_or(Duration::from_secs(10))
             .min(options.timeout);
-        let builder = Client::builder()
-            .user_agent(
-                options
-                    .user_agent
-                    .unwrap_or_else(|| concat!("jobrun/", env!("CARGO_PKG_VERSION")).to_string()),
-            )
-            .default_headers(options.headers)
-            .timeout(options.timeout)
-            .connect_timeout(connect_timeout)
-            // A worker's next request can start before its last connection
-            // is back in the pool; hyper then opens another one, and a pool
-            // capped at one per worker closes the spare again. Room for the
-            // spares keeps every connection alive instead of opening a new
-            // one for most requests.
-            .pool_max_idle_per_host(options.workers * 2)
-            // Over thousands of hosts, each visited now and then, connections
-            // kept idle for reqwest's default 90 s add up to one socket and
-            // its buffers per host; a few seconds still covers a host's next
-            // URL and its first retries.
-            .pool_idle_timeout(KEEP_ALIVE)
-            .tcp_nodelay(true)
-            .redirect(redirect_policy(options.max_redirects))
-            // A Referer would hand the URL, query keys included, to whatever
-            // host a redirect leads to.
-            .referer(false)
-            .tls_danger_accept_invalid_certs(options.insecure);
-        let builder = options.proxies.apply(options.tls.apply(builder))?;
-        let client = builder.build().map_err(ClientError::Build)?;
+        let settings = ClientSettings {
+            user_agent: options
+                .user_agent
+                .unwrap_or_else(|| concat!("jobrun/", env!("CARGO_PKG_VERSION")).to_string()),
+            headers: options.headers,
+            timeout: options.timeout,
+            connect_timeout,
+            workers: options.workers,
+            max_redirects: options.max_redirects,
+            insecure: options.insecure,
+            tls: options.tls,
+            proxies: options.proxies,
+        };
+        let first = settings.build()?;
+        // A host over HTTP/2 gets another connection for every
+        // STREAMS_PER_CONNECTION workers beyond the first ones, each from a
+        // client of its own: reqwest keeps one HTTP/2 connection per host
+        // in a client's pool.
+        let lanes = options.workers.div_ceil(STREAMS_PER_CONNECTION).max(1);
         Ok(Fetcher {
-            client,
+            clients: Clients {
+                first,
+                more: (1..lanes).map(|_| OnceLock::new()).collect(),
+                settings,
+            },
             rate: options.rate.map(|rate| Arc::new(SharedRate::new(rate))),
             hosts: Arc::new(Hosts::new(options.politeness)),
             backoff: options.backoff,
@@ -280,7 +351,6 @@ impl Fetcher {
             max_retry_after: options.politeness.max_retry_after,
         })
     }
-
     /// `--rate`, this run's part of it, to share among the live runs.
     pub fn rate(&self) -> Option<Arc<SharedRate>> {
         self.rate.clone()
@@ -337,17 +407,18 @@ impl Fetcher {
     /// a 206 is the answer it wants).
     fn build_request(
         &self,
+        client: &Client,
         claim: &Claim,
         url: Url,
     ) -> Result<(reqwest::RequestBuilder, bool), Fetch> {
         let Some(json) = &claim.request else {
-            return Ok((self.client.get(url), self.range_for_all));
+            return Ok((client.get(url), self.range_for_all));
         };
         let spec = RequestSpec::from_json(json).map_err(FetchError::InvalidRequest)?;
         // Checked at import already; again here for rows imported by a
         // jobrun that let framing headers through.
         spec.check().map_err(FetchError::InvalidRequest)?;
-        let mut request = self.client.request(spec.method(), url);
+        let mut request = client.request(spec.method(), url);
         let mut asks_range = self.range_for_all;
         for (name, value) in &spec.headers {
             asks_range |= name.eq_ignore_ascii_case(RANGE.as_str());
@@ -368,12 +439,14 @@ impl Fetcher {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         // Politeness is kept per host as recorded at import (see Claim::host).
         let host = &claim.host;
-        let (mut request, asks_range) = self.build_request(claim, url)?;
-        if claim.refresh {
-            request = conditional(request, &claim.validators);
-        }
         if let Some(rate) = &self.rate {
             rate.until_ready().await;
+        }
+        let lane = self.hosts.lane(host, self.clients.count());
+        let (mut request, asks_range) =
+            self.build_request(self.clients.get(lane.index()), claim, url)?;
+        if claim.refresh {
+            request = conditional(request, &claim.validators);
         }
         if !self.hosts.keeps_connection(host) {
             // Over thousands of hosts visited in turn, each idle connection
@@ -385,10 +458,12 @@ impl Fetcher {
         let mut response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
+                lane.answered(None);
                 self.hosts.answered(host, started, Answer::Other);
                 return Err(self.describe(error, false));
             }
         };
+        lane.answered(Some(response.version() == reqwest::Version::HTTP_2));
         let status = response.status();
         let retry_after = response
             .headers()

@@ -30,6 +30,14 @@
 //! the same way. The bound keeps a host whose first answer is slow from
 //! holding the rest back for long.
 //!
+//! A host that answers over HTTP/2 gets a few connections rather than one
+//! when it has more than `STREAMS_PER_CONNECTION` requests in flight: a
+//! connection carries at most as many streams at once as the server allows
+//! (its SETTINGS_MAX_CONCURRENT_STREAMS), and further requests on it wait
+//! for a stream to end. Each connection is a lane (`Hosts::lane`); a lane
+//! is opened when the lanes already open are full, and its first request
+//! goes alone, as the host's very first one did.
+//!
 //! governor's keyed limiter holds a fixed quota per key; a rate that moves
 //! with the server's answers needs its own pacing, which is a next-slot
 //! time per host.
@@ -55,6 +63,14 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// the keep-alive closes the connection of a host with nothing else in
 /// flight after its answer.
 pub const MOST_KEPT: usize = 1024;
+
+/// The requests one HTTP/2 connection carries at once before a host's next
+/// request goes over another: half the 100 streams at once that RFC 9113
+/// asks servers to allow at least (nginx allows 128, Apache and h2o 100),
+/// so that a server's limit does not hold back a run of many workers, and
+/// because the answers of a hundred streams come sooner over two
+/// connections than over one (bench/README.md).
+pub const STREAMS_PER_CONNECTION: usize = 50;
 
 /// The lowest rate adaptive throttling goes down to.
 const MIN_RATE: f64 = 0.5;
@@ -142,6 +158,58 @@ struct HostState {
     /// Answers in this run, and how many were 429 or 503.
     answers: u64,
     throttled: u64,
+    /// Whether the last answer came over HTTP/2.
+    h2: bool,
+    /// The host's connections (one unless it speaks HTTP/2), with the
+    /// requests in flight on each.
+    lanes: Vec<Lane>,
+}
+
+/// One of a host's connections, as the requests see it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lane {
+    in_flight: usize,
+    /// Whether a request on it was answered: before that, the connection
+    /// may not be open yet, and other requests would each open one.
+    answered: bool,
+}
+
+/// The connection a request goes over (see `Hosts::lane`); dropping it
+/// frees its place there.
+pub struct LaneGuard {
+    hosts: Arc<Hosts>,
+    host: String,
+    index: usize,
+}
+
+impl LaneGuard {
+    /// Which of the host's connections: 0 for its first.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The request got an answer (over HTTP/2 or not: `over_h2`), or
+    /// failed to (None): the lane's connection is known now.
+    pub fn answered(&self, over_h2: Option<bool>) {
+        self.hosts.with_host(&self.host, Instant::now(), |state| {
+            if let Some(over_h2) = over_h2 {
+                state.h2 = over_h2;
+            }
+            if let Some(lane) = state.lanes.get_mut(self.index) {
+                lane.answered = true;
+            }
+        });
+    }
+}
+
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        self.hosts.with_host(&self.host, Instant::now(), |state| {
+            if let Some(lane) = state.lanes.get_mut(self.index) {
+                lane.in_flight = lane.in_flight.saturating_sub(1);
+            }
+        });
+    }
 }
 
 /// How a request reaches its host.
@@ -253,6 +321,8 @@ impl Hosts {
             throttle: Throttle::new(now),
             answers: 0,
             throttled: 0,
+            h2: false,
+            lanes: Vec::new(),
         };
         let result = f(&mut state);
         hosts.insert(host.to_string(), state);
@@ -308,6 +378,44 @@ impl Hosts {
                 host: host.to_string(),
             })
         })
+    }
+
+    /// The connection (lane) of a request to `host` about to be sent, out of
+    /// `most`: the first, unless the host answers over HTTP/2 and has
+    /// `STREAMS_PER_CONNECTION` requests in flight on each of its lanes
+    /// open so far. Then another lane opens, up to `most`, its first request
+    /// alone until answered; with every lane full, the one with the fewest
+    /// requests in flight.
+    pub fn lane(self: &Arc<Self>, host: &str, most: usize) -> LaneGuard {
+        let index = self.with_host(host, Instant::now(), |state| {
+            if state.lanes.is_empty() {
+                state.lanes.push(Lane::default());
+            }
+            let lanes = &mut state.lanes;
+            let index = if !state.h2 || most <= 1 {
+                0
+            } else if let Some(free) = lanes
+                .iter()
+                .position(|lane| lane.answered && lane.in_flight < STREAMS_PER_CONNECTION)
+            {
+                free
+            } else if lanes.len() < most && lanes.iter().all(|lane| lane.answered) {
+                lanes.push(Lane::default());
+                lanes.len() - 1
+            } else {
+                (0..lanes.len())
+                    .filter(|&i| lanes[i].answered)
+                    .min_by_key(|&i| lanes[i].in_flight)
+                    .unwrap_or(0)
+            };
+            lanes[index].in_flight += 1;
+            index
+        });
+        LaneGuard {
+            hosts: self.clone(),
+            host: host.to_string(),
+            index,
+        }
     }
 
     /// Whether the connection of a request to `host` about to be sent
@@ -1069,6 +1177,43 @@ mod tests {
             drop(permit);
         }
         assert_eq!(kept, MOST_KEPT, "hosts called again within the keep-alive");
+    }
+
+    #[test]
+    fn a_host_over_http2_gets_another_lane_when_its_lanes_are_full() {
+        let hosts = Arc::new(Hosts::new(Politeness::default()));
+        let first = hosts.lane("h", 3);
+        assert_eq!(first.index(), 0);
+        // Before the host is known to speak HTTP/2, every request takes the
+        // first lane: over HTTP/1 the pool opens what it needs.
+        let before: Vec<_> = (0..STREAMS_PER_CONNECTION)
+            .map(|_| hosts.lane("h", 3))
+            .collect();
+        assert!(before.iter().all(|lane| lane.index() == 0));
+        drop(before);
+        first.answered(Some(true));
+        let full: Vec<_> = (1..STREAMS_PER_CONNECTION)
+            .map(|_| hosts.lane("h", 3))
+            .collect();
+        assert!(full.iter().all(|lane| lane.index() == 0));
+        let probe = hosts.lane("h", 3);
+        assert_eq!(probe.index(), 1, "the first lane is full");
+        // Until the new lane's first answer, the others wait on the least
+        // busy lane that is open.
+        let waiting = hosts.lane("h", 3);
+        assert_eq!(waiting.index(), 0);
+        drop(waiting);
+        probe.answered(Some(true));
+        let second: Vec<_> = (1..STREAMS_PER_CONNECTION)
+            .map(|_| hosts.lane("h", 3))
+            .collect();
+        assert!(second.iter().all(|lane| lane.index() == 1));
+        assert_eq!(hosts.lane("h", 3).index(), 2);
+        drop(full);
+        assert_eq!(hosts.lane("h", 3).index(), 0, "room on the first again");
+        assert_eq!(hosts.lane("h", 1).index(), 0, "a run with one lane");
+        first.answered(Some(false));
+        assert_eq!(hosts.lane("h", 3).index(), 0, "not HTTP/2 any more");
     }
 
     #[test]

@@ -33,7 +33,7 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 const SCHEMES: [&str; 4] = ["http", "https", "socks5", "socks5h"];
 
 /// The proxies for a run.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Proxies {
     /// For `http://` URLs.
     http: Option<ProxyUrl>,

@@ -38,7 +38,7 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 crate::context::define_context!(Error, Error::Invalid);
 
 /// What a client adds to reqwest's TLS defaults.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct ClientTls {
     /// Trusted in addition to the platform's roots.
     roots: Vec<reqwest::Certificate>,

@@ -110,6 +110,39 @@ fn an_http2_only_server_gets_its_streams_over_few_connections() {
 }
 
 #[test]
+fn a_server_allowing_fewer_streams_than_workers_gets_a_few_connections() {
+    // A connection carries at most the server's SETTINGS_MAX_CONCURRENT_STREAMS
+    // at once; more workers than that must not wait in line behind them.
+    let ca = TestCa::new("jobrun HTTP/2 test CA");
+    let server = H2Server::start_with_streams(&ca, Duration::from_millis(100), 50);
+    let urls: Vec<String> = (0..900)
+        .map(|i| server.url(&format!("/items/{i}.json")))
+        .collect();
+    let job = Job::new();
+    job.import(&urls);
+    let cacert = ca.write(&job.dir().join("ca.pem"));
+    assert_success(
+        &run(&job, &["--workers", "150", "--cacert", path_arg(&cacert)]),
+        "run against an HTTP/2 server allowing 50 streams per connection",
+    );
+    job.assert_all_files_are(&urls, |url| {
+        item_body(
+            item_of(url.strip_prefix(&server.url("")).expect("an item URL")).expect("an item"),
+        )
+    });
+    assert!(
+        server.most_streams_in_all() >= 100,
+        "at most {} streams at once from 150 workers, 50 allowed per connection",
+        server.most_streams_in_all()
+    );
+    assert!(
+        server.accepted() <= 3,
+        "{} connections for 150 workers at 50 streams each",
+        server.accepted()
+    );
+}
+
+#[test]
 fn a_private_ca_given_with_cacert_is_trusted_and_the_refusal_names_cacert() {
     let ca = TestCa::new("jobrun test CA");
     let server = Server::start_tls_with(ca.server_config(None), item_handler);

@@ -1,7 +1,7 @@
 //! An HTTP/2 server over TLS that speaks nothing else (ALPN `h2` only), on
 //! 127.0.0.1 with a port the system picks, serving items after a delay. It
 //! counts what a test asks of HTTP/2: the connections it accepted and the
-//! most streams it answered at once on one connection.
+//! most streams it answered at once, on one connection and on all of them.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -20,12 +20,21 @@ pub struct H2Server {
 struct Counts {
     accepted: AtomicUsize,
     most_streams: AtomicUsize,
+    /// Streams open now on all connections, and the most at one time.
+    open: AtomicUsize,
+    most_open: AtomicUsize,
 }
 
 impl H2Server {
     /// Serves `/items/<i>.json` with a certificate of `ca`, each answer
     /// `delay` after its request.
     pub fn start(ca: &TestCa, delay: Duration) -> H2Server {
+        H2Server::start_with_streams(ca, delay, 128)
+    }
+
+    /// The same, allowing `max_streams` streams at once per connection
+    /// (its SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub fn start_with_streams(ca: &TestCa, delay: Duration, max_streams: u32) -> H2Server {
         let mut config = (*ca.server_config(None)).clone();
         config.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
@@ -54,7 +63,11 @@ impl H2Server {
                         let Ok(tls) = acceptor.accept(stream).await else {
                             return;
                         };
-                        let Ok(mut connection) = h2::server::handshake(tls).await else {
+                        let Ok(mut connection) = h2::server::Builder::new()
+                            .max_concurrent_streams(max_streams)
+                            .handshake(tls)
+                            .await
+                        else {
                             return;
                         };
                         let open = Arc::new(AtomicUsize::new(0));
@@ -62,6 +75,8 @@ impl H2Server {
                             let (open, counts) = (open.clone(), counts.clone());
                             let now = open.fetch_add(1, Ordering::SeqCst) + 1;
                             counts.most_streams.fetch_max(now, Ordering::SeqCst);
+                            let in_all = counts.open.fetch_add(1, Ordering::SeqCst) + 1;
+                            counts.most_open.fetch_max(in_all, Ordering::SeqCst);
                             tokio::spawn(async move {
                                 tokio::time::sleep(delay).await;
                                 let (status, body) = match item_of(request.uri().path()) {
@@ -74,6 +89,7 @@ impl H2Server {
                                     .body(())
                                     .expect("a response");
                                 open.fetch_sub(1, Ordering::SeqCst);
+                                counts.open.fetch_sub(1, Ordering::SeqCst);
                                 if let Ok(mut send) = respond.send_response(response, false) {
                                     let _ = send.send_data(bytes::Bytes::from(body), true);
                                 }
@@ -93,6 +109,11 @@ impl H2Server {
     /// Connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.counts.accepted.load(Ordering::SeqCst)
+    }
+
+    /// The most streams open at one time on all connections together.
+    pub fn most_streams_in_all(&self) -> usize {
+        self.counts.most_open.load(Ordering::SeqCst)
     }
 
     /// The most streams one connection had open at one time.
