@@ -172,6 +172,7 @@ jobrun_parts() {
         mapfile -t durations < <(sqlite3 "$1.db" "SELECT duration_ms FROM urls WHERE state = 'done' ORDER BY 1" |
             awk '{ d[NR] = $1 } END { if (NR) for (p = 50; p < 100; p += (p < 90 ? 40 : 9)) print d[int((NR - 1) * p / 100) + 1] }')
     fi
+    [ ${#durations[@]} -eq 3 ] || durations=(- - -)
     echo "$2 $import $(awk -v a="$3" -v b="$import" 'BEGIN { print a - b }') ${durations[*]}"
 }
 
