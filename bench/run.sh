@@ -9,7 +9,9 @@
 # the tool and its children), CPU per URL, peak memory and, against the bench server, the
 # connections the tool opened (counted where the server accepts them), and whether every
 # run's files were right: exactly N files whose byte total and multiset of sha256s match
-# the data.
+# the data. For jobrun, whose time includes its import, it then gives the import's
+# seconds and the run's own URLs/s, and its requests' durations (50th, 90th and 99th
+# percentiles, as its database recorded them; needs the sqlite3 command).
 #
 # Settings (environment):
 #   SERVER=static      nginx serving files (when installed; else the bench server, no delay)
@@ -138,7 +140,7 @@ done
 command_for() {
     local tool=$1 out=$2 w=$3
     case $tool in
-    jobrun) echo "sh -c '$JOBRUN --db $out.db import $OUT/urls.txt 2>/dev/null && exec $JOBRUN --db $out.db run --out $out --workers $w${CACERT:+ --cacert $CACERT}'" ;;
+    jobrun) echo "sh -c '/usr/bin/time -f %e -o $out.import $JOBRUN --db $out.db import $OUT/urls.txt 2>/dev/null && exec $JOBRUN --db $out.db run --out $out --workers $w${CACERT:+ --cacert $CACERT}'" ;;
     curl)
         awk -v d="$out" '{ n = $0; sub(/.*\//, "", n); printf "url = \"%s\"\noutput = \"%s/%s\"\n", $0, d, n }' \
             "$OUT/urls.txt" > "$out.curl"
@@ -162,6 +164,21 @@ check() {
     else echo ok; fi
 }
 
+# For a jobrun run into $1 with $2 workers that took $3 s in all: the seconds of its
+# import, of the run alone, and the 50th, 90th and 99th percentiles of its requests'
+# durations in ms (from sending a request to the end of its body, as the database
+# recorded them; "-" without the sqlite3 command).
+jobrun_parts() {
+    local import durations=(- - -)
+    import=$(tail -n 1 "$1.import" 2>/dev/null || echo 0)
+    if command -v sqlite3 > /dev/null; then
+        mapfile -t durations < <(sqlite3 "$1.db" "SELECT duration_ms FROM urls WHERE state = 'done' ORDER BY 1" |
+            awk '{ d[NR] = $1 } END { if (NR) for (p = 50; p < 100; p += (p < 90 ? 40 : 9)) print d[int((NR - 1) * p / 100) + 1] }')
+    fi
+    [ ${#durations[@]} -eq 3 ] || durations=(- - -)
+    echo "$2 $import $(awk -v a="$3" -v b="$import" 'BEGIN { print a - b }') ${durations[*]}"
+}
+
 echo "== $N URLs, workers ${WORKERS[*]}, $RUNS rounds, server: $server_name" >&2
 for round in $(seq "$RUNS"); do
     # A different tool goes first in every round.
@@ -180,6 +197,7 @@ for round in $(seq "$RUNS"); do
             [ "$before" = - ] || [ "$after" = - ] || opened=$((after - before - 1))
             read -r secs user sys rss < <(tail -n 1 "$out.time")
             echo "$tool $w $secs $user $sys $rss $(check "$out") $opened" | tee -a "$OUT/results" >&2
+            [ "$tool" != jobrun ] || jobrun_parts "$out" "$w" "$secs" >> "$OUT/jobrun-parts"
         done
     done
 done
@@ -204,3 +222,16 @@ for w in "${WORKERS[@]}"; do
                       bad ? "FAIL" bad : "ok" }' "$OUT/results"
     done
 done
+# jobrun's time above includes its import: the two apart, and its requests' durations.
+if [ -s "$OUT/jobrun-parts" ]; then for w in "${WORKERS[@]}"; do
+    awk -v w="$w" -v n="$N" '
+        function median(a, k,   i, j, x) {
+            for (i = 2; i <= k; i++) { x = a[i]; for (j = i - 1; j > 0 && a[j] > x; j--) a[j + 1] = a[j]; a[j + 1] = x }
+            return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+        }
+        $1 == w { k++; imp[k] = $2; run[k] = n / $3; p50[k] = $4; p90[k] = $5; p99[k] = $6 }
+        END { if (!k) exit
+              printf "jobrun W=%s: import %.2f s, the run alone %.0f URLs/s; requests p50 %s ms, p90 %s, p99 %s (medians of %d)\n",
+                  w, median(imp, k), median(run, k), p50[1] == "-" ? "-" : median(p50, k),
+                  p90[1] == "-" ? "-" : median(p90, k), p99[1] == "-" ? "-" : median(p99, k), k }' "$OUT/jobrun-parts"
+done; fi
