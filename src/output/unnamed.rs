@@ -84,28 +84,9 @@ impl Unnamed {
             next: AtomicUsize::new(0),
         });
         let at = folders.clone();
-        // Fills the queue, then waits to be woken. Ends when the run drops
-        // `ahead`, or on the first error (files are then created on the
-        // spot, which reports it).
         let made = std::thread::Builder::new()
             .name("jobrun-tmpfiles".into())
-            .spawn(move || {
-                let mut spare = None;
-                loop {
-                    let fd = match spare.take().map_or_else(|| at.create(), Ok) {
-                        Ok(fd) => fd,
-                        Err(_) => return,
-                    };
-                    match ready.try_send(fd) {
-                        Ok(()) => {}
-                        Err(flume::TrySendError::Full(fd)) => {
-                            spare = Some(fd);
-                            std::thread::park();
-                        }
-                        Err(flume::TrySendError::Disconnected(_)) => return,
-                    }
-                }
-            })
+            .spawn(move || fill(&ready, || at.create()))
             .ok()?;
         Some(Unnamed {
             ahead: Some(ahead),
@@ -170,6 +151,35 @@ impl Unnamed {
 
     fn held(&self) -> MutexGuard<'_, HashMap<i64, Arc<File>>> {
         self.written.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Fills `ready` with files from `create`, then waits to be woken. Ends
+/// when the run drops the receiving end. A create that fails (descriptors
+/// or space short for a while) is tried again when the thread is next
+/// woken, that is once a file is taken: meanwhile files are created on the
+/// spot, which reports the error if it lasts.
+fn fill(ready: &flume::Sender<OwnedFd>, mut create: impl FnMut() -> rustix::io::Result<OwnedFd>) {
+    let mut spare = None;
+    loop {
+        let fd = match spare.take().map_or_else(&mut create, Ok) {
+            Ok(fd) => fd,
+            Err(_) => {
+                std::thread::park();
+                if ready.is_disconnected() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match ready.try_send(fd) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(fd)) => {
+                spare = Some(fd);
+                std::thread::park();
+            }
+            Err(flume::TrySendError::Disconnected(_)) => return,
+        }
     }
 }
 
@@ -337,28 +347,68 @@ mod tests {
         assert!(dir.path().join("b").exists());
     }
 
+    /// Waits until the queue holds `AHEAD` files, polling; its length
+    /// after 30 s otherwise.
+    fn filled(queue: &flume::Receiver<OwnedFd>) -> usize {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while queue.len() < AHEAD && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        queue.len()
+    }
+
     #[test]
     fn the_thread_refills_what_is_taken_and_ends_with_the_run() {
         let (_dir, folder) = run_folder();
         let unnamed = Unnamed::start(&folder, [folder.as_fd()]).unwrap();
         let queue = unnamed.ahead.as_ref().unwrap();
-        let filled = |queue: &flume::Receiver<OwnedFd>| {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while queue.len() < AHEAD && std::time::Instant::now() < deadline {
-                std::thread::yield_now();
-            }
-            queue.len()
-        };
         assert_eq!(filled(queue), AHEAD, "the thread fills the queue at start");
-        for id in 0..(3 * AHEAD as i64) {
-            unnamed.create(id).unwrap().unwrap();
+        // The thread is woken only by a take that leaves half or fewer: it
+        // may have filled the queue again and gone back to sleep while the
+        // takes went on, so they go on until the last one wakes it. Only
+        // this test takes, so the length read after a take is at least
+        // the one the take saw.
+        let mut taken = 0;
+        while taken < 3 * AHEAD || queue.len() > AHEAD / 2 {
+            unnamed.create(taken as i64).unwrap().unwrap();
+            taken += 1;
         }
         let (ahead, on_the_spot) = unnamed.counts();
-        assert_eq!(ahead + on_the_spot, 3 * AHEAD as u64);
+        assert_eq!(ahead + on_the_spot, taken as u64);
         assert!(ahead > 0, "none came from the thread");
-        // Half taken wakes it, and it fills the queue again.
-        assert_eq!(filled(queue), AHEAD);
+        assert_eq!(
+            filled(queue),
+            AHEAD,
+            "woken, the thread fills the queue again"
+        );
         // Dropping it waits for the thread to end.
         drop(unnamed);
+    }
+
+    #[test]
+    fn a_failed_create_is_tried_again_once_the_thread_is_woken() {
+        let (_dir, folder) = run_folder();
+        let (ready, ahead) = flume::bounded(AHEAD);
+        let mut failed = false;
+        let filler = std::thread::spawn(move || {
+            fill(&ready, || {
+                if failed {
+                    create(folder.as_fd())
+                } else {
+                    failed = true;
+                    Err(Errno::MFILE)
+                }
+            })
+        });
+        // As a take does; a wake before the thread sleeps is kept for it.
+        filler.thread().unpark();
+        for n in 0..AHEAD {
+            if let Err(error) = ahead.recv_timeout(std::time::Duration::from_secs(60)) {
+                panic!("file {n} after a failed create: {error:?}");
+            }
+        }
+        drop(ahead);
+        filler.thread().unpark();
+        filler.join().unwrap();
     }
 }

@@ -84,10 +84,27 @@ impl SqliteStore {
 
     /// Takes back the rows of every unfinished run that `liveness` finds
     /// dead, for a run that has nothing left to claim while others hold URLs.
+    /// A run waiting for others asks several times a second: it reads
+    /// first, and takes the write lock (which the runs it waits for need
+    /// for their own commits) only when there is something to take back.
     pub(super) fn reclaim_dead_runs(
         &mut self,
         liveness: &dyn Fn(&RunInfo) -> Liveness,
     ) -> Result<Reclaimed> {
+        let unfinished = unfinished_runs(&self.conn)?;
+        let any_dead = unfinished
+            .iter()
+            .any(|run| liveness(run).outcome().is_some());
+        if !any_dead
+            && !self
+                .conn
+                .query_row(&format!("SELECT EXISTS ({ORPHANS})"), [], |row| row.get(0))?
+        {
+            return Ok(Reclaimed {
+                live: unfinished,
+                ..Reclaimed::default()
+            });
+        }
         let tx = self.write_transaction()?;
         let reclaimed = reclaim_dead_runs(&tx, liveness)?;
         tx.commit()?;
@@ -168,12 +185,7 @@ fn reclaim_dead_runs(
     tx: &Transaction<'_>,
     liveness: &dyn Fn(&RunInfo) -> Liveness,
 ) -> Result<Reclaimed> {
-    let unfinished = tx
-        .prepare(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE ended_at IS NULL"
-        ))?
-        .query_map([], run_from_row)?
-        .collect::<Result<Vec<_>, _>>()?;
+    let unfinished = unfinished_runs(tx)?;
     let mut reclaimed = Reclaimed::default();
     for run in unfinished {
         let state = liveness(&run);
@@ -197,11 +209,98 @@ fn reclaim_dead_runs(
     reclaimed.rows += tx.execute(
         &format!(
             "UPDATE urls SET state = {UNCLAIMED}, interrupted = interrupted + 1
-             WHERE state = 'running'
-               AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = urls.run_id
-                               AND runs.ended_at IS NULL)"
+             WHERE id IN ({ORPHANS})"
         ),
         [],
     )? as u64;
     Ok(reclaimed)
+}
+
+/// Running rows whose run has ended or was never recorded.
+const ORPHANS: &str = "SELECT id FROM urls WHERE state = 'running'
+    AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = urls.run_id AND runs.ended_at IS NULL)";
+
+/// The runs that have not recorded their end.
+fn unfinished_runs(conn: &rusqlite::Connection) -> Result<Vec<RunInfo>> {
+    let runs = conn
+        .prepare(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE ended_at IS NULL"
+        ))?
+        .query_map([], run_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{HostFilter, NewUrl, Work};
+    use crate::store::{Open, OpenOptions};
+    use std::time::Duration;
+
+    /// A store holding one URL, claimed by a run; the store waits 100 ms
+    /// for another process's write lock.
+    fn one_url_claimed(dir: &std::path::Path) -> (SqliteStore, RunId) {
+        let mut options = OpenOptions::new(Open::CreateIfMissing);
+        options.lock_wait = Duration::from_millis(100);
+        let mut store = SqliteStore::open(&dir.join("jobs.db"), &options).unwrap();
+        store
+            .import(&[NewUrl {
+                url: "http://example.test/a",
+                request: None,
+                request_hash: "",
+                host: "example.test",
+                path: "a",
+                named: false,
+            }])
+            .unwrap();
+        let start = RunStart {
+            pid: std::process::id(),
+            pid_ns: None,
+            host: "test".into(),
+            boot_id: "boot".into(),
+            proc_start: 1,
+            command: "jobrun run".into(),
+        };
+        let run = store.start_run(&start, &|_| Liveness::Alive).unwrap().id;
+        let claims = store
+            .complete_and_claim(run, &[], 1, &HostFilter::default(), Work::Fetch)
+            .unwrap();
+        assert_eq!(claims.len(), 1);
+        (store, run)
+    }
+
+    #[test]
+    fn with_nothing_to_take_back_the_write_lock_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, run) = one_url_claimed(dir.path());
+        let other_process = rusqlite::Connection::open(dir.path().join("jobs.db")).unwrap();
+        other_process.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let reclaimed = store
+            .reclaim_dead_runs(&|_| Liveness::Alive)
+            .expect("a run found alive needs no write");
+        assert_eq!(reclaimed.rows, 0);
+        assert!(reclaimed.dead.is_empty());
+        let live: Vec<RunId> = reclaimed.live.iter().map(|run| run.id).collect();
+        assert_eq!(live, [run]);
+        other_process.execute_batch("COMMIT").unwrap();
+
+        let reclaimed = store.reclaim_dead_runs(&|_| Liveness::Gone).unwrap();
+        assert_eq!(reclaimed.rows, 1);
+        assert_eq!(reclaimed.dead, [(run, Liveness::Gone)]);
+        assert!(reclaimed.live.is_empty());
+    }
+
+    #[test]
+    fn a_running_row_of_an_ended_run_is_taken_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, run) = one_url_claimed(dir.path());
+        store
+            .conn
+            .execute("UPDATE runs SET ended_at = 1 WHERE id = ?1", [run.0])
+            .unwrap();
+        let reclaimed = store.reclaim_dead_runs(&|_| Liveness::Alive).unwrap();
+        assert_eq!(reclaimed.rows, 1);
+        assert!(reclaimed.live.is_empty());
+    }
 }
