@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -26,25 +27,36 @@ fn kill_9_mid_run_then_resume_gets_every_file_right() {
         "{report}"
     );
 
-    let resumed_at = Instant::now();
-    let before = server.hit_count();
-    let child = job.spawn_run(&["--workers", "8"]);
-    wait_for(
-        Duration::from_secs(10),
-        "the resumed run's first request",
-        || server.hit_count() > before,
-    );
-    let first_request = resumed_at.elapsed();
-    let output = child.wait_with_output().unwrap();
+    let done_at_the_kill: HashSet<String> = job
+        .export()
+        .into_iter()
+        .filter(|(_, row)| row["state"] == "done")
+        .map(|(url, _)| url)
+        .collect();
+
+    let output = job
+        .spawn_run(&["--workers", "8"])
+        .wait_with_output()
+        .unwrap();
     assert_success(&output, "resumed run");
-    assert!(
-        first_request < Duration::from_secs(2),
-        "first request after {first_request:?}"
-    );
+    // The killed run's URLs were taken back when the run started, not
+    // after waiting for its heartbeat to grow old: a run that waited
+    // would first say it was waiting for the killed one.
+    let said = stderr(&output);
+    assert!(said.contains("was cut short"), "{said}");
+    assert!(said.contains("took back"), "{said}");
+    assert!(!said.contains("nothing left to claim"), "{said}");
     job.assert_all_files_right(&server, &urls);
-    // Only the requests cut short by the kill were repeated.
-    let repeated: usize = server.hits_per_path().values().map(|n| n - 1).sum();
-    assert!(repeated <= 8 + 2 * 16, "{repeated} URLs fetched twice");
+    // A kill costs at most a re-fetch: of a URL not yet done when it came,
+    // once. How many were under way depends on how far the disk had got.
+    for (path, hits) in server.hits_per_path() {
+        let url = server.url(&path);
+        assert!(hits <= 2, "{url} fetched {hits} times");
+        assert!(
+            hits == 1 || !done_at_the_kill.contains(&url),
+            "{url} was done before the kill and fetched again"
+        );
+    }
     assert_eq!(job.report_json()["last_run"]["state"], "finished");
     for row in job.export().values() {
         assert_eq!(row["attempts"], 1, "a kill costs no attempt: {row}");
