@@ -133,6 +133,15 @@ thread_local! {
     /// The wait a relay running on this thread gave up on, until the error
     /// of the statement that waited takes it.
     static GAVE_UP: RefCell<Option<Unanswered>> = const { RefCell::new(None) };
+    /// Why a relay running on this thread could not reach the server's
+    /// socket, until the error of the connection that waited takes it.
+    static UNREACHABLE: RefCell<Option<io::Error>> = const { RefCell::new(None) };
+}
+
+/// Why the relay of a connection that failed could not reach the server's
+/// socket (which does not exist, say), with the socket's path.
+pub fn relay_unreachable() -> Option<io::Error> {
+    UNREACHABLE.with(|unreachable| unreachable.borrow_mut().take())
 }
 
 /// The wait a relay gave up on, if `error` is what the client met then: its
@@ -215,8 +224,15 @@ impl UnixRelay {
         let server =
             match tokio::time::timeout(wait, tokio::net::UnixStream::connect(&self.server)).await {
                 Ok(Ok(server)) => server,
-                // The client reads the end of its connection.
-                Ok(Err(_)) => return,
+                // The client reads the end of its connection; this says why.
+                Ok(Err(error)) => {
+                    let error = io::Error::new(
+                        error.kind(),
+                        format!("cannot connect to {}: {error}", self.server.display()),
+                    );
+                    UNREACHABLE.with(|unreachable| *unreachable.borrow_mut() = Some(error));
+                    return;
+                }
                 Err(_) => {
                     GAVE_UP.with(|gave_up| *gave_up.borrow_mut() = Some(limit.unanswered(wait)));
                     return;

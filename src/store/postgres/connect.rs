@@ -166,7 +166,11 @@ pub fn connect(url: &str, lock_wait: Duration, limit: Arc<AnswerLimit>) -> Resul
     };
     let mut client = client.map_err(|error| match unanswered(&error) {
         Some(unanswered) => Error::from(unanswered),
-        None => Error::from(error).context(format!(
+        None => match bounded::relay_unreachable() {
+            Some(unreachable) => Error::from(unreachable),
+            None => Error::from(error),
+        }
+        .context(format!(
             "cannot connect to PostgreSQL at {name}: is the server running and reachable, \
              and are the user, password and database right?"
         )),
