@@ -642,47 +642,13 @@ fn every_command_gives_up_on_a_server_that_stops_answering() {
                 url.replace("sslmode=disable", "sslmode=prefer")
             }
         };
-        let started = Instant::now();
-        let mut child = job
-            .job
-            .command_on(&url)
-            .arg("--db-timeout")
-            .arg("2s")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start jobrun");
-        let gave_up = (|| {
-            while started.elapsed() < Duration::from_secs(30) {
-                if child.try_wait().expect("poll jobrun").is_some() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            false
-        })();
-        let took = started.elapsed();
-        if !gave_up {
-            let _ = child.kill();
-        }
-        let output = child.wait_with_output().expect("jobrun's output");
-        let err = stderr(&output);
-        assert!(gave_up, "{what}: still waiting after {took:?}; {err}");
-        assert_eq!(output.status.code(), Some(2), "{what}: {err}");
-        assert!(err.contains("has not answered for"), "{what}: {err}");
-        assert!(
-            err.contains("longer than --db-timeout (2s)"),
-            "{what}: {err}"
+        gives_up_within(
+            job.job.command_on(&url),
+            args,
+            what,
+            limit,
+            "postgres:***@127.0.0.1:",
         );
-        assert!(err.contains("postgres:***@127.0.0.1:"), "{what}: {err}");
-        assert!(
-            !err.contains("secret") && !err.contains("panicked"),
-            "{what}: {err}"
-        );
-        // The limit, and a run's connection's lead over its watch.
-        assert!(took >= limit, "{what}: {took:?}");
-        assert!(took < limit + Duration::from_secs(12), "{what}: {took:?}");
     }
 
     let again = job.jobrun(&["import", "more.txt"]);
@@ -932,46 +898,13 @@ fn every_command_gives_up_on_a_server_that_stops_answering_on_its_unix_socket() 
             Some(statement) => relay.freeze_on(statement.as_bytes()),
             None => relay.freeze(),
         }
-        let started = Instant::now();
-        let mut child = job
-            .job
-            .command_on(via(&relay))
-            .arg("--db-timeout")
-            .arg("2s")
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start jobrun");
-        let gave_up = (|| {
-            while started.elapsed() < Duration::from_secs(30) {
-                if child.try_wait().expect("poll jobrun").is_some() {
-                    return true;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            false
-        })();
-        let took = started.elapsed();
-        if !gave_up {
-            let _ = child.kill();
-        }
-        let output = child.wait_with_output().expect("jobrun's output");
-        let err = stderr(&output);
-        assert!(gave_up, "{what}: still waiting after {took:?}; {err}");
-        assert_eq!(output.status.code(), Some(2), "{what}: {err}");
-        assert!(err.contains("has not answered for"), "{what}: {err}");
-        assert!(
-            err.contains("longer than --db-timeout (2s)"),
-            "{what}: {err}"
+        gives_up_within(
+            job.job.command_on(via(&relay)),
+            args,
+            what,
+            limit,
+            "postgres:***@%2F",
         );
-        assert!(err.contains("postgres:***@%2F"), "{what}: {err}");
-        assert!(
-            !err.contains("secret") && !err.contains("panicked"),
-            "{what}: {err}"
-        );
-        assert!(took >= limit, "{what}: {took:?}");
-        assert!(took < limit + Duration::from_secs(12), "{what}: {took:?}");
     }
 
     // Nothing recorded was lost: the import was not, and adds its URLs now.
@@ -982,4 +915,49 @@ fn every_command_gives_up_on_a_server_that_stops_answering_on_its_unix_socket() 
         "{}",
         stderr(&again)
     );
+}
+
+/// Runs jobrun's `args` on `command` with `--db-timeout` at `limit`, against
+/// a server that stopped answering (`what` waits for it), and checks that it
+/// gives up within the limit and a run's lead over its watch, with exit 2
+/// and a message that names the database as `shown` (the password hidden).
+fn gives_up_within(mut command: Command, args: &[&str], what: &str, limit: Duration, shown: &str) {
+    let started = Instant::now();
+    let mut child = command
+        .arg("--db-timeout")
+        .arg(format!("{}s", limit.as_secs()))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun");
+    let gave_up = (|| {
+        while started.elapsed() < Duration::from_secs(30) {
+            if child.try_wait().expect("poll jobrun").is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    })();
+    let took = started.elapsed();
+    if !gave_up {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("jobrun's output");
+    let err = stderr(&output);
+    assert!(gave_up, "{what}: still waiting after {took:?}; {err}");
+    assert_eq!(output.status.code(), Some(2), "{what}: {err}");
+    assert!(err.contains("has not answered for"), "{what}: {err}");
+    assert!(
+        err.contains(&format!("longer than --db-timeout ({}s)", limit.as_secs())),
+        "{what}: {err}"
+    );
+    assert!(err.contains(shown), "{what}: {err}");
+    assert!(
+        !err.contains("secret") && !err.contains("panicked"),
+        "{what}: {err}"
+    );
+    assert!(took >= limit, "{what}: {took:?}");
+    assert!(took < limit + Duration::from_secs(12), "{what}: {took:?}");
 }
