@@ -294,21 +294,7 @@ impl TcpRelay {
                     let Ok(client) = client else { continue };
                     let frozen = frozen.clone();
                     thread::spawn(move || {
-                        frozen.wait_until_thawed();
-                        let Ok(server) = TcpStream::connect(target) else {
-                            return;
-                        };
-                        let (Ok(client_read), Ok(server_read)) =
-                            (client.try_clone(), server.try_clone())
-                        else {
-                            return;
-                        };
-                        let upstream = {
-                            let frozen = frozen.clone();
-                            thread::spawn(move || pump(client_read, server, &frozen, true))
-                        };
-                        pump(server_read, client, &frozen, false);
-                        let _ = upstream.join();
+                        relay_one(client, || TcpStream::connect(target), &frozen)
                     });
                 }
             });
@@ -345,13 +331,19 @@ impl Drop for TcpRelay {
 }
 
 /// A stream a relay copies, and closes for writing when done.
-trait Pipe: Read + Write {
+trait Pipe: Read + Write + Send + Sized + 'static {
     fn close_write(&self);
+    /// The same stream again, for reading while the other copy writes.
+    fn other_end(&self) -> io::Result<Self>;
 }
 
 impl Pipe for TcpStream {
     fn close_write(&self) {
         let _ = self.shutdown(Shutdown::Write);
+    }
+
+    fn other_end(&self) -> io::Result<Self> {
+        self.try_clone()
     }
 }
 
@@ -359,6 +351,28 @@ impl Pipe for UnixStream {
     fn close_write(&self) {
         let _ = self.shutdown(Shutdown::Write);
     }
+
+    fn other_end(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+/// Relays one client to a new connection to the server (`connect`), made
+/// once the relay is not frozen, both ways until either side closes.
+fn relay_one<P: Pipe>(client: P, connect: impl FnOnce() -> io::Result<P>, frozen: &Arc<Frozen>) {
+    frozen.wait_until_thawed();
+    let Ok(server) = connect() else {
+        return;
+    };
+    let (Ok(client_read), Ok(server_read)) = (client.other_end(), server.other_end()) else {
+        return;
+    };
+    let upstream = {
+        let frozen = frozen.clone();
+        thread::spawn(move || pump(client_read, server, &frozen, true))
+    };
+    pump(server_read, client, frozen, false);
+    let _ = upstream.join();
 }
 
 /// [`TcpRelay`] for a server's Unix socket: a socket named as the server's
@@ -391,21 +405,7 @@ impl UnixRelay {
                     let frozen = frozen.clone();
                     let target = target.clone();
                     thread::spawn(move || {
-                        frozen.wait_until_thawed();
-                        let Ok(server) = UnixStream::connect(&target) else {
-                            return;
-                        };
-                        let (Ok(client_read), Ok(server_read)) =
-                            (client.try_clone(), server.try_clone())
-                        else {
-                            return;
-                        };
-                        let upstream = {
-                            let frozen = frozen.clone();
-                            thread::spawn(move || pump(client_read, server, &frozen, true))
-                        };
-                        pump(server_read, client, &frozen, false);
-                        let _ = upstream.join();
+                        relay_one(client, || UnixStream::connect(&target), &frozen)
                     });
                 }
             });
