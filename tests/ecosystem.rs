@@ -82,21 +82,7 @@ fn an_http2_only_server_gets_its_streams_over_few_connections() {
     // and many requests share a connection instead of opening one each.
     let ca = TestCa::new("jobrun HTTP/2 test CA");
     let server = H2Server::start(&ca, Duration::from_millis(20));
-    let urls: Vec<String> = (0..400)
-        .map(|i| server.url(&format!("/items/{i}.json")))
-        .collect();
-    let job = Job::new();
-    job.import(&urls);
-    let cacert = ca.write(&job.dir().join("ca.pem"));
-    assert_success(
-        &run(&job, &["--workers", "50", "--cacert", path_arg(&cacert)]),
-        "run against an HTTP/2-only server",
-    );
-    job.assert_all_files_are(&urls, |url| {
-        item_body(
-            item_of(url.strip_prefix(&server.url("")).expect("an item URL")).expect("an item"),
-        )
-    });
+    fetch_items_over_h2(&ca, &server, 400, "50", "run against an HTTP/2-only server");
     assert!(
         server.most_streams_at_once() >= 10,
         "at most {} streams at once on one connection, with 50 workers",
@@ -115,21 +101,13 @@ fn a_server_allowing_fewer_streams_than_workers_gets_a_few_connections() {
     // at once; more workers than that must not wait in line behind them.
     let ca = TestCa::new("jobrun HTTP/2 test CA");
     let server = H2Server::start_with_streams(&ca, Duration::from_millis(100), 50);
-    let urls: Vec<String> = (0..900)
-        .map(|i| server.url(&format!("/items/{i}.json")))
-        .collect();
-    let job = Job::new();
-    job.import(&urls);
-    let cacert = ca.write(&job.dir().join("ca.pem"));
-    assert_success(
-        &run(&job, &["--workers", "150", "--cacert", path_arg(&cacert)]),
+    fetch_items_over_h2(
+        &ca,
+        &server,
+        900,
+        "150",
         "run against an HTTP/2 server allowing 50 streams per connection",
     );
-    job.assert_all_files_are(&urls, |url| {
-        item_body(
-            item_of(url.strip_prefix(&server.url("")).expect("an item URL")).expect("an item"),
-        )
-    });
     assert!(
         server.most_streams_in_all() >= 100,
         "at most {} streams at once from 150 workers, 50 allowed per connection",
@@ -719,4 +697,25 @@ fn completions_name_every_new_option() {
             "bash: no {short} in {run_options}"
         );
     }
+}
+
+/// Fetches `count` items of `server` (its certificate from `ca`) with
+/// `workers`, and checks that the run succeeded (`what`) and every file is
+/// the item's body.
+fn fetch_items_over_h2(ca: &TestCa, server: &H2Server, count: usize, workers: &str, what: &str) {
+    let urls: Vec<String> = (0..count)
+        .map(|i| server.url(&format!("/items/{i}.json")))
+        .collect();
+    let job = Job::new();
+    job.import(&urls);
+    let cacert = ca.write(&job.dir().join("ca.pem"));
+    assert_success(
+        &run(&job, &["--workers", workers, "--cacert", path_arg(&cacert)]),
+        what,
+    );
+    job.assert_all_files_are(&urls, |url| {
+        item_body(
+            item_of(url.strip_prefix(&server.url("")).expect("an item URL")).expect("an item"),
+        )
+    });
 }
