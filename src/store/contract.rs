@@ -35,7 +35,9 @@ fn store_with(fresh: Fresh<'_>, names: &[&str]) -> Box<dyn Store> {
     store
 }
 
-fn start(store: &mut dyn Store, others: Liveness) -> RunId {
+/// Starts a run of this process, with `others` as every other run's
+/// liveness.
+pub(crate) fn start(store: &mut dyn Store, others: Liveness) -> RunId {
     let me = RunStart {
         pid: std::process::id(),
         pid_ns: None,

@@ -254,15 +254,7 @@ mod tests {
                 named: false,
             }])
             .unwrap();
-        let start = RunStart {
-            pid: std::process::id(),
-            pid_ns: None,
-            host: "test".into(),
-            boot_id: "boot".into(),
-            proc_start: 1,
-            command: "jobrun run".into(),
-        };
-        let run = store.start_run(&start, &|_| Liveness::Alive).unwrap().id;
+        let run = crate::store::contract::start(&mut store, Liveness::Alive);
         let claims = store
             .complete_and_claim(run, &[], 1, &HostFilter::default(), Work::Fetch)
             .unwrap();
