@@ -176,13 +176,13 @@ struct Lane {
 
 /// The connection a request goes over (see `Hosts::lane`); dropping it
 /// frees its place there.
-pub struct LaneGuard {
-    hosts: Arc<Hosts>,
-    host: String,
+pub struct LaneGuard<'a> {
+    hosts: &'a Hosts,
+    host: &'a str,
     index: usize,
 }
 
-impl LaneGuard {
+impl LaneGuard<'_> {
     /// Which of the host's connections: 0 for its first.
     pub fn index(&self) -> usize {
         self.index
@@ -191,7 +191,7 @@ impl LaneGuard {
     /// The request got an answer (over HTTP/2 or not: `over_h2`), or
     /// failed to (None): the lane's connection is known now.
     pub fn answered(&self, over_h2: Option<bool>) {
-        self.hosts.with_host(&self.host, Instant::now(), |state| {
+        self.hosts.with_host(self.host, Instant::now(), |state| {
             if let Some(over_h2) = over_h2 {
                 state.h2 = over_h2;
             }
@@ -202,9 +202,9 @@ impl LaneGuard {
     }
 }
 
-impl Drop for LaneGuard {
+impl Drop for LaneGuard<'_> {
     fn drop(&mut self) {
-        self.hosts.with_host(&self.host, Instant::now(), |state| {
+        self.hosts.with_host(self.host, Instant::now(), |state| {
             if let Some(lane) = state.lanes.get_mut(self.index) {
                 lane.in_flight = lane.in_flight.saturating_sub(1);
             }
@@ -386,7 +386,7 @@ impl Hosts {
     /// open so far. Then another lane opens, up to `most`, its first request
     /// alone until answered; with every lane full, the one with the fewest
     /// requests in flight.
-    pub fn lane(self: &Arc<Self>, host: &str, most: usize) -> LaneGuard {
+    pub fn lane<'a>(&'a self, host: &'a str, most: usize) -> LaneGuard<'a> {
         let index = self.with_host(host, Instant::now(), |state| {
             if state.lanes.is_empty() {
                 state.lanes.push(Lane::default());
@@ -412,8 +412,8 @@ impl Hosts {
             index
         });
         LaneGuard {
-            hosts: self.clone(),
-            host: host.to_string(),
+            hosts: self,
+            host,
             index,
         }
     }
