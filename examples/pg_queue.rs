@@ -20,6 +20,7 @@
 //! what a kept schema still holds (a 10,000,000-row fill takes minutes). It
 //! also prints the five slowest calls, numbered run after run.
 
+use std::io::Write;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -95,12 +96,38 @@ fn main() -> Result<()> {
     let separator = if base.contains('?') { '&' } else { '?' };
     let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
     let result = bench(&url, &options, &mut admin);
-    if options.keep || options.reuse.is_some() {
-        println!("kept: --db '{url}' (DROP SCHEMA {schema} CASCADE when done)");
+    let result = if options.keep || options.reuse.is_some() {
+        // Said even when the benchmark failed: the schema is still there.
+        let said = say(format_args!(
+            "kept: --db '{url}' (DROP SCHEMA {schema} CASCADE when done)"
+        ));
+        result.and(said)
     } else {
         admin.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))?;
+        result
+    };
+    match result {
+        Err(e) if stdout_closed(&e) => Ok(()),
+        result => result,
     }
-    result
+}
+
+/// Prints a line of the report. Whoever reads it may stop early (`| head
+/// -1`): a closed stdout is an error that ends the benchmark, not a panic,
+/// so that its schema is still dropped, and `main` then exits quietly.
+fn say(line: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+/// Whether `error` is a write to a stdout that nobody reads any more.
+fn stdout_closed(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 fn open(url: &str) -> Result<PostgresStore> {
@@ -116,27 +143,27 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
     let started = Instant::now();
     if options.reuse.is_some() {
         let counts = store.state_counts()?;
-        println!(
+        say(format_args!(
             "reused: {} rows pending, {} done",
             counts.pending, counts.done
-        );
+        ))?;
     } else if options.fill {
         fill(url, options.urls)?;
-        println!(
+        say(format_args!(
             "fill: {} rows in {:.2} s",
             options.urls,
             started.elapsed().as_secs_f64()
-        );
+        ))?;
     } else {
         let cpu_before = server_cpu(admin)?;
         let imported = import(&mut store, options.urls, options.import_batch)?;
         let secs = started.elapsed().as_secs_f64();
         let cpu = server_cpu(admin)? - cpu_before;
-        println!(
+        say(format_args!(
             "import: {imported} URLs in {secs:.2} s ({:.0} URLs/s); server CPU {:.1} µs per URL",
             imported as f64 / secs,
             cpu * 1e6 / imported.max(1) as f64
-        );
+        ))?;
     }
     let done_before = store.state_counts()?.done;
     // The runs start together, and stop together before their connections
@@ -176,7 +203,7 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         .collect();
     calls.sort();
     let at = |q: f64| calls[((calls.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
-    println!(
+    say(format_args!(
         "claim+complete: {jobs} jobs in {secs:.2} s ({:.0} jobs/s), {} run(s), batches of {}; \
          per call: median {:.1} ms, p99 {:.1} ms, {} calls; server CPU {:.1} µs per job",
         jobs as f64 / secs,
@@ -186,11 +213,11 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
         at(0.99),
         calls.len(),
         cpu * 1e6 / jobs.max(1) as f64
-    );
-    println!(
+    ))?;
+    say(format_args!(
         "slowest calls (numbered run after run): {}",
         slowest.join(", ")
-    );
+    ))?;
     let counts = store.state_counts()?;
     let drained = options.batches.is_none() && options.reuse.is_none();
     if counts.done.saturating_sub(done_before) != jobs as u64 || (drained && jobs != options.urls) {
@@ -305,7 +332,7 @@ fn fill(url: &str, urls: usize) -> Result<()> {
     // The fill's gigabytes written out now, not while the claims are timed
     // (needs a superuser or pg_checkpoint; skipped without).
     if let Err(e) = client.batch_execute("CHECKPOINT") {
-        println!("no CHECKPOINT after the fill: {e}");
+        say(format_args!("no CHECKPOINT after the fill: {e}"))?;
     }
     Ok(())
 }

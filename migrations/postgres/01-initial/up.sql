@@ -89,7 +89,9 @@ FROM jobs j LEFT JOIN requests r ON r.id = j.id;
 
 -- Counters kept in the statements that change jobs, one slot per database connection (its
 -- backend pid) so that runs never wait on each other's counters. Import adds its rows
--- itself; every update is counted by the trigger below.
+-- itself, and so does a claim of pending rows (the commonest update, and one that moves rows
+-- from pending to running and changes nothing else counted); every other update is counted
+-- by the trigger below.
 CREATE TABLE tallies (
     slot   integer NOT NULL,
     state  text NOT NULL,
@@ -207,9 +209,16 @@ CREATE TABLE requeues (
 -- (a row's attempts went up; answer_status says how it was answered) go in as one row of
 -- host_changes; a claim, which only moves rows from pending to running, which count alike
 -- there, finishes no attempt and changes no host, skips that part. Rows back to pending as
--- never tried leave a row in requeues.
+-- never tried leave a row in requeues. A statement that counted its own rows says so by
+-- setting jobrun.counted to 'claim' for the rest of its transaction, in the same query that
+-- adds its counts (so only once it has rows to count); the trigger then counts nothing and
+-- clears it, so that the statements after it are counted again.
 CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF current_setting('jobrun.counted', true) = 'claim' THEN
+        PERFORM set_config('jobrun.counted', '', true);
+        RETURN NULL;
+    END IF;
     WITH d AS (
         SELECT id, state, http_status, bytes, error, refresh_round, refresh, -1 AS n
         FROM changed_old

@@ -94,6 +94,26 @@ const CLAIM_FETCH: &str = "WITH start AS (
             (SELECT id FROM start)) AS id,
             (SELECT max(id) FROM requeues) AS seen)";
 
+/// What a claim of pending rows changes in the counters, added by the claim
+/// itself: its rows go from pending to running, each under its last HTTP
+/// status; nothing else that is counted changes (errors, refresh rounds,
+/// and per host, where running counts as pending). The trigger on jobs
+/// would copy the statement's rows twice over to find that out. Setting
+/// `jobrun.counted` in the same query, row by row, tells the trigger that
+/// these rows are counted (see migrations/postgres/01-initial/up.sql): it
+/// is set whenever a count is added here, and an empty claim, which adds
+/// none, leaves the trigger nothing to count either.
+const COUNT_CLAIMED: &str = ",
+    counted AS (
+        INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+        SELECT pg_backend_pid(), s.state, c.status, s.sign * c.rows, 0
+        FROM (SELECT coalesce(http_status, 0) AS status, count(*) AS rows
+              FROM claimed GROUP BY 1) AS c,
+             (VALUES ('pending', -1), ('running', 1)) AS s(state, sign)
+        WHERE set_config('jobrun.counted', 'claim', true) = 'claim'
+        ORDER BY 2, 3
+        ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows)";
+
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
         SELECT id FROM jobs
@@ -157,35 +177,45 @@ impl PostgresStore {
         let now = now_ms();
         let mut client = self.client()?;
         let mut tx = client.transaction().at(name)?;
-        // A queue's table changes faster than its statistics: the planner,
-        // thinking a batch's rows are few, joined the batch's arrays to them
-        // in a nested loop, a million comparisons per batch of a thousand.
-        // Batches are joined by hash, their rows found by primary key. And
-        // at millions of rows the planner's estimates pass `jit_above_cost`:
-        // compiling each batch's statements took 42% of the server's CPU at
-        // 10,000,000 rows, for statements that touch a thousand rows. The
-        // statements are prepared once (`Prepared`), but each batch's are
-        // planned for its own arrays and positions, never by a generic plan.
-        tx.batch_execute(
-            "SET LOCAL enable_nestloop = off; SET LOCAL jit = off;
-             SET LOCAL plan_cache_mode = force_custom_plan",
-        )
-        .at(name)?;
         let prepared = &self.prepared;
         // The run's own row first, then the URLs: the order a rescuer takes
-        // them in too, so that the two never deadlock.
+        // them in too, so that the two never deadlock. The same statement
+        // adds the batch's attempts to the duration histogram (in the
+        // connection's own slot: runs never wait on each other's counters)
+        // and makes the settings that the batch's later statements are
+        // planned under, which saves two round trips.
+        //
+        // Those settings: a queue's table changes faster than its
+        // statistics: the planner, thinking a batch's rows are few, joined
+        // the batch's arrays to them in a nested loop, a million comparisons
+        // per batch of a thousand. Batches are joined by hash, their rows
+        // found by primary key. And at millions of rows the planner's
+        // estimates pass `jit_above_cost`: compiling each batch's statements
+        // took 42% of the server's CPU at 10,000,000 rows, for statements
+        // that touch a thousand rows. The statements are prepared once
+        // (`Prepared`), but each batch's are planned for its own arrays and
+        // positions, never by a generic plan. `set_config(…, true)` is `SET
+        // LOCAL`: it lasts until the transaction ends.
         let tally = Tally::of(completions);
         let heartbeat = prepared.get(
             &mut tx,
             &format!(
-                "UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
+                "WITH durations AS (
+                    INSERT INTO durations AS d (slot, bucket, count)
+                    SELECT pg_backend_pid(), b, count(*) FROM unnest($6::integer[]) AS b
+                    GROUP BY b ORDER BY b
+                    ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count)
+                 UPDATE runs SET heartbeat_at = {SERVER_NOW}, done = done + $2,
                      failed = failed + $3, retried = retried + $4, bytes = bytes + $5
-                 WHERE id = $1 AND ended_at IS NULL"
+                 WHERE id = $1 AND ended_at IS NULL
+                 RETURNING set_config('enable_nestloop', 'off', true),
+                     set_config('jit', 'off', true),
+                     set_config('plan_cache_mode', 'force_custom_plan', true)"
             ),
             name,
         )?;
         let alive = tx
-            .execute(
+            .query(
                 &heartbeat,
                 &[
                     &run.0,
@@ -193,9 +223,11 @@ impl PostgresStore {
                     &tally.failed,
                     &tally.retried,
                     &tally.bytes,
+                    &duration_buckets(completions),
                 ],
             )
-            .at(name)?;
+            .at(name)?
+            .len();
         if alive == 0 {
             return Err(TakenForDead { run }.into());
         }
@@ -205,7 +237,6 @@ impl PostgresStore {
             // Dropping the transaction keeps nothing of it.
             return Err(TakenForDead { run }.into());
         }
-        count_durations(&mut tx, prepared, completions, name)?;
         let (claims, next_from) = if claim > 0 {
             let from = self.fresh_from.0.get();
             claim_due(
@@ -614,31 +645,13 @@ impl Columns {
     }
 }
 
-/// The duration histogram, in the connection's own slot: runs never wait
-/// on each other's counters.
-fn count_durations(
-    tx: &mut Transaction<'_>,
-    prepared: &Prepared,
-    completions: &[Completion],
-    name: &str,
-) -> Result<()> {
-    let buckets: Vec<i32> = completions
+/// The duration histogram's bucket of each finished attempt.
+fn duration_buckets(completions: &[Completion]) -> Vec<i32> {
+    completions
         .iter()
         .filter_map(|c| c.millis())
         .map(|millis| Durations::bucket(millis) as i32)
-        .collect();
-    if !buckets.is_empty() {
-        let statement = prepared.get(
-            tx,
-            "INSERT INTO durations AS d (slot, bucket, count)
-             SELECT pg_backend_pid(), b, count(*) FROM unnest($1::integer[]) AS b
-             GROUP BY b ORDER BY b
-             ON CONFLICT (slot, bucket) DO UPDATE SET count = d.count + excluded.count",
-            name,
-        )?;
-        tx.execute(&statement, &[&buckets]).at(name)?;
-    }
-    Ok(())
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -654,9 +667,12 @@ fn claim_due(
     from: Position,
     name: &str,
 ) -> Result<(Vec<Claim>, Option<Position>)> {
-    let pick = match work {
-        Work::Fetch => CLAIM_FETCH,
-        Work::Refresh => CLAIM_REFRESH,
+    // A claim of pending rows counts itself (`COUNT_CLAIMED`); one of done
+    // rows for a refresh, which changes per-host counts, is left to the
+    // trigger on jobs.
+    let (pick, counted) = match work {
+        Work::Fetch => (CLAIM_FETCH, COUNT_CLAIMED),
+        Work::Refresh => (CLAIM_REFRESH, ""),
     };
     // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
     // primary key; a join with the pick is planned for far more rows than a
@@ -664,15 +680,19 @@ fn claim_due(
     let statement = prepared.get(
         tx,
         &format!(
-            "{pick}
-             UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
-                 lease_until = {SERVER_NOW} + $5
-             FROM requests r
-             WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
-               AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
-             RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
-                 u.host, coalesce(u.refresh = 'pending', false), u.etag, u.last_modified,
-                 u.fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)"
+            "{pick},
+             claimed AS (
+                UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
+                    lease_until = {SERVER_NOW} + $5
+                FROM requests r
+                WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
+                  AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
+                RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
+                    u.host, coalesce(u.refresh = 'pending', false) AS refresh, u.etag,
+                    u.last_modified, u.fence, u.http_status){counted}
+             SELECT id, url, request, path, attempts, bytes, sha256, host, refresh, etag,
+                 last_modified, fence, (SELECT id FROM next_from), (SELECT seen FROM next_from)
+             FROM claimed"
         ),
         name,
     )?;
