@@ -409,6 +409,158 @@ fn counters_equal_a_count_of_the_rows_through_claims_outcomes_rescues_and_folds(
     Ok(())
 }
 
+/// Every row of the tallies, by state and last HTTP status (rows and
+/// bytes), against a `count(*)` of the rows, and every report figure with
+/// `assert_counters_match_rows`.
+fn assert_tallies_match_rows(store: &PostgresStore, answers_are_attempts: bool) {
+    let mut client = store.client().unwrap();
+    let mut read = |sql: &str| -> Vec<(String, i32, i64, i64)> {
+        client
+            .query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+            .collect()
+    };
+    let tallied = read(
+        "SELECT state, status, sum(rows)::bigint, sum(bytes)::bigint FROM tallies
+         GROUP BY state, status HAVING sum(rows) <> 0 OR sum(bytes) <> 0 ORDER BY 1, 2",
+    );
+    let counted = read(
+        "SELECT state, coalesce(http_status, 0), count(*),
+             coalesce(sum(bytes) FILTER (WHERE state = 'done'), 0)::bigint
+         FROM jobs GROUP BY 1, 2 ORDER BY 1, 2",
+    );
+    drop(client);
+    assert_eq!(tallied, counted);
+    assert_counters_match_rows(store, answers_are_attempts);
+}
+
+/// A claim of pending rows counts itself, by each row's last HTTP status,
+/// and the trigger on jobs leaves it alone but counts every statement after
+/// it: rows retried after a 503 are claimed, completed in every way, given
+/// back by a run's end and rescued from a dead run, and a refresh claims
+/// done rows (counted by the trigger), with the tallies checked at each step.
+#[test]
+fn claims_count_their_rows_by_status_and_the_statements_after_them_are_counted() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    let names: Vec<(String, &str)> = (0..40)
+        .map(|i| (format!("s{i}"), ["a", "b", "c"][i % 3]))
+        .collect();
+    let lines: Vec<(&str, &str)> = names.iter().map(|(u, h)| (u.as_str(), *h)).collect();
+    import(&mut store, &lines);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let retry = |c: &Claim, status: u16| Completion::Retry {
+        id: c.id,
+        lease: c.lease,
+        status: Some(status),
+        error: format!("HTTP {status}"),
+        next_attempt_at: now_ms() - 1,
+        millis: 3,
+    };
+    // Every row answered 503 or 429 once, due again at once.
+    let claims = claim(&mut store, run, 40);
+    assert_tallies_match_rows(&store, true);
+    let outcomes: Vec<Completion> = claims
+        .iter()
+        .enumerate()
+        .map(|(i, c)| retry(c, if i % 2 == 0 { 503 } else { 429 }))
+        .collect();
+    // The retried rows are claimed again in the same call, with their status.
+    let claims =
+        store.complete_and_claim(run, &outcomes, 30, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(claims.len(), 30);
+    assert_tallies_match_rows(&store, true);
+    let outcomes: Vec<Completion> = claims
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match i % 6 {
+            0 | 1 => done(c, 100 + i as u64),
+            2 => retry(c, 500),
+            3 => Completion::Failed {
+                id: c.id,
+                lease: c.lease,
+                status: Some(404),
+                error: "HTTP 404".to_string(),
+                millis: 4,
+            },
+            4 => Completion::Interrupted {
+                id: c.id,
+                lease: c.lease,
+            },
+            _ => Completion::Unstarted {
+                id: c.id,
+                lease: c.lease,
+            },
+        })
+        .collect();
+    // Outcomes, then a claim, then, in the next call, outcomes again.
+    let claims =
+        store.complete_and_claim(run, &outcomes, 8, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(claims.len(), 8);
+    assert_tallies_match_rows(&store, true);
+    let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 7)).collect();
+    let held = store.complete_and_claim(run, &outcomes, 5, &HostFilter::default(), Work::Fetch)?;
+    assert_eq!(held.len(), 5);
+    assert_tallies_match_rows(&store, true);
+    // A claim that finds nothing counts nothing, and what follows it is
+    // counted.
+    let mut other = schema.open();
+    let second = other.start_run(&me(2), &alive)?.id;
+    let rest = claim(&mut other, second, 100);
+    assert!(claim(&mut other, second, 10).is_empty());
+    assert_tallies_match_rows(&store, true);
+    let outcomes: Vec<Completion> = rest.iter().map(|c| retry(c, 503)).collect();
+    let again =
+        other.complete_and_claim(second, &outcomes, 100, &HostFilter::default(), Work::Fetch)?;
+    assert!(!again.is_empty());
+    assert_tallies_match_rows(&store, true);
+    // The second run ends: its rows go back to pending with their status.
+    other.end_run(second, &RunEnd::Interrupted)?;
+    assert_tallies_match_rows(&store, true);
+    // The first dies holding five rows; a third run rescues them.
+    let gone = |_: &RunInfo| Liveness::Gone;
+    let mut third = schema.open();
+    let started = third.start_run(&me(3), &gone)?;
+    assert_eq!(started.reclaimed, 5);
+    assert_tallies_match_rows(&store, true);
+    // Everything left is done; a refresh then claims done rows (the
+    // trigger counts those claims).
+    loop {
+        let claims = claim(&mut third, started.id, 50);
+        if claims.is_empty() {
+            break;
+        }
+        let outcomes: Vec<Completion> = claims.iter().map(|c| done(c, 3)).collect();
+        third.complete_and_claim(
+            started.id,
+            &outcomes,
+            0,
+            &HostFilter::default(),
+            Work::Fetch,
+        )?;
+    }
+    assert!(third.requeue_failed(None, None)? > 0);
+    assert_tallies_match_rows(&store, false);
+    third.start_refresh(None)?;
+    let claims =
+        third.complete_and_claim(started.id, &[], 10, &HostFilter::default(), Work::Refresh)?;
+    assert_eq!(claims.len(), 10);
+    assert_tallies_match_rows(&store, false);
+    let outcomes: Vec<Completion> = claims.iter().map(|c| retry(c, 503)).collect();
+    let more = third.complete_and_claim(
+        started.id,
+        &outcomes,
+        10,
+        &HostFilter::default(),
+        Work::Refresh,
+    )?;
+    assert!(!more.is_empty());
+    assert_tallies_match_rows(&store, false);
+    Ok(())
+}
+
 /// A batch of outcomes adds one row of per-host counts, its rows' states
 /// and its answers together, and a claim adds none. An attempt of a
 /// refresh answered 503, which leaves its row done with the URL's own
