@@ -212,8 +212,9 @@ CREATE TABLE requeues (
 -- never tried leave a row in requeues. A statement that counted its own rows says so by
 -- setting jobrun.counted to 'claim' for the rest of its transaction, in the same query that
 -- adds its counts (so only once it has rows to count); the trigger then counts nothing and
--- clears it, so that the statements after it are counted again.
-CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+-- clears it, so that the statements after it are counted again. The old and new rows are
+-- joined by hash: a merge join sorted both for each batch of outcomes.
+CREATE FUNCTION tally_jobs() RETURNS trigger LANGUAGE plpgsql SET enable_mergejoin = off AS $$
 BEGIN
     IF current_setting('jobrun.counted', true) = 'claim' THEN
         PERFORM set_config('jobrun.counted', '', true);
