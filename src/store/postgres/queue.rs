@@ -182,20 +182,20 @@ impl PostgresStore {
         // them in too, so that the two never deadlock. The same statement
         // adds the batch's attempts to the duration histogram (in the
         // connection's own slot: runs never wait on each other's counters)
-        // and makes the settings that the batch's later statements are
-        // planned under, which saves two round trips.
+        // and, in its answer, makes the settings the batch's later
+        // statements are planned under (`set_config(…, true)` is `SET
+        // LOCAL`): two round trips fewer than statements of their own.
         //
-        // Those settings: a queue's table changes faster than its
-        // statistics: the planner, thinking a batch's rows are few, joined
-        // the batch's arrays to them in a nested loop, a million comparisons
-        // per batch of a thousand. Batches are joined by hash, their rows
-        // found by primary key. And at millions of rows the planner's
+        // Why those settings: a queue's table changes faster than its
+        // statistics, and the planner, thinking a batch's rows are few,
+        // joined the batch's arrays to them in a nested loop, a million
+        // comparisons per batch of a thousand; batches are joined by hash,
+        // their rows found by primary key. At millions of rows the planner's
         // estimates pass `jit_above_cost`: compiling each batch's statements
         // took 42% of the server's CPU at 10,000,000 rows, for statements
         // that touch a thousand rows. The statements are prepared once
         // (`Prepared`), but each batch's are planned for its own arrays and
-        // positions, never by a generic plan. `set_config(…, true)` is `SET
-        // LOCAL`: it lasts until the transaction ends.
+        // positions, never by a generic plan.
         let tally = Tally::of(completions);
         let heartbeat = prepared.get(
             &mut tx,

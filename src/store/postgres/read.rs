@@ -1,7 +1,7 @@
 //! Settings, and reading the queue back for report, export and verify.
-//! Counts come from the tallies the triggers keep, summed over their slots;
-//! only rows waiting for a retry are counted, on the claim index. Lists are
-//! streamed row by row.
+//! Counts come from the tallies that import, claims and the trigger on jobs
+//! keep, summed over their slots; only rows waiting for a retry are
+//! counted, on the claim index. Lists are streamed row by row.
 
 use std::collections::BTreeMap;
 
