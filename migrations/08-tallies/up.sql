@@ -1,0 +1,89 @@
+-- Counters for report and the start of a run, so that neither reads every row: rows by origin,
+-- state and last HTTP status (with the bytes of done rows), and the last errors of rows not
+-- done. They count the rows up to `tallied.id`, kept by the triggers below; newer rows are
+-- added in one statement per import batch (src/store/sqlite/tallies.rs), since a trigger on
+-- insert would make every insert keep a statement journal. A running row counts as pending,
+-- so that a claim changes no counter; the few running rows are counted on the state index.
+
+CREATE TABLE tallies (
+    origin_id INTEGER NOT NULL,                 -- origins.id
+    state     TEXT NOT NULL,                    -- pending (running included), done or failed
+    status    INTEGER NOT NULL,                 -- last HTTP status, 0 for none
+    rows      INTEGER NOT NULL,
+    bytes     INTEGER NOT NULL,                 -- of done rows
+    PRIMARY KEY (origin_id, state, status)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE error_tallies (
+    error      TEXT PRIMARY KEY,                -- last error of rows not done
+    rows       INTEGER NOT NULL,
+    example_id INTEGER NOT NULL                 -- urls.id of a row that had it
+) STRICT, WITHOUT ROWID;
+
+-- One row: the tallies count the rows of urls whose id is at most this.
+CREATE TABLE tallied (
+    id INTEGER NOT NULL
+) STRICT;
+
+INSERT INTO tallied (id) SELECT coalesce(max(id), 0) FROM urls;
+
+INSERT INTO tallies (origin_id, state, status, rows, bytes)
+SELECT origin_id, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
+       coalesce(http_status, 0), count(*),
+       sum(CASE WHEN state = 'done' THEN coalesce(bytes, 0) ELSE 0 END)
+FROM urls GROUP BY 1, 2, 3;
+
+INSERT INTO error_tallies (error, rows, example_id)
+SELECT error, count(*), min(id) FROM urls
+WHERE error IS NOT NULL AND state <> 'done' GROUP BY error;
+
+-- A changed row leaves its old counter (old) for its new one (new), when it is tallied and
+-- the change is one the counters see.
+CREATE TRIGGER urls_tally_update AFTER UPDATE OF origin_id, state, http_status, bytes ON urls
+WHEN old.id <= (SELECT id FROM tallied)
+ AND (old.origin_id IS NOT new.origin_id
+      OR old.http_status IS NOT new.http_status
+      OR (CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END)
+         IS NOT (CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END)
+      OR ((old.state = 'done' OR new.state = 'done') AND old.bytes IS NOT new.bytes))
+BEGIN
+    UPDATE tallies SET rows = rows - 1,
+        bytes = bytes - CASE WHEN old.state = 'done' THEN coalesce(old.bytes, 0) ELSE 0 END
+    WHERE origin_id = old.origin_id
+      AND state = CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END
+      AND status = coalesce(old.http_status, 0);
+    INSERT INTO tallies (origin_id, state, status, rows, bytes)
+    VALUES (new.origin_id, CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END,
+            coalesce(new.http_status, 0), 1,
+            CASE WHEN new.state = 'done' THEN coalesce(new.bytes, 0) ELSE 0 END)
+    ON CONFLICT DO UPDATE SET rows = rows + 1, bytes = bytes + excluded.bytes;
+END;
+
+CREATE TRIGGER urls_tally_delete AFTER DELETE ON urls
+WHEN old.id <= (SELECT id FROM tallied)
+BEGIN
+    UPDATE tallies SET rows = rows - 1,
+        bytes = bytes - CASE WHEN old.state = 'done' THEN coalesce(old.bytes, 0) ELSE 0 END
+    WHERE origin_id = old.origin_id
+      AND state = CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END
+      AND status = coalesce(old.http_status, 0);
+END;
+
+CREATE TRIGGER urls_error_update AFTER UPDATE OF state, error ON urls
+WHEN old.id <= (SELECT id FROM tallied)
+ AND (old.error IS NOT new.error OR (old.state = 'done') IS NOT (new.state = 'done'))
+ AND ((old.error IS NOT NULL AND old.state <> 'done')
+      OR (new.error IS NOT NULL AND new.state <> 'done'))
+BEGIN
+    UPDATE error_tallies SET rows = rows - 1
+    WHERE error = old.error AND old.state <> 'done';
+    INSERT INTO error_tallies (error, rows, example_id)
+    SELECT new.error, 1, new.id WHERE new.error IS NOT NULL AND new.state <> 'done'
+    ON CONFLICT DO UPDATE SET rows = rows + 1;
+END;
+
+CREATE TRIGGER urls_error_delete AFTER DELETE ON urls
+WHEN old.id <= (SELECT id FROM tallied) AND old.error IS NOT NULL AND old.state <> 'done'
+BEGIN
+    UPDATE error_tallies SET rows = rows - 1 WHERE error = old.error;
+END;
