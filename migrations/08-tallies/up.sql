@@ -1,8 +1,8 @@
 -- Counters for report and the start of a run, so that neither reads every row: rows by origin,
 -- state and last HTTP status (with the bytes of done rows), and the last errors of rows not
 -- done. They count the rows up to `tallied.id`, kept by the triggers below; newer rows are
--- added in one statement per import batch (src/store/sqlite/tallies.rs), since a trigger on
--- insert would make every insert keep a statement journal. A running row counts as pending,
+-- added a batch at a time after each import transaction (src/store/sqlite/tallies.rs), since
+-- a trigger on insert would make every insert keep a statement journal. A running row counts as pending,
 -- so that a claim changes no counter; the few running rows are counted on the state index.
 
 CREATE TABLE tallies (
@@ -20,12 +20,15 @@ CREATE TABLE error_tallies (
     example_id INTEGER NOT NULL                 -- urls.id of a row that had it
 ) STRICT, WITHOUT ROWID;
 
--- One row: the tallies count the rows of urls whose id is at most this.
+-- One row: the tallies count the rows of urls whose id is at most `id` (rows are never
+-- deleted, so a new row's id is past it). `touched` says that a row past it changed since,
+-- so that the next fold must read those rows, not take them as they were imported.
 CREATE TABLE tallied (
-    id INTEGER NOT NULL
+    id      INTEGER NOT NULL,
+    touched INTEGER NOT NULL
 ) STRICT;
 
-INSERT INTO tallied (id) SELECT coalesce(max(id), 0) FROM urls;
+INSERT INTO tallied (id, touched) SELECT coalesce(max(id), 0), 0 FROM urls;
 
 INSERT INTO tallies (origin_id, state, status, rows, bytes)
 SELECT origin_id, CASE WHEN state = 'running' THEN 'pending' ELSE state END,
@@ -86,4 +89,17 @@ CREATE TRIGGER urls_error_delete AFTER DELETE ON urls
 WHEN old.id <= (SELECT id FROM tallied) AND old.error IS NOT NULL AND old.state <> 'done'
 BEGIN
     UPDATE error_tallies SET rows = rows - 1 WHERE error = old.error;
+END;
+
+CREATE TRIGGER urls_untallied_update AFTER UPDATE OF origin_id, state, http_status, bytes, error
+ON urls
+WHEN old.id > (SELECT id FROM tallied)
+BEGIN
+    UPDATE tallied SET touched = 1 WHERE touched = 0;
+END;
+
+CREATE TRIGGER urls_untallied_delete AFTER DELETE ON urls
+WHEN old.id > (SELECT id FROM tallied)
+BEGIN
+    UPDATE tallied SET touched = 1 WHERE touched = 0;
 END;

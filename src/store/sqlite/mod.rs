@@ -221,7 +221,7 @@ impl Store for SqliteStore {
 
     fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
         let results = SqliteStore::import(self, batch)?;
-        self.fold_new_rows()?;
+        self.fold_imported(&tallies::Inserted::of(batch, &results))?;
         Ok(results)
     }
 
