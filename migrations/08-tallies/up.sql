@@ -40,66 +40,50 @@ INSERT INTO error_tallies (error, rows, example_id)
 SELECT error, count(*), min(id) FROM urls
 WHERE error IS NOT NULL AND state <> 'done' GROUP BY error;
 
--- A changed row leaves its old counter (old) for its new one (new), when it is tallied and
--- the change is one the counters see.
-CREATE TRIGGER urls_tally_update AFTER UPDATE OF origin_id, state, http_status, bytes ON urls
-WHEN old.id <= (SELECT id FROM tallied)
- AND (old.origin_id IS NOT new.origin_id
-      OR old.http_status IS NOT new.http_status
-      OR (CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END)
-         IS NOT (CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END)
-      OR ((old.state = 'done' OR new.state = 'done') AND old.bytes IS NOT new.bytes))
+-- One trigger for every change the counters see, so that a claim, which changes none, costs
+-- one test of its WHEN: a changed row that is tallied leaves its old counters (old) for its
+-- new ones (new); one past the mark marks the mark touched.
+CREATE TRIGGER urls_tally_update AFTER UPDATE OF origin_id, state, http_status, bytes, error
+ON urls
+WHEN old.origin_id IS NOT new.origin_id
+  OR old.http_status IS NOT new.http_status
+  OR (CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END)
+     IS NOT (CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END)
+  OR ((old.state = 'done' OR new.state = 'done') AND old.bytes IS NOT new.bytes)
+  OR ((old.error IS NOT new.error OR (old.state = 'done') IS NOT (new.state = 'done'))
+      AND ((old.error IS NOT NULL AND old.state <> 'done')
+           OR (new.error IS NOT NULL AND new.state <> 'done')))
+  OR old.id > (SELECT id FROM tallied)
 BEGIN
+    UPDATE tallied SET touched = 1 WHERE touched = 0 AND old.id > id;
     UPDATE tallies SET rows = rows - 1,
         bytes = bytes - CASE WHEN old.state = 'done' THEN coalesce(old.bytes, 0) ELSE 0 END
     WHERE origin_id = old.origin_id
       AND state = CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END
-      AND status = coalesce(old.http_status, 0);
+      AND status = coalesce(old.http_status, 0)
+      AND old.id <= (SELECT id FROM tallied);
     INSERT INTO tallies (origin_id, state, status, rows, bytes)
-    VALUES (new.origin_id, CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END,
-            coalesce(new.http_status, 0), 1,
-            CASE WHEN new.state = 'done' THEN coalesce(new.bytes, 0) ELSE 0 END)
+    SELECT new.origin_id, CASE WHEN new.state = 'running' THEN 'pending' ELSE new.state END,
+           coalesce(new.http_status, 0), 1,
+           CASE WHEN new.state = 'done' THEN coalesce(new.bytes, 0) ELSE 0 END
+    WHERE old.id <= (SELECT id FROM tallied)
     ON CONFLICT DO UPDATE SET rows = rows + 1, bytes = bytes + excluded.bytes;
-END;
-
-CREATE TRIGGER urls_tally_delete AFTER DELETE ON urls
-WHEN old.id <= (SELECT id FROM tallied)
-BEGIN
-    UPDATE tallies SET rows = rows - 1,
-        bytes = bytes - CASE WHEN old.state = 'done' THEN coalesce(old.bytes, 0) ELSE 0 END
-    WHERE origin_id = old.origin_id
-      AND state = CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END
-      AND status = coalesce(old.http_status, 0);
-END;
-
-CREATE TRIGGER urls_error_update AFTER UPDATE OF state, error ON urls
-WHEN old.id <= (SELECT id FROM tallied)
- AND (old.error IS NOT new.error OR (old.state = 'done') IS NOT (new.state = 'done'))
- AND ((old.error IS NOT NULL AND old.state <> 'done')
-      OR (new.error IS NOT NULL AND new.state <> 'done'))
-BEGIN
     UPDATE error_tallies SET rows = rows - 1
-    WHERE error = old.error AND old.state <> 'done';
+    WHERE error = old.error AND old.state <> 'done' AND old.id <= (SELECT id FROM tallied);
     INSERT INTO error_tallies (error, rows, example_id)
     SELECT new.error, 1, new.id WHERE new.error IS NOT NULL AND new.state <> 'done'
+      AND old.id <= (SELECT id FROM tallied)
     ON CONFLICT DO UPDATE SET rows = rows + 1;
 END;
 
-CREATE TRIGGER urls_error_delete AFTER DELETE ON urls
-WHEN old.id <= (SELECT id FROM tallied) AND old.error IS NOT NULL AND old.state <> 'done'
-BEGIN
-    UPDATE error_tallies SET rows = rows - 1 WHERE error = old.error;
-END;
-
-CREATE TRIGGER urls_untallied_update AFTER UPDATE OF origin_id, state, http_status, bytes, error
-ON urls
-WHEN old.id > (SELECT id FROM tallied)
-BEGIN
-    UPDATE tallied SET touched = 1 WHERE touched = 0;
-END;
-
-CREATE TRIGGER urls_untallied_delete AFTER DELETE ON urls
-WHEN old.id > (SELECT id FROM tallied)
-BEGIN
-    UPDATE tallied SET touched = 1 WHERE touched = 0;
+CREATE TRIGGER urls_tally_delete AFTER DELETE ON urls BEGIN
+    UPDATE tallied SET touched = 1 WHERE touched = 0 AND old.id > id;
+    UPDATE tallies SET rows = rows - 1,
+        bytes = bytes - CASE WHEN old.state = 'done' THEN coalesce(old.bytes, 0) ELSE 0 END
+    WHERE origin_id = old.origin_id
+      AND state = CASE WHEN old.state = 'running' THEN 'pending' ELSE old.state END
+      AND status = coalesce(old.http_status, 0)
+      AND old.id <= (SELECT id FROM tallied);
+    UPDATE error_tallies SET rows = rows - 1
+    WHERE error = old.error AND old.state <> 'done' AND old.id <= (SELECT id FROM tallied);
 END;
