@@ -220,8 +220,9 @@ impl Store for SqliteStore {
     }
 
     fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
+        let before = tallies::data_version(&self.conn)?;
         let results = SqliteStore::import(self, batch)?;
-        self.fold_imported(&tallies::Inserted::of(batch, &results))?;
+        self.fold_imported(before, &tallies::Inserted::of(batch, &results))?;
         Ok(results)
     }
 

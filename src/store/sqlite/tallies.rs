@@ -8,7 +8,8 @@
 //! journal for every insert, which took an import of 100,000 URLs from 3.5
 //! to 5.1 billion instructions. Usually an import's rows are counted from
 //! what it says it inserted, without reading them again; when another
-//! process wrote past the mark meanwhile, they are read and counted. Until
+//! connection wrote meanwhile, or rows past the mark changed, they are read
+//! and counted. Until
 //! they are folded in, the queries here count those rows themselves: at
 //! most a batch of them, or what an import killed between its commit and
 //! its fold left, which the next command that writes folds in.
@@ -118,8 +119,11 @@ impl SqliteStore {
     /// Adds the rows of the import transaction just committed to the
     /// tallies, with any other rows past the mark, in a transaction of its
     /// own.
-    pub(super) fn fold_imported(&mut self, inserted: &Inserted<'_>) -> Result<()> {
+    /// `before` is the `data_version` read before the import transaction.
+    pub(super) fn fold_imported(&mut self, before: i64, inserted: &Inserted<'_>) -> Result<()> {
         let tx = self.write_transaction()?;
+        // Another connection wrote meanwhile: its rows may be past the mark.
+        let alone = data_version(&tx)? == before;
         let (mark, touched): (i64, bool) =
             tx.query_row("SELECT id, touched FROM tallied", [], |row| {
                 Ok((row.get(0)?, row.get(1)?))
@@ -130,7 +134,7 @@ impl SqliteStore {
         // Ids past the mark are as many as the rows inserted only when they
         // are these rows; untouched, they are as they were inserted.
         let mut origins = Vec::with_capacity(inserted.by_origin.len());
-        if !touched && last - mark == inserted.rows as i64 {
+        if alone && !touched && last - mark == inserted.rows as i64 {
             for ((prefix, host), rows) in &inserted.by_origin {
                 let id: Option<i64> = tx
                     .prepare_cached("SELECT id FROM origins WHERE prefix = ?1 AND host = ?2")?
@@ -166,6 +170,11 @@ impl SqliteStore {
         }
         Ok(())
     }
+}
+
+/// SQLite's count of the commits of other connections seen by `conn`.
+pub(super) fn data_version(conn: &Connection) -> Result<i64> {
+    Ok(conn.pragma_query_value(None, "data_version", |row| row.get(0))?)
 }
 
 fn has_untallied_rows(conn: &Connection) -> Result<bool> {
@@ -416,6 +425,44 @@ mod tests {
             })
             .collect();
         Store::import(store, &batch).unwrap();
+    }
+
+    fn new_urls<'a>(urls: &'a [String], names: &'a [String], host: &'a str) -> Vec<NewUrl<'a>> {
+        urls.iter()
+            .zip(names)
+            .map(|(url, name)| NewUrl {
+                url,
+                request: None,
+                request_hash: "",
+                host,
+                path: name,
+                named: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_import_folds_by_reading_what_another_process_imported_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = store_of(&dir, 6);
+        let urls =
+            |host: &str| -> Vec<String> { (0..5).map(|i| format!("http://{host}/{i}")).collect() };
+        let (x_urls, y_urls) = (urls("x.test"), urls("y.test"));
+        let x_names: Vec<String> = (0..5).map(|i| format!("x{i}")).collect();
+        let y_names: Vec<String> = (0..5).map(|i| format!("y{i}")).collect();
+        let x = new_urls(&x_urls, &x_names, "x.test");
+        let y = new_urls(&y_urls, &y_names, "y.test");
+        // The first process commits its batch; before it folds it, another
+        // opens the database (folding it in) and commits as many rows of
+        // another host.
+        let before = data_version(&first.conn).unwrap();
+        let results = SqliteStore::import(&mut first, &x).unwrap();
+        let mut second = store_of_existing(&dir);
+        SqliteStore::import(&mut second, &y).unwrap();
+        first
+            .fold_imported(before, &Inserted::of(&x, &results))
+            .unwrap();
+        check(&first);
     }
 
     fn store_of_existing(dir: &tempfile::TempDir) -> SqliteStore {
