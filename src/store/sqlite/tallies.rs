@@ -9,10 +9,11 @@
 //! to 5.1 billion instructions. Usually an import's rows are counted from
 //! what it says it inserted, without reading them again; when another
 //! connection wrote meanwhile, or rows past the mark changed, they are read
-//! and counted. Until
-//! they are folded in, the queries here count those rows themselves: at
-//! most a batch of them, or what an import killed between its commit and
-//! its fold left, which the next command that writes folds in.
+//! and counted. Until they are folded in, the queries here count those rows
+//! themselves: at most a batch of them, or what an import killed between
+//! its commit and its fold left, which the next command that writes folds
+//! in. jobrun never deletes a row, so a new row's id is always past the
+//! mark.
 
 use crate::store::Result;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -118,8 +119,8 @@ impl<'a> Inserted<'a> {
 impl SqliteStore {
     /// Adds the rows of the import transaction just committed to the
     /// tallies, with any other rows past the mark, in a transaction of its
-    /// own.
-    /// `before` is the `data_version` read before the import transaction.
+    /// own. `before` is the `data_version` read before the import
+    /// transaction began.
     pub(super) fn fold_imported(&mut self, before: i64, inserted: &Inserted<'_>) -> Result<()> {
         let tx = self.write_transaction()?;
         // Another connection wrote meanwhile: its rows may be past the mark.
