@@ -6,7 +6,7 @@
 # Serves N made-up URLs (1 KB bodies; examples/bench_server.rs --synthetic) on 127.0.0.1
 # and measures, with /usr/bin/time:
 #   - import of N URLs: seconds and peak memory; the database's size per URL
-#   - report on N rows, all pending, and again with all done
+#   - report on N rows, all pending, and again with all done; the same on 10,000 rows
 #   - run: killed with -9 after 5 s, then resumed; the time from starting the resumed
 #     run to the server's first request, and the resumed run's seconds and peak memory,
 #     next to a run of 10,000 URLs of the same kind
@@ -83,7 +83,9 @@ timed report2 "report, all done" "$JOBRUN" --db "$db" report
 files=$(find "$DIR/out" -type f | wc -l)
 
 "$JOBRUN" --db "$DIR/small.db" import "$DIR/urls-small.txt" > /dev/null 2>&1
+timed report3 "report on $SMALL, all pending" "$JOBRUN" --db "$DIR/small.db" report
 timed small "run $SMALL" "$JOBRUN" --db "$DIR/small.db" run --out "$DIR/out-small" --workers "$WORKERS"
+timed report4 "report on $SMALL, all done" "$JOBRUN" --db "$DIR/small.db" report
 
 echo "first request $((first - started)) ms after the resumed run started"
 echo "resumed run: $rate URLs/s; $files files in the output folder"

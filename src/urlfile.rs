@@ -208,7 +208,13 @@ fn parse_url(text: &str) -> Result<Url, String> {
 /// password (`@` cannot appear unescaped in them, nor `/`).
 pub fn host_range(url: &Url) -> Range<usize> {
     let text = url.as_str();
-    let start = text.find("://").map_or(0, |at| at + 3);
+    // The scheme ends the text's first part: no search for `://` needed.
+    let scheme = url.scheme().len();
+    let start = if text[scheme..].starts_with("://") {
+        scheme + 3
+    } else {
+        text.find("://").map_or(0, |at| at + 3)
+    };
     let end = text[start..].find('/').map_or(text.len(), |at| start + at);
     let start = text[start..end]
         .rfind('@')

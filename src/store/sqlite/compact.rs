@@ -23,7 +23,7 @@ pub(super) const HOST: &str = "(SELECT host FROM origins WHERE origins.id = urls
 /// nothing when that part holds a user name or password (a password is
 /// kept nowhere but in its own row's URL) or when there is no path.
 pub(super) fn split_url(url: &str) -> (&str, &str) {
-    if let Some(scheme_end) = url.find("://") {
+    if let Some(scheme_end) = find_scheme_end(url) {
         let rest = &url[scheme_end + 3..];
         if let Some(slash) = rest.find('/')
             && !rest[..slash].contains(['@', '?', '#'])
@@ -32,6 +32,21 @@ pub(super) fn split_url(url: &str) -> (&str, &str) {
         }
     }
     ("", url)
+}
+
+/// Where the first `://` in `url` is. The same as `url.find("://")`, which
+/// sets up a substring search for every call: a tenth of the instructions
+/// of an import's writing thread went to it, once per URL.
+fn find_scheme_end(url: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(at) = url[from..].find(':') {
+        let colon = from + at;
+        if url[colon + 1..].starts_with("//") {
+            return Some(colon);
+        }
+        from = colon + 1;
+    }
+    None
 }
 
 /// Characters in a hyphenated UUID.
@@ -135,6 +150,8 @@ mod tests {
         );
         assert_eq!(split_url("http://a.example"), ("", "http://a.example"));
         assert_eq!(split_url("no scheme/x"), ("", "no scheme/x"));
+        assert_eq!(split_url("a:b://c.test/x"), ("a:b://c.test", "/x"));
+        assert_eq!(split_url("a:/b:"), ("", "a:/b:"));
     }
 
     fn round_trip(path: &str) -> (bool, String) {

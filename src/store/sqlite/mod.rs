@@ -13,6 +13,7 @@ mod queue;
 mod refresh;
 mod runs;
 mod summary;
+mod tallies;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -111,11 +112,13 @@ impl SqliteStore {
         migrations
             .to_latest(&mut conn)
             .with_context(|| format!("cannot bring {display} up to date"))?;
-        Ok(SqliteStore {
+        let mut store = SqliteStore {
             conn,
             path: path.to_path_buf(),
             lock_wait: wait,
-        })
+        };
+        store.fold_left_rows()?;
+        Ok(store)
     }
 
     /// Opens the database for reading only. A file that is missing, empty or
@@ -217,7 +220,10 @@ impl Store for SqliteStore {
     }
 
     fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
-        SqliteStore::import(self, batch)
+        let before = tallies::data_version(&self.conn)?;
+        let results = SqliteStore::import(self, batch)?;
+        self.fold_imported(before, &tallies::Inserted::of(batch, &results))?;
+        Ok(results)
     }
 
     fn expect_bulk_writes(&mut self) -> Result<()> {

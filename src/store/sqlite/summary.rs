@@ -1,6 +1,12 @@
 //! Reading the queue back: counts for `report` and rows for `export`. These
 //! only read, so they work while a run is writing (WAL readers never block
 //! the writer).
+//!
+//! Counts come from the tallies (`tallies.rs`), never from a pass over the
+//! rows, so that `report` and the start of a run
+//! take as long at a million URLs as at ten thousand. Only what a tally cannot
+//! hold is counted on the state index: the rows running now and the rows
+//! waiting for a retry, a few at any time.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -9,6 +15,7 @@ use rusqlite::types::ValueRef;
 
 use super::SqliteStore;
 use super::compact::{FULL_URL, PathColumn};
+use super::tallies::{TALLIES, TOP_ERRORS};
 use crate::clock::now_ms;
 use crate::domain::{
     DoneFile, Durations, ErrorCount, ExportRow, FailedRow, HostCount, JobState, StateCounts,
@@ -21,30 +28,36 @@ fn count(value: i64) -> u64 {
 }
 
 impl SqliteStore {
-    /// Counts by state; cheap even on millions of rows, since both queries
-    /// are answered by the (state, next_attempt_at) index.
+    /// Counts by state, from the tallies.
     pub(super) fn state_counts(&self) -> Result<StateCounts> {
         let mut counts = StateCounts::default();
-        let mut statement = self
-            .conn
-            .prepare("SELECT state, count(*) FROM urls GROUP BY state")?;
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT state, sum(rows) FROM ({TALLIES}) GROUP BY state"
+        ))?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            let count = count(row.get(1)?);
-            counts.total += count;
-            match row.get_ref(0)?.as_str()? {
-                "pending" => counts.pending = count,
-                "running" => counts.running = count,
-                "done" => counts.done = count,
-                _ => counts.failed += count,
-            }
+            add_to_state(&mut counts, row.get_ref(0)?.as_bytes()?, count(row.get(1)?));
         }
+        self.count_unsettled(&mut counts)?;
+        Ok(counts)
+    }
+
+    /// Counts the rows running now (the tallies count them as pending) and
+    /// those waiting for a retry, on the state index: both are few, whatever
+    /// the size of the table.
+    fn count_unsettled(&self, counts: &mut StateCounts) -> Result<()> {
+        counts.running = count(self.conn.query_row(
+            "SELECT count(*) FROM urls WHERE state = 'running'",
+            [],
+            |row| row.get(0),
+        )?);
+        counts.pending = counts.pending.saturating_sub(counts.running);
         counts.retry_waiting = count(self.conn.query_row(
             "SELECT count(*) FROM urls WHERE state = 'pending' AND next_attempt_at > ?1",
             [now_ms()],
             |row| row.get(0),
         )?);
-        Ok(counts)
+        Ok(())
     }
 
     /// The retries still to come after `now`, as (latest time, count) per
@@ -65,24 +78,21 @@ impl SqliteStore {
     }
 
     /// Counts by state, HTTP status and host, bytes, durations and the
-    /// `top_errors` most common errors.
+    /// `top_errors` most common errors, from the tallies: a few rows per
+    /// origin, and one per distinct error.
     pub(super) fn summary(&self, top_errors: usize) -> Result<Summary> {
-        // One pass over the table, added up here: a GROUP BY would have
-        // SQLite sort every row first, which on a million rows takes longer
-        // than reading them.
         let mut summary = Summary::default();
-        let now = now_ms();
         let mut statuses = BTreeMap::<u16, u64>::new();
-        // Every origin's prefix and the slot of its host: origins are few,
-        // and several (http and https) may share a host.
+        // Every origin's host slot: origins are few, and several (http and
+        // https) may share a host.
         let mut hosts = Vec::<HostCount>::new();
-        let mut origins = HashMap::<i64, (String, usize)>::new();
+        let mut origins = HashMap::<i64, usize>::new();
         {
             let mut host_slots = HashMap::<String, usize>::new();
-            let mut statement = self.conn.prepare("SELECT id, prefix, host FROM origins")?;
+            let mut statement = self.conn.prepare("SELECT id, host FROM origins")?;
             let mut rows = statement.query([])?;
             while let Some(row) = rows.next()? {
-                let host: String = row.get(2)?;
+                let host: String = row.get(1)?;
                 let slot = *host_slots.entry(host.clone()).or_insert_with(|| {
                     hosts.push(HostCount {
                         host,
@@ -90,77 +100,40 @@ impl SqliteStore {
                     });
                     hosts.len() - 1
                 });
-                origins.insert(row.get(0)?, (row.get(1)?, slot));
+                origins.insert(row.get(0)?, slot);
             }
         }
-        // Rows come in import order, where one origin usually follows itself:
-        // the last origin is tried before the map.
-        let mut last: Option<(i64, usize)> = None;
-        // Error text -> (count, an example URL).
-        let mut errors = HashMap::<Vec<u8>, (u64, String)>::new();
-        let mut statement = self.conn.prepare(
-            "SELECT state, http_status, bytes, next_attempt_at, error, origin_id, url FROM urls",
-        )?;
+        let mut statement = self.conn.prepare(TALLIES)?;
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
-            summary.counts.total += 1;
-            let state = row.get_ref(0)?.as_bytes()?;
-            let origin: i64 = row.get(5)?;
-            let slot = match last {
-                Some((id, slot)) if id == origin => slot,
-                _ => {
-                    let slot = origins.get(&origin).map(|(_, slot)| *slot).ok_or_else(|| {
-                        rusqlite::Error::FromSqlConversionFailure(
-                            5,
-                            rusqlite::types::Type::Integer,
-                            format!("URL of unknown origin {origin}").into(),
-                        )
-                    })?;
-                    last = Some((origin, slot));
-                    slot
-                }
-            };
+            let origin: i64 = row.get(0)?;
+            let slot = *origins.get(&origin).ok_or_else(|| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Integer,
+                    format!("URLs of unknown origin {origin}").into(),
+                )
+            })?;
+            let state = row.get_ref(1)?.as_bytes()?;
+            let rows = count(row.get(3)?);
+            add_to_state(&mut summary.counts, state, rows);
             let per_host = &mut hosts[slot];
-            per_host.total += 1;
+            per_host.total += rows;
             match state {
-                b"pending" => {
-                    summary.counts.pending += 1;
-                    per_host.pending += 1;
-                    if row.get::<_, i64>(3)? > now {
-                        summary.counts.retry_waiting += 1;
-                    }
-                }
-                b"running" => {
-                    summary.counts.running += 1;
-                    per_host.pending += 1;
-                }
+                b"pending" => per_host.pending += rows,
                 b"done" => {
-                    summary.counts.done += 1;
-                    per_host.done += 1;
-                    summary.bytes += count(row.get::<_, Option<i64>>(2)?.unwrap_or(0));
+                    per_host.done += rows;
+                    summary.bytes += count(row.get(4)?);
                 }
-                _ => {
-                    summary.counts.failed += 1;
-                    per_host.failed += 1;
-                }
+                _ => per_host.failed += rows,
             }
-            if let Some(status) = row.get::<_, Option<u16>>(1)? {
-                *statuses.entry(status).or_default() += 1;
-            }
-            if top_errors > 0
-                && state != b"done"
-                && let ValueRef::Text(error) = row.get_ref(4)?
+            if let Ok(status) = u16::try_from(row.get::<_, i64>(2)?)
+                && status > 0
             {
-                match errors.get_mut(error) {
-                    Some((count, _)) => *count += 1,
-                    None => {
-                        let prefix = origins.get(&origin).map_or("", |(prefix, _)| prefix);
-                        let rest = row.get_ref(6)?.as_str()?;
-                        errors.insert(error.to_vec(), (1, format!("{prefix}{rest}")));
-                    }
-                }
+                *statuses.entry(status).or_default() += rows;
             }
         }
+        self.count_unsettled(&mut summary.counts)?;
         summary.http_statuses = statuses
             .into_iter()
             .map(|(status, count)| StatusCount { status, count })
@@ -172,19 +145,36 @@ impl SqliteStore {
             self.add_host_answers(&mut hosts)?;
             summary.hosts = hosts;
         }
-        let mut errors: Vec<ErrorCount> = errors
-            .into_iter()
-            .map(|(error, (count, example))| ErrorCount {
-                error: String::from_utf8_lossy(&error).into_owned(),
-                count,
-                example,
-            })
-            .collect();
-        errors.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.error.cmp(&b.error)));
-        errors.truncate(top_errors);
-        summary.errors = errors;
+        summary.errors = self.top_errors(top_errors)?;
         summary.durations = self.durations()?;
         Ok(summary)
+    }
+
+    /// The `limit` most common last errors of rows not done, each with the
+    /// URL of a row that had it.
+    fn top_errors(&self, limit: usize) -> Result<Vec<ErrorCount>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut statement = self.conn.prepare(&format!(
+            "SELECT e.error, e.rows, {FULL_URL}
+             FROM ({TOP_ERRORS}) AS e
+                 LEFT JOIN urls ON urls.id = e.example_id
+             ORDER BY e.rows DESC, e.error"
+        ))?;
+        let errors = statement
+            .query_map([limit as i64], |row| {
+                Ok(ErrorCount {
+                    error: match row.get_ref(0)? {
+                        ValueRef::Text(text) => String::from_utf8_lossy(text).into_owned(),
+                        _ => String::new(),
+                    },
+                    count: count(row.get(1)?),
+                    example: row.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(errors)
     }
 
     /// Answers and 429s and 503s per host, as runs recorded them. A database
@@ -303,6 +293,17 @@ impl SqliteStore {
             },
             each,
         )
+    }
+}
+
+/// Adds `rows` of a tallied `state` to `counts`; running rows are tallied
+/// as pending.
+fn add_to_state(counts: &mut StateCounts, state: &[u8], rows: u64) {
+    counts.total += rows;
+    match state {
+        b"pending" => counts.pending += rows,
+        b"done" => counts.done += rows,
+        _ => counts.failed += rows,
     }
 }
 
