@@ -257,3 +257,37 @@ fn a_tmpdir_jobrun_cannot_use_does_not_stop_a_connection_over_a_unix_socket() {
     assert_eq!(entries(&elsewhere), Vec::<PathBuf>::new());
     drop(mount);
 }
+
+/// Two Unix socket hosts tried in random order (`load_balance_hosts=random`):
+/// each relay takes its own socket's connection, whichever host comes first.
+/// Before, the relays started in the hosts' order, and a client that tried
+/// the second host first waited for ever on a relay that never took it.
+#[test]
+fn unix_socket_hosts_tried_in_random_order_each_connect() {
+    let job = Job::on(Backend::Postgres);
+    let server = item_server(Duration::ZERO);
+    assert_success(&job.import(&item_urls(&server, 3)), "import");
+    let (dir, port) = server_socket();
+    let url = over_socket(&job.postgres().unwrap().url, &dir, port);
+    let folder = dir.to_str().expect("a UTF-8 folder").replace('/', "%2F");
+    let url = url.replacen(&folder, &format!("{folder},{folder}"), 1);
+    let url = url.replacen('?', "?load_balance_hosts=random&", 1);
+    for attempt in 0..8 {
+        let mut report = job
+            .command_on(&url)
+            .args(["--db-timeout", "5s", "report"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start jobrun");
+        let started = std::time::Instant::now();
+        while report.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if report.try_wait().unwrap().is_none() {
+            report.kill().unwrap();
+            panic!("report {attempt} still connecting after 20 s");
+        }
+        assert_success(&report.wait_with_output().unwrap(), "report");
+    }
+}
