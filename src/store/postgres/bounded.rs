@@ -260,12 +260,16 @@ impl Drop for UnixRelay {
 }
 
 /// The first connection to `listener` that comes from this process; any
-/// other is closed at once.
+/// other is closed at once. Where the system does not tell the peer's pid
+/// (FreeBSD), the socket is in a folder only this user may enter.
 async fn accept_own(listener: &tokio::net::UnixListener) -> io::Result<tokio::net::UnixStream> {
     let me = i32::try_from(std::process::id()).ok();
     loop {
         let (client, _) = listener.accept().await?;
-        if client.peer_cred().is_ok_and(|peer| peer.pid() == me) {
+        if client
+            .peer_cred()
+            .is_ok_and(|peer| peer.pid().is_none_or(|pid| Some(pid) == me))
+        {
             return Ok(client);
         }
     }
@@ -296,6 +300,7 @@ fn listen(
     folder: &str,
     name: &str,
 ) -> io::Result<Option<(UnixListener, PathBuf, Option<PathBuf>)>> {
+    use std::os::unix::fs::DirBuilderExt;
     let made = std::env::temp_dir().join(folder);
     match std::fs::DirBuilder::new().mode(0o700).create(&made) {
         Ok(()) => {}
