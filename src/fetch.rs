@@ -20,7 +20,7 @@ use crate::backoff::{Backoff, parse_retry_after};
 use crate::clock::unix_ms;
 use crate::domain::{Claim, Completion, Validators};
 use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness, STREAMS_PER_CONNECTION};
-use crate::output::{TempFile, local_write_error};
+use crate::output::{TempFile, local_write_error, out_of_descriptors};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
@@ -627,11 +627,32 @@ impl Fetcher {
         if in_body {
             return FetchError::Truncated(cause).into();
         }
+        if let Some(local) = local_cause(&error) {
+            return Fetch::Local(LocalError(local));
+        }
         if error.is_connect() {
             return FetchError::Network(format!("cannot connect: {cause}")).into();
         }
         FetchError::Network(format!("request failed: {cause}")).into()
     }
+}
+
+/// A request that failed for want of a file descriptor here: the run
+/// stops, instead of spending the URL's attempts (and failing it) on a
+/// problem of this machine.
+fn local_cause(error: &reqwest::Error) -> Option<crate::output::Error> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && let Some(advice) = out_of_descriptors(io)
+        {
+            return Some(crate::output::Error::Folder(format!(
+                "cannot open a connection: {io}; {advice}"
+            )));
+        }
+        cause = error.source();
+    }
+    None
 }
 
 /// What one attempt came to.

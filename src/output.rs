@@ -978,9 +978,21 @@ pub fn local_write_error(error: io::Error, what: &str, path: &Path) -> Error {
         ErrorKind::NotFound => {
             "the output folder is gone (removed during the run?): run again to recreate it"
         }
-        _ => return Error::from(error).context(format!("{what} {}", path.display())),
+        _ => match out_of_descriptors(&error) {
+            Some(advice) => advice,
+            None => return Error::from(error).context(format!("{what} {}", path.display())),
+        },
     };
     Error::Folder(format!("{what} {}: {error}; {advice}", path.display()))
+}
+
+/// What to do when `error` says this process or the system may not open
+/// more files (EMFILE, ENFILE): a problem of this machine, not of a URL.
+pub fn out_of_descriptors(error: &io::Error) -> Option<&'static str> {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)).then_some(
+        "jobrun may not open more files (ulimit -n): raise the limit, or use fewer --workers, \
+         then run again",
+    )
 }
 
 #[cfg(target_os = "linux")]

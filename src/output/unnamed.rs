@@ -24,7 +24,8 @@ use std::thread::{JoinHandle, Thread};
 
 use rustix::fs::{AtFlags, CWD, Mode, OFlags};
 
-/// Files created ahead of need.
+/// Files created ahead of need, at most: fewer when the descriptor limit
+/// is low (half the files that may be held), for each holds a descriptor.
 const AHEAD: usize = 32;
 
 /// Unnamed files held at most, whatever the descriptor limit: two full
@@ -72,9 +73,13 @@ impl Unnamed {
                 return None;
             }
         };
-        let (ready, ahead) = flume::bounded(AHEAD);
+        // Under a low `ulimit -n`, the 32 files made ahead took every
+        // descriptor left for connections.
+        let (ready, ahead) = flume::bounded(AHEAD.min(most_held / 2).max(1));
+        // Each folder costs a descriptor too: few when they are few.
         let folders = spread
             .into_iter()
+            .take((most_held / 8).max(1))
             .map(|fd| fd.try_clone_to_owned())
             .collect::<io::Result<Vec<_>>>()
             .ok()
@@ -109,7 +114,7 @@ impl Unnamed {
         }
         let ahead = self.ahead.as_ref()?;
         let taken = ahead.try_recv();
-        if ahead.len() <= AHEAD / 2 {
+        if ahead.len() <= ahead.capacity().unwrap_or(AHEAD) / 2 {
             self.maker.unpark();
         }
         let fd = match taken {

@@ -15,7 +15,8 @@
 //!
 //! Over a Unix socket the client hands the connector nothing (there is no
 //! TLS to start), so the client is pointed at a socket of jobrun's own
-//! instead, in a folder only this user can enter, and a task on the
+//! instead (an abstract one on Linux, which no file stands for and which
+//! lets only this process's own connection through), and a task on the
 //! connection's own runtime relays between it and the server's socket
 //! through the bounded stream. The task runs when the client does, so a
 //! wait it gives up on is the client's own: it closes the client's side
@@ -27,7 +28,6 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -156,11 +156,17 @@ pub fn relay_gave_up(error: &postgres::Error) -> Option<Unanswered> {
 }
 
 /// A socket of jobrun's own that stands for the server's Unix socket
-/// `server`, in a folder made for it alone, removed with it.
+/// `server`. On Linux an abstract socket: it has no file, so nothing is
+/// left behind whatever ends the process (`kill -9` included), and `$TMPDIR`
+/// plays no part; since any process could connect to it, only this
+/// process's own connection gets through. Elsewhere a socket in a folder
+/// made for it alone, removed once the client is connected.
 pub struct UnixRelay {
     listener: Option<UnixListener>,
+    /// The socket's folder as the client is to name it.
     dir: PathBuf,
-    socket: PathBuf,
+    /// The folder made for the socket, where it has a file.
+    made: Option<PathBuf>,
     server: PathBuf,
 }
 
@@ -169,35 +175,26 @@ impl UnixRelay {
     /// named as the client names sockets: `.s.PGSQL.PORT` in a folder.
     pub fn new(dir: &Path, port: u16) -> io::Result<UnixRelay> {
         let name = format!(".s.PGSQL.{port}");
-        let mut ours = None;
         for _ in 0..8 {
-            let candidate = std::env::temp_dir().join(format!(
+            let folder = format!(
                 "jobrun-pg-{}-{:016x}",
                 std::process::id(),
                 fastrand::u64(..)
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
-                Ok(()) => {
-                    ours = Some(candidate);
-                    break;
-                }
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(error) => return Err(error),
-            }
+            );
+            let Some((listener, ours, made)) = listen(&folder, &name)? else {
+                continue;
+            };
+            listener.set_nonblocking(true)?;
+            return Ok(UnixRelay {
+                listener: Some(listener),
+                dir: ours,
+                made,
+                server: dir.join(&name),
+            });
         }
-        let dir_made = ours.ok_or_else(|| {
-            io::Error::other("cannot make a folder for the relay to the server's Unix socket")
-        })?;
-        let mut relay = UnixRelay {
-            listener: None,
-            socket: dir_made.join(&name),
-            dir: dir_made,
-            server: dir.join(&name),
-        };
-        let listener = UnixListener::bind(&relay.socket)?;
-        listener.set_nonblocking(true)?;
-        relay.listener = Some(listener);
-        Ok(relay)
+        Err(io::Error::other(
+            "cannot find a free name for the relay to the server's Unix socket",
+        ))
     }
 
     /// The folder the client is to connect in.
@@ -213,11 +210,11 @@ impl UnixRelay {
             return;
         };
         let accepted = match tokio::net::UnixListener::from_std(listener) {
-            Ok(listener) => listener.accept().await,
+            Ok(listener) => accept_own(&listener).await,
             Err(error) => Err(error),
         };
-        drop(self.remove());
-        let Ok((mut client, _)) = accepted else {
+        self.remove();
+        let Ok(mut client) = accepted else {
             return;
         };
         let wait = limit.get();
@@ -247,16 +244,75 @@ impl UnixRelay {
         }
     }
 
-    fn remove(&mut self) -> io::Result<()> {
+    fn remove(&mut self) {
         self.listener = None;
-        let _ = std::fs::remove_file(&self.socket);
-        std::fs::remove_dir(&self.dir)
+        if let Some(made) = self.made.take() {
+            let _ = std::fs::remove_file(made.join(self.server.file_name().unwrap_or_default()));
+            let _ = std::fs::remove_dir(made);
+        }
     }
 }
 
 impl Drop for UnixRelay {
     fn drop(&mut self) {
-        let _ = self.remove();
+        self.remove();
+    }
+}
+
+/// The first connection to `listener` that comes from this process; any
+/// other is closed at once. Where the system does not tell the peer's pid
+/// (FreeBSD), the socket is in a folder only this user may enter.
+async fn accept_own(listener: &tokio::net::UnixListener) -> io::Result<tokio::net::UnixStream> {
+    let me = i32::try_from(std::process::id()).ok();
+    loop {
+        let (client, _) = listener.accept().await?;
+        if client
+            .peer_cred()
+            .is_ok_and(|peer| peer.pid().is_none_or(|pid| Some(pid) == me))
+        {
+            return Ok(client);
+        }
+    }
+}
+
+/// Listens on the abstract socket `folder/name`: the listener and the
+/// folder the client is to name (the abstract name's first part, after a
+/// NUL byte, as tokio reads it), or None when the name is taken.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn listen(
+    folder: &str,
+    name: &str,
+) -> io::Result<Option<(UnixListener, PathBuf, Option<PathBuf>)>> {
+    use std::os::linux::net::SocketAddrExt;
+    let address = std::os::unix::net::SocketAddr::from_abstract_name(format!("{folder}/{name}"))?;
+    match UnixListener::bind_addr(&address) {
+        Ok(listener) => Ok(Some((listener, PathBuf::from(format!("\0{folder}")), None))),
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => Ok(None),
+        Err(error) => Err(error),
+    }
+}
+
+/// Listens on the socket `name` in a new folder `folder` of the temp
+/// folder, which only this user may enter: the listener, the folder for
+/// the client and for removal, or None when the name is taken.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn listen(
+    folder: &str,
+    name: &str,
+) -> io::Result<Option<(UnixListener, PathBuf, Option<PathBuf>)>> {
+    use std::os::unix::fs::DirBuilderExt;
+    let made = std::env::temp_dir().join(folder);
+    match std::fs::DirBuilder::new().mode(0o700).create(&made) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    match UnixListener::bind(made.join(name)) {
+        Ok(listener) => Ok(Some((listener, made.clone(), Some(made)))),
+        Err(error) => {
+            let _ = std::fs::remove_dir(&made);
+            Err(error)
+        }
     }
 }
 
@@ -278,12 +334,14 @@ impl MakeTlsConnect<Socket> for BoundedConnect {
     type Error = Infallible;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<BoundedTlsConnect, Infallible> {
-        // A Unix socket (no host name) has just been connected: its relay
-        // starts on the runtime that drives the client.
-        if domain.is_empty()
-            && let Some(relay) = self.relays.pop_front()
-        {
-            tokio::spawn(relay.run(self.limit.clone()));
+        // A Unix socket (no host name) has just been connected: the relays
+        // start on the runtime that drives the client, all of them, each
+        // taking its own socket's connection (the hosts may be tried in
+        // any order, `load_balance_hosts=random`).
+        if domain.is_empty() {
+            for relay in self.relays.drain(..) {
+                tokio::spawn(relay.run(self.limit.clone()));
+            }
         }
         let tls = match &mut self.tls {
             Some((make, required)) => Some((

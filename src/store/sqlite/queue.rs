@@ -13,6 +13,7 @@ use rusqlite::{CachedStatement, OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::{FULL_URL, HOST, PathColumn, StoredPath, split_url};
+use super::runs::renew_when_old;
 use crate::clock::now_ms;
 use crate::domain::{
     Claim, Completion, Durations, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl,
@@ -218,8 +219,10 @@ impl SqliteStore {
             )?
             .execute(params![bucket, count])?;
         }
-        let alive = tx
-            .prepare_cached(
+        let alive = if completions.is_empty() {
+            renew_when_old(&tx, run, now)?
+        } else {
+            tx.prepare_cached(
                 "UPDATE runs SET heartbeat_at = ?2, done = done + ?3, failed = failed + ?4,
                      retried = retried + ?5, bytes = bytes + ?6
                  WHERE id = ?1 AND ended_at IS NULL",
@@ -231,9 +234,10 @@ impl SqliteStore {
                 tally.failed,
                 tally.retried,
                 tally.bytes
-            ])?;
+            ])? > 0
+        };
         count_host_answers(&tx, completions)?;
-        if alive == 0 || lost > 0 {
+        if !alive || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
             return Err(TakenForDead { run }.into());
         }
