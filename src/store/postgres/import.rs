@@ -140,14 +140,8 @@ fn import_in(
     };
     // A batch's statements are not worth compiling, however big the
     // tables make the planner's estimates.
-    tx.batch_execute(&format!(
-        "{commit}
-         SET LOCAL jit = off;
-         CREATE TEMP TABLE IF NOT EXISTS import_staging (
-             ord integer, url text COLLATE \"C\", request text, request_hash text COLLATE \"C\",
-             host text, path text COLLATE \"C\") ON COMMIT DELETE ROWS"
-    ))
-    .at(name)?;
+    tx.batch_execute(&format!("{commit} SET LOCAL jit = off"))
+        .at(name)?;
     let mut results = vec![InsertResult::Inserted; batch.len()];
     if !checked.is_empty() {
         let known = what_is_there(tx, batch, checked, name)?;
@@ -164,25 +158,15 @@ fn import_in(
     if chosen.is_empty() {
         return Ok(Some(results));
     }
+    if arbiter == Arbiter::Nothing {
+        return Ok(copy_new(tx, batch, &chosen, name)?.then_some(results));
+    }
     stage(tx, batch, &chosen, name)?;
-    let rows = match tx.query(&queue_new(arbiter), &[]) {
+    let rows = match tx.query(&queue_new(arbiter == Arbiter::All), &[]) {
         Ok(rows) => rows,
-        Err(e) if arbiter != Arbiter::All && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            return Ok(None);
-        }
+        Err(e) if arbiter != Arbiter::All && is_unique_violation(&e) => return Ok(None),
         Err(e) => return Err(e).at(name),
     };
-    if arbiter == Arbiter::Nothing {
-        // Nothing was left out: it would have been an error.
-        let inserted: i32 = rows.first().map_or(0, |row| row.get(0));
-        if inserted as usize != chosen.len() {
-            return Err(crate::store::Error::Invalid(format!(
-                "internal error: {name} inserted {inserted} of {} URLs without a conflict",
-                chosen.len()
-            )));
-        }
-        return Ok(Some(results));
-    }
     // A row inserted is the first chosen line with its URL, request and
     // name: the statement inserts them in order and skips the others.
     let mut lines: HashMap<(&str, &str, &str), usize> = HashMap::with_capacity(chosen.len());
@@ -231,6 +215,115 @@ fn repeats_are_duplicates(
     }
 }
 
+/// A row already there stopped the statement.
+fn is_unique_violation(error: &postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// Writes the lines `chosen`, none of which may be there already, straight
+/// into requests and jobs with binary COPY, and counts them; `false` when
+/// a row already there stopped the COPY (the transaction is then aborted).
+///
+/// COPY inserts rows a heap page at a time, with one WAL record per page,
+/// where `INSERT … SELECT` writes one per row, and needs no staging table
+/// to write and read back. The ids are taken from the identity's sequence
+/// first, in the order of the batch, so that jobs gets the same ones and
+/// the queue keeps the order of the list; taking them in one statement
+/// keeps them in that order whatever other imports take meanwhile. The
+/// counters come from the batch itself: every line is inserted, or none.
+fn copy_new(
+    tx: &mut Transaction<'_>,
+    batch: &[NewUrl<'_>],
+    chosen: &[usize],
+    name: &str,
+) -> Result<bool> {
+    let wanted = i32::try_from(chosen.len()).map_err(|_| {
+        crate::store::Error::Invalid(format!(
+            "internal error: a batch of {} URLs for {name}",
+            chosen.len()
+        ))
+    })?;
+    // The identity column's sequence, named by PostgreSQL's rule.
+    let ids: Vec<i64> = tx
+        .query_one(
+            "SELECT array(SELECT nextval('requests_id_seq') FROM generate_series(1, $1))",
+            &[&wanted],
+        )
+        .at(name)?
+        .get(0);
+    let written = copy_rows(
+        tx,
+        "COPY requests (id, url, request, request_hash, host, path) FROM STDIN BINARY",
+        &[
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+        ],
+        |writer| {
+            for (&at, id) in chosen.iter().zip(&ids) {
+                let new = &batch[at];
+                writer.write(&[
+                    id,
+                    &new.url,
+                    &new.request,
+                    &new.request_hash,
+                    &new.host,
+                    &new.path,
+                ])?;
+            }
+            Ok(())
+        },
+    );
+    match written {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => return Ok(false),
+        Err(e) => return Err(e).at(name),
+    }
+    copy_rows(
+        tx,
+        "COPY jobs (id, host) FROM STDIN BINARY",
+        &[Type::INT8, Type::TEXT],
+        |writer| {
+            for (&at, id) in chosen.iter().zip(&ids) {
+                writer.write(&[id, &batch[at].host])?;
+            }
+            Ok(())
+        },
+    )
+    .at(name)?;
+    let mut per_host: HashMap<&str, i64> = HashMap::new();
+    for &at in chosen {
+        *per_host.entry(batch[at].host).or_default() += 1;
+    }
+    let (hosts, pending): (Vec<&str>, Vec<i64>) = per_host.into_iter().unzip();
+    tx.execute(
+        "WITH counted AS (
+             INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+             VALUES (pg_backend_pid(), 'pending', 0, $1, 0)
+             ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows)
+         INSERT INTO host_changes (hosts, pending) VALUES ($2, $3)",
+        &[&i64::from(wanted), &hosts, &pending],
+    )
+    .at(name)?;
+    Ok(true)
+}
+
+/// Runs the binary COPY `statement`, its rows written by `rows`.
+fn copy_rows(
+    tx: &mut Transaction<'_>,
+    statement: &str,
+    types: &[Type],
+    rows: impl FnOnce(&mut BinaryCopyInWriter<'_>) -> std::result::Result<(), postgres::Error>,
+) -> std::result::Result<u64, postgres::Error> {
+    let sink = tx.copy_in(statement)?;
+    let mut writer = BinaryCopyInWriter::new(sink, types);
+    rows(&mut writer)?;
+    writer.finish()
+}
+
 /// Copies the lines `chosen` into the staging table, numbered by their
 /// place in the batch.
 fn stage(
@@ -239,6 +332,12 @@ fn stage(
     chosen: &[usize],
     name: &str,
 ) -> Result<()> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS import_staging (
+             ord integer, url text COLLATE \"C\", request text, request_hash text COLLATE \"C\",
+             host text, path text COLLATE \"C\") ON COMMIT DELETE ROWS",
+    )
+    .at(name)?;
     let sink = tx
         .copy_in(
             "COPY import_staging (ord, url, request, request_hash, host, path) FROM STDIN BINARY",
@@ -470,30 +569,21 @@ fn check_line(new: &NewUrl<'_>, known: Known, earlier: &Earlier<'_>) -> InsertRe
 }
 
 /// Inserts the staged requests, in the order of the batch, leaving out
-/// those that would break an index `arbiter` checks; queues each as
-/// pending and counts them, in one statement. Returns how many were
-/// inserted (`Nothing`: none can be left out) or what tells each inserted
-/// row's line.
-fn queue_new(arbiter: Arbiter) -> String {
-    let (conflict, returning, select) = match arbiter {
-        Arbiter::Nothing => ("", "", "SELECT count(*)::int4 FROM inserted"),
-        Arbiter::Request => (
-            "ON CONFLICT (url, request_hash) DO NOTHING",
-            ", url, request_hash, path",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
-        Arbiter::All => (
-            "ON CONFLICT DO NOTHING",
-            ", url, request_hash, path",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
+/// those that would break the request's index (`all`: any unique index);
+/// queues each as pending and counts them, in one statement. Returns what
+/// tells each inserted row's line.
+fn queue_new(all: bool) -> String {
+    let conflict = if all {
+        "ON CONFLICT DO NOTHING"
+    } else {
+        "ON CONFLICT (url, request_hash) DO NOTHING"
     };
     format!(
         "WITH inserted AS (
              INSERT INTO requests (url, request, request_hash, host, path)
              SELECT url, request, request_hash, host, path FROM import_staging ORDER BY ord
              {conflict}
-             RETURNING id, host{returning}),
+             RETURNING id, host, url, request_hash, path),
          queued AS (INSERT INTO jobs (id, host) SELECT id, host FROM inserted),
          counted AS (
              INSERT INTO tallies AS t (slot, state, status, rows, bytes)
@@ -504,6 +594,6 @@ fn queue_new(arbiter: Arbiter) -> String {
          hosts AS (
              INSERT INTO host_changes (hosts, pending)
              SELECT array_agg(host), array_agg(rows) FROM per_host HAVING count(*) > 0)
-         {select}"
+         SELECT url, request_hash, path FROM inserted"
     )
 }
