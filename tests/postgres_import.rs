@@ -21,13 +21,17 @@ use std::time::Duration;
 use support::*;
 
 /// Distinct URLs in the list.
-const URLS: usize = 60_000;
+const URLS: usize = 80_000;
 /// Hosts they are spread over, so that per-host counts are checked too.
 const HOSTS: usize = 7;
 /// Where a kill point of a first import lies: past a first batch (10,000
-/// lines), and a batch short of the first repeat, so that the batch is
-/// copied straight into the tables.
-const FAST: std::ops::Range<usize> = 12_000..URLS / 2 - 10_000;
+/// lines), and early enough that the rest of the first half, which holds
+/// no repeats, spans more than two batches after it.
+const FAST: std::ops::Range<usize> = 12_000..16_000;
+/// Where a kill point in the staging table lies: a batch (under 7,000
+/// URLs of the second half) past the first repeat of an earlier batch's
+/// URL, so that every batch from there on meets rows already there.
+const STAGED: std::ops::Range<usize> = URLS / 2 + 7_000..URLS * 3 / 4;
 /// How long a kill point may take to come.
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -388,14 +392,30 @@ fn an_import_killed_halfway_through_copying_into_requests_keeps_its_committed_ba
     let mut rng = seeded();
     let at = random(&mut rng, FAST);
     let holder = hold_request(&import, at);
-    let there = kill_while_waiting(
+    let first = kill_while_waiting(
         &mut import,
         holder,
         "COPY requests",
         &format!("killed while copying into requests, at URL {at}"),
     );
-    assert!(there > 0 && there <= at, "{there} URLs there");
-    import.import_the_rest(there);
+    assert!(first > 0 && first <= at, "{first} URLs there");
+
+    // The list again: past the part already there (a batch that meets
+    // rows there, and one more that meets none), new URLs go straight into
+    // the tables again.
+    let at = random(&mut rng, first + 21_000..URLS / 2);
+    let holder = hold_request(&import, at);
+    let second = kill_while_waiting(
+        &mut import,
+        holder,
+        "COPY requests",
+        &format!("killed while copying into requests past the part there, at URL {at}"),
+    );
+    assert!(
+        second > first && second <= at,
+        "{first} then {second} URLs there"
+    );
+    import.import_the_rest(second);
 }
 
 #[test]
@@ -417,9 +437,10 @@ fn an_import_killed_again_and_again_adds_the_rest_when_run_once_more() {
     );
     assert!(first > 0 && first < id, "{first} URLs there");
 
-    // The list again: its first batch meets rows already there, and the
-    // batches after it go through the staging table.
-    let at = random(&mut rng, first + 1..URLS * 3 / 4);
+    // The list again: its first batch meets rows already there, and so
+    // does every batch past the first repeat of an earlier batch's URL:
+    // they go through the staging table.
+    let at = random(&mut rng, STAGED);
     let holder = hold_request(&import, at);
     let second = kill_while_waiting(
         &mut import,

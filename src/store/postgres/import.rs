@@ -1,18 +1,24 @@
-//! Import: a batch is one transaction and, in the usual case, one
-//! statement after a binary COPY into a temporary staging table: `INSERT …
-//! SELECT` into requests, the new ones into the queue (jobs) and the
-//! counters in the same statement.
+//! Import: a batch is one transaction. In the usual case, a batch whose
+//! rows are all new, it is a binary COPY straight into requests, another
+//! into jobs (the ids taken from the sequence first, so that both tables
+//! get the same ones in the order of the list) and one statement for the
+//! counters: COPY writes a heap page at a time with one WAL record per
+//! page, where `INSERT … SELECT` writes one per row, and needs no staging
+//! table. Otherwise the batch is copied into a temporary staging table and
+//! written with one `INSERT … SELECT` into requests that also queues the
+//! new ones (jobs) and counts them.
 //!
 //! Checking a unique index before a row goes in (`ON CONFLICT`) walks the
 //! index a second time: with all three of requests' checked, that was a
-//! third of the statement's time. So a batch first checks none, and a row
-//! already there stops it with an error; the batch is then written again
-//! checking the request's index (`ON CONFLICT (url, request_hash) DO
-//! NOTHING`: the same request is a duplicate), and, should a file name be
-//! taken (a name the user gave that looks like a generated one, or one
-//! another import took meanwhile), once more checking all of them.
+//! third of the statement's time. So a batch first checks none (the COPY),
+//! and a row already there stops it with an error; the batch is then
+//! written again through the staging table checking the request's index
+//! (`ON CONFLICT (url, request_hash) DO NOTHING`: the same request is a
+//! duplicate), and, should a file name be taken (a name the user gave that
+//! looks like a generated one, or one another import took meanwhile), once
+//! more checking all of them.
 //!
-//! Lines whose result the one statement cannot tell, named lines and the
+//! Lines whose result the insert alone cannot tell, named lines and the
 //! unnamed lines that share a request or a file or folder with one, are
 //! checked first, in the order of the batch, as SQLite's import checks
 //! them: one query reads what the database already holds for all of them,
@@ -27,7 +33,9 @@
 //! (a fraction of a second's); the import then fails, and running it again
 //! adds what is missing and counts the rest as duplicates. A run that
 //! claims rows of such a batch commits its claim durably, which makes the
-//! batch durable first.
+//! batch durable first. An import killed at any point (the server still
+//! up) loses no committed batch and leaves no part of one:
+//! tests/postgres_import.rs kills one in each statement of a batch.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
@@ -68,22 +76,24 @@ impl PostgresStore {
     /// Writes the batch checking as little as the import so far allows,
     /// and again, checking more, when that met a row already there. Once
     /// it has met one, the batches after it check the request's index from
-    /// the start: a list that repeats URLs, or is imported again, is
-    /// likely to go on doing so.
+    /// the start, until one meets none: a list that repeats URLs of earlier
+    /// batches, or is imported again, is likely to go on doing so, and a
+    /// list imported again after an import that stopped halfway is not,
+    /// past the part that import wrote.
     pub(super) fn import_batch(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
         let name = self.name.clone();
         let name = name.as_str();
         let checked = lines_to_check(batch);
         let mut arbiter = self.import_arbiter;
         let durable = !self.bulk;
-        let results = {
+        let results: Written = {
             let mut client = self.client()?;
             loop {
                 let mut tx = client.transaction().at(name)?;
-                if let Some(results) = import_in(&mut tx, batch, &checked, arbiter, durable, name)?
+                if let Some(written) = import_in(&mut tx, batch, &checked, arbiter, durable, name)?
                 {
                     tx.commit().at(name)?;
-                    break results;
+                    break written;
                 }
                 drop(tx);
                 arbiter = arbiter.after_conflict().ok_or_else(|| {
@@ -94,8 +104,12 @@ impl PostgresStore {
                 })?;
             }
         };
-        self.import_arbiter = self.import_arbiter.max(arbiter);
-        Ok(results)
+        self.import_arbiter = if results.met_rows {
+            self.import_arbiter.max(arbiter)
+        } else {
+            Arbiter::Nothing
+        };
+        Ok(results.results)
     }
 
     /// Waits until every import batch this connection committed is on
@@ -122,6 +136,14 @@ impl PostgresStore {
     }
 }
 
+/// What became of a batch's lines.
+struct Written {
+    results: Vec<InsertResult>,
+    /// Lines were left out for rows already there (not for lines before
+    /// them in the batch).
+    met_rows: bool,
+}
+
 /// Writes `batch` in `tx`, to commit `durable` or not; `None` when a row
 /// met a unique index that `arbiter` does not check (the transaction is
 /// then aborted).
@@ -132,7 +154,7 @@ fn import_in(
     arbiter: Arbiter,
     durable: bool,
     name: &str,
-) -> Result<Option<Vec<InsertResult>>> {
+) -> Result<Option<Written>> {
     let commit = if durable {
         ""
     } else {
@@ -148,18 +170,24 @@ fn import_in(
         check_in_order(batch, checked, known, &mut results);
     }
     let checked: HashSet<usize> = checked.iter().copied().collect();
-    if arbiter == Arbiter::Nothing {
+    // With every index checked, a line whose first repeat is left out for
+    // its name is inserted under its own: the insert decides.
+    if arbiter != Arbiter::All {
         repeats_are_duplicates(batch, &checked, &mut results);
     }
     // The lines still `Inserted` are the ones to write.
     let chosen: Vec<usize> = (0..batch.len())
         .filter(|&at| results[at] == InsertResult::Inserted)
         .collect();
+    let written = |results| Written {
+        results,
+        met_rows: false,
+    };
     if chosen.is_empty() {
-        return Ok(Some(results));
+        return Ok(Some(written(results)));
     }
     if arbiter == Arbiter::Nothing {
-        return Ok(copy_new(tx, batch, &chosen, name)?.then_some(results));
+        return Ok(copy_new(tx, batch, &chosen, name)?.then(|| written(results)));
     }
     stage(tx, batch, &chosen, name)?;
     let rows = match tx.query(&queue_new(arbiter == Arbiter::All), &[]) {
@@ -196,7 +224,10 @@ fn import_in(
     if !left.is_empty() {
         explain_left_out(tx, batch, &left, &mut results, name)?;
     }
-    Ok(Some(results))
+    Ok(Some(Written {
+        results,
+        met_rows: rows.len() < chosen.len(),
+    }))
 }
 
 /// Marks as duplicates the unchecked lines whose request an earlier one in
