@@ -282,6 +282,13 @@ fn copy_new(
         )
         .at(name)?
         .get(0);
+    if ids.len() != chosen.len() {
+        return Err(crate::store::Error::Invalid(format!(
+            "internal error: {name} gave {} ids for {} URLs",
+            ids.len(),
+            chosen.len()
+        )));
+    }
     let written = copy_rows(
         tx,
         "COPY requests (id, url, request, request_hash, host, path) FROM STDIN BINARY",
