@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
 use flume::RecvTimeoutError;
-use uuid::{Builder, Uuid};
+use uuid::Uuid;
 
 use crate::cli::{ImportArgs, ImportFormat};
 use crate::clock::unix_ms;
@@ -115,8 +115,8 @@ impl Chunk {
     }
 
     /// Adds an entry of the list as a row: its text, and a generated name
-    /// (`file_name`) unless it has one.
-    fn push_entry(&mut self, line: u64, entry: Entry, suffix: &str) {
+    /// (from `names`) unless it has one.
+    fn push_entry(&mut self, line: u64, entry: Entry, names: &mut FileNames) {
         let url = self.push(entry.url.as_str());
         let host = urlfile::host_range(&entry.url);
         let host = Span {
@@ -135,7 +135,7 @@ impl Chunk {
             Some(name) => self.push(name),
             None => {
                 let start = self.offset();
-                push_file_name(&mut self.text, suffix);
+                names.push_next(&mut self.text);
                 Span {
                     start,
                     end: self.offset(),
@@ -394,6 +394,7 @@ fn parse_lines(
 ) -> Result<()> {
     let mut buf = Vec::new();
     let mut line = 0u64;
+    let mut names = FileNames::new(suffix);
     while let Some(complete) = urlfile::read_line(reader, &mut buf)? {
         line += 1;
         if format.is_none() && complete {
@@ -408,7 +409,7 @@ fn parse_lines(
         match parsed {
             Line::Skip => continue,
             Line::Reject(reason) => chunk.lines.push(Parsed::Reject { line, reason }),
-            Line::Entry(entry) => chunk.push_entry(line, entry, suffix),
+            Line::Entry(entry) => chunk.push_entry(line, entry, &mut names),
         }
         if chunk.is_full() {
             reader.get_mut().hand_over()?;
@@ -448,15 +449,82 @@ impl Read for Handoff {
     }
 }
 
-/// Adds a new output file name to `text`: a version 7 UUID, which starts
-/// with the time, so that the index on paths grows at its end, and the
-/// extension. Its random part comes from fastrand: asking the system for
-/// it once per URL took a twentieth of an import.
-fn push_file_name(text: &mut String, suffix: &str) {
-    let mut random = [0u8; 10];
-    fastrand::fill(&mut random);
-    let millis = unix_ms(SystemTime::now()) as u64;
-    let uuid = Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
-    text.push_str(uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
-    text.push_str(suffix);
+/// New output file names: a version 7 UUID, which starts with the time,
+/// and the extension. Each name sorts after the one before: within a
+/// millisecond (or while the clock stands or goes back), the UUID's random
+/// part is that of the name before plus one. An index on paths then only
+/// ever grows at its end: PostgreSQL inserts into its rightmost page without
+/// searching the tree, and fills each page before it starts the next, where
+/// names in random order within a millisecond split pages in the middle.
+/// The random part comes from fastrand: asking the system for it once per
+/// URL took a twentieth of an import.
+struct FileNames<'a> {
+    suffix: &'a str,
+    /// The milliseconds of the last name.
+    millis: u64,
+    /// The 74 random bits of the last name.
+    random: u128,
+}
+
+/// A version 7 UUID's random bits: 12 in `rand_a`, 62 in `rand_b`.
+const RANDOM_BITS: u32 = 74;
+
+impl FileNames<'_> {
+    fn new(suffix: &str) -> FileNames<'_> {
+        FileNames {
+            suffix,
+            millis: 0,
+            random: 0,
+        }
+    }
+
+    /// Adds the next name to `text`.
+    fn push_next(&mut self, text: &mut String) {
+        let now = unix_ms(SystemTime::now()) as u64;
+        let next = self.random + 1;
+        if now > self.millis || next >> RANDOM_BITS != 0 {
+            self.millis = now.max(self.millis + 1);
+            // One bit short of the whole: room to count up from there.
+            self.random = fastrand::u128(..) >> (128 - (RANDOM_BITS - 1));
+        } else {
+            self.random = next;
+        }
+        let (rand_a, rand_b) = (self.random >> 62, self.random & ((1 << 62) - 1));
+        let uuid = Uuid::from_u128(
+            (u128::from(self.millis) << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b,
+        );
+        text.push_str(uuid.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        text.push_str(self.suffix);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_names_are_version_7_uuids_in_ascending_order() {
+        let mut names = FileNames::new(".json");
+        let mut text = String::new();
+        let mut last = String::new();
+        for _ in 0..10_000 {
+            text.clear();
+            names.push_next(&mut text);
+            let uuid = Uuid::parse_str(text.strip_suffix(".json").expect("the extension"))
+                .expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 7, "{text}");
+            assert_eq!(uuid.get_variant(), uuid::Variant::RFC4122, "{text}");
+            assert!(text > last, "{text} does not sort after {last}");
+            last.clone_from(&text);
+        }
+        // A clock that goes back, or a millisecond's random part used up.
+        names.millis += 1000;
+        names.random = (1 << RANDOM_BITS) - 1;
+        for _ in 0..3 {
+            text.clear();
+            names.push_next(&mut text);
+            assert!(text > last, "{text} does not sort after {last}");
+            last.clone_from(&text);
+        }
+    }
 }

@@ -1,18 +1,24 @@
-//! Import: a batch is one transaction and, in the usual case, one
-//! statement after a binary COPY into a temporary staging table: `INSERT …
-//! SELECT` into requests, the new ones into the queue (jobs) and the
-//! counters in the same statement.
+//! Import: a batch is one transaction. In the usual case, a batch whose
+//! rows are all new, it is a binary COPY straight into requests, another
+//! into jobs (the ids taken from the sequence first, so that both tables
+//! get the same ones in the order of the list) and one statement for the
+//! counters: COPY writes a heap page at a time with one WAL record per
+//! page, where `INSERT … SELECT` writes one per row, and needs no staging
+//! table. Otherwise the batch is copied into a temporary staging table and
+//! written with one `INSERT … SELECT` into requests that also queues the
+//! new ones (jobs) and counts them.
 //!
 //! Checking a unique index before a row goes in (`ON CONFLICT`) walks the
 //! index a second time: with all three of requests' checked, that was a
-//! third of the statement's time. So a batch first checks none, and a row
-//! already there stops it with an error; the batch is then written again
-//! checking the request's index (`ON CONFLICT (url, request_hash) DO
-//! NOTHING`: the same request is a duplicate), and, should a file name be
-//! taken (a name the user gave that looks like a generated one, or one
-//! another import took meanwhile), once more checking all of them.
+//! third of the statement's time. So a batch first checks none (the COPY),
+//! and a row already there stops it with an error; the batch is then
+//! written again through the staging table checking the request's index
+//! (`ON CONFLICT (url, request_hash) DO NOTHING`: the same request is a
+//! duplicate), and, should a file name be taken (a name the user gave that
+//! looks like a generated one, or one another import took meanwhile), once
+//! more checking all of them.
 //!
-//! Lines whose result the one statement cannot tell, named lines and the
+//! Lines whose result the insert alone cannot tell, named lines and the
 //! unnamed lines that share a request or a file or folder with one, are
 //! checked first, in the order of the batch, as SQLite's import checks
 //! them: one query reads what the database already holds for all of them,
@@ -27,7 +33,9 @@
 //! (a fraction of a second's); the import then fails, and running it again
 //! adds what is missing and counts the rest as duplicates. A run that
 //! claims rows of such a batch commits its claim durably, which makes the
-//! batch durable first.
+//! batch durable first. An import killed at any point (the server still
+//! up) loses no committed batch and leaves no part of one:
+//! tests/postgres_import.rs kills one in each statement of a batch.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
@@ -68,22 +76,24 @@ impl PostgresStore {
     /// Writes the batch checking as little as the import so far allows,
     /// and again, checking more, when that met a row already there. Once
     /// it has met one, the batches after it check the request's index from
-    /// the start: a list that repeats URLs, or is imported again, is
-    /// likely to go on doing so.
+    /// the start, until one meets none: a list that repeats URLs of earlier
+    /// batches, or is imported again, is likely to go on doing so, and a
+    /// list imported again after an import that stopped halfway is not,
+    /// past the part that import wrote.
     pub(super) fn import_batch(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
         let name = self.name.clone();
         let name = name.as_str();
         let checked = lines_to_check(batch);
         let mut arbiter = self.import_arbiter;
         let durable = !self.bulk;
-        let results = {
+        let results: Written = {
             let mut client = self.client()?;
             loop {
                 let mut tx = client.transaction().at(name)?;
-                if let Some(results) = import_in(&mut tx, batch, &checked, arbiter, durable, name)?
+                if let Some(written) = import_in(&mut tx, batch, &checked, arbiter, durable, name)?
                 {
                     tx.commit().at(name)?;
-                    break results;
+                    break written;
                 }
                 drop(tx);
                 arbiter = arbiter.after_conflict().ok_or_else(|| {
@@ -94,8 +104,12 @@ impl PostgresStore {
                 })?;
             }
         };
-        self.import_arbiter = self.import_arbiter.max(arbiter);
-        Ok(results)
+        self.import_arbiter = if results.met_rows {
+            self.import_arbiter.max(arbiter)
+        } else {
+            Arbiter::Nothing
+        };
+        Ok(results.results)
     }
 
     /// Waits until every import batch this connection committed is on
@@ -122,6 +136,14 @@ impl PostgresStore {
     }
 }
 
+/// What became of a batch's lines.
+struct Written {
+    results: Vec<InsertResult>,
+    /// Lines were left out for rows already there (not for lines before
+    /// them in the batch).
+    met_rows: bool,
+}
+
 /// Writes `batch` in `tx`, to commit `durable` or not; `None` when a row
 /// met a unique index that `arbiter` does not check (the transaction is
 /// then aborted).
@@ -132,7 +154,7 @@ fn import_in(
     arbiter: Arbiter,
     durable: bool,
     name: &str,
-) -> Result<Option<Vec<InsertResult>>> {
+) -> Result<Option<Written>> {
     let commit = if durable {
         ""
     } else {
@@ -140,49 +162,39 @@ fn import_in(
     };
     // A batch's statements are not worth compiling, however big the
     // tables make the planner's estimates.
-    tx.batch_execute(&format!(
-        "{commit}
-         SET LOCAL jit = off;
-         CREATE TEMP TABLE IF NOT EXISTS import_staging (
-             ord integer, url text COLLATE \"C\", request text, request_hash text COLLATE \"C\",
-             host text, path text COLLATE \"C\") ON COMMIT DELETE ROWS"
-    ))
-    .at(name)?;
+    tx.batch_execute(&format!("{commit} SET LOCAL jit = off"))
+        .at(name)?;
     let mut results = vec![InsertResult::Inserted; batch.len()];
     if !checked.is_empty() {
         let known = what_is_there(tx, batch, checked, name)?;
         check_in_order(batch, checked, known, &mut results);
     }
     let checked: HashSet<usize> = checked.iter().copied().collect();
-    if arbiter == Arbiter::Nothing {
+    // With every index checked, a line whose first repeat is left out for
+    // its name is inserted under its own: the insert decides.
+    if arbiter != Arbiter::All {
         repeats_are_duplicates(batch, &checked, &mut results);
     }
     // The lines still `Inserted` are the ones to write.
     let chosen: Vec<usize> = (0..batch.len())
         .filter(|&at| results[at] == InsertResult::Inserted)
         .collect();
+    let written = |results| Written {
+        results,
+        met_rows: false,
+    };
     if chosen.is_empty() {
-        return Ok(Some(results));
+        return Ok(Some(written(results)));
+    }
+    if arbiter == Arbiter::Nothing {
+        return Ok(copy_new(tx, batch, &chosen, name)?.then(|| written(results)));
     }
     stage(tx, batch, &chosen, name)?;
-    let rows = match tx.query(&queue_new(arbiter), &[]) {
+    let rows = match tx.query(&queue_new(arbiter == Arbiter::All), &[]) {
         Ok(rows) => rows,
-        Err(e) if arbiter != Arbiter::All && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            return Ok(None);
-        }
+        Err(e) if arbiter != Arbiter::All && is_unique_violation(&e) => return Ok(None),
         Err(e) => return Err(e).at(name),
     };
-    if arbiter == Arbiter::Nothing {
-        // Nothing was left out: it would have been an error.
-        let inserted: i32 = rows.first().map_or(0, |row| row.get(0));
-        if inserted as usize != chosen.len() {
-            return Err(crate::store::Error::Invalid(format!(
-                "internal error: {name} inserted {inserted} of {} URLs without a conflict",
-                chosen.len()
-            )));
-        }
-        return Ok(Some(results));
-    }
     // A row inserted is the first chosen line with its URL, request and
     // name: the statement inserts them in order and skips the others.
     let mut lines: HashMap<(&str, &str, &str), usize> = HashMap::with_capacity(chosen.len());
@@ -212,7 +224,10 @@ fn import_in(
     if !left.is_empty() {
         explain_left_out(tx, batch, &left, &mut results, name)?;
     }
-    Ok(Some(results))
+    Ok(Some(Written {
+        results,
+        met_rows: rows.len() < chosen.len(),
+    }))
 }
 
 /// Marks as duplicates the unchecked lines whose request an earlier one in
@@ -231,6 +246,122 @@ fn repeats_are_duplicates(
     }
 }
 
+/// A row already there stopped the statement.
+fn is_unique_violation(error: &postgres::Error) -> bool {
+    error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// Writes the lines `chosen`, none of which may be there already, straight
+/// into requests and jobs with binary COPY, and counts them; `false` when
+/// a row already there stopped the COPY (the transaction is then aborted).
+///
+/// COPY inserts rows a heap page at a time, with one WAL record per page,
+/// where `INSERT … SELECT` writes one per row, and needs no staging table
+/// to write and read back. The ids are taken from the identity's sequence
+/// first, in the order of the batch, so that jobs gets the same ones and
+/// the queue keeps the order of the list; taking them in one statement
+/// keeps them in that order whatever other imports take meanwhile. The
+/// counters come from the batch itself: every line is inserted, or none.
+fn copy_new(
+    tx: &mut Transaction<'_>,
+    batch: &[NewUrl<'_>],
+    chosen: &[usize],
+    name: &str,
+) -> Result<bool> {
+    let wanted = i32::try_from(chosen.len()).map_err(|_| {
+        crate::store::Error::Invalid(format!(
+            "internal error: a batch of {} URLs for {name}",
+            chosen.len()
+        ))
+    })?;
+    // The identity column's sequence, named by PostgreSQL's rule.
+    let ids: Vec<i64> = tx
+        .query_one(
+            "SELECT array(SELECT nextval('requests_id_seq') FROM generate_series(1, $1))",
+            &[&wanted],
+        )
+        .at(name)?
+        .get(0);
+    if ids.len() != chosen.len() {
+        return Err(crate::store::Error::Invalid(format!(
+            "internal error: {name} gave {} ids for {} URLs",
+            ids.len(),
+            chosen.len()
+        )));
+    }
+    let written = copy_rows(
+        tx,
+        "COPY requests (id, url, request, request_hash, host, path) FROM STDIN BINARY",
+        &[
+            Type::INT8,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+            Type::TEXT,
+        ],
+        |writer| {
+            for (&at, id) in chosen.iter().zip(&ids) {
+                let new = &batch[at];
+                writer.write(&[
+                    id,
+                    &new.url,
+                    &new.request,
+                    &new.request_hash,
+                    &new.host,
+                    &new.path,
+                ])?;
+            }
+            Ok(())
+        },
+    );
+    match written {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) => return Ok(false),
+        Err(e) => return Err(e).at(name),
+    }
+    copy_rows(
+        tx,
+        "COPY jobs (id, host) FROM STDIN BINARY",
+        &[Type::INT8, Type::TEXT],
+        |writer| {
+            for (&at, id) in chosen.iter().zip(&ids) {
+                writer.write(&[id, &batch[at].host])?;
+            }
+            Ok(())
+        },
+    )
+    .at(name)?;
+    let mut per_host: HashMap<&str, i64> = HashMap::new();
+    for &at in chosen {
+        *per_host.entry(batch[at].host).or_default() += 1;
+    }
+    let (hosts, pending): (Vec<&str>, Vec<i64>) = per_host.into_iter().unzip();
+    tx.execute(
+        "WITH counted AS (
+             INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+             VALUES (pg_backend_pid(), 'pending', 0, $1, 0)
+             ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows)
+         INSERT INTO host_changes (hosts, pending) VALUES ($2, $3)",
+        &[&i64::from(wanted), &hosts, &pending],
+    )
+    .at(name)?;
+    Ok(true)
+}
+
+/// Runs the binary COPY `statement`, its rows written by `rows`.
+fn copy_rows(
+    tx: &mut Transaction<'_>,
+    statement: &str,
+    types: &[Type],
+    rows: impl FnOnce(&mut BinaryCopyInWriter<'_>) -> std::result::Result<(), postgres::Error>,
+) -> std::result::Result<u64, postgres::Error> {
+    let sink = tx.copy_in(statement)?;
+    let mut writer = BinaryCopyInWriter::new(sink, types);
+    rows(&mut writer)?;
+    writer.finish()
+}
+
 /// Copies the lines `chosen` into the staging table, numbered by their
 /// place in the batch.
 fn stage(
@@ -239,6 +370,12 @@ fn stage(
     chosen: &[usize],
     name: &str,
 ) -> Result<()> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS import_staging (
+             ord integer, url text COLLATE \"C\", request text, request_hash text COLLATE \"C\",
+             host text, path text COLLATE \"C\") ON COMMIT DELETE ROWS",
+    )
+    .at(name)?;
     let sink = tx
         .copy_in(
             "COPY import_staging (ord, url, request, request_hash, host, path) FROM STDIN BINARY",
@@ -470,30 +607,21 @@ fn check_line(new: &NewUrl<'_>, known: Known, earlier: &Earlier<'_>) -> InsertRe
 }
 
 /// Inserts the staged requests, in the order of the batch, leaving out
-/// those that would break an index `arbiter` checks; queues each as
-/// pending and counts them, in one statement. Returns how many were
-/// inserted (`Nothing`: none can be left out) or what tells each inserted
-/// row's line.
-fn queue_new(arbiter: Arbiter) -> String {
-    let (conflict, returning, select) = match arbiter {
-        Arbiter::Nothing => ("", "", "SELECT count(*)::int4 FROM inserted"),
-        Arbiter::Request => (
-            "ON CONFLICT (url, request_hash) DO NOTHING",
-            ", url, request_hash, path",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
-        Arbiter::All => (
-            "ON CONFLICT DO NOTHING",
-            ", url, request_hash, path",
-            "SELECT url, request_hash, path FROM inserted",
-        ),
+/// those that would break the request's index (`all`: any unique index);
+/// queues each as pending and counts them, in one statement. Returns what
+/// tells each inserted row's line.
+fn queue_new(all: bool) -> String {
+    let conflict = if all {
+        "ON CONFLICT DO NOTHING"
+    } else {
+        "ON CONFLICT (url, request_hash) DO NOTHING"
     };
     format!(
         "WITH inserted AS (
              INSERT INTO requests (url, request, request_hash, host, path)
              SELECT url, request, request_hash, host, path FROM import_staging ORDER BY ord
              {conflict}
-             RETURNING id, host{returning}),
+             RETURNING id, host, url, request_hash, path),
          queued AS (INSERT INTO jobs (id, host) SELECT id, host FROM inserted),
          counted AS (
              INSERT INTO tallies AS t (slot, state, status, rows, bytes)
@@ -504,6 +632,6 @@ fn queue_new(arbiter: Arbiter) -> String {
          hosts AS (
              INSERT INTO host_changes (hosts, pending)
              SELECT array_agg(host), array_agg(rows) FROM per_host HAVING count(*) > 0)
-         {select}"
+         SELECT url, request_hash, path FROM inserted"
     )
 }
