@@ -24,7 +24,7 @@ use crate::output::{TempFile, local_write_error};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
-use crate::tls::ClientTls;
+use crate::tls::{ClientTls, Roots};
 
 /// The longest validator (`ETag`, `Last-Modified`) stored; a longer one is
 /// not a validator but junk, and is not kept.
@@ -36,6 +36,9 @@ const ERROR_BODY_DRAIN: usize = 64 * 1024;
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
     clients: Clients,
+    /// The roots https servers are verified against, read when first
+    /// needed.
+    roots: Arc<Roots>,
     rate: Option<Arc<SharedRate>>,
     hosts: Arc<Hosts>,
     backoff: Backoff,
@@ -212,10 +215,14 @@ enum Fetched {
     NotModified(Validators),
 }
 
-/// The attempt could not write its file: a problem of this machine (disk
-/// full, folder gone), not of the URL, so the run stops.
+/// A problem of this machine, not of the URL, so the run stops: the
+/// attempt could not write its file (disk full, folder gone), or https
+/// servers cannot be verified for want of CA certificates.
 #[derive(Debug)]
-pub struct LocalError(pub crate::output::Error);
+pub enum LocalError {
+    Output(crate::output::Error),
+    Client(ClientError),
+}
 
 /// The HTTP client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +231,12 @@ pub enum ClientError {
     Proxy(#[from] crate::proxy::Error),
     #[error("cannot set up the HTTP client")]
     Build(#[source] reqwest::Error),
+    #[error("cannot set up TLS")]
+    Tls(#[source] crate::tls::Error),
+    /// The platform's CA certificates, read at the first https URL, cannot
+    /// be used.
+    #[error("{0}")]
+    Roots(String),
 }
 
 /// What every HTTP client of a run is built from.
@@ -234,8 +247,8 @@ struct ClientSettings {
     connect_timeout: Duration,
     workers: usize,
     max_redirects: usize,
-    insecure: bool,
-    tls: ClientTls,
+    /// Shared by every client: the roots behind it are read once.
+    tls: rustls::ClientConfig,
     proxies: Proxies,
 }
 
@@ -262,11 +275,8 @@ impl ClientSettings {
             // A Referer would hand the URL, query keys included, to whatever
             // host a redirect leads to.
             .referer(false)
-            .tls_danger_accept_invalid_certs(self.insecure);
-        let builder = self
-            .proxies
-            .clone()
-            .apply(self.tls.clone().apply(builder))?;
+            .tls_backend_preconfigured(self.tls.clone());
+        let builder = self.proxies.clone().apply(builder)?;
         builder.build().map_err(ClientError::Build)
     }
 }
@@ -314,6 +324,10 @@ impl Fetcher {
             .connect_timeout
             .unwrap_or(Duration::from_secs(10))
             .min(options.timeout);
+        let (tls, roots) = options
+            .tls
+            .client_config(options.insecure)
+            .map_err(ClientError::Tls)?;
         let settings = ClientSettings {
             user_agent: options
                 .user_agent
@@ -323,8 +337,7 @@ impl Fetcher {
             connect_timeout,
             workers: options.workers,
             max_redirects: options.max_redirects,
-            insecure: options.insecure,
-            tls: options.tls,
+            tls,
             proxies: options.proxies,
         };
         let first = settings.build()?;
@@ -339,6 +352,7 @@ impl Fetcher {
                 more: (1..lanes).map(|_| OnceLock::new()).collect(),
                 settings,
             },
+            roots,
             rate: options.rate.map(|rate| Arc::new(SharedRate::new(rate))),
             hosts: Arc::new(Hosts::new(options.politeness)),
             backoff: options.backoff,
@@ -437,6 +451,11 @@ impl Fetcher {
         sent_at: &mut Option<Instant>,
     ) -> Result<Fetched, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
+        if url.scheme() == "https" {
+            self.roots.ready().map_err(|error| {
+                Fetch::Local(LocalError::Client(ClientError::Roots(error)))
+            })?;
+        }
         // Politeness is kept per host as recorded at import (see Claim::host).
         let host = &claim.host;
         if let Some(rate) = &self.rate {
@@ -522,7 +541,7 @@ impl Fetcher {
         }
         self.check_size(response.content_length().unwrap_or(0))?;
         let mut file = temp.create().map_err(|e| {
-            Fetch::Local(LocalError(local_write_error(
+            Fetch::Local(LocalError::Output(local_write_error(
                 e,
                 "cannot create",
                 &temp.path(),
@@ -541,7 +560,7 @@ impl Fetcher {
             self.check_size(bytes)?;
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(|e| {
-                Fetch::Local(LocalError(local_write_error(
+                Fetch::Local(LocalError::Output(local_write_error(
                     e,
                     "cannot write",
                     &temp.path(),
