@@ -17,6 +17,7 @@ use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
+use crate::connect_gate::{self, ConnectGate};
 use crate::clock::unix_ms;
 use crate::domain::{Claim, Completion, Validators};
 use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness, STREAMS_PER_CONNECTION};
@@ -250,10 +251,12 @@ struct ClientSettings {
     /// Shared by every client: the roots behind it are read once.
     tls: rustls::ClientConfig,
     proxies: Proxies,
+    hosts: Arc<Hosts>,
 }
 
 impl ClientSettings {
-    fn build(&self) -> Result<Client, ClientError> {
+    /// The client of the host's connection `lane` (see `Hosts::lane`).
+    fn build(&self, lane: usize) -> Result<Client, ClientError> {
         let builder = Client::builder()
             .user_agent(self.user_agent.clone())
             .default_headers(self.headers.clone())
@@ -275,7 +278,12 @@ impl ClientSettings {
             // A Referer would hand the URL, query keys included, to whatever
             // host a redirect leads to.
             .referer(false)
-            .tls_backend_preconfigured(self.tls.clone());
+            .tls_backend_preconfigured(self.tls.clone())
+            .connector_layer(ConnectGate::new(
+                self.hosts.clone(),
+                lane,
+                self.connect_timeout,
+            ));
         let builder = self.proxies.clone().apply(builder)?;
         builder.build().map_err(ClientError::Build)
     }
@@ -305,7 +313,7 @@ impl Clients {
         if let Some(client) = slot.get() {
             return client;
         }
-        match self.settings.build() {
+        match self.settings.build(index) {
             Ok(client) => slot.get_or_init(|| client),
             Err(_) => &self.first,
         }
@@ -328,6 +336,7 @@ impl Fetcher {
             .tls
             .client_config(options.insecure)
             .map_err(ClientError::Tls)?;
+        let hosts = Arc::new(Hosts::new(options.politeness));
         let settings = ClientSettings {
             user_agent: options
                 .user_agent
@@ -339,8 +348,9 @@ impl Fetcher {
             max_redirects: options.max_redirects,
             tls,
             proxies: options.proxies,
+            hosts: hosts.clone(),
         };
-        let first = settings.build()?;
+        let first = settings.build(0)?;
         // A host over HTTP/2 gets another connection for every
         // STREAMS_PER_CONNECTION workers beyond the first ones, each from a
         // client of its own: reqwest keeps one HTTP/2 connection per host
@@ -354,7 +364,7 @@ impl Fetcher {
             },
             roots,
             rate: options.rate.map(|rate| Arc::new(SharedRate::new(rate))),
-            hosts: Arc::new(Hosts::new(options.politeness)),
+            hosts,
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
@@ -467,14 +477,16 @@ impl Fetcher {
         if claim.refresh {
             request = conditional(request, &claim.validators);
         }
+        let mut closes = false;
         if !self.hosts.keeps_connection(host) {
             // Over thousands of hosts visited in turn, each idle connection
             // would wait out its timeout unused, with its buffers.
             request = request.header(CONNECTION, "close");
+            closes = true;
         }
         let started = Instant::now();
         *sent_at = Some(started);
-        let mut response = match request.send().await {
+        let mut response = match connect_gate::sending(host, request.send()).await {
             Ok(response) => response,
             Err(error) => {
                 lane.answered(None);
@@ -483,6 +495,11 @@ impl Fetcher {
             }
         };
         lane.answered(Some(response.version() == reqwest::Version::HTTP_2));
+        closes |= response.version() == reqwest::Version::HTTP_10
+            || response
+                .headers()
+                .get(CONNECTION)
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
         let status = response.status();
         let retry_after = response
             .headers()
@@ -505,6 +522,9 @@ impl Fetcher {
         let asked_condition =
             claim.validators.etag.is_some() || claim.validators.last_modified.is_some();
         if claim.refresh && asked_condition && status == StatusCode::NOT_MODIFIED {
+            if !closes && drain(&mut response).await {
+                lane.connection_kept();
+            }
             return Ok(Fetched::NotModified(validators(response.headers())));
         }
         if let Some(refused) = unfollowed_redirect(&response) {
@@ -528,7 +548,9 @@ impl Fetcher {
                     retry_after.capped_from(),
                 );
             }
-            drain(&mut response).await;
+            if drain(&mut response).await && !closes {
+                lane.connection_kept();
+            }
             return Err(FetchError::Status {
                 status,
                 retry_after,
@@ -536,7 +558,9 @@ impl Fetcher {
             .into());
         }
         if status == StatusCode::PARTIAL_CONTENT && !asks_range {
-            drain(&mut response).await;
+            if drain(&mut response).await && !closes {
+                lane.connection_kept();
+            }
             return Err(FetchError::UnaskedPartial.into());
         }
         self.check_size(response.content_length().unwrap_or(0))?;
@@ -553,7 +577,12 @@ impl Fetcher {
         loop {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
+                Ok(None) => {
+                    if !closes {
+                        lane.connection_kept();
+                    }
+                    break;
+                }
                 Err(e) => return Err(self.describe(e, true)),
             };
             bytes += chunk.len() as u64;
@@ -799,14 +828,18 @@ fn root_cause(error: &dyn std::error::Error) -> String {
     innermost.to_string()
 }
 
-async fn drain(response: &mut reqwest::Response) {
+/// Reads what is left of an unwanted body, up to `ERROR_BODY_DRAIN`; whether
+/// it was read to its end, so that its connection can be used again.
+async fn drain(response: &mut reqwest::Response) -> bool {
     let mut read = 0;
     while read < ERROR_BODY_DRAIN {
         match response.chunk().await {
             Ok(Some(chunk)) => read += chunk.len(),
-            _ => break,
+            Ok(None) => return true,
+            Err(_) => return false,
         }
     }
+    false
 }
 
 #[cfg(test)]
