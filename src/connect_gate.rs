@@ -9,9 +9,10 @@
 //! connection waits for the runtime's next turn, a run's start turned this
 //! into 10% to 50% more connections than workers. Here a request to a host
 //! that has as many connections as requests in flight (`Hosts::wants_connection`)
-//! waits a little before opening one: meanwhile the pool serves it, and the
-//! connection is then never opened. A connection that closed without jobrun
-//! knowing it is replaced after that wait.
+//! waits before opening one, while connections are being opened and a
+//! moment more: meanwhile the pool serves it, and the connection is then
+//! never opened. A connection that closed without jobrun knowing it is
+//! replaced after that moment.
 //!
 //! The request's host travels with the task that sends it (`sending`);
 //! when the pool has served the request, hyper finishes the connection on a
@@ -24,15 +25,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crate::hosts::Hosts;
+use crate::hosts::{Connect, Hosts};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How often a held-back connection looks again whether it is needed.
 const TICK: Duration = Duration::from_millis(5);
-/// The longest a connection is held back: enough for a connection that
-/// is being opened, on a loaded machine, to come back to the pool.
-const LONGEST_HOLD: Duration = Duration::from_millis(500);
+/// How long a connection is held back while none is being opened: a
+/// request just answered hands its connection back within this on a
+/// loaded machine; if none comes, one closed unseen.
+const SHORT_HOLD: Duration = Duration::from_millis(50);
 
 tokio::task_local! {
     /// The request the current task is sending.
@@ -61,7 +63,8 @@ pub async fn sending<F: Future>(host: &str, send: F) -> F::Output {
 pub struct ConnectGate {
     hosts: Arc<Hosts>,
     lane: usize,
-    /// How long a connection may be held back: within the connect timeout,
+    /// The longest a connection is held back while others are being
+    /// opened (they come to the pool when open): half the connect timeout,
     /// which covers the wait.
     longest_hold: Duration,
 }
@@ -71,7 +74,7 @@ impl ConnectGate {
         ConnectGate {
             hosts,
             lane,
-            longest_hold: LONGEST_HOLD.min(connect_timeout / 4),
+            longest_hold: connect_timeout / 2,
         }
     }
 }
@@ -120,12 +123,32 @@ where
                 return connect.await;
             };
             gate.admit(&host).await?;
+            // Also when the connection is given up half-way (a request cut
+            // off at a stop, its timeout).
+            let mut opening = Opening {
+                gate: &gate,
+                host: &host,
+                opened: false,
+            };
             let connected = connect.await;
-            if connected.is_err() {
-                gate.hosts.connection_failed(&host, gate.lane);
-            }
+            opening.opened = connected.is_ok();
             connected
         })
+    }
+}
+
+/// A connection being opened, until dropped.
+struct Opening<'a> {
+    gate: &'a ConnectGate,
+    host: &'a str,
+    opened: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.gate
+            .hosts
+            .connection_opened(self.host, self.gate.lane, self.opened);
     }
 }
 
@@ -134,21 +157,22 @@ impl ConnectGate {
     /// for as long as the host may not need it; an error when the request
     /// it was for went over a connection from the pool meanwhile.
     async fn admit(&self, host: &str) -> Result<(), BoxError> {
-        if self.hosts.wants_connection(host, self.lane) {
-            return Ok(());
-        }
-        let until = Instant::now() + self.longest_hold;
+        let start = Instant::now();
+        let mut idle_since = start;
         loop {
+            match self.hosts.wants_connection(host, self.lane) {
+                Connect::Open => return Ok(()),
+                Connect::Wait { opening: true } => idle_since = Instant::now(),
+                Connect::Wait { opening: false } => {}
+            }
+            let now = Instant::now();
+            if now >= idle_since + SHORT_HOLD || now >= start + self.longest_hold {
+                self.hosts.opens_connection(host, self.lane);
+                return Ok(());
+            }
             tokio::time::sleep(TICK).await;
             if SENDING.try_with(|_| ()).is_err() {
                 return Err("not opened: the request went over a connection from the pool".into());
-            }
-            if self.hosts.wants_connection(host, self.lane) {
-                return Ok(());
-            }
-            if Instant::now() >= until {
-                self.hosts.opens_connection(host, self.lane);
-                return Ok(());
             }
         }
     }

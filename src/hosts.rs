@@ -176,6 +176,8 @@ struct Lane {
     /// Connections opened or being opened, less those known to be closed
     /// (see `Hosts::wants_connection`).
     connections: usize,
+    /// Connections being opened now.
+    opening: usize,
 }
 
 /// The connection a request goes over (see `Hosts::lane`); dropping it
@@ -227,6 +229,15 @@ impl Drop for LaneGuard<'_> {
             }
         });
     }
+}
+
+/// Whether a request that found no idle connection should open one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    Open,
+    /// Wait for one to come back to the pool; `opening`: some are being
+    /// opened.
+    Wait { opening: bool },
 }
 
 /// How a request reaches its host.
@@ -438,44 +449,53 @@ impl Hosts {
 
     /// Whether a request to `host` on lane `index` that found no idle
     /// connection should open one now: yes while the lane has fewer
-    /// connections than requests in flight, and the connection is then
-    /// counted. Otherwise one of them is about to be handed back to the
-    /// pool (the connection of a request just answered, or one still being
-    /// opened for a request the pool has served meanwhile), and a new one
-    /// would be one too many: hyper opens a connection for every request
-    /// that finds none idle, also when an idle one comes a moment later,
-    /// and keeps both. A run whose start is slow (a loaded machine, a
-    /// thousand workers) then opened 10% to 50% more connections than it
-    /// has workers.
-    pub fn wants_connection(&self, host: &str, index: usize) -> bool {
+    /// connections than requests in flight. Otherwise one of them is about
+    /// to be handed back to the pool (the connection of a request just
+    /// answered, or one still being opened for a request the pool has
+    /// served meanwhile), and a new one would be one too many: hyper opens
+    /// a connection for every request that finds none idle, also when an
+    /// idle one comes a moment later, and keeps both. A run whose start is
+    /// slow (a loaded machine, a thousand workers) then opened 10% to 50%
+    /// more connections than it has workers. `Connect::Wait` says whether
+    /// some are being opened, which then come to the pool soon.
+    pub fn wants_connection(&self, host: &str, index: usize) -> Connect {
         self.with_host(host, Instant::now(), |state| {
             let Some(lane) = state.lanes.get_mut(index) else {
-                return true;
+                return Connect::Open;
             };
-            let wanted = lane.connections < lane.in_flight;
-            if wanted {
+            if lane.connections < lane.in_flight {
                 lane.connections += 1;
+                lane.opening += 1;
+                Connect::Open
+            } else {
+                Connect::Wait {
+                    opening: lane.opening > 0,
+                }
             }
-            wanted
         })
     }
 
-    /// A connection is opened although `wants_connection` said no: a
-    /// connection closed without jobrun knowing it (the server closed an
-    /// idle one).
+    /// A connection is opened although `wants_connection` said to wait: a
+    /// connection may have closed without jobrun knowing it (the server
+    /// closed an idle one).
     pub fn opens_connection(&self, host: &str, index: usize) {
         self.with_host(host, Instant::now(), |state| {
             if let Some(lane) = state.lanes.get_mut(index) {
                 lane.connections += 1;
+                lane.opening += 1;
             }
         });
     }
 
-    /// A connection counted by `wants_connection` could not be opened.
-    pub fn connection_failed(&self, host: &str, index: usize) {
+    /// A connection counted by `wants_connection` or `opens_connection` is
+    /// open, or could not be opened.
+    pub fn connection_opened(&self, host: &str, index: usize, opened: bool) {
         self.with_host(host, Instant::now(), |state| {
             if let Some(lane) = state.lanes.get_mut(index) {
-                lane.connections = lane.connections.saturating_sub(1);
+                lane.opening = lane.opening.saturating_sub(1);
+                if !opened {
+                    lane.connections = lane.connections.saturating_sub(1);
+                }
             }
         });
     }
