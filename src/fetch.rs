@@ -17,8 +17,8 @@ use reqwest::{Client, StatusCode, Url};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
-use crate::connect_gate::{self, ConnectGate};
 use crate::clock::unix_ms;
+use crate::connect_gate::{self, ConnectGate};
 use crate::domain::{Claim, Completion, Validators};
 use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness, STREAMS_PER_CONNECTION};
 use crate::output::{TempFile, local_write_error};
@@ -462,9 +462,9 @@ impl Fetcher {
     ) -> Result<Fetched, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
         if url.scheme() == "https" {
-            self.roots.ready().map_err(|error| {
-                Fetch::Local(LocalError::Client(ClientError::Roots(error)))
-            })?;
+            self.roots
+                .ready()
+                .map_err(|error| Fetch::Local(LocalError::Client(ClientError::Roots(error))))?;
         }
         // Politeness is kept per host as recorded at import (see Claim::host).
         let host = &claim.host;

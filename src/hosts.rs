@@ -237,7 +237,9 @@ pub enum Connect {
     Open,
     /// Wait for one to come back to the pool; `opening`: some are being
     /// opened.
-    Wait { opening: bool },
+    Wait {
+        opening: bool,
+    },
 }
 
 /// How a request reaches its host.

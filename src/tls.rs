@@ -254,13 +254,15 @@ fn load_identity(
         ))
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(|e| {
-        Error::Invalid(format!(
-            "--cert {} and {key_option} {}: the key cannot be used with the certificate: {e}",
-            cert_path.display(),
-            key_path.display()
-        ))
-    })?;
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+        |e| {
+            Error::Invalid(format!(
+                "--cert {} and {key_option} {}: the key cannot be used with the certificate: {e}",
+                cert_path.display(),
+                key_path.display()
+            ))
+        },
+    )?;
     Ok((chain, key))
 }
 

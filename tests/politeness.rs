@@ -426,8 +426,8 @@ fn a_slow_start_opens_no_more_connections_than_workers() {
     // open only when they send their SYN again, a second later. Meanwhile
     // the first connections answer and go back to the pool, where a
     // worker still connecting takes one, and hyper kept its new connection
-    // too: every answer in that second opened one more (200 workers: 260
-    // to 400 connections).
+    // too: every answer in that second opened one more (200 workers: 275
+    // connections).
     let server = Server::start_accepting_late(50, Duration::from_millis(300), |request| {
         match item_of(&request.path) {
             Some(i) => Reply::ok(item_body(i)),
