@@ -7,7 +7,7 @@
 //! the idle one and keeps the new one too. The request whose connection was
 //! taken then opens yet another. On a busy machine, where opening a
 //! connection waits for the runtime's next turn, a run's start turned this
-//! into 10% to 50% more connections than workers. Here a request to a host
+//! into 9% to 41% more connections than workers. Here a request to a host
 //! that has as many connections as requests in flight (`Hosts::wants_connection`)
 //! waits before opening one, while connections are being opened and a
 //! moment more: meanwhile the pool serves it, and the connection is then

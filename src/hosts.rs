@@ -457,7 +457,7 @@ impl Hosts {
     /// served meanwhile), and a new one would be one too many: hyper opens
     /// a connection for every request that finds none idle, also when an
     /// idle one comes a moment later, and keeps both. A run whose start is
-    /// slow (a loaded machine, a thousand workers) then opened 10% to 50%
+    /// slow (a loaded machine, a thousand workers) then opened 9% to 41%
     /// more connections than it has workers. `Connect::Wait` says whether
     /// some are being opened, which then come to the pool soon.
     pub fn wants_connection(&self, host: &str, index: usize) -> Connect {
