@@ -18,13 +18,14 @@ use sha2::{Digest, Sha256};
 
 use crate::backoff::{Backoff, parse_retry_after};
 use crate::clock::unix_ms;
+use crate::connect_gate::{self, ConnectGate};
 use crate::domain::{Claim, Completion, Validators};
 use crate::hosts::{Answer, Hosts, KEEP_ALIVE, Politeness, STREAMS_PER_CONNECTION};
 use crate::output::{TempFile, local_write_error, out_of_descriptors};
 use crate::proxy::Proxies;
 use crate::request::RequestSpec;
 use crate::retryable::RetryStatuses;
-use crate::tls::ClientTls;
+use crate::tls::{ClientTls, Roots};
 
 /// The longest validator (`ETag`, `Last-Modified`) stored; a longer one is
 /// not a validator but junk, and is not kept.
@@ -36,6 +37,9 @@ const ERROR_BODY_DRAIN: usize = 64 * 1024;
 /// What a request needs that does not change during a run.
 pub struct Fetcher {
     clients: Clients,
+    /// The roots https servers are verified against, read when first
+    /// needed.
+    roots: Arc<Roots>,
     rate: Option<Arc<SharedRate>>,
     hosts: Arc<Hosts>,
     backoff: Backoff,
@@ -212,10 +216,14 @@ enum Fetched {
     NotModified(Validators),
 }
 
-/// The attempt could not write its file: a problem of this machine (disk
-/// full, folder gone), not of the URL, so the run stops.
+/// A problem of this machine, not of the URL, so the run stops: the
+/// attempt could not write its file (disk full, folder gone), or https
+/// servers cannot be verified for want of CA certificates.
 #[derive(Debug)]
-pub struct LocalError(pub crate::output::Error);
+pub enum LocalError {
+    Output(crate::output::Error),
+    Client(ClientError),
+}
 
 /// The HTTP client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +232,12 @@ pub enum ClientError {
     Proxy(#[from] crate::proxy::Error),
     #[error("cannot set up the HTTP client")]
     Build(#[source] reqwest::Error),
+    #[error("cannot set up TLS")]
+    Tls(#[source] crate::tls::Error),
+    /// The platform's CA certificates, read at the first https URL, cannot
+    /// be used.
+    #[error("{0}")]
+    Roots(String),
 }
 
 /// What every HTTP client of a run is built from.
@@ -234,13 +248,15 @@ struct ClientSettings {
     connect_timeout: Duration,
     workers: usize,
     max_redirects: usize,
-    insecure: bool,
-    tls: ClientTls,
+    /// Shared by every client: the roots behind it are read once.
+    tls: rustls::ClientConfig,
     proxies: Proxies,
+    hosts: Arc<Hosts>,
 }
 
 impl ClientSettings {
-    fn build(&self) -> Result<Client, ClientError> {
+    /// The client of the host's connection `lane` (see `Hosts::lane`).
+    fn build(&self, lane: usize) -> Result<Client, ClientError> {
         let builder = Client::builder()
             .user_agent(self.user_agent.clone())
             .default_headers(self.headers.clone())
@@ -262,11 +278,13 @@ impl ClientSettings {
             // A Referer would hand the URL, query keys included, to whatever
             // host a redirect leads to.
             .referer(false)
-            .tls_danger_accept_invalid_certs(self.insecure);
-        let builder = self
-            .proxies
-            .clone()
-            .apply(self.tls.clone().apply(builder))?;
+            .tls_backend_preconfigured(self.tls.clone())
+            .connector_layer(ConnectGate::new(
+                self.hosts.clone(),
+                lane,
+                self.connect_timeout,
+            ));
+        let builder = self.proxies.clone().apply(builder)?;
         builder.build().map_err(ClientError::Build)
     }
 }
@@ -295,7 +313,7 @@ impl Clients {
         if let Some(client) = slot.get() {
             return client;
         }
-        match self.settings.build() {
+        match self.settings.build(index) {
             Ok(client) => slot.get_or_init(|| client),
             Err(_) => &self.first,
         }
@@ -314,6 +332,11 @@ impl Fetcher {
             .connect_timeout
             .unwrap_or(Duration::from_secs(10))
             .min(options.timeout);
+        let (tls, roots) = options
+            .tls
+            .client_config(options.insecure)
+            .map_err(ClientError::Tls)?;
+        let hosts = Arc::new(Hosts::new(options.politeness));
         let settings = ClientSettings {
             user_agent: options
                 .user_agent
@@ -323,11 +346,11 @@ impl Fetcher {
             connect_timeout,
             workers: options.workers,
             max_redirects: options.max_redirects,
-            insecure: options.insecure,
-            tls: options.tls,
+            tls,
             proxies: options.proxies,
+            hosts: hosts.clone(),
         };
-        let first = settings.build()?;
+        let first = settings.build(0)?;
         // A host over HTTP/2 gets another connection for every
         // STREAMS_PER_CONNECTION workers beyond the first ones, each from a
         // client of its own: reqwest keeps one HTTP/2 connection per host
@@ -339,8 +362,9 @@ impl Fetcher {
                 more: (1..lanes).map(|_| OnceLock::new()).collect(),
                 settings,
             },
+            roots,
             rate: options.rate.map(|rate| Arc::new(SharedRate::new(rate))),
-            hosts: Arc::new(Hosts::new(options.politeness)),
+            hosts,
             backoff: options.backoff,
             max_attempts: options.max_attempts,
             timeout: options.timeout,
@@ -437,6 +461,11 @@ impl Fetcher {
         sent_at: &mut Option<Instant>,
     ) -> Result<Fetched, Fetch> {
         let url = Url::parse(&claim.url).map_err(|e| FetchError::InvalidUrl(e.to_string()))?;
+        if url.scheme() == "https" {
+            self.roots
+                .ready()
+                .map_err(|error| Fetch::Local(LocalError::Client(ClientError::Roots(error))))?;
+        }
         // Politeness is kept per host as recorded at import (see Claim::host).
         let host = &claim.host;
         if let Some(rate) = &self.rate {
@@ -448,14 +477,16 @@ impl Fetcher {
         if claim.refresh {
             request = conditional(request, &claim.validators);
         }
+        let mut closes = false;
         if !self.hosts.keeps_connection(host) {
             // Over thousands of hosts visited in turn, each idle connection
             // would wait out its timeout unused, with its buffers.
             request = request.header(CONNECTION, "close");
+            closes = true;
         }
         let started = Instant::now();
         *sent_at = Some(started);
-        let mut response = match request.send().await {
+        let mut response = match connect_gate::sending(host, request.send()).await {
             Ok(response) => response,
             Err(error) => {
                 lane.answered(None);
@@ -464,6 +495,11 @@ impl Fetcher {
             }
         };
         lane.answered(Some(response.version() == reqwest::Version::HTTP_2));
+        closes |= response.version() == reqwest::Version::HTTP_10
+            || response
+                .headers()
+                .get(CONNECTION)
+                .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"));
         let status = response.status();
         let retry_after = response
             .headers()
@@ -486,6 +522,9 @@ impl Fetcher {
         let asked_condition =
             claim.validators.etag.is_some() || claim.validators.last_modified.is_some();
         if claim.refresh && asked_condition && status == StatusCode::NOT_MODIFIED {
+            if !closes && drain(&mut response).await {
+                lane.connection_kept();
+            }
             return Ok(Fetched::NotModified(validators(response.headers())));
         }
         if let Some(refused) = unfollowed_redirect(&response) {
@@ -509,7 +548,9 @@ impl Fetcher {
                     retry_after.capped_from(),
                 );
             }
-            drain(&mut response).await;
+            if drain(&mut response).await && !closes {
+                lane.connection_kept();
+            }
             return Err(FetchError::Status {
                 status,
                 retry_after,
@@ -517,12 +558,14 @@ impl Fetcher {
             .into());
         }
         if status == StatusCode::PARTIAL_CONTENT && !asks_range {
-            drain(&mut response).await;
+            if drain(&mut response).await && !closes {
+                lane.connection_kept();
+            }
             return Err(FetchError::UnaskedPartial.into());
         }
         self.check_size(response.content_length().unwrap_or(0))?;
         let mut file = temp.create().map_err(|e| {
-            Fetch::Local(LocalError(local_write_error(
+            Fetch::Local(LocalError::Output(local_write_error(
                 e,
                 "cannot create",
                 &temp.path(),
@@ -534,14 +577,19 @@ impl Fetcher {
         loop {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
-                Ok(None) => break,
+                Ok(None) => {
+                    if !closes {
+                        lane.connection_kept();
+                    }
+                    break;
+                }
                 Err(e) => return Err(self.describe(e, true)),
             };
             bytes += chunk.len() as u64;
             self.check_size(bytes)?;
             hasher.update(&chunk);
             file.write_all(&chunk).map_err(|e| {
-                Fetch::Local(LocalError(local_write_error(
+                Fetch::Local(LocalError::Output(local_write_error(
                     e,
                     "cannot write",
                     &temp.path(),
@@ -801,14 +849,18 @@ fn root_cause(error: &dyn std::error::Error) -> String {
     innermost.to_string()
 }
 
-async fn drain(response: &mut reqwest::Response) {
+/// Reads what is left of an unwanted body, up to `ERROR_BODY_DRAIN`; whether
+/// it was read to its end, so that its connection can be used again.
+async fn drain(response: &mut reqwest::Response) -> bool {
     let mut read = 0;
     while read < ERROR_BODY_DRAIN {
         match response.chunk().await {
             Ok(Some(chunk)) => read += chunk.len(),
-            _ => break,
+            Ok(None) => return true,
+            Err(_) => return false,
         }
     }
+    false
 }
 
 #[cfg(test)]

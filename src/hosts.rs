@@ -165,13 +165,19 @@ struct HostState {
     lanes: Vec<Lane>,
 }
 
-/// One of a host's connections, as the requests see it.
+/// One of a host's connections, as the requests see it: over HTTP/1, the
+/// connections of one client's pool (see `connections`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Lane {
     in_flight: usize,
     /// Whether a request on it was answered: before that, the connection
     /// may not be open yet, and other requests would each open one.
     answered: bool,
+    /// Connections opened or being opened, less those known to be closed
+    /// (see `Hosts::wants_connection`).
+    connections: usize,
+    /// Connections being opened now.
+    opening: usize,
 }
 
 /// The connection a request goes over (see `Hosts::lane`); dropping it
@@ -180,12 +186,21 @@ pub struct LaneGuard<'a> {
     hosts: &'a Hosts,
     host: &'a str,
     index: usize,
+    kept: std::cell::Cell<bool>,
 }
 
 impl LaneGuard<'_> {
     /// Which of the host's connections: 0 for its first.
     pub fn index(&self) -> usize {
         self.index
+    }
+
+    /// The request's connection stays open for the next one: its answer
+    /// was read to the end, and neither side asked to close it. Unless
+    /// this is said, the connection is taken to be closed when the request
+    /// ends (see `Hosts::wants_connection`).
+    pub fn connection_kept(&self) {
+        self.kept.set(true);
     }
 
     /// The request got an answer (over HTTP/2 or not: `over_h2`), or
@@ -204,12 +219,27 @@ impl LaneGuard<'_> {
 
 impl Drop for LaneGuard<'_> {
     fn drop(&mut self) {
+        let closed = !self.kept.get();
         self.hosts.with_host(self.host, Instant::now(), |state| {
             if let Some(lane) = state.lanes.get_mut(self.index) {
                 lane.in_flight = lane.in_flight.saturating_sub(1);
+                if closed {
+                    lane.connections = lane.connections.saturating_sub(1);
+                }
             }
         });
     }
+}
+
+/// Whether a request that found no idle connection should open one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    Open,
+    /// Wait for one to come back to the pool; `opening`: some are being
+    /// opened.
+    Wait {
+        opening: bool,
+    },
 }
 
 /// How a request reaches its host.
@@ -415,7 +445,61 @@ impl Hosts {
             hosts: self,
             host,
             index,
+            kept: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether a request to `host` on lane `index` that found no idle
+    /// connection should open one now: yes while the lane has fewer
+    /// connections than requests in flight. Otherwise one of them is about
+    /// to be handed back to the pool (the connection of a request just
+    /// answered, or one still being opened for a request the pool has
+    /// served meanwhile), and a new one would be one too many: hyper opens
+    /// a connection for every request that finds none idle, also when an
+    /// idle one comes a moment later, and keeps both. A run whose start is
+    /// slow (a loaded machine, a thousand workers) then opened 9% to 41%
+    /// more connections than it has workers. `Connect::Wait` says whether
+    /// some are being opened, which then come to the pool soon.
+    pub fn wants_connection(&self, host: &str, index: usize) -> Connect {
+        self.with_host(host, Instant::now(), |state| {
+            let Some(lane) = state.lanes.get_mut(index) else {
+                return Connect::Open;
+            };
+            if lane.connections < lane.in_flight {
+                lane.connections += 1;
+                lane.opening += 1;
+                Connect::Open
+            } else {
+                Connect::Wait {
+                    opening: lane.opening > 0,
+                }
+            }
+        })
+    }
+
+    /// A connection is opened although `wants_connection` said to wait: a
+    /// connection may have closed without jobrun knowing it (the server
+    /// closed an idle one).
+    pub fn opens_connection(&self, host: &str, index: usize) {
+        self.with_host(host, Instant::now(), |state| {
+            if let Some(lane) = state.lanes.get_mut(index) {
+                lane.connections += 1;
+                lane.opening += 1;
+            }
+        });
+    }
+
+    /// A connection counted by `wants_connection` or `opens_connection` is
+    /// open, or could not be opened.
+    pub fn connection_opened(&self, host: &str, index: usize, opened: bool) {
+        self.with_host(host, Instant::now(), |state| {
+            if let Some(lane) = state.lanes.get_mut(index) {
+                lane.opening = lane.opening.saturating_sub(1);
+                if !opened {
+                    lane.connections = lane.connections.saturating_sub(1);
+                }
+            }
+        });
     }
 
     /// Whether the connection of a request to `host` about to be sent

@@ -8,6 +8,7 @@ mod backoff;
 pub mod cli;
 pub mod clock;
 mod commands;
+mod connect_gate;
 mod context;
 mod counters;
 mod crashpoint;

@@ -1,15 +1,21 @@
-//! TLS beyond the defaults: CA certificates added to the platform's roots
-//! (`--cacert`) and a client certificate (`--cert`, `--key`). The files are
-//! read and checked once, before the run starts, so that a wrong path or a
-//! key that does not belong to its certificate stops jobrun at once with the
-//! file's name, instead of failing every URL.
+//! TLS for the HTTP clients: the platform's CA roots, read only when the
+//! first https server is to be verified (a plain-http run never reads the
+//! hundred-odd files of /etc/ssl/certs, which take tens of milliseconds of
+//! its start), CA certificates added to them (`--cacert`) and a client
+//! certificate (`--cert`, `--key`). The option files are read and checked
+//! once, before the run starts, so that a wrong path or a key that does not
+//! belong to its certificate stops jobrun at once with the file's name,
+//! instead of failing every URL.
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
-use reqwest::ClientBuilder;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// No certificate file is this large; a larger one is a mistake (a disk
 /// image, `/dev/zero`), not something to read into memory.
@@ -23,7 +29,7 @@ pub enum Error {
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
-    Client(#[from] reqwest::Error),
+    Tls(#[from] rustls::Error),
     /// `source`, met while doing what `context` says.
     #[error("{context}")]
     Context {
@@ -37,13 +43,13 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 
 crate::context::define_context!(Error, Error::Invalid);
 
-/// What a client adds to reqwest's TLS defaults.
-#[derive(Clone, Default)]
+/// What a client adds to the platform's TLS defaults.
+#[derive(Default)]
 pub struct ClientTls {
     /// Trusted in addition to the platform's roots.
-    roots: Vec<reqwest::Certificate>,
+    roots: Vec<CertificateDer<'static>>,
     /// Presented to servers that ask for a client certificate.
-    identity: Option<reqwest::Identity>,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 }
 
 impl ClientTls {
@@ -66,25 +72,150 @@ impl ClientTls {
         Ok(ClientTls { roots, identity })
     }
 
-    /// Adds the roots (to the platform's, not instead of them) and the
-    /// client certificate to a client being built.
-    pub fn apply(self, mut builder: ClientBuilder) -> ClientBuilder {
-        if !self.roots.is_empty() {
-            builder = builder.tls_certs_merge(self.roots);
+    /// The TLS settings every client of a run shares: HTTP/2 or HTTP/1.1 by
+    /// ALPN, servers verified against the platform's roots and `--cacert`'s
+    /// (read when first needed), or not at all (`--insecure`), and the
+    /// client certificate. Also the roots, to read before a request needs
+    /// them (`Roots::ready`).
+    pub fn client_config(self, insecure: bool) -> Result<(rustls::ClientConfig, Arc<Roots>)> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(Roots {
+            extra: self.roots,
+            provider: provider.clone(),
+            verifier: OnceLock::new(),
+            insecure,
+        });
+        let verifier: Arc<dyn ServerCertVerifier> = roots.clone();
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(rustls::ALL_VERSIONS)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match self.identity {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok((config, roots))
+    }
+}
+
+/// The roots servers' certificates are verified against: the platform's,
+/// read the first time they are needed, and `--cacert`'s.
+pub struct Roots {
+    extra: Vec<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+    /// The platform's verifier with the extra roots, or why there is none.
+    verifier: OnceLock<Result<rustls_platform_verifier::Verifier, String>>,
+    /// `--insecure`: any certificate is accepted, and no root is read.
+    insecure: bool,
+}
+
+impl std::fmt::Debug for Roots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Roots")
+            .field("extra", &self.extra.len())
+            .field("insecure", &self.insecure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Roots {
+    /// Reads the platform's roots unless done already; why they cannot be
+    /// used, if they cannot. Called before an https request, so that a
+    /// system without usable roots stops the run with this message rather
+    /// than failing every https URL.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.insecure {
+            return Ok(());
         }
-        if let Some(identity) = self.identity {
-            builder = builder.identity(identity);
+        self.verifier().map(|_| ())
+    }
+
+    fn verifier(&self) -> Result<&rustls_platform_verifier::Verifier, String> {
+        self.verifier
+            .get_or_init(|| {
+                rustls_platform_verifier::Verifier::new_with_extra_roots(
+                    self.extra.iter().cloned(),
+                    self.provider.clone(),
+                )
+                .map_err(|e| {
+                    format!(
+                        "cannot verify https servers: {e}; install the system's CA \
+                         certificates (SSL_CERT_FILE and SSL_CERT_DIR, when set, say where \
+                         they are) or give --cacert FILE"
+                    )
+                })
+            })
+            .as_ref()
+            .map_err(String::clone)
+    }
+}
+
+impl ServerCertVerifier for Roots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.insecure {
+            return Ok(ServerCertVerified::assertion());
         }
-        builder
+        self.verifier()
+            .map_err(rustls::Error::General)?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    // The signatures of the handshake are checked with the provider's
+    // algorithms alone, as the platform's verifier does: no root needed.
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.insecure {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        if self.insecure {
+            return Ok(HandshakeSignatureValid::assertion());
+        }
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 /// The CA certificates of a PEM file, each checked to be usable as a root.
-fn load_roots(path: &Path) -> Result<Vec<reqwest::Certificate>> {
+fn load_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = read_pem_file(path, "--cacert")?;
     let certs = certificates(&pem, path, "--cacert")?;
-    let mut roots = Vec::with_capacity(certs.len());
-    for (index, der) in certs.into_iter().enumerate() {
+    for (index, der) in certs.iter().enumerate() {
         rustls::RootCertStore::empty()
             .add(der.clone())
             .map_err(|e| {
@@ -94,17 +225,16 @@ fn load_roots(path: &Path) -> Result<Vec<reqwest::Certificate>> {
                     index + 1
                 ))
             })?;
-        roots.push(
-            reqwest::Certificate::from_der(&der)
-                .with_context(|| format!("--cacert {}", path.display()))?,
-        );
     }
-    Ok(roots)
+    Ok(certs)
 }
 
 /// The client certificate chain and its private key, checked to belong
 /// together.
-fn load_identity(cert_path: &Path, key_path: Option<&Path>) -> Result<reqwest::Identity> {
+fn load_identity(
+    cert_path: &Path,
+    key_path: Option<&Path>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let cert_pem = read_pem_file(cert_path, "--cert")?;
     let chain = certificates(&cert_pem, cert_path, "--cert")?;
     let (key_pem, key_path, key_option) = match key_path {
@@ -124,28 +254,16 @@ fn load_identity(cert_path: &Path, key_path: Option<&Path>) -> Result<reqwest::I
         ))
     })?;
     let provider = rustls::crypto::ring::default_provider();
-    rustls::sign::CertifiedKey::from_der(chain, key, &provider).map_err(|e| {
-        Error::Invalid(format!(
-            "--cert {} and {key_option} {}: the key cannot be used with the certificate: {e}",
-            cert_path.display(),
-            key_path.display()
-        ))
-    })?;
-    // reqwest takes the identity as PEM and refuses sections it does not
-    // know (the `EC PARAMETERS` openssl writes before an EC key): hand it
-    // the certificates and the key only.
-    let mut pem = pem_sections(&cert_pem, &["CERTIFICATE"]);
-    pem.extend(pem_sections(
-        &key_pem,
-        &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"],
-    ));
-    reqwest::Identity::from_pem(&pem).with_context(|| {
-        format!(
-            "--cert {} and {key_option} {}: not a usable client identity",
-            cert_path.display(),
-            key_path.display()
-        )
-    })
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider).map_err(
+        |e| {
+            Error::Invalid(format!(
+                "--cert {} and {key_option} {}: the key cannot be used with the certificate: {e}",
+                cert_path.display(),
+                key_path.display()
+            ))
+        },
+    )?;
+    Ok((chain, key))
 }
 
 /// Every certificate of a PEM file; at least one.
@@ -179,51 +297,9 @@ fn read_pem_file(path: &Path, option: &str) -> Result<Vec<u8>> {
     Ok(pem)
 }
 
-/// The `-----BEGIN LABEL-----` … `-----END LABEL-----` blocks of `pem`
-/// whose label is one of `labels`, as they are written.
-fn pem_sections(pem: &[u8], labels: &[&str]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(pem);
-    let mut kept = String::new();
-    let mut inside: Option<&str> = None;
-    for line in text.lines() {
-        let line = line.trim_end();
-        match inside {
-            None => {
-                inside = labels
-                    .iter()
-                    .find(|label| line == format!("-----BEGIN {label}-----"))
-                    .copied();
-                if inside.is_some() {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
-            Some(label) => {
-                kept.push_str(line);
-                kept.push('\n');
-                if line == format!("-----END {label}-----") {
-                    inside = None;
-                }
-            }
-        }
-    }
-    kept.into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_the_asked_for_pem_sections_are_kept() {
-        let pem = b"-----BEGIN EC PARAMETERS-----\nBggq\n-----END EC PARAMETERS-----\n\
-                    -----BEGIN EC PRIVATE KEY-----\r\nMHcC\r\nAQEE\r\n-----END EC PRIVATE KEY-----\r\n";
-        let kept = pem_sections(pem, &["EC PRIVATE KEY"]);
-        assert_eq!(
-            String::from_utf8(kept).unwrap(),
-            "-----BEGIN EC PRIVATE KEY-----\nMHcC\nAQEE\n-----END EC PRIVATE KEY-----\n"
-        );
-    }
 
     #[test]
     fn a_key_without_a_certificate_is_refused() {

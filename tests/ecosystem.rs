@@ -18,7 +18,7 @@ use support::*;
 
 /// Every variable a proxy can come from, so that the machine's own
 /// settings do not decide a test.
-const PROXY_VARIABLES: [&str; 10] = [
+const PROXY_VARIABLES: [&str; 11] = [
     "http_proxy",
     "HTTP_PROXY",
     "https_proxy",
@@ -29,6 +29,7 @@ const PROXY_VARIABLES: [&str; 10] = [
     "NO_PROXY",
     "REQUEST_METHOD",
     "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// `jobrun run ARGS` with `env` as the only proxy settings.
@@ -143,6 +144,43 @@ fn a_private_ca_given_with_cacert_is_trusted_and_the_refusal_names_cacert() {
     let job = Job::with_urls(&urls);
     let cacert = ca.write(&job.dir().join("ca.pem"));
     assert_success(&run(&job, &["--cacert", path_arg(&cacert)]), "run --cacert");
+    job.assert_all_files_right(&server, &urls);
+}
+
+#[test]
+fn the_system_ca_certificates_are_needed_only_by_https_urls() {
+    // SSL_CERT_FILE naming a file without a certificate stands in for a
+    // system without CA certificates: no concern of a plain-http run.
+    let server = Server::start(item_handler);
+    let (job, urls) = Job::with_items(&server, 3);
+    let no_store = job.dir().join("no-certificates.pem");
+    std::fs::write(&no_store, "no certificate here\n").expect("write the empty store");
+    let without_roots = [("SSL_CERT_FILE", path_arg(&no_store))];
+    let output = run_with_env(&job, &[], &without_roots);
+    assert_success(&output, "a plain-http run without CA certificates");
+    job.assert_all_files_right(&server, &urls);
+
+    // An https URL stops the run at once, saying what is missing and what
+    // to do; nothing is sent and nothing is lost.
+    let ca = TestCa::new("jobrun test CA");
+    let server = Server::start_tls_with(ca.server_config(None), item_handler);
+    let (job, urls) = Job::with_items(&server, 3);
+    let output = run_with_env(&job, &[], &without_roots);
+    let message = stderr(&output);
+    assert_eq!(output.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("cannot verify https servers")
+            && message.contains("No CA certificates were loaded from the system")
+            && message.contains("--cacert"),
+        "{message}"
+    );
+    assert_eq!(server.hit_count(), 0);
+    assert_eq!(job.report_json()["pending"], 3);
+
+    // --cacert is enough then.
+    let cacert = ca.write(&job.dir().join("ca.pem"));
+    let output = run_with_env(&job, &["--cacert", path_arg(&cacert)], &without_roots);
+    assert_success(&output, "run --cacert without system CA certificates");
     job.assert_all_files_right(&server, &urls);
 }
 

@@ -420,6 +420,33 @@ fn a_host_called_once_has_its_connection_closed_not_kept_idle() {
 }
 
 #[test]
+fn a_slow_start_opens_no_more_connections_than_workers() {
+    // The server accepts nothing for 300 ms and then holds at most 51
+    // connections waiting to be accepted: the other workers' connections
+    // open only when they send their SYN again, a second later. Meanwhile
+    // the first connections answer and go back to the pool, where a
+    // worker still connecting takes one, and hyper kept its new connection
+    // too: every answer in that second opened one more (200 workers: 275
+    // connections).
+    let server = Server::start_accepting_late(50, Duration::from_millis(300), |request| {
+        match item_of(&request.path) {
+            Some(i) => Reply::ok(item_body(i)),
+            None => Reply::status(404),
+        }
+    });
+    let urls = item_urls(&server, 4_000);
+    let job = Job::new();
+    job.import(&urls);
+    assert_success(&job.run(&["--workers", "200"]), "run");
+    assert_eq!(job.report_json()["done"], urls.len());
+    assert!(
+        server.connections_accepted() <= 210,
+        "{} connections for 200 workers",
+        server.connections_accepted()
+    );
+}
+
+#[test]
 fn a_busy_host_gets_a_connection_per_worker_and_no_more() {
     // On several threads a worker could send its next request before the
     // connection of its last one was back in the pool, and each such race

@@ -143,6 +143,8 @@ pub fn prepare(
         command: resume_command(Path::new(&db.shown()), std::env::args().skip(1)),
         display,
         metrics,
+        // `run` and `refresh` are the last thing the process does.
+        process_ends_after: true,
     };
     Ok((store, plan))
 }

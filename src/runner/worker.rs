@@ -73,7 +73,8 @@ pub async fn work(
                     staged: None,
                 }
             }
-            Err(LocalError(error)) => Event::Fatal(error.into()),
+            Err(LocalError::Output(error)) => Event::Fatal(error.into()),
+            Err(LocalError::Client(error)) => Event::Fatal(error.into()),
         };
         if events.send_async(event).await.is_err() {
             return;

@@ -298,6 +298,21 @@ impl Server {
         Server::listen(address, "http", handler, Ok, true).expect("bind the test server")
     }
 
+    /// A server that starts accepting connections only `pause` after it
+    /// listens, with room for `backlog` connections not yet accepted: the
+    /// kernel drops the SYNs of the clients beyond those, and each of them
+    /// connects only when it sends its SYN again, a second later. A client
+    /// that opens many connections at once sees a slow start, as on a
+    /// loaded machine.
+    pub fn start_accepting_late(
+        backlog: i32,
+        pause: Duration,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Server {
+        Server::listen_with("127.0.0.1:0", "http", handler, Ok, true, Some((backlog, pause)))
+            .expect("bind the test server")
+    }
+
     fn listen<C: Connection>(
         address: &str,
         scheme: &'static str,
@@ -305,7 +320,28 @@ impl Server {
         wrap: impl Fn(TcpStream) -> io::Result<C> + Send + 'static,
         logged: bool,
     ) -> io::Result<Server> {
+        Server::listen_with(address, scheme, handler, wrap, logged, None)
+    }
+
+    /// `late`: the backlog and the pause before the first accept (see
+    /// `start_accepting_late`).
+    fn listen_with<C: Connection>(
+        address: &str,
+        scheme: &'static str,
+        handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+        wrap: impl Fn(TcpStream) -> io::Result<C> + Send + 'static,
+        logged: bool,
+        late: Option<(i32, Duration)>,
+    ) -> io::Result<Server> {
         let listener = TcpListener::bind(address)?;
+        if let Some((backlog, _)) = late {
+            use std::os::fd::AsRawFd;
+            // SAFETY: listen() on the listener's own open socket; Linux
+            // takes the new backlog for a socket already listening.
+            if unsafe { libc::listen(listener.as_raw_fd(), backlog) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         let addr = listener.local_addr()?;
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -317,6 +353,9 @@ impl Server {
             let (log, stop, in_flight) = (log.clone(), stop.clone(), in_flight.clone());
             let accepted = accepted.clone();
             thread::spawn(move || {
+                if let Some((_, pause)) = late {
+                    thread::sleep(pause);
+                }
                 for stream in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
