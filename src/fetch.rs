@@ -676,7 +676,7 @@ impl Fetcher {
             return FetchError::Truncated(cause).into();
         }
         if let Some(local) = local_cause(&error) {
-            return Fetch::Local(LocalError(local));
+            return Fetch::Local(LocalError::Output(local));
         }
         if error.is_connect() {
             return FetchError::Network(format!("cannot connect: {cause}")).into();
