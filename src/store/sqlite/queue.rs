@@ -203,10 +203,12 @@ impl SqliteStore {
         let tx = self.write_transaction()?;
         let mut tally = Tally::default();
         let mut durations = HashMap::<i64, i64>::new();
+        let mut answers = HostAnswers::default();
         let mut lost = 0;
         for completion in completions {
-            if !record(&tx, run, now, completion, &mut tally)? {
-                lost += 1;
+            match record(&tx, run, now, completion, &mut tally)? {
+                Some(origin) => answers.add(origin, completion),
+                None => lost += 1,
             }
             if let Some(millis) = completion.millis() {
                 *durations.entry(Durations::bucket(millis)).or_default() += 1;
@@ -236,7 +238,7 @@ impl SqliteStore {
                 tally.bytes
             ])? > 0
         };
-        count_host_answers(&tx, completions)?;
+        answers.record(&tx)?;
         if !alive || lost > 0 {
             // Nothing of this transaction is kept: the rows are not ours.
             return Err(TakenForDead { run }.into());
@@ -344,23 +346,26 @@ macro_rules! unclaimed {
     };
 }
 
-/// Records one outcome; false when the row is no longer this run's.
+/// Records one outcome and gives the row's origin; None when the row is no
+/// longer this run's.
 fn record(
     tx: &Transaction<'_>,
     run: RunId,
     now: i64,
     completion: &Completion,
     tally: &mut Tally,
-) -> Result<bool> {
+) -> Result<Option<i64>> {
     let Lease { run: owner, fence } = completion.lease();
     if owner != run {
-        return Ok(false);
+        return Ok(None);
     }
     let (id, run) = (completion.id(), run.0);
     // Each statement sets its columns under the same guard: the row is still
     // ours, under the very claim this outcome is for. ?1 is the row, ?2 the
     // run, ?3 the fence; a statement's own values follow from ?4. The text
-    // is put together at compile time: this runs once per URL.
+    // is put together at compile time: this runs once per URL. The origin
+    // it gives back counts the answer for its host, without looking the row
+    // up again.
     macro_rules! guarded {
         ($sets:expr) => {
             guarded!($sets, "")
@@ -370,17 +375,22 @@ fn record(
                 "UPDATE urls SET ",
                 $sets,
                 " WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'",
-                $and
+                $and,
+                " RETURNING origin_id"
             )
         };
     }
-    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<usize> {
+    // RETURNING: query, never execute (which fails after applying it).
+    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<Option<i64>> {
         let mut all: [&dyn ToSql; 10] = [&rusqlite::types::Null; 10];
         all[..3].copy_from_slice(&[&id, &run, &fence]);
         all[3..3 + values.len()].copy_from_slice(values);
-        Ok(tx.prepare_cached(sql)?.execute(&all[..3 + values.len()])?)
+        Ok(tx
+            .prepare_cached(sql)?
+            .query_row(&all[..3 + values.len()], |row| row.get(0))
+            .optional()?)
     };
-    let changed = match completion {
+    let origin = match completion {
         Completion::Done { fetched, .. } => {
             tally.done += 1;
             tally.bytes += fetched.bytes as i64;
@@ -407,11 +417,11 @@ fn record(
             // Setting `refresh` costs the index on it an update per row:
             // only the body a refresh asked for sets it.
             match update(guarded!(done!(""), " AND refresh IS NOT 'pending'"), values)? {
-                0 => update(
+                None => update(
                     guarded!(done!(", refresh = 'changed'"), " AND refresh = 'pending'"),
                     values,
                 )?,
-                changed => changed,
+                origin => origin,
             }
         }
         Completion::Unchanged {
@@ -494,8 +504,7 @@ fn record(
             update(guarded!(concat!("state = ", unclaimed!())), params![])?
         }
     };
-    debug_assert!(changed <= 1);
-    Ok(changed == 1)
+    Ok(origin)
 }
 
 /// The state a claimed row goes back to when its attempt did not finish:
@@ -512,43 +521,60 @@ fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
         .unwrap_or(false))
 }
 
-/// Adds every finished attempt in `completions` to its host's answers, and
-/// the 429s and 503s among them: one statement per commit. An attempt that
-/// got no HTTP answer (a reset, a timeout) has no status.
-fn count_host_answers(tx: &Transaction<'_>, completions: &[Completion]) -> Result<()> {
-    let answers: Vec<(i64, Option<u16>)> = completions
-        .iter()
-        .filter_map(|completion| match *completion {
+/// Every finished attempt of a commit, by origin, and how many were 429 or
+/// 503: added to the hosts' answers with one statement per origin, not one
+/// per attempt. An attempt that got no HTTP answer (a reset, a timeout)
+/// counts without a status.
+#[derive(Default)]
+struct HostAnswers {
+    /// (origin, answers, 429s, 503s); a commit's rows come from a few
+    /// origins, most often one, so a list beats a map.
+    by_origin: Vec<(i64, i64, i64, i64)>,
+}
+
+impl HostAnswers {
+    /// Counts `completion`, recorded for a row of `origin`.
+    fn add(&mut self, origin: i64, completion: &Completion) {
+        let status = match *completion {
             Completion::Done {
-                id,
                 fetched: Fetched { status, .. },
                 ..
             }
-            | Completion::Unchanged { id, status, .. } => Some((id, Some(status))),
-            Completion::Retry { id, status, .. } | Completion::Failed { id, status, .. } => {
-                Some((id, status))
+            | Completion::Unchanged { status, .. } => Some(status),
+            Completion::Retry { status, .. } | Completion::Failed { status, .. } => status,
+            Completion::Interrupted { .. } | Completion::Unstarted { .. } => return,
+        };
+        let index = match self.by_origin.iter().rposition(|entry| entry.0 == origin) {
+            Some(index) => index,
+            None => {
+                self.by_origin.push((origin, 0, 0, 0));
+                self.by_origin.len() - 1
             }
-            Completion::Interrupted { .. } | Completion::Unstarted { .. } => None,
-        })
-        .collect();
-    if answers.is_empty() {
-        return Ok(());
+        };
+        let entry = &mut self.by_origin[index];
+        entry.1 += 1;
+        entry.2 += i64::from(status == Some(429));
+        entry.3 += i64::from(status == Some(503));
     }
-    let answers = serde_json::to_string(&answers)?;
-    // WHERE true: without it SQLite would read ON CONFLICT as part of the join.
-    tx.prepare_cached(
-        "INSERT INTO host_answers (host, answers, status_429, status_503)
-         SELECT o.host, count(*), sum(coalesce(a.value ->> 1, 0) = 429),
-             sum(coalesce(a.value ->> 1, 0) = 503)
-         FROM json_each(?1) AS a JOIN urls AS u ON u.id = a.value ->> 0
-             JOIN origins AS o ON o.id = u.origin_id
-         WHERE true GROUP BY o.host
-         ON CONFLICT (host) DO UPDATE SET answers = answers + excluded.answers,
-             status_429 = status_429 + excluded.status_429,
-             status_503 = status_503 + excluded.status_503",
-    )?
-    .execute([answers])?;
-    Ok(())
+
+    fn record(&self, tx: &Transaction<'_>) -> Result<()> {
+        if self.by_origin.is_empty() {
+            return Ok(());
+        }
+        // The WHERE also keeps SQLite from reading ON CONFLICT as part of the
+        // SELECT. Origins that share a host add up in its one row.
+        let mut add = tx.prepare_cached(
+            "INSERT INTO host_answers (host, answers, status_429, status_503)
+             SELECT host, ?2, ?3, ?4 FROM origins WHERE id = ?1
+             ON CONFLICT (host) DO UPDATE SET answers = answers + excluded.answers,
+                 status_429 = status_429 + excluded.status_429,
+                 status_503 = status_503 + excluded.status_503",
+        )?;
+        for &(origin, answers, status_429, status_503) in &self.by_origin {
+            add.execute(params![origin, answers, status_429, status_503])?;
+        }
+        Ok(())
+    }
 }
 
 fn claim_due(
@@ -666,4 +692,119 @@ fn claim_due(
         }
     }
     Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Liveness;
+    use crate::store::contract;
+    use crate::store::{Open, OpenOptions};
+
+    /// The host_answers table: (host, answers, 429s, 503s) by host.
+    fn host_answers(store: &SqliteStore) -> Vec<(String, i64, i64, i64)> {
+        let mut select = store
+            .conn
+            .prepare("SELECT host, answers, status_429, status_503 FROM host_answers ORDER BY host")
+            .unwrap();
+        select
+            .query_map([], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_answer_counts_for_the_host_of_its_row_over_several_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = OpenOptions::new(Open::CreateIfMissing);
+        let mut store = SqliteStore::open(&dir.path().join("db"), &options).unwrap();
+        // Two origins of host a (http and https) and one of host b.
+        let urls = [
+            ("http://a.test/1", "a.test"),
+            ("https://a.test/2", "a.test"),
+            ("http://a.test/3", "a.test"),
+            ("http://b.test/4", "b.test"),
+            ("https://a.test/5", "a.test"),
+            ("http://b.test/6", "b.test"),
+        ];
+        let paths: Vec<String> = (0..urls.len()).map(|n| format!("{n}.json")).collect();
+        let batch: Vec<NewUrl<'_>> = urls
+            .iter()
+            .zip(&paths)
+            .map(|(&(url, host), path)| NewUrl {
+                url,
+                request: None,
+                request_hash: "",
+                host,
+                path,
+                named: false,
+            })
+            .collect();
+        store.import(&batch).unwrap();
+        let run = contract::start(&mut store, Liveness::Alive);
+        let all = HostFilter::default();
+        let claims = store
+            .complete_and_claim(run, &[], urls.len(), &all, Work::Fetch)
+            .unwrap();
+        assert_eq!(claims.len(), urls.len());
+        let done = |claim: &Claim, status| Completion::Done {
+            id: claim.id,
+            lease: claim.lease,
+            fetched: Fetched {
+                status,
+                bytes: 1,
+                sha256: [0; 32],
+                millis: 1,
+                validators: Validators::default(),
+            },
+        };
+        let retry = |claim: &Claim, status| Completion::Retry {
+            id: claim.id,
+            lease: claim.lease,
+            status,
+            error: "again".into(),
+            next_attempt_at: i64::MAX,
+            millis: 1,
+        };
+        let failed = |claim: &Claim, status| Completion::Failed {
+            id: claim.id,
+            lease: claim.lease,
+            status,
+            error: "no".into(),
+            millis: 1,
+        };
+        let first = [
+            done(&claims[0], 200),
+            retry(&claims[1], Some(429)),
+            failed(&claims[3], Some(503)),
+            // Cut short: not an answer.
+            Completion::Interrupted {
+                id: claims[5].id,
+                lease: claims[5].lease,
+            },
+        ];
+        store
+            .complete_and_claim(run, &first, 0, &all, Work::Fetch)
+            .unwrap();
+        let again = store
+            .complete_and_claim(run, &[], urls.len(), &all, Work::Fetch)
+            .unwrap();
+        let again: HashMap<i64, Claim> = again.into_iter().map(|c| (c.id, c)).collect();
+        let second = [
+            failed(&claims[2], Some(503)),
+            // No HTTP answer (a reset): an answer without a status.
+            retry(&claims[4], None),
+            done(&again[&claims[5].id], 200),
+        ];
+        store
+            .complete_and_claim(run, &second, 0, &all, Work::Fetch)
+            .unwrap();
+        assert_eq!(
+            host_answers(&store),
+            [("a.test".into(), 4, 1, 1), ("b.test".into(), 2, 0, 1)]
+        );
+    }
 }
