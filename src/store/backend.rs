@@ -88,7 +88,9 @@ pub trait Store: Send {
     // ---- the queue ----
 
     /// In one transaction: records `completions`, renews `run`'s heartbeat
-    /// and claims up to `claim` due rows for `run`, leaving out the hosts
+    /// (a store may renew it less often when there is nothing to record,
+    /// as long as it stays well within the lease: SQLite renews it once it
+    /// is 5 s old) and claims up to `claim` due rows for `run`, leaving out the hosts
     /// in `filter`. A completion is applied only where its row is still
     /// `running` under the completion's lease (owner and fence) and that
     /// owner is `run`; making done bodies durable first is the caller's

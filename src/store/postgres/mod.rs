@@ -9,7 +9,8 @@
 //! same run and fence. A run renews its heartbeat with every commit; one
 //! whose heartbeat is older than its lease is dead, and any other run takes
 //! its rows back. Counters that `report` reads are kept in the statements
-//! that change the rows (import's own, a statement-level trigger on jobs),
+//! that change the rows (import's own, a claim's own, a statement-level
+//! trigger on jobs for the rest),
 //! per-host ones as one appended row per statement, added up every 16, so
 //! nothing counts millions of rows. Transactions are short and never span a
 //! fetch.
