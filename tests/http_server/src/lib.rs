@@ -309,8 +309,15 @@ impl Server {
         pause: Duration,
         handler: impl Fn(&Request) -> Reply + Send + Sync + 'static,
     ) -> Server {
-        Server::listen_with("127.0.0.1:0", "http", handler, Ok, true, Some((backlog, pause)))
-            .expect("bind the test server")
+        Server::listen_with(
+            "127.0.0.1:0",
+            "http",
+            handler,
+            Ok,
+            true,
+            Some((backlog, pause)),
+        )
+        .expect("bind the test server")
     }
 
     fn listen<C: Connection>(
