@@ -13,7 +13,6 @@ use rusqlite::{CachedStatement, OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::{FULL_URL, HOST, PathColumn, StoredPath, split_url};
-use super::runs::renew_when_old;
 use crate::clock::now_ms;
 use crate::domain::{
     Claim, Completion, Durations, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl,
@@ -692,6 +691,32 @@ fn claim_due(
         }
     }
     Ok(claims)
+}
+
+/// How old a run's recorded heartbeat grows before a commit that records
+/// nothing renews it: as often as an idle run says it is alive. Other runs
+/// take a run they cannot look up for dead only after `STALE_HEARTBEAT`
+/// (a minute); a run that waits for others claims ten times a second, and
+/// renewing it each time wrote the database as often, for nothing.
+const RENEW_AFTER_MS: i64 = 5_000;
+
+/// For a commit that records nothing: whether `run` is still unfinished.
+/// Its heartbeat is renewed only once it is `RENEW_AFTER_MS` old (or ahead
+/// of the clock, which may have been set back), so that such a commit
+/// writes nothing.
+fn renew_when_old(tx: &Transaction<'_>, run: RunId, now: i64) -> Result<bool> {
+    let heartbeat: Option<i64> = tx
+        .prepare_cached("SELECT heartbeat_at FROM runs WHERE id = ?1 AND ended_at IS NULL")?
+        .query_row([run.0], |row| row.get(0))
+        .optional()?;
+    let Some(heartbeat) = heartbeat else {
+        return Ok(false);
+    };
+    if !(0..RENEW_AFTER_MS).contains(&(now - heartbeat)) {
+        tx.prepare_cached("UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1")?
+            .execute(params![run.0, now])?;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

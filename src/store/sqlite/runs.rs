@@ -3,7 +3,7 @@
 //! so that `report` can say how the last run ended.
 
 use crate::store::Result;
-use rusqlite::{OptionalExtension, Row, Transaction, params};
+use rusqlite::{Row, Transaction, params};
 
 use super::SqliteStore;
 use super::queue::UNCLAIMED;
@@ -175,32 +175,6 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(runs)
     }
-}
-
-/// How old a run's recorded heartbeat grows before a commit that records
-/// nothing renews it: as often as an idle run says it is alive. Other runs
-/// take a run they cannot look up for dead only after `STALE_HEARTBEAT`
-/// (a minute); a run that waits for others claims ten times a second, and
-/// renewing it each time wrote the database as often, for nothing.
-const RENEW_AFTER_MS: i64 = 5_000;
-
-/// For a commit that records nothing: whether `run` is still unfinished.
-/// Its heartbeat is renewed only once it is `RENEW_AFTER_MS` old (or ahead
-/// of the clock, which may have been set back), so that such a commit
-/// writes nothing.
-pub(super) fn renew_when_old(tx: &Transaction<'_>, run: RunId, now: i64) -> Result<bool> {
-    let heartbeat: Option<i64> = tx
-        .prepare_cached("SELECT heartbeat_at FROM runs WHERE id = ?1 AND ended_at IS NULL")?
-        .query_row([run.0], |row| row.get(0))
-        .optional()?;
-    let Some(heartbeat) = heartbeat else {
-        return Ok(false);
-    };
-    if !(0..RENEW_AFTER_MS).contains(&(now - heartbeat)) {
-        tx.prepare_cached("UPDATE runs SET heartbeat_at = ?2 WHERE id = ?1")?
-            .execute(params![run.0, now])?;
-    }
-    Ok(true)
 }
 
 /// Every unfinished run that `liveness` finds dead is marked ended and its
