@@ -45,23 +45,7 @@ fn a_run_waiting_for_another_writes_the_database_only_for_its_heartbeat() {
     let (job, urls) = Job::with_items(&server, 20);
     // A run on another machine holds five URLs, its heartbeat fresh: this
     // run fetches the other fifteen, then waits for it.
-    job.sql()
-        .execute_batch(&format!(
-            "INSERT INTO runs (id, pid, host, boot_id, proc_start, command, started_at,
-                               heartbeat_at)
-             VALUES (1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
-             UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
-            now = now_ms()
-        ))
-        .unwrap();
-    let mut run = job.spawn_run(&["--progress-every", "100ms"]);
-    let lines = stderr_lines(&mut run);
-    let mut seen = Vec::new();
-    wait_for(Duration::from_secs(30), "the run to wait", || {
-        seen.extend(lines.try_iter());
-        seen.iter()
-            .any(|line| line.contains("waiting for run #1 (pid 1, 5 URLs) to finish"))
-    });
+    let (mut run, lines, mut seen) = job.run_waiting_for_a_run_elsewhere();
     let sql = job.sql();
     sql.busy_timeout(Duration::from_secs(30)).unwrap();
     // Its last bodies may still be on their way to the disk: once they are

@@ -526,23 +526,7 @@ fn a_run_elsewhere_is_waited_for_while_its_heartbeat_is_fresh_and_taken_over_onc
     let server = item_server(Duration::ZERO);
     let (job, urls) = Job::with_items(&server, 20);
     // A run on another machine holds five URLs; its pid means nothing here.
-    job.sql()
-        .execute_batch(&format!(
-            "INSERT INTO runs (id, pid, host, boot_id, proc_start, command, started_at,
-                               heartbeat_at)
-             VALUES (1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
-             UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
-            now = now_ms()
-        ))
-        .unwrap();
-    let mut run = job.spawn_run(&["--progress-every", "100ms"]);
-    let lines = stderr_lines(&mut run);
-    let mut seen = Vec::new();
-    wait_for(Duration::from_secs(30), "the run to wait", || {
-        seen.extend(lines.try_iter());
-        seen.iter()
-            .any(|line| line.contains("waiting for run #1 (pid 1, 5 URLs) to finish"))
-    });
+    let (mut run, lines, mut seen) = job.run_waiting_for_a_run_elsewhere();
     assert_eq!(server.hit_count(), 15, "{seen:?}");
     assert!(run.try_wait().unwrap().is_none(), "{seen:?}");
     // Its heartbeat goes stale: it is presumed dead, and its URLs are taken over.

@@ -185,6 +185,32 @@ impl Job {
         child
     }
 
+    /// Records run #1 on another machine, its heartbeat fresh, holding
+    /// the first five URLs; starts `jobrun run` and returns once it says it
+    /// waits for that run: the run, its stderr lines, and those seen so far.
+    pub fn run_waiting_for_a_run_elsewhere(
+        &self,
+    ) -> (Child, std::sync::mpsc::Receiver<String>, Vec<String>) {
+        self.sql()
+            .execute_batch(&format!(
+                "INSERT INTO runs (id, pid, host, boot_id, proc_start, command, started_at,
+                                   heartbeat_at)
+                 VALUES (1, 1, 'elsewhere', 'another-boot', 1, 'jobrun run', {now}, {now});
+                 UPDATE urls SET state = 'running', run_id = 1 WHERE id <= 5;",
+                now = jobrun::clock::now_ms()
+            ))
+            .unwrap();
+        let mut run = self.spawn_run(&["--progress-every", "100ms"]);
+        let lines = stderr_lines(&mut run);
+        let mut seen = Vec::new();
+        wait_for(Duration::from_secs(30), "the run to wait", || {
+            seen.extend(lines.try_iter());
+            seen.iter()
+                .any(|line| line.contains("waiting for run #1 (pid 1, 5 URLs) to finish"))
+        });
+        (run, lines, seen)
+    }
+
     /// Starts `jobrun run ARGS` without waiting for it.
     pub fn spawn_run(&self, args: &[&str]) -> Child {
         spawn_run_with(self.command(), args)
