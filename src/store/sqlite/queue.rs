@@ -13,6 +13,7 @@ use rusqlite::{CachedStatement, OptionalExtension, ToSql, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::{FULL_URL, HOST, PathColumn, StoredPath, split_url};
+use super::tallies::{BatchCounts, Counted};
 use crate::clock::now_ms;
 use crate::domain::{
     Claim, Completion, Durations, Fetched, HostFilter, InsertResult, JobState, Lease, NewUrl,
@@ -204,14 +205,18 @@ impl SqliteStore {
         let mut durations = HashMap::<i64, i64>::new();
         let mut answers = HostAnswers::default();
         let mut lost = 0;
-        for completion in completions {
-            match record(&tx, run, now, completion, &mut tally)? {
-                Some(origin) => answers.add(origin, completion),
-                None => lost += 1,
+        if !completions.is_empty() {
+            let mut counts = BatchCounts::begin(&tx, run.0)?;
+            for completion in completions {
+                match record(&tx, run, now, completion, &mut tally, &mut counts)? {
+                    Some(origin) => answers.add(origin, completion),
+                    None => lost += 1,
+                }
+                if let Some(millis) = completion.millis() {
+                    *durations.entry(Durations::bucket(millis)).or_default() += 1;
+                }
             }
-            if let Some(millis) = completion.millis() {
-                *durations.entry(Durations::bucket(millis)).or_default() += 1;
-            }
+            counts.finish(&tx)?;
         }
         for (bucket, count) in durations {
             tx.prepare_cached(
@@ -345,26 +350,41 @@ macro_rules! unclaimed {
     };
 }
 
-/// Records one outcome and gives the row's origin; None when the row is no
-/// longer this run's.
+/// Records one outcome, with what it changes in the tallies, and gives the
+/// row's origin; None when the row is no longer this run's.
 fn record(
     tx: &Transaction<'_>,
     run: RunId,
     now: i64,
     completion: &Completion,
     tally: &mut Tally,
+    counts: &mut BatchCounts,
 ) -> Result<Option<i64>> {
     let Lease { run: owner, fence } = completion.lease();
     if owner != run {
         return Ok(None);
     }
     let (id, run) = (completion.id(), run.0);
+    // What the row counts as before (the statements below change it only
+    // while it is running, which counts as pending), and whether a refresh
+    // asked for it.
+    let before = tx
+        .prepare_cached(
+            "SELECT origin_id, http_status, error, refresh IS 'pending' FROM urls WHERE id = ?1",
+        )?
+        .query_row([id], |row| {
+            let old = Counted::of(row.get(0)?, "running", row.get(1)?, None, row.get(2)?);
+            Ok((old, row.get::<_, bool>(3)?))
+        })
+        .optional()?;
+    let Some((old, refreshing)) = before else {
+        return Ok(None);
+    };
     // Each statement sets its columns under the same guard: the row is still
     // ours, under the very claim this outcome is for. ?1 is the row, ?2 the
     // run, ?3 the fence; a statement's own values follow from ?4. The text
-    // is put together at compile time: this runs once per URL. The origin
-    // it gives back counts the answer for its host, without looking the row
-    // up again.
+    // is put together at compile time: this runs once per URL. What it
+    // gives back is what the row counts as after it.
     macro_rules! guarded {
         ($sets:expr) => {
             guarded!($sets, "")
@@ -375,21 +395,30 @@ fn record(
                 $sets,
                 " WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'",
                 $and,
-                " RETURNING origin_id"
+                " RETURNING origin_id, state, http_status, bytes, error"
             )
         };
     }
     // RETURNING: query, never execute (which fails after applying it).
-    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<Option<i64>> {
+    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<Option<Counted>> {
         let mut all: [&dyn ToSql; 10] = [&rusqlite::types::Null; 10];
         all[..3].copy_from_slice(&[&id, &run, &fence]);
         all[3..3 + values.len()].copy_from_slice(values);
         Ok(tx
             .prepare_cached(sql)?
-            .query_row(&all[..3 + values.len()], |row| row.get(0))
+            .query_row(&all[..3 + values.len()], |row| {
+                let state: String = row.get(1)?;
+                Ok(Counted::of(
+                    row.get(0)?,
+                    &state,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })
             .optional()?)
     };
-    let origin = match completion {
+    let new = match completion {
         Completion::Done { fetched, .. } => {
             tally.done += 1;
             tally.bytes += fetched.bytes as i64;
@@ -415,12 +444,13 @@ fn record(
             ];
             // Setting `refresh` costs the index on it an update per row:
             // only the body a refresh asked for sets it.
-            match update(guarded!(done!(""), " AND refresh IS NOT 'pending'"), values)? {
-                None => update(
+            if refreshing {
+                update(
                     guarded!(done!(", refresh = 'changed'"), " AND refresh = 'pending'"),
                     values,
-                )?,
-                origin => origin,
+                )?
+            } else {
+                update(guarded!(done!(""), " AND refresh IS NOT 'pending'"), values)?
             }
         }
         Completion::Unchanged {
@@ -446,7 +476,7 @@ fn record(
             ..
         } => {
             tally.retried += 1;
-            if refreshing(tx, id)? {
+            if refreshing {
                 // The old file stays done while its refresh waits for a retry.
                 update(
                     guarded!(
@@ -472,7 +502,7 @@ fn record(
             ..
         } => {
             tally.failed += 1;
-            if refreshing(tx, id)? {
+            if refreshing {
                 // The refresh failed, not the URL: its file and done state stay.
                 update(
                     guarded!(
@@ -503,22 +533,17 @@ fn record(
             update(guarded!(concat!("state = ", unclaimed!())), params![])?
         }
     };
-    Ok(origin)
+    let Some(new) = new else {
+        return Ok(None);
+    };
+    let origin = new.origin();
+    counts.change(id, old, new);
+    Ok(Some(origin))
 }
 
 /// The state a claimed row goes back to when its attempt did not finish:
 /// pending, or done for a row being refreshed (its old file is still there).
 pub(super) const UNCLAIMED: &str = unclaimed!();
-
-/// Whether row `id` is being refreshed rather than fetched.
-fn refreshing(tx: &Transaction<'_>, id: i64) -> Result<bool> {
-    Ok(tx
-        .prepare_cached("SELECT refresh = 'pending' FROM urls WHERE id = ?1")?
-        .query_row([id], |row| row.get::<_, Option<bool>>(0))
-        .optional()?
-        .flatten()
-        .unwrap_or(false))
-}
 
 /// Every finished attempt of a commit, by origin, and how many were 429 or
 /// 503: added to the hosts' answers with one statement per origin, not one

@@ -14,9 +14,17 @@
 //! its commit and its fold left, which the next command that writes folds
 //! in. jobrun never deletes a row, so a new row's id is always past the
 //! mark.
+//!
+//! A run's commits count their own changes instead ([`BatchCounts`]): the
+//! trigger's upserts, once per outcome, were most of what the counters cost
+//! a run. The batch adds up what its statements change by counter and
+//! writes each counter once, and meanwhile a row in `queue_counting` (see
+//! migration `09-queue-counts`) keeps the trigger out of it.
+
+use std::collections::HashMap;
 
 use crate::store::Result;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::split_url;
@@ -169,6 +177,142 @@ impl SqliteStore {
             tx.execute(MOVE_MARK, [])?;
             tx.commit()?;
         }
+        Ok(())
+    }
+}
+
+/// A row as the tallies count it: its origin, its state (running counts as
+/// pending), its last HTTP status (0 for none), the bytes it adds (those of
+/// a done row) and its last error if it is not done.
+pub(super) struct Counted {
+    origin: i64,
+    state: &'static str,
+    status: i64,
+    bytes: i64,
+    error: Option<String>,
+}
+
+impl Counted {
+    /// The counters of a row with these columns.
+    pub(super) fn of(
+        origin: i64,
+        state: &str,
+        status: Option<i64>,
+        bytes: Option<i64>,
+        error: Option<String>,
+    ) -> Counted {
+        let state = match state {
+            "done" => "done",
+            "failed" => "failed",
+            _ => "pending",
+        };
+        let done = state == "done";
+        Counted {
+            origin,
+            state,
+            status: status.unwrap_or(0),
+            bytes: if done { bytes.unwrap_or(0) } else { 0 },
+            error: if done { None } else { error },
+        }
+    }
+
+    pub(super) fn origin(&self) -> i64 {
+        self.origin
+    }
+}
+
+/// What the statements of one commit change in the tallies, added up by
+/// counter, written when the commit is about to be made. While it lives,
+/// the update trigger counts nothing: every change of a row in between must
+/// go through [`BatchCounts::change`].
+pub(super) struct BatchCounts {
+    /// `tallied.id`: rows past it are not in the tallies yet.
+    mark: i64,
+    /// Whether a row past the mark changed (`tallied.touched`).
+    touched: bool,
+    /// (origin, state, status) → (rows, bytes), in the order first seen; a
+    /// commit's rows come from a few origins, so a list beats a map.
+    rows: Vec<((i64, &'static str, i64), i64, i64)>,
+    /// Error → (rows, a row that has it now).
+    errors: HashMap<String, (i64, i64)>,
+}
+
+impl BatchCounts {
+    /// Takes the counting of `tx`'s changes to rows over from the trigger.
+    pub(super) fn begin(tx: &Transaction<'_>, run: i64) -> Result<BatchCounts> {
+        tx.prepare_cached("INSERT INTO queue_counting (run_id) VALUES (?1)")?
+            .execute([run])?;
+        let mark = tx
+            .prepare_cached("SELECT id FROM tallied")?
+            .query_row([], |row| row.get(0))?;
+        Ok(BatchCounts {
+            mark,
+            touched: false,
+            rows: Vec::new(),
+            errors: HashMap::new(),
+        })
+    }
+
+    /// Row `id` changed from `old` to `new`.
+    pub(super) fn change(&mut self, id: i64, old: Counted, new: Counted) {
+        if id > self.mark {
+            // Counted when the mark passes it, as it is then.
+            self.touched = true;
+            return;
+        }
+        self.add((old.origin, old.state, old.status), -1, -old.bytes);
+        self.add((new.origin, new.state, new.status), 1, new.bytes);
+        if old.error == new.error {
+            return;
+        }
+        if let Some(error) = old.error {
+            self.errors.entry(error).or_insert((0, id)).0 -= 1;
+        }
+        if let Some(error) = new.error {
+            let entry = self.errors.entry(error).or_insert((0, id));
+            entry.0 += 1;
+            entry.1 = id;
+        }
+    }
+
+    fn add(&mut self, key: (i64, &'static str, i64), rows: i64, bytes: i64) {
+        match self.rows.iter_mut().rev().find(|entry| entry.0 == key) {
+            Some(entry) => {
+                entry.1 += rows;
+                entry.2 += bytes;
+            }
+            None => self.rows.push((key, rows, bytes)),
+        }
+    }
+
+    /// Writes the counters and gives their counting back to the trigger.
+    pub(super) fn finish(self, tx: &Transaction<'_>) -> Result<()> {
+        let mut add = tx.prepare_cached(
+            "INSERT INTO tallies (origin_id, state, status, rows, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO UPDATE SET rows = rows + excluded.rows,
+                 bytes = bytes + excluded.bytes",
+        )?;
+        for ((origin, state, status), rows, bytes) in self.rows {
+            if (rows, bytes) != (0, 0) {
+                add.execute(params![origin, state, status, rows, bytes])?;
+            }
+        }
+        let mut add = tx.prepare_cached(
+            "INSERT INTO error_tallies (error, rows, example_id) VALUES (?1, ?2, ?3)
+             ON CONFLICT DO UPDATE SET rows = rows + excluded.rows",
+        )?;
+        for (error, (rows, example)) in self.errors {
+            if rows != 0 {
+                add.execute(params![error, rows, example])?;
+            }
+        }
+        if self.touched {
+            tx.prepare_cached("UPDATE tallied SET touched = 1 WHERE touched = 0")?
+                .execute([])?;
+        }
+        tx.prepare_cached("DELETE FROM queue_counting")?
+            .execute([])?;
         Ok(())
     }
 }
