@@ -613,39 +613,42 @@ fn claim_due(
     // Due retries (next_attempt_at > 0) come first, so that a retry happens
     // about when its backoff ends, not after the whole list; then rows never
     // tried, in import order. Both walk the (state, next_attempt_at) index.
+    // Every LIMIT is a CAST of its parameter: SQLite reads a bare parameter
+    // in a LIMIT when it prepares the statement, and then prepares it (with
+    // the triggers on urls) again each time the parameter is bound.
     const PICK_RETRIES: &str = "SELECT id FROM urls
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= ?2
-        ORDER BY next_attempt_at DESC LIMIT ?3";
+        ORDER BY next_attempt_at DESC LIMIT CAST(?3 AS INTEGER)";
     const PICK_FRESH: &str = "SELECT id FROM urls
-        WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?3";
+        WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT CAST(?3 AS INTEGER)";
     // The same two, leaving out the hosts to skip, among the first
     // FILTER_WINDOW due rows. Only used while some host is skipped: reading
     // every row's host costs more than walking the index.
     const PICK_RETRIES_FILTERED: &str = "SELECT id FROM (
             SELECT id, origin_id, next_attempt_at FROM urls
             WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= ?2
-            ORDER BY next_attempt_at DESC LIMIT ?4)
+            ORDER BY next_attempt_at DESC LIMIT CAST(?4 AS INTEGER))
         WHERE origin_id NOT IN (SELECT id FROM origins
             WHERE host IN (SELECT value FROM json_each(?5)))
-        ORDER BY next_attempt_at DESC LIMIT ?3";
+        ORDER BY next_attempt_at DESC LIMIT CAST(?3 AS INTEGER)";
     const PICK_FRESH_FILTERED: &str = "SELECT id FROM (
             SELECT id, origin_id FROM urls
-            WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT ?4)
+            WHERE state = 'pending' AND next_attempt_at = 0 ORDER BY id LIMIT CAST(?4 AS INTEGER))
         WHERE origin_id NOT IN (SELECT id FROM origins
             WHERE host IN (SELECT value FROM json_each(?5)))
-        ORDER BY id LIMIT ?3";
+        ORDER BY id LIMIT CAST(?3 AS INTEGER)";
     // Done rows a refresh asked for, due ones by when they became due
     // (rows not yet tried are due at 0), on the partial index.
     const PICK_REFRESH: &str = "SELECT id FROM urls
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
-        ORDER BY next_attempt_at, id LIMIT ?3";
+        ORDER BY next_attempt_at, id LIMIT CAST(?3 AS INTEGER)";
     const PICK_REFRESH_FILTERED: &str = "SELECT id FROM (
             SELECT id, origin_id, next_attempt_at FROM urls
             WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= ?2
-            ORDER BY next_attempt_at, id LIMIT ?4)
+            ORDER BY next_attempt_at, id LIMIT CAST(?4 AS INTEGER))
         WHERE origin_id NOT IN (SELECT id FROM origins
             WHERE host IN (SELECT value FROM json_each(?5)))
-        ORDER BY next_attempt_at, id LIMIT ?3";
+        ORDER BY next_attempt_at, id LIMIT CAST(?3 AS INTEGER)";
     let picks: &[&str] = match (work, filter.is_empty()) {
         (Work::Fetch, true) => &[PICK_RETRIES, PICK_FRESH],
         (Work::Fetch, false) => &[PICK_RETRIES_FILTERED, PICK_FRESH_FILTERED],
