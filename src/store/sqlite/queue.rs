@@ -365,26 +365,34 @@ fn record(
         return Ok(None);
     }
     let (id, run) = (completion.id(), run.0);
-    // What the row counts as before (the statements below change it only
-    // while it is running, which counts as pending), and whether a refresh
-    // asked for it.
+    // The row as it is: what the tallies count it as (the statements below
+    // change it only while it is running, which counts as pending), what an
+    // outcome leaves of it, and whether a refresh asked for it. Its origin
+    // counts the answer for its host.
     let before = tx
         .prepare_cached(
-            "SELECT origin_id, http_status, error, refresh IS 'pending' FROM urls WHERE id = ?1",
+            "SELECT origin_id, http_status, bytes, error, refresh IS 'pending'
+             FROM urls WHERE id = ?1",
         )?
         .query_row([id], |row| {
-            let old = Counted::of(row.get(0)?, "running", row.get(1)?, None, row.get(2)?);
-            Ok((old, row.get::<_, bool>(3)?))
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, Option<i64>>(1)?,
+                row.get::<_, Option<i64>>(2)?,
+                row.get::<_, Option<String>>(3)?,
+                row.get::<_, bool>(4)?,
+            ))
         })
         .optional()?;
-    let Some((old, refreshing)) = before else {
+    let Some((origin, status_before, bytes_before, error_before, refreshing)) = before else {
         return Ok(None);
     };
     // Each statement sets its columns under the same guard: the row is still
     // ours, under the very claim this outcome is for. ?1 is the row, ?2 the
     // run, ?3 the fence; a statement's own values follow from ?4. The text
-    // is put together at compile time: this runs once per URL. What it
-    // gives back is what the row counts as after it.
+    // is put together at compile time: this runs once per URL. No RETURNING:
+    // SQLite gathers what it returns in a temporary table of its own, and
+    // what the row becomes is known here.
     macro_rules! guarded {
         ($sets:expr) => {
             guarded!($sets, "")
@@ -394,31 +402,19 @@ fn record(
                 "UPDATE urls SET ",
                 $sets,
                 " WHERE id = ?1 AND run_id = ?2 AND fence = ?3 AND state = 'running'",
-                $and,
-                " RETURNING origin_id, state, http_status, bytes, error"
+                $and
             )
         };
     }
-    // RETURNING: query, never execute (which fails after applying it).
-    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<Option<Counted>> {
+    let update = |sql: &str, values: &[&dyn ToSql]| -> Result<bool> {
         let mut all: [&dyn ToSql; 10] = [&rusqlite::types::Null; 10];
         all[..3].copy_from_slice(&[&id, &run, &fence]);
         all[3..3 + values.len()].copy_from_slice(values);
-        Ok(tx
-            .prepare_cached(sql)?
-            .query_row(&all[..3 + values.len()], |row| {
-                let state: String = row.get(1)?;
-                Ok(Counted::of(
-                    row.get(0)?,
-                    &state,
-                    row.get(2)?,
-                    row.get(3)?,
-                    row.get(4)?,
-                ))
-            })
-            .optional()?)
+        Ok(tx.prepare_cached(sql)?.execute(&all[..3 + values.len()])? == 1)
     };
-    let new = match completion {
+    // What the row becomes: (state, status, error) where the outcome sets
+    // them; the bytes change only with a body.
+    let (recorded, state, status, bytes, error) = match completion {
         Completion::Done { fetched, .. } => {
             tally.done += 1;
             tally.bytes += fetched.bytes as i64;
@@ -444,21 +440,23 @@ fn record(
             ];
             // Setting `refresh` costs the index on it an update per row:
             // only the body a refresh asked for sets it.
-            if refreshing {
+            let recorded = if refreshing {
                 update(
                     guarded!(done!(", refresh = 'changed'"), " AND refresh = 'pending'"),
                     values,
                 )?
             } else {
                 update(guarded!(done!(""), " AND refresh IS NOT 'pending'"), values)?
-            }
+            };
+            let (status, bytes) = (i64::from(fetched.status), fetched.bytes as i64);
+            (recorded, "done", Some(status), Some(bytes), None)
         }
         Completion::Unchanged {
             millis, validators, ..
         } => {
             tally.done += 1;
             // A 304 may carry newer validators; it need not repeat them.
-            update(
+            let recorded = update(
                 guarded!(
                     "state = 'done', attempts = attempts + 1, next_attempt_at = 0,
                  updated_at = ?4, duration_ms = ?5, etag = coalesce(?6, etag),
@@ -466,7 +464,8 @@ fn record(
                  refresh = 'unchanged', refresh_error = NULL"
                 ),
                 params![now, millis, validators.etag, validators.last_modified],
-            )?
+            )?;
+            (recorded, "done", status_before, bytes_before, None)
         }
         Completion::Retry {
             status,
@@ -478,21 +477,30 @@ fn record(
             tally.retried += 1;
             if refreshing {
                 // The old file stays done while its refresh waits for a retry.
-                update(
+                let recorded = update(
                     guarded!(
                         "state = 'done', attempts = attempts + 1, refresh_error = ?4,
                      next_attempt_at = ?5, updated_at = ?6, duration_ms = ?7"
                     ),
                     params![error, next_attempt_at, now, millis],
-                )?
+                )?;
+                (recorded, "done", status_before, bytes_before, None)
             } else {
-                update(
+                let recorded = update(
                     guarded!(
                         "state = 'pending', attempts = attempts + 1, http_status = ?4, error = ?5,
                      next_attempt_at = ?6, updated_at = ?7, duration_ms = ?8"
                     ),
                     params![status, error, next_attempt_at, now, millis],
-                )?
+                )?;
+                let status = status.map(i64::from);
+                (
+                    recorded,
+                    "pending",
+                    status,
+                    bytes_before,
+                    Some(error.as_str()),
+                )
             }
         }
         Completion::Failed {
@@ -504,39 +512,61 @@ fn record(
             tally.failed += 1;
             if refreshing {
                 // The refresh failed, not the URL: its file and done state stay.
-                update(
+                let recorded = update(
                     guarded!(
                         "state = 'done', attempts = attempts + 1, refresh = 'failed',
                      refresh_error = ?4, next_attempt_at = 0, updated_at = ?5, duration_ms = ?6"
                     ),
                     params![error, now, millis],
-                )?
+                )?;
+                (recorded, "done", status_before, bytes_before, None)
             } else {
-                update(
+                let recorded = update(
                     guarded!(
                         "state = 'failed', attempts = attempts + 1, http_status = ?4, error = ?5,
                      updated_at = ?6, duration_ms = ?7"
                     ),
                     params![status, error, now, millis],
-                )?
+                )?;
+                let status = status.map(i64::from);
+                (
+                    recorded,
+                    "failed",
+                    status,
+                    bytes_before,
+                    Some(error.as_str()),
+                )
             }
         }
-        Completion::Interrupted { .. } => update(
-            guarded!(concat!(
-                "state = ",
-                unclaimed!(),
-                ", interrupted = interrupted + 1, updated_at = ?4"
-            )),
-            params![now],
-        )?,
-        Completion::Unstarted { .. } => {
-            update(guarded!(concat!("state = ", unclaimed!())), params![])?
+        Completion::Interrupted { .. } | Completion::Unstarted { .. } => {
+            let recorded = if matches!(completion, Completion::Interrupted { .. }) {
+                update(
+                    guarded!(concat!(
+                        "state = ",
+                        unclaimed!(),
+                        ", interrupted = interrupted + 1, updated_at = ?4"
+                    )),
+                    params![now],
+                )?
+            } else {
+                update(guarded!(concat!("state = ", unclaimed!())), params![])?
+            };
+            let state = if refreshing { "done" } else { "pending" };
+            let error = error_before.as_deref();
+            (recorded, state, status_before, bytes_before, error)
         }
     };
-    let Some(new) = new else {
+    if !recorded {
         return Ok(None);
-    };
-    let origin = new.origin();
+    }
+    let old = Counted::of(
+        origin,
+        "running",
+        status_before,
+        None,
+        error_before.as_deref(),
+    );
+    let new = Counted::of(origin, state, status, bytes, error);
     counts.change(id, old, new);
     Ok(Some(origin))
 }

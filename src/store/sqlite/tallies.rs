@@ -184,23 +184,23 @@ impl SqliteStore {
 /// A row as the tallies count it: its origin, its state (running counts as
 /// pending), its last HTTP status (0 for none), the bytes it adds (those of
 /// a done row) and its last error if it is not done.
-pub(super) struct Counted {
+pub(super) struct Counted<'a> {
     origin: i64,
     state: &'static str,
     status: i64,
     bytes: i64,
-    error: Option<String>,
+    error: Option<&'a str>,
 }
 
-impl Counted {
+impl<'a> Counted<'a> {
     /// The counters of a row with these columns.
     pub(super) fn of(
         origin: i64,
         state: &str,
         status: Option<i64>,
         bytes: Option<i64>,
-        error: Option<String>,
-    ) -> Counted {
+        error: Option<&'a str>,
+    ) -> Counted<'a> {
         let state = match state {
             "done" => "done",
             "failed" => "failed",
@@ -214,10 +214,6 @@ impl Counted {
             bytes: if done { bytes.unwrap_or(0) } else { 0 },
             error: if done { None } else { error },
         }
-    }
-
-    pub(super) fn origin(&self) -> i64 {
-        self.origin
     }
 }
 
@@ -254,7 +250,7 @@ impl BatchCounts {
     }
 
     /// Row `id` changed from `old` to `new`.
-    pub(super) fn change(&mut self, id: i64, old: Counted, new: Counted) {
+    pub(super) fn change(&mut self, id: i64, old: Counted<'_>, new: Counted<'_>) {
         if id > self.mark {
             // Counted when the mark passes it, as it is then.
             self.touched = true;
@@ -266,13 +262,19 @@ impl BatchCounts {
             return;
         }
         if let Some(error) = old.error {
-            self.errors.entry(error).or_insert((0, id)).0 -= 1;
+            self.error(error, id).0 -= 1;
         }
         if let Some(error) = new.error {
-            let entry = self.errors.entry(error).or_insert((0, id));
+            let entry = self.error(error, id);
             entry.0 += 1;
             entry.1 = id;
         }
+    }
+
+    /// The rows and example of `error`, first seen on row `id`. Only rows
+    /// not done have one, a few of a batch.
+    fn error(&mut self, error: &str, id: i64) -> &mut (i64, i64) {
+        self.errors.entry(error.to_owned()).or_insert((0, id))
     }
 
     fn add(&mut self, key: (i64, &'static str, i64), rows: i64, bytes: i64) {
