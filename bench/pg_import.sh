@@ -44,6 +44,7 @@ for round in $(seq "$ROUNDS"); do
             sleep 0.02
         done
         wait "$client"
+        [ -n "$backend" ] || echo "$bin: its backend was not found; the CPU figure below is 0" >&2
         read -r wall user sys < "$time_out"
         rm -f "$time_out"
         rows=$(psql -qtA "$PG" -c "SELECT count(*) FROM $schema.requests")
