@@ -4,7 +4,8 @@
 //! order of the list), then a binary COPY straight into requests and
 //! another into jobs: COPY writes a heap page at a time with one WAL record
 //! per page, where `INSERT … SELECT` writes one per row, and needs no
-//! staging table. Seven round trips in all, with BEGIN and COMMIT. Otherwise the batch is copied into a temporary staging table and
+//! staging table. Seven round trips in all, with BEGIN and COMMIT.
+//! Otherwise the batch is copied into a temporary staging table and
 //! written with one `INSERT … SELECT` into requests that also queues the
 //! new ones (jobs) and counts them.
 //!
@@ -304,7 +305,7 @@ fn copy_new(
         .get(0);
     if ids.len() != chosen.len() || ids.windows(2).any(|pair| pair[0] >= pair[1]) {
         return Err(crate::store::Error::Invalid(format!(
-            "internal error: {name} gave {} ids, not in ascending order, for {} URLs",
+            "internal error: {name} gave {} ids for {} URLs, or not in ascending order",
             ids.len(),
             chosen.len()
         )));
