@@ -230,36 +230,51 @@ fn bench(url: &str, options: &Options, admin: &mut postgres::Client) -> Result<(
     Ok(())
 }
 
+/// Imports `urls` lines in batches of `import_batch`, made on a thread of
+/// their own while the store writes the batch before (as `jobrun import`
+/// reads its list), so that the figure is the store's.
 fn import(store: &mut PostgresStore, urls: usize, import_batch: usize) -> Result<usize> {
-    store.expect_bulk_writes()?;
-    let mut lines = Vec::with_capacity(import_batch);
-    let mut imported = 0;
-    for i in 0..urls {
-        let host = format!("h{}.example", i % 1000);
-        lines.push((
-            format!("https://{host}/items/{i}.json"),
-            host,
-            format!("{i}.json"),
-        ));
-        if lines.len() == import_batch || i + 1 == urls {
-            let batch: Vec<NewUrl<'_>> = lines
-                .iter()
-                .map(|(url, host, path)| NewUrl {
-                    url,
-                    request: None,
-                    request_hash: "",
-                    host,
-                    path,
-                    named: false,
-                })
-                .collect();
-            imported += store
-                .import(&batch)?
-                .iter()
-                .filter(|r| **r == InsertResult::Inserted)
-                .count();
-            lines.clear();
+    let import_batch = import_batch.max(1);
+    let (batches, made) = std::sync::mpsc::sync_channel(1);
+    let maker = std::thread::spawn(move || {
+        let mut lines = Vec::with_capacity(import_batch);
+        for i in 0..urls {
+            let host = format!("h{}.example", i % 1000);
+            lines.push((
+                format!("https://{host}/items/{i}.json"),
+                host,
+                format!("{i}.json"),
+            ));
+            if lines.len() == import_batch || i + 1 == urls {
+                let full = std::mem::replace(&mut lines, Vec::with_capacity(import_batch));
+                if batches.send(full).is_err() {
+                    return;
+                }
+            }
         }
+    });
+    store.expect_bulk_writes()?;
+    let mut imported = 0;
+    for lines in made {
+        let batch: Vec<NewUrl<'_>> = lines
+            .iter()
+            .map(|(url, host, path)| NewUrl {
+                url,
+                request: None,
+                request_hash: "",
+                host,
+                path,
+                named: false,
+            })
+            .collect();
+        imported += store
+            .import(&batch)?
+            .iter()
+            .filter(|r| **r == InsertResult::Inserted)
+            .count();
+    }
+    if maker.join().is_err() {
+        bail!("the thread that makes the import's lines panicked");
     }
     store.finish_bulk_writes()?;
     Ok(imported)

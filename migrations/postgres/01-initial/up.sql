@@ -30,9 +30,11 @@ CREATE TABLE runs (
 CREATE INDEX runs_unfinished ON runs (id) WHERE ended_at IS NULL;
 
 -- What each URL is, fixed at import and never updated: what to send and where its file
--- goes. Its unique indexes on text are written once per URL, never by the queue.
+-- goes. Its unique indexes on text are written once per URL, never by the queue. Import takes
+-- ids by the thousand: each connection keeps 64 at a time, in ascending order, so that most
+-- take no lock and write no WAL (a connection that ends leaves a gap of at most 63).
 CREATE TABLE requests (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id           bigint GENERATED ALWAYS AS IDENTITY (CACHE 64) PRIMARY KEY,
     url          text COLLATE "C" NOT NULL,   -- byte order: unique checks need no locale
     request      text,
     request_hash text COLLATE "C" NOT NULL DEFAULT '',

@@ -1,10 +1,11 @@
 //! Import: a batch is one transaction. In the usual case, a batch whose
-//! rows are all new, it is a binary COPY straight into requests, another
-//! into jobs (the ids taken from the sequence first, so that both tables
-//! get the same ones in the order of the list) and one statement for the
-//! counters: COPY writes a heap page at a time with one WAL record per
-//! page, where `INSERT … SELECT` writes one per row, and needs no staging
-//! table. Otherwise the batch is copied into a temporary staging table and
+//! rows are all new, it is one statement that counts the batch and takes
+//! its ids from the sequence (so that both tables get the same ones in the
+//! order of the list), then a binary COPY straight into requests and
+//! another into jobs: COPY writes a heap page at a time with one WAL record
+//! per page, where `INSERT … SELECT` writes one per row, and needs no
+//! staging table. Seven round trips in all, with BEGIN and COMMIT.
+//! Otherwise the batch is copied into a temporary staging table and
 //! written with one `INSERT … SELECT` into requests that also queues the
 //! new ones (jobs) and counts them.
 //!
@@ -155,15 +156,21 @@ fn import_in(
     durable: bool,
     name: &str,
 ) -> Result<Option<Written>> {
-    let commit = if durable {
-        ""
-    } else {
-        "SET LOCAL synchronous_commit = off;"
-    };
-    // A batch's statements are not worth compiling, however big the
-    // tables make the planner's estimates.
-    tx.batch_execute(&format!("{commit} SET LOCAL jit = off"))
-        .at(name)?;
+    // A batch of new lines that needs no query first sets the commit's
+    // setting in its first statement, one round trip fewer: its statements
+    // are small or COPY, which the planner never compiles.
+    let straight = arbiter == Arbiter::Nothing && checked.is_empty();
+    if !straight {
+        let commit = if durable {
+            ""
+        } else {
+            "SET LOCAL synchronous_commit = off;"
+        };
+        // A batch's statements are not worth compiling, however big the
+        // tables make the planner's estimates.
+        tx.batch_execute(&format!("{commit} SET LOCAL jit = off"))
+            .at(name)?;
+    }
     let mut results = vec![InsertResult::Inserted; batch.len()];
     if !checked.is_empty() {
         let known = what_is_there(tx, batch, checked, name)?;
@@ -187,7 +194,7 @@ fn import_in(
         return Ok(Some(written(results)));
     }
     if arbiter == Arbiter::Nothing {
-        return Ok(copy_new(tx, batch, &chosen, name)?.then(|| written(results)));
+        return Ok(copy_new(tx, batch, &chosen, durable, name)?.then(|| written(results)));
     }
     stage(tx, batch, &chosen, name)?;
     let rows = match tx.query(&queue_new(arbiter == Arbiter::All), &[]) {
@@ -266,6 +273,7 @@ fn copy_new(
     tx: &mut Transaction<'_>,
     batch: &[NewUrl<'_>],
     chosen: &[usize],
+    durable: bool,
     name: &str,
 ) -> Result<bool> {
     let wanted = i32::try_from(chosen.len()).map_err(|_| {
@@ -274,17 +282,30 @@ fn copy_new(
             chosen.len()
         ))
     })?;
-    // The identity column's sequence, named by PostgreSQL's rule.
+    let mut per_host: HashMap<&str, i64> = HashMap::new();
+    for &at in chosen {
+        *per_host.entry(batch[at].host).or_default() += 1;
+    }
+    let (hosts, pending): (Vec<&str>, Vec<i64>) = per_host.into_iter().unzip();
+    // The identity column's sequence, named by PostgreSQL's rule. The ids
+    // and the counters (every chosen line is inserted, or none) in one
+    // round trip, the commit's setting with them.
     let ids: Vec<i64> = tx
         .query_one(
-            "SELECT array(SELECT nextval('requests_id_seq') FROM generate_series(1, $1))",
-            &[&wanted],
+            "WITH counted AS (
+                 INSERT INTO tallies AS t (slot, state, status, rows, bytes)
+                 VALUES (pg_backend_pid(), 'pending', 0, $1, 0)
+                 ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows),
+             changed AS (INSERT INTO host_changes (hosts, pending) VALUES ($2, $3))
+             SELECT array(SELECT nextval('requests_id_seq') FROM generate_series(1, $1)),
+                    CASE WHEN $4 THEN set_config('synchronous_commit', 'off', true) END",
+            &[&i64::from(wanted), &hosts, &pending, &!durable],
         )
         .at(name)?
         .get(0);
-    if ids.len() != chosen.len() {
+    if ids.len() != chosen.len() || ids.windows(2).any(|pair| pair[0] >= pair[1]) {
         return Err(crate::store::Error::Invalid(format!(
-            "internal error: {name} gave {} ids for {} URLs",
+            "internal error: {name} gave {} ids for {} URLs, or not in ascending order",
             ids.len(),
             chosen.len()
         )));
@@ -330,20 +351,6 @@ fn copy_new(
             }
             Ok(())
         },
-    )
-    .at(name)?;
-    let mut per_host: HashMap<&str, i64> = HashMap::new();
-    for &at in chosen {
-        *per_host.entry(batch[at].host).or_default() += 1;
-    }
-    let (hosts, pending): (Vec<&str>, Vec<i64>) = per_host.into_iter().unzip();
-    tx.execute(
-        "WITH counted AS (
-             INSERT INTO tallies AS t (slot, state, status, rows, bytes)
-             VALUES (pg_backend_pid(), 'pending', 0, $1, 0)
-             ON CONFLICT (slot, state, status) DO UPDATE SET rows = t.rows + excluded.rows)
-         INSERT INTO host_changes (hosts, pending) VALUES ($2, $3)",
-        &[&i64::from(wanted), &hosts, &pending],
     )
     .at(name)?;
     Ok(true)

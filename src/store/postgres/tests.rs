@@ -832,6 +832,58 @@ fn a_url_rescued_too_often_fails_with_why() -> Result<()> {
     Ok(())
 }
 
+/// Two imports at once, each on its own connection, batch after batch:
+/// each connection holds ids of its own from the sequence, and each list's
+/// rows still follow its order by id, every one with its job.
+#[test]
+fn two_imports_at_once_keep_each_list_in_the_order_of_its_ids() {
+    let schema = Schema::new();
+    let mut first = schema.open();
+    let mut second = schema.open();
+    let lines = |list: &str, batch: usize| -> Vec<(String, String)> {
+        (0..50)
+            .map(|i| {
+                (
+                    format!("http://{list}.test/{batch}/{i}"),
+                    format!("{list}.test"),
+                )
+            })
+            .collect()
+    };
+    for batch in 0..6 {
+        for (store, list) in [(&mut first, "a"), (&mut second, "b")] {
+            let owned = lines(list, batch);
+            let urls: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(url, host)| (url.as_str(), host.as_str()))
+                .collect();
+            let results = import(store, &urls);
+            assert!(results.iter().all(|r| *r == InsertResult::Inserted));
+        }
+    }
+    let mut client = first.client().unwrap();
+    let rows = client
+        .query(
+            "SELECT r.url, j.id IS NOT NULL FROM requests r LEFT JOIN jobs j ON j.id = r.id
+             ORDER BY r.id",
+            &[],
+        )
+        .unwrap();
+    assert!(rows.iter().all(|row| row.get::<_, bool>(1)), "a job each");
+    for list in ["a", "b"] {
+        let expected: Vec<String> = (0..6)
+            .flat_map(|batch| lines(list, batch))
+            .map(|(url, _)| url)
+            .collect();
+        let found: Vec<String> = rows
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .filter(|url| url.starts_with(&format!("http://{list}.")))
+            .collect();
+        assert_eq!(found, expected, "list {list} in the order of its ids");
+    }
+}
+
 #[test]
 fn import_counts_duplicates_and_refuses_clashing_names() -> Result<()> {
     let schema = Schema::new();
