@@ -66,25 +66,26 @@ const CLAIM_FETCH: &str = "WITH start AS (
         SELECT CASE WHEN (SELECT max(id) FROM requeues) IS DISTINCT FROM $7::bigint THEN 0
                     ELSE $6::bigint END AS id),
     retries AS (
-        SELECT id FROM jobs
+        SELECT id, ctid FROM jobs
         WHERE state = 'pending' AND next_attempt_at > 0 AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at DESC LIMIT $3 FOR UPDATE SKIP LOCKED),
     fresh AS (
-        SELECT id FROM jobs
+        SELECT id, ctid FROM jobs
         WHERE state = 'pending' AND next_attempt_at >= 0 AND next_attempt_at <= 0
           AND id >= (SELECT id FROM start) AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 - (SELECT count(*) FROM retries)
         FOR UPDATE SKIP LOCKED),
     behind AS (
-        SELECT id FROM jobs
+        SELECT id, ctid FROM jobs
         WHERE state = 'pending' AND next_attempt_at <= 0 AND id < (SELECT id FROM start)
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id
         LIMIT $3 - (SELECT count(*) FROM retries) - (SELECT count(*) FROM fresh)
         FOR UPDATE SKIP LOCKED),
     picked AS (
-        SELECT id FROM retries UNION ALL SELECT id FROM behind UNION ALL SELECT id FROM fresh),
+        SELECT id, ctid FROM retries UNION ALL SELECT id, ctid FROM behind
+        UNION ALL SELECT id, ctid FROM fresh),
     next_from AS (
         SELECT coalesce(
             (SELECT min(id) FROM jobs
@@ -116,7 +117,7 @@ const COUNT_CLAIMED: &str = ",
 
 /// Done rows a refresh asked for, due ones by when they became due.
 const CLAIM_REFRESH: &str = "WITH picked AS (
-        SELECT id FROM jobs
+        SELECT id, ctid FROM jobs
         WHERE refresh = 'pending' AND state = 'done' AND next_attempt_at <= $2
           AND NOT (host = ANY($4))
         ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED),
@@ -674,9 +675,13 @@ fn claim_due(
         Work::Fetch => (CLAIM_FETCH, COUNT_CLAIMED),
         Work::Refresh => (CLAIM_REFRESH, ""),
     };
-    // `= ANY(ARRAY(…))` finds the picked rows, and their requests, by
-    // primary key; a join with the pick is planned for far more rows than a
-    // batch, as a scan.
+    // `= ANY(ARRAY(…))` finds the picked rows and their requests; a join
+    // with the pick is planned for far more rows than a batch, as a scan.
+    // The rows are updated where the pick found them, by `ctid`: each is
+    // locked by the pick (`FOR UPDATE`), so no other statement can give it a
+    // new version before this one does, and a TID scan takes them without
+    // descending the primary key again for each. Their requests are found
+    // by primary key.
     let statement = prepared.get(
         tx,
         &format!(
@@ -685,7 +690,7 @@ fn claim_due(
                 UPDATE jobs u SET state = 'running', run_id = $1, fence = u.fence + 1,
                     lease_until = {SERVER_NOW} + $5
                 FROM requests r
-                WHERE u.id = ANY(ARRAY(SELECT id FROM picked))
+                WHERE u.ctid = ANY(ARRAY(SELECT ctid FROM picked))
                   AND r.id = ANY(ARRAY(SELECT id FROM picked)) AND r.id = u.id
                 RETURNING u.id, r.url, r.request, r.path, u.attempts, u.bytes, u.sha256,
                     u.host, coalesce(u.refresh = 'pending', false) AS refresh, u.etag,

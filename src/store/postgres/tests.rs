@@ -615,6 +615,61 @@ fn a_batch_of_outcomes_appends_one_row_of_host_counts_with_its_answers() -> Resu
     Ok(())
 }
 
+/// A row of per-host counts holds no array of zeros: a count the batch does
+/// not change is NULL, so that the batch does not write, compress and later
+/// add up an array of zeros per host; the counts read the same.
+#[test]
+fn a_batch_of_outcomes_leaves_out_the_counts_it_does_not_change() -> Result<()> {
+    let schema = Schema::new();
+    let mut store = schema.open();
+    import(&mut store, &[("a1", "a"), ("a2", "a"), ("b1", "b")]);
+    let run = store.start_run(&me(1), &alive)?.id;
+    let claims = claim(&mut store, run, 3);
+    let outcomes: Vec<Completion> = claims
+        .iter()
+        .map(|c| match c.host.as_str() {
+            "a" => done(c, 10),
+            _ => Completion::Retry {
+                id: c.id,
+                lease: c.lease,
+                status: Some(429),
+                error: "HTTP 429".to_string(),
+                next_attempt_at: now_ms() + 60_000,
+                millis: 5,
+            },
+        })
+        .collect();
+    store.complete_and_claim(run, &outcomes, 0, &HostFilter::default(), Work::Fetch)?;
+    // The two newest rows: the done statement's, then the retry's.
+    let rows: Vec<Vec<bool>> = store
+        .client()?
+        .query(
+            "SELECT pending IS NULL, done IS NULL, failed IS NULL, answers IS NULL,
+                    status_429 IS NULL, status_503 IS NULL
+             FROM host_changes ORDER BY id DESC LIMIT 2",
+            &[],
+        )?
+        .iter()
+        .map(|row| (0..6).map(|i| row.get(i)).collect())
+        .collect();
+    // pending, done, failed, answers, 429, 503: which are left out.
+    assert_eq!(
+        rows,
+        [
+            vec![true, true, true, false, false, true],
+            vec![false, false, true, false, true, true],
+        ]
+    );
+    let summary = store.summary(5)?;
+    let hosts: Vec<(&str, u64, u64, u64, u64)> = summary
+        .hosts
+        .iter()
+        .map(|h| (h.host.as_str(), h.pending, h.done, h.answers, h.status_429))
+        .collect();
+    assert_eq!(hosts, [("a", 0, 2, 2, 0), ("b", 1, 0, 1, 1)]);
+    Ok(())
+}
+
 #[test]
 fn claims_go_back_for_rows_behind_where_they_got_to() -> Result<()> {
     let schema = Schema::new();
