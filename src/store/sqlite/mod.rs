@@ -87,8 +87,14 @@ impl SqliteStore {
     fn open_for_writing(path: &Path, options: &OpenOptions) -> Result<SqliteStore> {
         let (mode, wait) = (options.mode, options.lock_wait);
         let display = path.display();
-        if mode == Open::MustExist && !path.exists() {
-            return Err(Error::Refused(no_database(path)));
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => return Err(Error::Refused(not_a_file(path, &meta))),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound && mode == Open::MustExist => {
+                return Err(Error::Refused(no_database(path)));
+            }
+            // Creating it, or opening it, says more.
+            Err(_) => {}
         }
         if mode == Open::CreateIfMissing {
             create_private_file(path)?;
@@ -139,9 +145,7 @@ impl SqliteStore {
             Err(e) => return Err(e).with_context(|| format!("cannot read database {display}")),
         };
         if !meta.is_file() {
-            return Err(Error::Refused(format!(
-                "{display} is not a file; --db names jobrun's state database"
-            )));
+            return Err(Error::Refused(not_a_file(path, &meta)));
         }
         if meta.len() == 0 {
             return Err(Error::Refused(format!(
@@ -358,6 +362,28 @@ fn cannot_write(path: &Path) -> String {
     format!(
         "{} cannot be written here (a read-only file, folder or filesystem?): this command \
          writes to it; report, export and verify (without --requeue) only read",
+        path.display()
+    )
+}
+
+/// What `path` is when it is not a file, and what to do.
+fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    format!(
+        "{} is {what}; nothing was changed. --db names jobrun's state database, which is a \
+         file: point it at one",
         path.display()
     )
 }
