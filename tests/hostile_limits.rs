@@ -1,5 +1,6 @@
 //! jobrun under the limits of the machine it runs on: too few file
-//! descriptors to start.
+//! descriptors to start, and a database of an older schema read without
+//! taking memory the size of the database.
 
 mod support;
 
@@ -75,4 +76,106 @@ fn too_few_file_descriptors_stop_a_run_with_advice_and_its_end_recorded() {
     assert!(!stderr(&last).contains("cut short"), "{}", stderr(&last));
     job.assert_all_files_right(&server, &urls);
     assert!(job.temp_files().is_empty(), "{:?}", job.temp_files());
+}
+
+/// Runs `command` to its end and returns its output and its peak resident
+/// memory in KiB, as the kernel counted it for that process alone.
+#[allow(clippy::zombie_processes)] // wait4 waits for it
+fn output_and_peak_kib(command: &mut std::process::Command) -> (Output, i64) {
+    use std::io::Read;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start jobrun");
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let reader = std::thread::spawn(move || {
+        let mut err = Vec::new();
+        stderr.read_to_end(&mut err).expect("read stderr");
+        err
+    });
+    stdout.read_to_end(&mut out).expect("read stdout");
+    err.extend(reader.join().expect("stderr reader"));
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 fills it and
+    // `status` for the child this test started and has not waited for.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    use std::os::unix::process::ExitStatusExt;
+    let output = Output {
+        status: std::process::ExitStatus::from_raw(status),
+        stdout: out,
+        stderr: err,
+    };
+    (output, usage.ru_maxrss)
+}
+
+/// Takes the database of `job` back to schema 7, as the jobrun before the
+/// counters left it: the counters' tables and triggers are what schema 8
+/// added.
+fn back_to_schema_7(job: &Job) {
+    job.sql()
+        .execute_batch(
+            "DROP TRIGGER urls_tally_update; DROP TRIGGER urls_tally_delete;
+             DROP TABLE tallies; DROP TABLE error_tallies; DROP TABLE tallied;
+             PRAGMA user_version = 7;",
+        )
+        .expect("take the database back to schema 7");
+}
+
+#[test]
+fn report_on_an_older_schema_takes_no_memory_the_size_of_the_database() {
+    // 16,000 URLs of 2 KB: a database of about 140 MB. The list is written
+    // as it is made, and nothing of the size of the database is held here:
+    // a child's peak memory as the kernel counts it starts from its
+    // parent's at the fork.
+    let job = Job::new();
+    {
+        use std::io::Write;
+        let filler = "x".repeat(2000);
+        let file = std::fs::File::create(job.dir().join("urls.txt")).expect("create urls.txt");
+        let mut list = std::io::BufWriter::new(file);
+        for i in 0..16_000 {
+            writeln!(list, "http://a.test/{i}/{filler}").expect("write urls.txt");
+        }
+        list.flush().expect("write urls.txt");
+    }
+    assert_success(&job.jobrun(&["import", "urls.txt"]), "import");
+    let size_kib = std::fs::metadata(job.db()).expect("the database").len() as i64 / 1024;
+    let (current, current_kib) = output_and_peak_kib(job.command().args(["report", "--json"]));
+    assert_success(&current, "report on the current schema");
+    back_to_schema_7(&job);
+    let before = std::fs::metadata(job.db()).expect("the database");
+    let (older, older_kib) = output_and_peak_kib(job.command().args(["report", "--json"]));
+    assert_success(&older, "report on schema 7");
+    let report: serde_json::Value = serde_json::from_slice(&older.stdout).expect("JSON");
+    assert_eq!(report["total"], 16_000, "{report}");
+    assert_eq!(report["pending"], 16_000, "{report}");
+    let after = std::fs::metadata(job.db()).expect("the database");
+    let version: i64 = job
+        .sql()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("user_version");
+    assert_eq!(version, 7, "a read-only command upgraded the file");
+    assert_eq!(
+        (after.len(), after.modified().ok()),
+        (before.len(), before.modified().ok()),
+        "a read-only command changed the file"
+    );
+    // The same report on the current schema is the yardstick; a copy in
+    // memory would add the database's size to it. A quarter of that is
+    // left for what reading an older schema may cost beside.
+    eprintln!(
+        "database {size_kib} KiB; report peak {current_kib} KiB on schema 8, {older_kib} KiB on \
+         schema 7"
+    );
+    assert!(
+        older_kib < current_kib + size_kib / 4,
+        "report on schema 7 peaked at {older_kib} KiB, on schema 8 at {current_kib} KiB, \
+         for a database of {size_kib} KiB"
+    );
 }

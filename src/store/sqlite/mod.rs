@@ -132,8 +132,8 @@ impl SqliteStore {
     /// On a read-only filesystem, where SQLite cannot create the shared
     /// memory file a WAL database needs, the file is read as immutable when
     /// no write-ahead log holds changes (nothing can write it there).
-    /// A database written by an older jobrun is read as it is: a copy in
-    /// memory is brought up to date, the file stays as it was, and the next
+    /// A database written by an older jobrun is read as it is: a temporary
+    /// copy is brought up to date, the file stays as it was, and the next
     /// `run` or `import` upgrades it.
     fn open_read_only(path: &Path, options: &OpenOptions) -> Result<SqliteStore> {
         let display = path.display();
@@ -179,7 +179,7 @@ impl SqliteStore {
                      FILE`)"
                 )));
             }
-            version if version < known_version() => upgraded_copy(&conn, path)?,
+            version if version < known_version() => upgraded_copy(&conn, path, options)?,
             _ => conn,
         };
         Ok(SqliteStore {
@@ -464,14 +464,27 @@ fn wal_holds_changes(path: &Path) -> bool {
     std::fs::metadata(wal).is_ok_and(|meta| meta.len() > 0)
 }
 
-/// A copy in memory of a database written by an older jobrun, brought up
-/// to date; the file itself is not changed.
-fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
+/// A copy of a database written by an older jobrun, brought up to date;
+/// the file itself is not changed. The copy is SQLite's private temporary
+/// database, a file in the temporary folder (`SQLITE_TMPDIR`, else
+/// `TMPDIR`, else `/var/tmp` or `/tmp`) removed as it closes, read through
+/// the usual page cache: memory stays that of any read, not the size of the
+/// database.
+fn upgraded_copy(conn: &Connection, path: &Path, options: &OpenOptions) -> Result<Connection> {
     let display = path.display();
-    let mut copy = Connection::open_in_memory()?;
+    let no_room = || {
+        format!(
+            "cannot read {display}, written by an older jobrun: reading it takes a copy as \
+             large as the database in the temporary folder, which cannot hold it (set \
+             SQLITE_TMPDIR to a folder with room), or upgrade the file with `jobrun --db \
+             {display} import /dev/null`"
+        )
+    };
+    let mut copy = Connection::open("").with_context(no_room)?;
+    set_cache(&copy, options)?;
     rusqlite::backup::Backup::new(conn, &mut copy)?
         .run_to_completion(1024, Duration::ZERO, None)
-        .with_context(|| format!("cannot read database {display}"))?;
+        .with_context(no_room)?;
     let migrations = MIGRATIONS.as_ref().map_err(|e| Error::Invalid(e.clone()))?;
     migrations
         .to_latest(&mut copy)
