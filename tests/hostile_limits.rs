@@ -65,6 +65,12 @@ fn too_few_file_descriptors_stop_a_run_with_advice_and_its_end_recorded() {
             !text.contains("panicked"),
             "ulimit -n {files}: a panic:\n{text}"
         );
+        // What earlier runs left in the temp area is jobrun's, whatever
+        // stops this run from clearing it.
+        assert!(
+            !text.contains("jobrun did not make it"),
+            "ulimit -n {files}: a run's own leftovers taken for another's:\n{text}"
+        );
     }
     assert!(finished, "no run finished with up to 64 file descriptors");
     // Every earlier run ended recorded, as an error or not at all.
