@@ -13,17 +13,22 @@ use jobrun::{SignalError, Status, StopSignal};
 fn main() -> ExitCode {
     let cli = jobrun::cli::Cli::parse();
     jobrun::log::init(cli.verbose, cli.quiet, cli.log_format);
-    if let Err(error) = open_signal_pipe() {
+    let fetches = matches!(
+        cli.command,
+        jobrun::cli::Command::Run(_) | jobrun::cli::Command::Refresh(_)
+    );
+    if fetches && let Err(error) = open_signal_pipe() {
         tracing::error!("{error:#}");
         return Status::Fatal.into();
     }
     jobrun::run(cli, ctrl_c()).into()
 }
 
-/// Opens, while this process holds only its standard streams, the pipe
-/// through which the async runtime learns of signals. It is opened once, by
-/// the first runtime built, and one built when no file descriptor is left
-/// would panic; here, too few of them allowed at all is said plainly.
+/// Opens, for a command that fetches, while this process holds only its
+/// standard streams, the pipe through which the async runtime learns of
+/// signals. It is opened once, by the first runtime built, and one built
+/// when no file descriptor is left would panic; here, too few of them
+/// allowed at all is said plainly.
 fn open_signal_pipe() -> anyhow::Result<()> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));

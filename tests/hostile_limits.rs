@@ -84,6 +84,27 @@ fn too_few_file_descriptors_stop_a_run_with_advice_and_its_end_recorded() {
     assert!(job.temp_files().is_empty(), "{:?}", job.temp_files());
 }
 
+#[test]
+fn too_few_file_descriptors_for_the_database_are_said_so_not_taken_for_a_read_only_file() {
+    let job = Job::new();
+    job.write("urls.txt", "http://a.test/1\n");
+    for files in 4..=12 {
+        let output = jobrun_with_open_files(&job, files, &["import", "urls.txt"]);
+        let text = stderr(&output);
+        if output.status.success() {
+            continue;
+        }
+        assert_eq!(output.status.code(), Some(2), "ulimit -n {files}:\n{text}");
+        assert!(
+            text.contains("ulimit -n") && !text.contains("read-only"),
+            "ulimit -n {files}: not said to be the limit:\n{text}"
+        );
+    }
+    // Other commands need no more than their database.
+    let report = jobrun_with_open_files(&job, 8, &["report"]);
+    assert_success(&report, "report under ulimit -n 8");
+}
+
 /// Runs `command` to its end and returns its output and its peak resident
 /// memory in KiB, as the kernel counted it for that process alone.
 #[allow(clippy::zombie_processes)] // wait4 waits for it

@@ -76,10 +76,16 @@ impl SqliteStore {
             return SqliteStore::open_read_only(path, options);
         }
         SqliteStore::open_for_writing(path, options).map_err(|error| {
-            if cannot_open(&error) {
-                error.context(cannot_write(path))
-            } else {
-                error
+            match (cannot_open(&error), few_descriptors()) {
+                // SQLite says no more than that it could not open a file:
+                // under a low limit, that is the likely cause.
+                (true, Some(limit)) => error.context(format!(
+                    "cannot open {} and its -wal and -shm files: this process may open only \
+                     {limit} files (ulimit -n); raise the limit, then run again",
+                    path.display()
+                )),
+                (true, None) => error.context(cannot_write(path)),
+                (false, _) => error,
             }
         })
     }
@@ -388,6 +394,18 @@ fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> String {
     )
 }
 
+/// The limit on this process's open files when it is so low that opening
+/// the database and its side files may be what it stops.
+fn few_descriptors() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the rlimit it is given.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (read == 0 && limit.rlim_cur < 16).then_some(limit.rlim_cur)
+}
+
 fn no_database(path: &Path) -> String {
     let display = path.display();
     format!(
@@ -635,6 +653,14 @@ fn create_private_file(path: &Path) -> Result<()> {
     match options.open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => Err(e)
+            .with_context(|| {
+                format!(
+                    "cannot create database {}: this process may open no more files (ulimit \
+                     -n); raise the limit, then run again",
+                    path.display()
+                )
+            }),
         Err(e) => Err(e).with_context(|| format!("cannot create database {}", path.display())),
     }
 }
