@@ -33,6 +33,7 @@ mod tls;
 mod urlfile;
 
 pub use commands::Status;
+pub use output::out_of_descriptors;
 pub use runner::{SignalError, StopSignal};
 
 /// Runs the command `cli` asks for; `stop` is what stops a run. An error is logged here, once, with

@@ -13,7 +13,39 @@ use jobrun::{SignalError, Status, StopSignal};
 fn main() -> ExitCode {
     let cli = jobrun::cli::Cli::parse();
     jobrun::log::init(cli.verbose, cli.quiet, cli.log_format);
+    let fetches = matches!(
+        cli.command,
+        jobrun::cli::Command::Run(_) | jobrun::cli::Command::Refresh(_)
+    );
+    if fetches && let Err(error) = open_signal_pipe() {
+        tracing::error!("{error:#}");
+        return Status::Fatal.into();
+    }
     jobrun::run(cli, ctrl_c()).into()
+}
+
+/// Opens, for a command that fetches, while this process holds only its
+/// standard streams, the pipe through which the async runtime learns of
+/// signals. It is opened once, by the first runtime built, and one built
+/// when no file descriptor is left would panic; here, too few of them
+/// allowed at all is said plainly.
+fn open_signal_pipe() -> anyhow::Result<()> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let built = std::panic::catch_unwind(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    });
+    std::panic::set_hook(hook);
+    let error = match built {
+        Ok(Ok(_runtime)) => return Ok(()),
+        Ok(Err(error)) => error,
+        Err(_) => std::io::Error::from_raw_os_error(libc::EMFILE),
+    };
+    let advice = jobrun::out_of_descriptors(&error)
+        .unwrap_or("check the limits this process runs under, then run again");
+    Err(anyhow::anyhow!("cannot start: {error}; {advice}"))
 }
 
 /// A run's stop signal: the first Ctrl-C or SIGTERM. After it, a second

@@ -787,6 +787,17 @@ fn leave_alone(path: &Path) {
     );
 }
 
+/// Says that a folder jobrun made is left for a later run to clear, since
+/// this process may open no more files.
+fn clear_later(path: &Path, error: Errno) {
+    let error = io::Error::from(error);
+    tracing::warn!(
+        "left {} for a later run to clear: {error}; {}",
+        path.display(),
+        out_of_descriptors(&error).unwrap_or("")
+    );
+}
+
 /// The temp folders of runs that are gone: their temp files are removed,
 /// their manifests read. Anything in the temp area jobrun did not make is
 /// left alone and reported.
@@ -820,6 +831,10 @@ fn leftover(temp_area: &OwnedFd, path: &Path, name: String) -> Option<Leftover> 
     let folder = match open_child_folder(temp_area.as_fd(), &name) {
         Ok(folder) => folder,
         Err(Errno::NOENT) => return None,
+        Err(e @ (Errno::MFILE | Errno::NFILE)) => {
+            clear_later(path, e);
+            return None;
+        }
         Err(_) => {
             leave_alone(path);
             return None;
@@ -848,6 +863,10 @@ fn remove_temp_files(run_folder: &OwnedFd, run_path: &Path) {
         }
         let shard = match open_child_folder(run_folder.as_fd(), &name) {
             Ok(shard) if is_number(&name) => shard,
+            Err(e @ (Errno::MFILE | Errno::NFILE)) if is_number(&name) => {
+                clear_later(&path, e);
+                continue;
+            }
             _ => {
                 leave_alone(&path);
                 continue;

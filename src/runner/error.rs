@@ -22,12 +22,12 @@ pub enum RunError {
     /// The stop signal could not be watched.
     #[error(transparent)]
     Signal(store::CallerError),
-    /// A thread or the async runtime could not be started.
-    #[error("{what}")]
+    /// A thread or the async runtime could not be started; when this
+    /// process may open no more files, what to do about it.
+    #[error("{what}: {error}{}", advice_on(.error))]
     Start {
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The database stopped answering for longer than the run's lease and a
     /// margin: other runs have taken its URLs.
@@ -47,6 +47,13 @@ pub enum RunError {
     /// closed): a bug.
     #[error("{0}")]
     Internal(&'static str),
+}
+
+/// The advice for an error that says this process may open no more files.
+fn advice_on(error: &std::io::Error) -> String {
+    output::out_of_descriptors(error)
+        .map(|advice| format!("; {advice}"))
+        .unwrap_or_default()
 }
 
 /// What a run's parts return.

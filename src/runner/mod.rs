@@ -101,6 +101,9 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     if plan.workers > SINGLE_THREAD_WORKERS {
         one_malloc_arena();
     }
+    // Before the run is registered: a runtime that cannot start (no file
+    // descriptors left) ends the command with nothing recorded or made.
+    let runtime = runtime(plan.workers)?;
     let me = process::this_process(plan.command.clone());
     let (run, out) = start(&mut store, &plan, &me)?;
     let per_host_workers = plan.fetch.politeness.per_host_workers;
@@ -163,9 +166,9 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
         .spawn(move || {
             let _ = ended_tx.send(coordinator.run());
         })
-        .map_err(|source| RunError::Start {
+        .map_err(|error| RunError::Start {
             what: "cannot start the database thread",
-            source,
+            error,
         })?;
 
     let watch = Watch {
@@ -177,7 +180,7 @@ pub fn execute(mut store: Box<dyn Store>, plan: RunPlan, stop: StopSignal) -> Re
     // A database that stopped answering leaves the database thread waiting:
     // it is left behind, and goes with the process.
     let end = run_crew(
-        crew,
+        (runtime, crew),
         stop,
         plan.display,
         plan.metrics,
@@ -214,12 +217,13 @@ struct Ending {
     watch: Watch,
 }
 
-/// Runs the crew on an async runtime until its workers are gone and the
-/// coordinator has ended, with the progress display beside it, and the
-/// metrics endpoint if asked for; or until the watch gives up on the
-/// database. Returns how the coordinator ended.
+/// Runs the crew on its async runtime, made before the run was registered,
+/// until its workers are gone and the coordinator has ended, with the
+/// progress display beside it, and the metrics endpoint if asked for; or
+/// until the watch gives up on the database. Returns how the coordinator
+/// ended.
 fn run_crew(
-    crew: Crew,
+    (runtime, crew): (tokio::runtime::Runtime, Crew),
     stop: StopSignal,
     display: progress::Display,
     metrics: Option<std::net::TcpListener>,
@@ -227,7 +231,6 @@ fn run_crew(
     ending: Ending,
     process_ends_after: bool,
 ) -> Result<Result<RunEnd<RunError>>> {
-    let runtime = runtime(crew.workers)?;
     let counters = crew.counters.clone();
     let hosts = crew.fetcher.hosts();
     if let Some(listener) = metrics {
@@ -345,9 +348,9 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     runtime
         .enable_all()
         .build()
-        .map_err(|source| RunError::Start {
+        .map_err(|error| RunError::Start {
             what: "cannot start the async runtime",
-            source,
+            error,
         })
 }
 

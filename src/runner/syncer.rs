@@ -33,9 +33,9 @@ impl Syncer {
                     }
                 }
             })
-            .map_err(|source| RunError::Start {
+            .map_err(|error| RunError::Start {
                 what: "cannot start the sync thread",
-                source,
+                error,
             })?;
         Ok(Syncer { batches, thread })
     }

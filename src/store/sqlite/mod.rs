@@ -76,10 +76,16 @@ impl SqliteStore {
             return SqliteStore::open_read_only(path, options);
         }
         SqliteStore::open_for_writing(path, options).map_err(|error| {
-            if cannot_open(&error) {
-                error.context(cannot_write(path))
-            } else {
-                error
+            match (cannot_open(&error), few_descriptors()) {
+                // SQLite says no more than that it could not open a file:
+                // under a low limit, that is the likely cause.
+                (true, Some(limit)) => error.context(format!(
+                    "cannot open {} and its -wal and -shm files: this process may open only \
+                     {limit} files (ulimit -n); raise the limit, then run again",
+                    path.display()
+                )),
+                (true, None) => error.context(cannot_write(path)),
+                (false, _) => error,
             }
         })
     }
@@ -87,8 +93,14 @@ impl SqliteStore {
     fn open_for_writing(path: &Path, options: &OpenOptions) -> Result<SqliteStore> {
         let (mode, wait) = (options.mode, options.lock_wait);
         let display = path.display();
-        if mode == Open::MustExist && !path.exists() {
-            return Err(Error::Refused(no_database(path)));
+        match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => return Err(Error::Refused(not_a_file(path, &meta))),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound && mode == Open::MustExist => {
+                return Err(Error::Refused(no_database(path)));
+            }
+            // Creating it, or opening it, says more.
+            Err(_) => {}
         }
         if mode == Open::CreateIfMissing {
             create_private_file(path)?;
@@ -126,8 +138,8 @@ impl SqliteStore {
     /// On a read-only filesystem, where SQLite cannot create the shared
     /// memory file a WAL database needs, the file is read as immutable when
     /// no write-ahead log holds changes (nothing can write it there).
-    /// A database written by an older jobrun is read as it is: a copy in
-    /// memory is brought up to date, the file stays as it was, and the next
+    /// A database written by an older jobrun is read as it is: a temporary
+    /// copy is brought up to date, the file stays as it was, and the next
     /// `run` or `import` upgrades it.
     fn open_read_only(path: &Path, options: &OpenOptions) -> Result<SqliteStore> {
         let display = path.display();
@@ -139,9 +151,7 @@ impl SqliteStore {
             Err(e) => return Err(e).with_context(|| format!("cannot read database {display}")),
         };
         if !meta.is_file() {
-            return Err(Error::Refused(format!(
-                "{display} is not a file; --db names jobrun's state database"
-            )));
+            return Err(Error::Refused(not_a_file(path, &meta)));
         }
         if meta.len() == 0 {
             return Err(Error::Refused(format!(
@@ -175,7 +185,7 @@ impl SqliteStore {
                      FILE`)"
                 )));
             }
-            version if version < known_version() => upgraded_copy(&conn, path)?,
+            version if version < known_version() => upgraded_copy(&conn, path, options)?,
             _ => conn,
         };
         Ok(SqliteStore {
@@ -362,6 +372,40 @@ fn cannot_write(path: &Path) -> String {
     )
 }
 
+/// What `path` is when it is not a file, and what to do.
+fn not_a_file(path: &Path, meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        "a folder"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() || kind.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    format!(
+        "{} is {what}; nothing was changed. --db names jobrun's state database, which is a \
+         file: point it at one",
+        path.display()
+    )
+}
+
+/// The limit on this process's open files when it is so low that opening
+/// the database and its side files may be what it stops.
+fn few_descriptors() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the rlimit it is given.
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (read == 0 && limit.rlim_cur < 16).then_some(limit.rlim_cur)
+}
+
 fn no_database(path: &Path) -> String {
     let display = path.display();
     format!(
@@ -438,14 +482,27 @@ fn wal_holds_changes(path: &Path) -> bool {
     std::fs::metadata(wal).is_ok_and(|meta| meta.len() > 0)
 }
 
-/// A copy in memory of a database written by an older jobrun, brought up
-/// to date; the file itself is not changed.
-fn upgraded_copy(conn: &Connection, path: &Path) -> Result<Connection> {
+/// A copy of a database written by an older jobrun, brought up to date;
+/// the file itself is not changed. The copy is SQLite's private temporary
+/// database, a file in the temporary folder (`SQLITE_TMPDIR`, else
+/// `TMPDIR`, else `/var/tmp` or `/tmp`) removed as it closes, read through
+/// the usual page cache: memory stays that of any read, not the size of the
+/// database.
+fn upgraded_copy(conn: &Connection, path: &Path, options: &OpenOptions) -> Result<Connection> {
     let display = path.display();
-    let mut copy = Connection::open_in_memory()?;
+    let no_room = || {
+        format!(
+            "cannot read {display}, written by an older jobrun: reading it takes a copy as \
+             large as the database in the temporary folder, which cannot hold it (set \
+             SQLITE_TMPDIR to a folder with room), or upgrade the file with `jobrun --db \
+             {display} import /dev/null`"
+        )
+    };
+    let mut copy = Connection::open("").with_context(no_room)?;
+    set_cache(&copy, options)?;
     rusqlite::backup::Backup::new(conn, &mut copy)?
         .run_to_completion(1024, Duration::ZERO, None)
-        .with_context(|| format!("cannot read database {display}"))?;
+        .with_context(no_room)?;
     let migrations = MIGRATIONS.as_ref().map_err(|e| Error::Invalid(e.clone()))?;
     migrations
         .to_latest(&mut copy)
@@ -596,6 +653,14 @@ fn create_private_file(path: &Path) -> Result<()> {
     match options.open(path) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => Err(e)
+            .with_context(|| {
+                format!(
+                    "cannot create database {}: this process may open no more files (ulimit \
+                     -n); raise the limit, then run again",
+                    path.display()
+                )
+            }),
         Err(e) => Err(e).with_context(|| format!("cannot create database {}", path.display())),
     }
 }
