@@ -8,6 +8,7 @@
 //! under `migrations/`, embedded in the binary.
 
 mod compact;
+mod import;
 mod lock;
 mod queue;
 mod refresh;
