@@ -350,3 +350,48 @@ fn a_database_of_schema_6_keeps_every_row_when_made_compact() {
     let output = job.jobrun(&["import", "named.jsonl"]);
     assert_stderr_contains(&output, "0 imported, 0 duplicate, 5 rejected");
 }
+
+/// The counters behind `report` take an import's rows in a transaction of
+/// their own, after the rows are committed: when that one fails, the rows
+/// are imported all the same, and the import says so.
+#[test]
+fn urls_are_imported_when_the_counters_cannot_take_them() {
+    let job = Job::new();
+    job.write("first.txt", b"http://a.test/1\n");
+    assert_success(&job.jobrun(&["import", "first.txt"]), "first import");
+    job.sql()
+        .execute_batch(
+            "CREATE TRIGGER counters_out_of_reach BEFORE UPDATE ON tallied
+             BEGIN SELECT RAISE(ABORT, 'the counters are out of reach'); END;",
+        )
+        .expect("the trigger");
+    job.write(
+        "more.txt",
+        b"http://a.test/2\nhttp://a.test/3\nhttp://a.test/1\n",
+    );
+    let output = job.jobrun(&["import", "more.txt"]);
+    assert_success(&output, "import");
+    let message = stderr(&output);
+    assert!(
+        message.contains("2 imported, 1 duplicate, 0 rejected"),
+        "{message}"
+    );
+    assert!(
+        message.contains("the counters are out of reach"),
+        "{message}"
+    );
+    assert!(!message.contains("not imported"), "{message}");
+    assert_eq!(job.report_json()["pending"], 3);
+    job.sql()
+        .execute_batch("DROP TRIGGER counters_out_of_reach")
+        .expect("the trigger dropped");
+    // The next command that writes adds them.
+    job.write("none.txt", b"");
+    assert_success(&job.jobrun(&["import", "none.txt"]), "empty import");
+    let mark: i64 = job
+        .sql()
+        .query_row("SELECT id FROM tallied", [], |row| row.get(0))
+        .expect("the mark");
+    assert_eq!(mark, 3);
+    assert_eq!(job.report_json()["pending"], 3);
+}

@@ -16,6 +16,7 @@ use rusqlite::{CachedStatement, OptionalExtension, Transaction, params};
 
 use super::SqliteStore;
 use super::compact::{PathColumn, StoredPath, split_url};
+use super::tallies;
 use crate::domain::{InsertResult, NewUrl};
 
 /// Unnamed rows inserted by one statement (five parameters each, far
@@ -281,10 +282,28 @@ impl<'a> ImportBatch<'a> {
 }
 
 impl SqliteStore {
+    /// Inserts `batch` in one transaction, then adds its rows to the
+    /// counters behind `report` in another. Once the first has committed
+    /// the rows are imported, whatever becomes of the second: a fold that
+    /// fails is told once, not returned as the batch's error, and the rows
+    /// it leaves are counted from the table (by `report`) until a later
+    /// fold, or the next command that writes, adds them.
     pub(super) fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
+        let before = tallies::data_version(&self.conn)?;
         let tx = self.write_transaction()?;
         let results = ImportBatch::new(&tx)?.insert_all(batch)?;
         tx.commit()?;
+        if let Err(error) = self.fold_imported(before, &tallies::Inserted::of(batch, &results))
+            && !self.fold_failed
+        {
+            self.fold_failed = true;
+            tracing::warn!(
+                "{}: the URLs are imported, but the counts behind `report` could not be \
+                 brought up to date ({error:#}); report counts the new rows one by one until \
+                 the next jobrun command that writes to the database adds them",
+                self.path.display()
+            );
+        }
         Ok(results)
     }
 }
@@ -294,7 +313,7 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::store::{Open, OpenOptions, Store};
+    use crate::store::{Open, OpenOptions};
 
     /// What one statement per row says: a request already there is a
     /// duplicate, else a name already there is taken, else the row goes in.
@@ -354,7 +373,7 @@ mod tests {
         second[GROUP + 1] = new(1, n + 1);
         for batch in [first, second] {
             let expected = one_by_one(&mut seen, &batch);
-            let results = Store::import(&mut store, &batch).expect("import");
+            let results = store.import(&batch).expect("import");
             assert_eq!(said(&results), expected);
             order.extend(
                 batch
