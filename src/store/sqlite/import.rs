@@ -6,8 +6,9 @@
 //! every one of its indexes and closes them again, which cost as much as
 //! the rows themselves. A group that left a row out (a request already
 //! there, or a generated name that is taken) finds out which by looking
-//! each row up, and the rows after it go in one by one for a while, so
-//! that a list imported again costs no more than one statement per row.
+//! each row up, and the rows after it go in one by one for a while, and
+//! for longer after each such group in a row, so that a list imported
+//! again costs about what one statement per row does.
 
 use std::collections::HashMap;
 
@@ -22,8 +23,9 @@ use crate::domain::{InsertResult, NewUrl};
 /// Unnamed rows inserted by one statement (five parameters each, far
 /// below SQLite's limit of 32,766).
 const GROUP: usize = 64;
-/// Rows inserted one by one after a group that left one out: a list
-/// imported again is mostly rows already there.
+/// Rows inserted one by one after a group that left one out, twice as
+/// many after each such group in a row: a list imported again is mostly
+/// rows already there.
 const SINGLE_AFTER_MISS: usize = 4 * GROUP;
 
 /// The statement that inserts one row; a row already there is skipped.
@@ -42,6 +44,8 @@ struct ImportBatch<'a> {
     last_id: i64,
     /// Rows still to insert one by one after a group that left one out.
     single: usize,
+    /// Groups in a row that left a row out.
+    misses: u32,
     /// The ids of the origins seen in this batch, by prefix, then host.
     origins: HashMap<String, HashMap<String, i64>>,
     /// The last origin looked up, (prefix, host, id): lists hold long runs of
@@ -72,6 +76,7 @@ impl<'a> ImportBatch<'a> {
                 row.get(0)
             })?,
             single: 0,
+            misses: 0,
             origins: HashMap::new(),
             last_origin: None,
         })
@@ -105,24 +110,28 @@ impl<'a> ImportBatch<'a> {
         results: &mut Vec<InsertResult>,
     ) -> Result<()> {
         let mut origins = [0; GROUP];
-        for (new, origin) in group.iter().zip(&mut origins) {
-            *origin = self.origin(split_url(new.url).0, new.host)?;
-        }
-        for (row, (new, origin)) in group.iter().zip(origins).enumerate() {
+        for (row, (new, origin)) in group.iter().zip(&mut origins).enumerate() {
+            let (prefix, rest) = split_url(new.url);
+            *origin = self.origin(prefix, new.host)?;
             let at = row * 5;
-            self.insert_group.raw_bind_parameter(at + 1, origin)?;
-            self.insert_group
-                .raw_bind_parameter(at + 2, split_url(new.url).1)?;
+            self.insert_group.raw_bind_parameter(at + 1, *origin)?;
+            self.insert_group.raw_bind_parameter(at + 2, rest)?;
             self.insert_group.raw_bind_parameter(at + 3, new.request)?;
             self.insert_group
                 .raw_bind_parameter(at + 4, new.request_hash)?;
             self.insert_group
                 .raw_bind_parameter(at + 5, StoredPath::of(new.path))?;
         }
-        let inserted = self.insert_group.raw_execute()?;
+        let inserted = self.insert_group.raw_execute();
+        // Bound text is held in SQLite's small-allocation slots, which the
+        // next statements need for their cursors: without them, each
+        // allocation takes a lock and malloc.
+        self.insert_group.clear_bindings();
+        let inserted = inserted?;
         if inserted == group.len() {
             results.extend(group.iter().map(|_| InsertResult::Inserted));
             self.last_id = self.tx.last_insert_rowid();
+            self.misses = 0;
             return Ok(());
         }
         // Which rows were left out: a row inserted has a new id and its own
@@ -152,7 +161,8 @@ impl<'a> ImportBatch<'a> {
             });
         }
         self.last_id = last_id;
-        self.single = SINGLE_AFTER_MISS;
+        self.single = SINGLE_AFTER_MISS << self.misses.min(8);
+        self.misses += 1;
         Ok(())
     }
 
