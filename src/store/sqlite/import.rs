@@ -3,8 +3,8 @@
 //!
 //! Unnamed URLs go in by groups of [`GROUP`] rows per statement, not one
 //! statement per row: each statement opens a cursor on the table and on
-//! every one of its indexes and closes them again, which cost as much as
-//! the rows themselves. A group that left a row out (a request already
+//! every one of its indexes and closes them again, work that a group does
+//! once for all its rows. A group that left a row out (a request already
 //! there, or a generated name that is taken) finds out which by looking
 //! each row up, and the rows after it go in one by one for a while, and
 //! for longer after each such group in a row, so that a list imported
