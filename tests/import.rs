@@ -5,6 +5,7 @@ mod support;
 
 use std::io::Write;
 use std::process::Stdio;
+use std::time::Duration;
 
 use support::*;
 
@@ -349,4 +350,125 @@ fn a_database_of_schema_6_keeps_every_row_when_made_compact() {
     job.write("named.jsonl", lines.join("\n") + "\n");
     let output = job.jobrun(&["import", "named.jsonl"]);
     assert_stderr_contains(&output, "0 imported, 0 duplicate, 5 rejected");
+}
+
+/// The counters behind `report` take an import's rows in a transaction of
+/// their own, after the rows are committed: when that one fails, the rows
+/// are imported all the same, and the import says so.
+#[test]
+fn urls_are_imported_when_the_counters_cannot_take_them() {
+    let job = Job::new();
+    job.write("first.txt", b"http://a.test/1\n");
+    assert_success(&job.jobrun(&["import", "first.txt"]), "first import");
+    job.sql()
+        .execute_batch(
+            "CREATE TRIGGER counters_out_of_reach BEFORE UPDATE ON tallied
+             BEGIN SELECT RAISE(ABORT, 'the counters are out of reach'); END;",
+        )
+        .expect("the trigger");
+    job.write(
+        "more.txt",
+        b"http://a.test/2\nhttp://a.test/3\nhttp://a.test/1\n",
+    );
+    let output = job.jobrun(&["import", "more.txt"]);
+    assert_success(&output, "import");
+    let message = stderr(&output);
+    assert!(
+        message.contains("2 imported, 1 duplicate, 0 rejected"),
+        "{message}"
+    );
+    assert!(
+        message.contains("the counters are out of reach"),
+        "{message}"
+    );
+    assert!(!message.contains("not imported"), "{message}");
+    assert_eq!(job.report_json()["pending"], 3);
+    job.sql()
+        .execute_batch("DROP TRIGGER counters_out_of_reach")
+        .expect("the trigger dropped");
+    // The next command that writes adds them.
+    job.write("none.txt", b"");
+    assert_success(&job.jobrun(&["import", "none.txt"]), "empty import");
+    let mark: i64 = job
+        .sql()
+        .query_row("SELECT id FROM tallied", [], |row| row.get(0))
+        .expect("the mark");
+    assert_eq!(mark, 3);
+    assert_eq!(job.report_json()["pending"], 3);
+}
+
+/// The URLs of the database in id order (SQLite).
+fn urls_in_order(job: &Job) -> rusqlite::Result<Vec<String>> {
+    let conn = job.sql();
+    let mut select = conn.prepare(
+        "SELECT (SELECT prefix FROM origins WHERE origins.id = origin_id) || url
+         FROM urls ORDER BY id",
+    )?;
+    select.query_map([], |row| row.get(0))?.collect()
+}
+
+/// An import killed with `kill -9` halfway keeps the batches it committed:
+/// the first URLs of the list, in its order, none twice; importing again
+/// adds the rest after them and counts the others as duplicates.
+#[test]
+fn an_import_killed_halfway_keeps_the_first_urls_and_importing_again_adds_the_rest() {
+    let job = Job::new();
+    // Every 997th line repeats an earlier URL, so that some groups of
+    // rows meet a row already there.
+    let lines: Vec<String> = (0..150_000u64)
+        .map(|i| {
+            let item = if i % 997 == 996 { i / 2 } else { i };
+            format!("http://a.test/items/{item}.json")
+        })
+        .collect();
+    let mut unique = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for line in &lines {
+        if seen.insert(line.clone()) {
+            unique.push(line.clone());
+        }
+    }
+    job.write("urls.txt", lines.join("\n"));
+    let mut child = job
+        .command()
+        .args(["import", "urls.txt"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the import");
+    wait_for(Duration::from_secs(120), "a committed batch", || {
+        job.db().exists() && urls_in_order(&job).is_ok_and(|urls| !urls.is_empty())
+    });
+    child.kill().expect("kill -9");
+    child.wait().expect("the killed import");
+    let kept = urls_in_order(&job).expect("the rows");
+    eprintln!("{} of {} URLs kept", kept.len(), unique.len());
+    assert!(
+        kept.len() < unique.len(),
+        "the import ended before its kill"
+    );
+    assert_eq!(kept[..], unique[..kept.len()], "the first URLs, in order");
+    let output = job.jobrun(&["import", "urls.txt"]);
+    assert_success(&output, "import again");
+    assert_stderr_contains(
+        &output,
+        &format!(
+            "{} imported, {} duplicate, 0 rejected",
+            thousands(unique.len() - kept.len()),
+            thousands(lines.len() - (unique.len() - kept.len()))
+        ),
+    );
+    assert_eq!(urls_in_order(&job).expect("the rows"), unique);
+    assert_eq!(job.report_json()["pending"], unique.len());
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }

@@ -8,6 +8,7 @@
 //! under `migrations/`, embedded in the binary.
 
 mod compact;
+mod import;
 mod lock;
 mod queue;
 mod refresh;
@@ -63,6 +64,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// How long a statement waits for another process's write lock.
     lock_wait: Duration,
+    /// An import's fold of its rows into the counters failed once already.
+    fold_failed: bool,
 }
 
 impl SqliteStore {
@@ -128,6 +131,7 @@ impl SqliteStore {
             conn,
             path: path.to_path_buf(),
             lock_wait: wait,
+            fold_failed: false,
         };
         store.fold_left_rows()?;
         Ok(store)
@@ -192,6 +196,7 @@ impl SqliteStore {
             conn,
             path: path.to_path_buf(),
             lock_wait: options.lock_wait,
+            fold_failed: false,
         })
     }
 
@@ -230,10 +235,7 @@ impl Store for SqliteStore {
     }
 
     fn import(&mut self, batch: &[NewUrl<'_>]) -> Result<Vec<InsertResult>> {
-        let before = tallies::data_version(&self.conn)?;
-        let results = SqliteStore::import(self, batch)?;
-        self.fold_imported(before, &tallies::Inserted::of(batch, &results))?;
-        Ok(results)
+        SqliteStore::import(self, batch)
     }
 
     fn expect_bulk_writes(&mut self) -> Result<()> {

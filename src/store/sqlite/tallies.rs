@@ -11,9 +11,9 @@
 //! connection wrote meanwhile, or rows past the mark changed, they are read
 //! and counted. Until they are folded in, the queries here count those rows
 //! themselves: at most a batch of them, or what an import killed between
-//! its commit and its fold left, which the next command that writes folds
-//! in. jobrun never deletes a row, so a new row's id is always past the
-//! mark.
+//! its commit and its fold left (or one whose folds failed: the rows are
+//! imported all the same), which the next command that writes folds in.
+//! jobrun never deletes a row, so a new row's id is always past the mark.
 //!
 //! A run's commits count their own changes instead ([`BatchCounts`]): the
 //! trigger's upserts, once per outcome, were most of what the counters cost
