@@ -6,7 +6,8 @@
 # N URLs of ~20 KB JSON (default 20000), fetched by each tool with each worker count
 # (default 20 64), RUNS times (default 3), tools in a new order each round. Prints, per
 # tool and worker count, the medians (and min-max) of URLs/s, CPU seconds (user + sys of
-# the tool and its children), CPU per URL, peak memory and, against the bench server, the
+# the tool and its children), CPU per URL, its user part (the system part follows the disk
+# and what else writes to it), peak memory and, against the bench server, the
 # connections the tool opened (counted where the server accepts them), and whether every
 # run's files were right: exactly N files whose byte total and multiset of sha256s match
 # the data. For jobrun, whose time includes its import, it then gives the import's
@@ -205,7 +206,7 @@ done
 # Medians per tool and worker count: "median (min-max)".
 echo
 echo "$N URLs of ~20 KB ($BYTES bytes), server: $server_name, $RUNS runs each, $(nproc) CPUs"
-printf '%-7s %5s  %-22s %-20s %-16s %-16s %-18s %s\n' tool W "URLs/s" "CPU s" "CPU us/URL" "peak MB" "connections" check
+printf '%-7s %5s  %-22s %-20s %-16s %-16s %-16s %-18s %s\n' tool W "URLs/s" "CPU s" "CPU us/URL" "user us/URL" "peak MB" "connections" check
 for w in "${WORKERS[@]}"; do
     for tool in "${available[@]}"; do
         awk -v t="$tool" -v w="$w" -v n="$N" '
@@ -214,11 +215,11 @@ for w in "${WORKERS[@]}"; do
                 return k % 2 ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
             }
             function show(a, k, fmt) { return sprintf(fmt " (" fmt "-" fmt ")", median(a, k), a[1], a[k]) }
-            $1 == t && $2 == w { k++; rate[k] = n / $3; cpu[k] = $4 + $5; per[k] = 1e6 * ($4 + $5) / n; mb[k] = $6 / 1024
+            $1 == t && $2 == w { k++; rate[k] = n / $3; cpu[k] = $4 + $5; per[k] = 1e6 * ($4 + $5) / n; usr[k] = 1e6 * $4 / n; mb[k] = $6 / 1024
                                  conns[k] = $8; if ($7 != "ok") bad = bad " " $7 }
             END { if (!k) exit
-                  printf "%-7s %5s  %-22s %-20s %-16s %-16s %-18s %s\n", t, w, show(rate, k, "%.0f"), show(cpu, k, "%.2f"),
-                      show(per, k, "%.0f"), show(mb, k, "%.0f"), conns[1] == "-" ? "-" : show(conns, k, "%d"),
+                  printf "%-7s %5s  %-22s %-20s %-16s %-16s %-16s %-18s %s\n", t, w, show(rate, k, "%.0f"), show(cpu, k, "%.2f"),
+                      show(per, k, "%.0f"), show(usr, k, "%.0f"), show(mb, k, "%.0f"), conns[1] == "-" ? "-" : show(conns, k, "%d"),
                       bad ? "FAIL" bad : "ok" }' "$OUT/results"
     done
 done
