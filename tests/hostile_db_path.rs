@@ -1,5 +1,6 @@
 //! A `--db` that is not a file: a folder or a FIFO is refused by every
-//! command with a message that says what it is, and is left as it was.
+//! command with a message that says what it is, and is left as it was; `-`
+//! (standard input or output elsewhere) is refused before anything is made.
 
 mod support;
 
@@ -59,4 +60,46 @@ fn a_db_that_is_a_fifo_is_refused_by_every_command_and_never_opened() {
         .map(|entry| entry.unwrap().file_name())
         .collect();
     assert_eq!(beside.len(), 2, "{beside:?}");
+}
+
+#[test]
+fn a_db_of_a_dash_is_refused_by_every_command_and_no_file_is_made() {
+    let job = Job::new();
+    job.write("urls.txt", "http://a.test/1\n");
+    for command in [
+        &["import", "urls.txt"][..],
+        &["run"],
+        &["retry"],
+        &["report"],
+        &["export"],
+        &["verify"],
+    ] {
+        for from_env in [false, true] {
+            let mut jobrun = job.command_on("-");
+            if from_env {
+                // The same through JOBRUN_DB: --db is not given at all.
+                jobrun = std::process::Command::new(env!("CARGO_BIN_EXE_jobrun"));
+                jobrun.current_dir(job.dir()).env("JOBRUN_DB", "-");
+            }
+            let output = jobrun.args(command).output().expect("run jobrun");
+            assert_eq!(
+                output.status.code(),
+                Some(2),
+                "{command:?}: {}",
+                stderr(&output)
+            );
+            assert_stderr_contains(&output, "not on standard input or output");
+            assert_stderr_contains(&output, "./- for a file named -");
+        }
+    }
+    assert!(!job.dir().join("-").exists());
+    assert!(!job.dir().join("--wal").exists());
+    // A file named - is still possible, written as a path.
+    let output = job
+        .command_on("./-")
+        .args(["import", "urls.txt"])
+        .output()
+        .expect("run jobrun");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(job.dir().join("-").is_file());
 }
