@@ -8,15 +8,18 @@ use std::path::Path;
 
 use support::*;
 
+/// Each command that opens the database.
+const EVERY_COMMAND: [&[&str]; 6] = [
+    &["import", "urls.txt"],
+    &["run"],
+    &["retry"],
+    &["report"],
+    &["export"],
+    &["verify"],
+];
+
 fn refused_by_every_command(job: &Job, db: &Path, what: &str) {
-    for command in [
-        &["import", "urls.txt"][..],
-        &["run"],
-        &["retry"],
-        &["report"],
-        &["export"],
-        &["verify"],
-    ] {
+    for command in EVERY_COMMAND {
         let output = job
             .command_on(db)
             .args(command)
@@ -66,14 +69,7 @@ fn a_db_that_is_a_fifo_is_refused_by_every_command_and_never_opened() {
 fn a_db_of_a_dash_is_refused_by_every_command_and_no_file_is_made() {
     let job = Job::new();
     job.write("urls.txt", "http://a.test/1\n");
-    for command in [
-        &["import", "urls.txt"][..],
-        &["run"],
-        &["retry"],
-        &["report"],
-        &["export"],
-        &["verify"],
-    ] {
+    for command in EVERY_COMMAND {
         for from_env in [false, true] {
             let mut jobrun = job.command_on("-");
             if from_env {
