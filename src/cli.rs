@@ -34,7 +34,7 @@ pub const MAX_SIZE: u64 = i64::MAX as u64;
 #[command(name = "jobrun", version, propagate_version = true)]
 pub struct Cli {
     /// The state database.
-    #[arg(long, global = true, env = "JOBRUN_DB", default_value = "jobrun.db", value_parser = parse_db)]
+    #[arg(long, global = true, env = "JOBRUN_DB", default_value = "jobrun.db", value_parser = db_path())]
     pub db: PathBuf,
 
     /// More detail: -v logs every retry and failure, -vv every request.
@@ -476,17 +476,20 @@ fn parse_user_agent(text: &str) -> Result<String, String> {
         })
 }
 
-/// The state database is a file (or a PostgreSQL URL): `-` would make a
-/// file of that name where a pipe was meant.
-fn parse_db(text: &str) -> Result<PathBuf, String> {
-    if text == "-" {
-        return Err(
-            "jobrun keeps its state in a database file, not on standard input or \
-                    output: give a path (./- for a file named -)"
-                .into(),
-        );
-    }
-    Ok(PathBuf::from(text))
+/// The state database is a file (or a PostgreSQL URL), named by any path
+/// the system allows: `-` would make a file of that name where a pipe was
+/// meant.
+fn db_path() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PathBufValueParser::new().try_map(|path: PathBuf| {
+        if path.as_os_str() == "-" {
+            return Err(
+                "jobrun keeps its state in a database file, not on standard input or \
+                        output: give a path (./- for a file named -)",
+            );
+        }
+        Ok(path)
+    })
 }
 
 fn parse_extension(text: &str) -> Result<String, String> {

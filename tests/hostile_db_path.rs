@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use support::*;
@@ -98,4 +100,13 @@ fn a_db_of_a_dash_is_refused_by_every_command_and_no_file_is_made() {
         .expect("run jobrun");
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(job.dir().join("-").is_file());
+    // Any other name the system allows stays usable, also one that is not UTF-8.
+    let odd = Path::new(OsStr::from_bytes(b"state-\xff.db"));
+    let output = job
+        .command_on(odd)
+        .args(["import", "urls.txt"])
+        .output()
+        .expect("run jobrun");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(job.dir().join(odd).is_file());
 }
