@@ -1,10 +1,16 @@
 //! `jobrun verify`: re-reads every done file and checks it against the
 //! size and sha256 recorded when it was fetched. Missing and damaged files
 //! are listed by path; `--requeue` sends their URLs back to pending.
+//!
+//! A file is read only from inside the output folder: a symlink at its
+//! name, or on the way to it, is listed, never read through; a FIFO, a
+//! folder or a device there is listed, never opened for reading.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read};
-use std::path::Path;
+use std::io::{self, ErrorKind, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{FileType, Mode, OFlags};
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
@@ -29,6 +35,8 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
     // machine, not checked here.
     let here = crate::process::hostname();
     let mut elsewhere = std::collections::BTreeMap::<String, u64>::new();
+    // `--out` itself may be a symlink: it is followed, the names in it not.
+    let root = File::open(&out_dir);
     store.done_files(&mut |file| {
         if let Some(host) = file.written_on.filter(|host| *host != here) {
             *elsewhere.entry(host).or_default() += 1;
@@ -36,7 +44,15 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
         }
         checked += 1;
         let path = out_dir.join(&file.path);
-        if let Some(problem) = check(&path, file.bytes, &file.sha256)? {
+        let problem = match &root {
+            Ok(root) => check(root.as_fd(), &file.path, file.bytes, &file.sha256)?,
+            Err(e) if e.kind() == ErrorKind::NotFound => Some("missing".into()),
+            Err(e) => Some(format!(
+                "unreadable (cannot open the output folder {}: {e})",
+                out_dir.display()
+            )),
+        };
+        if let Some(problem) = problem {
             println!("{problem}: {} ({})", path.display(), redact_url(&file.url));
             bad.push(file.id);
         }
@@ -70,12 +86,41 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
     Ok(Status::Partial)
 }
 
-/// What is wrong with a done file, if anything.
-fn check(path: &Path, bytes: Option<u64>, sha256: &[u8]) -> Result<Option<String>> {
-    let mut file = match File::open(path) {
+/// What is wrong with the done file `name` in the output folder `root`, if
+/// anything.
+fn check(
+    root: BorrowedFd<'_>,
+    name: &str,
+    bytes: Option<u64>,
+    sha256: &[u8],
+) -> Result<Option<String>> {
+    let mut file = match open_beneath(root, name) {
         Ok(file) => file,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some("missing".into())),
-        Err(e) => return Ok(Some(format!("unreadable ({e})"))),
+        Err(Opened::Not(kind)) => {
+            return Ok(Some(format!(
+                "not the file jobrun wrote, {kind} is at its name"
+            )));
+        }
+        Err(Opened::Error(e)) if e == rustix::io::Errno::NOENT => {
+            return Ok(Some("missing".into()));
+        }
+        Err(Opened::Error(e)) if e == rustix::io::Errno::LOOP => {
+            return Ok(Some(
+                "not the file jobrun wrote, a symlink is at its name or on the way to it \
+                 (never read through)"
+                    .into(),
+            ));
+        }
+        Err(Opened::Error(e)) if e == rustix::io::Errno::XDEV => {
+            return Ok(Some(
+                "not the file jobrun wrote, its name leads out of the output folder or \
+                 across a mount (never read there)"
+                    .into(),
+            ));
+        }
+        Err(Opened::Error(e)) => {
+            return Ok(Some(format!("unreadable ({})", io::Error::from(e))));
+        }
     };
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 256 * 1024];
@@ -100,4 +145,72 @@ fn check(path: &Path, bytes: Option<u64>, sha256: &[u8]) -> Result<Option<String
         return Ok(Some("damaged: sha256 differs".into()));
     }
     Ok(None)
+}
+
+/// Why a done file was not opened.
+enum Opened {
+    /// Something other than a regular file is at the name: "a FIFO", ...
+    Not(&'static str),
+    Error(rustix::io::Errno),
+}
+
+impl From<rustix::io::Errno> for Opened {
+    fn from(e: rustix::io::Errno) -> Opened {
+        Opened::Error(e)
+    }
+}
+
+/// Opens the regular file `name` inside `root` for reading, following no
+/// symlink and leaving neither `root` nor its filesystem. What is at the
+/// name is looked at before it is opened for reading, so that a FIFO is
+/// never waited on and a device never opened.
+fn open_beneath(root: BorrowedFd<'_>, name: &str) -> Result<File, Opened> {
+    let look = open_no_symlinks(root, name, OFlags::PATH | OFlags::CLOEXEC)?;
+    regular(&look)?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = open_no_symlinks(root, name, flags)?;
+    // The name may have been replaced between the two opens.
+    regular(&fd)?;
+    Ok(File::from(fd))
+}
+
+fn regular(fd: &OwnedFd) -> Result<(), Opened> {
+    let kind = match FileType::from_raw_mode(rustix::fs::fstat(fd)?.st_mode) {
+        FileType::RegularFile => return Ok(()),
+        FileType::Directory => "a folder",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice | FileType::BlockDevice => "a device",
+        FileType::Symlink => "a symlink",
+        FileType::Unknown => "something other than a file",
+    };
+    Err(Opened::Not(kind))
+}
+
+fn open_no_symlinks(
+    root: BorrowedFd<'_>,
+    name: &str,
+    flags: OFlags,
+) -> rustix::io::Result<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::ResolveFlags;
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
+        // openat2 asks to try again when a rename elsewhere raced it.
+        let mut tries = 0;
+        loop {
+            match rustix::fs::openat2(root, name, flags, Mode::empty(), resolve) {
+                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let fd = rustix::fs::openat(root, name, flags | OFlags::NOFOLLOW, Mode::empty())?;
+        if rustix::fs::fstat(&fd)?.st_dev != rustix::fs::fstat(root)?.st_dev {
+            return Err(rustix::io::Errno::XDEV);
+        }
+        Ok(fd)
+    }
 }
