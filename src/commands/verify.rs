@@ -165,9 +165,14 @@ impl From<rustix::io::Errno> for Opened {
 /// name is looked at before it is opened for reading, so that a FIFO is
 /// never waited on and a device never opened.
 fn open_beneath(root: BorrowedFd<'_>, name: &str) -> Result<File, Opened> {
-    let look = open_no_symlinks(root, name, OFlags::PATH | OFlags::CLOEXEC)?;
-    regular(&look)?;
     let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    // O_PATH opens without reading: a device is looked at, not opened.
+    #[cfg(target_os = "linux")]
+    regular(&open_no_symlinks(
+        root,
+        name,
+        OFlags::PATH | OFlags::CLOEXEC,
+    )?)?;
     let fd = open_no_symlinks(root, name, flags)?;
     // The name may have been replaced between the two opens.
     regular(&fd)?;
