@@ -380,3 +380,78 @@ fn a_refresh_killed_mid_way_resumes_and_finishes_with_every_file_right() {
     assert_eq!(round["changed"], 300, "{round}");
     assert_eq!(round["pending"], 0, "{round}");
 }
+
+/// A done file's name replaced before a refresh by a symlink to a file
+/// outside `--out`, a FIFO, a folder, or a hard link to a file outside:
+/// the refresh writes through no link, waits on no FIFO, and changes
+/// nothing outside. The symlink, FIFO and folder fail their refresh and stay;
+/// the hard link's name gets the new body while the file outside keeps its
+/// bytes.
+#[test]
+fn a_refresh_writes_nothing_through_whatever_took_a_files_name() {
+    let server = VersionedServer::start(|_, _| None);
+    let (job, urls) = Job::with_items(&server.server, 5);
+    job.run_ok(&[]);
+    let rows = job.export();
+    let path = |i: usize| PathBuf::from(rows[&urls[i]]["path"].as_str().expect("path"));
+    let (linked, fifo, folder, hard) = (path(0), path(1), path(2), path(3));
+    let outside = job.dir().join("outside");
+    std::fs::write(&outside, b"outside, linked\n").unwrap();
+    std::fs::remove_file(&linked).unwrap();
+    std::os::unix::fs::symlink(&outside, &linked).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    let c_fifo = std::ffi::CString::new(fifo.to_str().expect("UTF-8")).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+    std::fs::remove_file(&folder).unwrap();
+    std::fs::create_dir(&folder).unwrap();
+    let outside_hard = job.dir().join("outside-hard");
+    std::fs::write(&outside_hard, b"outside, hard linked\n").unwrap();
+    std::fs::remove_file(&hard).unwrap();
+    std::fs::hard_link(&outside_hard, &hard).unwrap();
+    server.bump(0..5);
+
+    let mut child = job
+        .command()
+        .arg("refresh")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start jobrun refresh");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait for refresh").is_none() {
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("refresh was still running after 30 s: it waits on the FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let output = child.wait_with_output().expect("refresh output");
+
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_stderr_contains(&output, "3 refreshes failed");
+    assert_eq!(std::fs::read(&outside).unwrap(), b"outside, linked\n");
+    assert_eq!(
+        std::fs::read(&outside_hard).unwrap(),
+        b"outside, hard linked\n"
+    );
+    assert!(std::fs::symlink_metadata(&linked).unwrap().is_symlink());
+    assert!(std::fs::symlink_metadata(&folder).unwrap().is_dir());
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert_eq!(std::fs::read(&hard).unwrap(), server.current_body(&urls[3]));
+    assert_eq!(std::fs::metadata(&hard).unwrap().nlink(), 1);
+    assert_eq!(
+        std::fs::read(path(4)).unwrap(),
+        server.current_body(&urls[4])
+    );
+    let round = &job.report_json()["refresh"];
+    assert_eq!(round["failed"], 3, "{round}");
+    assert_eq!(round["changed"], 2, "{round}");
+}
