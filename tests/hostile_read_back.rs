@@ -1,7 +1,8 @@
 //! What `verify` reads back from the output folder when a done file's name
 //! has since been replaced: by a symlink to a file outside `--out`, a FIFO,
-//! or a folder. None is read through or waited on; each is listed, and
-//! `--requeue` sends its URL back to pending.
+//! or a folder, or the output folder itself by a FIFO. None is read
+//! through or waited on; each is listed, and `--requeue` sends its URL back
+//! to pending.
 
 mod support;
 
@@ -33,23 +34,7 @@ fn verify_reads_nothing_through_a_symlink_and_never_waits_on_a_fifo() {
     let outside_before = std::fs::read(&outside).expect("read the outside file");
 
     for args in [&["verify"][..], &["verify", "--requeue"][..]] {
-        let mut child = job
-            .command()
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start jobrun verify");
-        let start = Instant::now();
-        while child.try_wait().expect("wait for verify").is_none() {
-            if start.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{args:?} was still running after 20 s: it waits on the FIFO");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let output = child.wait_with_output().expect("verify output");
+        let output = within_20_s(&job, args);
         assert_eq!(
             output.status.code(),
             Some(1),
@@ -86,4 +71,43 @@ fn verify_reads_nothing_through_a_symlink_and_never_waits_on_a_fifo() {
     assert!(!std::fs::symlink_metadata(&linked).unwrap().is_symlink());
     assert_eq!(std::fs::read(&outside).unwrap(), outside_before);
     assert_success(&job.jobrun(&["verify"]), "verify after the run");
+}
+
+/// An output folder replaced by a FIFO: `verify` says it is not a folder
+/// for each file, and waits on nothing.
+#[test]
+fn verify_never_waits_on_a_fifo_at_the_output_folder() {
+    let server = item_server(Duration::ZERO);
+    let (job, _) = Job::with_items(&server, 2);
+    job.run_ok(&[]);
+    std::fs::rename(job.out(), job.dir().join("out.moved")).expect("move the folder");
+    let c_fifo = std::ffi::CString::new(job.out().to_str().expect("UTF-8")).expect("no NUL");
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o644) }, 0);
+
+    let output = within_20_s(&job, &["verify"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let listed = stdout(&output);
+    assert_eq!(listed.matches("is not a folder").count(), 2, "{listed}");
+}
+
+/// `jobrun ARGS`, which must end within 20 s.
+fn within_20_s(job: &Job, args: &[&str]) -> std::process::Output {
+    let mut child = job
+        .command()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun");
+    let start = Instant::now();
+    while child.try_wait().expect("wait for jobrun").is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} was still running after 20 s: it waits on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().expect("jobrun output")
 }

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::{self, ErrorKind, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use rustix::fs::{FileType, Mode, OFlags};
 
@@ -36,7 +37,11 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
     let here = crate::process::hostname();
     let mut elsewhere = std::collections::BTreeMap::<String, u64>::new();
     // `--out` itself may be a symlink: it is followed, the names in it not.
-    let root = File::open(&out_dir);
+    // O_DIRECTORY and O_NONBLOCK: a FIFO at `--out` is refused, not waited on.
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NONBLOCK)
+        .open(&out_dir);
     store.done_files(&mut |file| {
         if let Some(host) = file.written_on.filter(|host| *host != here) {
             *elsewhere.entry(host).or_default() += 1;
@@ -47,6 +52,10 @@ pub fn run(db: &Database, args: VerifyArgs) -> Result<Status> {
         let problem = match &root {
             Ok(root) => check(root.as_fd(), &file.path, file.bytes, &file.sha256)?,
             Err(e) if e.kind() == ErrorKind::NotFound => Some("missing".into()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => Some(format!(
+                "unreadable (the output folder {} is not a folder)",
+                out_dir.display()
+            )),
             Err(e) => Some(format!(
                 "unreadable (cannot open the output folder {}: {e})",
                 out_dir.display()
