@@ -16,6 +16,11 @@ use crate::request::RequestSpec;
 /// Lines longer than this are rejected rather than read into memory.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// A line longer than this ends the reading: such input is no list of
+/// URLs (a binary file, or a device such as `/dev/zero` that never ends a
+/// line), and skipping it could go on for ever.
+pub const MAX_SKIPPED_LINE: u64 = 64 * 1024 * 1024;
+
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Debug, PartialEq, Eq)]
@@ -75,6 +80,7 @@ struct JsonLine {
 /// Reads the next line into `buf` (without its end), reading at most
 /// `MAX_LINE` bytes of it. Returns None at the end of the input, and
 /// Some(false) for a line that was too long (the rest of it is skipped).
+/// A line longer than `MAX_SKIPPED_LINE` is an error of kind `InvalidData`.
 pub fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
     buf.clear();
     let read = io::Read::take(&mut *reader, MAX_LINE as u64 + 1).read_until(b'\n', buf)?;
@@ -89,7 +95,19 @@ pub fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Opt
         return Ok(Some(true)); // the last line, without a newline
     }
     // Too long: skip to the end of the line without keeping it.
+    let mut skipped = buf.len() as u64;
     loop {
+        if skipped > MAX_SKIPPED_LINE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "no line end in the first {} MiB of this line: this is not a list of URLs \
+                     (a binary file, or a device such as /dev/zero?); give a text file with \
+                     one URL or JSON request per line",
+                    MAX_SKIPPED_LINE / (1024 * 1024)
+                ),
+            ));
+        }
         let (skip, found) = {
             let available = reader.fill_buf()?;
             match available.iter().position(|&b| b == b'\n') {
@@ -98,6 +116,7 @@ pub fn read_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Opt
             }
         };
         reader.consume(skip);
+        skipped += skip as u64;
         if found {
             return Ok(Some(false));
         }

@@ -110,3 +110,49 @@ fn a_db_of_a_dash_is_refused_by_every_command_and_no_file_is_made() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(job.dir().join(odd).is_file());
 }
+
+#[test]
+fn a_db_that_is_a_symlink_to_nothing_yet_is_made_private_and_a_broken_one_is_named() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let job = Job::new();
+    job.write("urls.txt", "http://a.test/1\n");
+    std::fs::create_dir(job.dir().join("real")).expect("make a folder");
+
+    // A link to where the database is to be: it is made there, private.
+    symlink("real/state.db", job.dir().join("link.db")).expect("make a link");
+    let output = job
+        .command_on("link.db")
+        .args(["import", "urls.txt"])
+        .output();
+    let output = output.expect("run jobrun");
+    assert_success(&output, "import through a link");
+    let meta = std::fs::metadata(job.dir().join("real/state.db")).expect("the database");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "a database made through a link is readable by others"
+    );
+    let report = job.command_on("real/state.db").arg("report").output();
+    assert_success(&report.expect("run jobrun"), "report on the target");
+
+    // A link into a folder that does not exist, and a loop: each named.
+    symlink("nowhere/state.db", job.dir().join("dangling.db")).expect("make a link");
+    symlink("loop-b", job.dir().join("loop-a")).expect("make a link");
+    symlink("loop-a", job.dir().join("loop-b")).expect("make a link");
+    for (db, says) in [
+        (
+            "dangling.db",
+            "dangling.db, a symbolic link to nowhere/state.db: make the folder",
+        ),
+        (
+            "loop-a",
+            "loop-a is a symbolic link to loop-b that cannot be followed",
+        ),
+    ] {
+        let output = job.command_on(db).args(["import", "urls.txt"]).output();
+        let output = output.expect("run jobrun");
+        assert_eq!(output.status.code(), Some(2), "{db}: {}", stderr(&output));
+        assert_stderr_contains(&output, says);
+    }
+    assert!(!job.dir().join("nowhere").exists(), "a folder was made");
+}

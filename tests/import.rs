@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::Write;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -471,4 +471,85 @@ fn thousands(n: usize) -> String {
         out.push(digit);
     }
     out
+}
+
+/// Waits for `child` at most `limit`; kills it and fails past that.
+fn wait_at_most(child: &mut std::process::Child, limit: Duration, what: &str) -> Output {
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("look at jobrun") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut output = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+    };
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut output.stderr);
+    }
+    output
+}
+
+#[test]
+fn an_input_that_never_ends_a_line_stops_the_import_and_keeps_what_came_before() {
+    let job = Job::new();
+    // A device: the file itself never ends, nor its one line.
+    let mut import = job
+        .command()
+        .args(["import", "/dev/zero"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun");
+    let output = wait_at_most(&mut import, Duration::from_secs(60), "import of /dev/zero");
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("/dev/zero:1: no line end in the first 64 MiB")
+            && message.contains("not a list of URLs"),
+        "{message}"
+    );
+
+    // A pipe: good lines, then NUL bytes for ever. The lines are kept.
+    let mut feed = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "printf 'http://a.test/1\\nhttp://a.test/2\\n'; exec cat /dev/zero",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sh");
+    let mut import = job
+        .command()
+        .args(["import", "-"])
+        .stdin(Stdio::from(feed.stdout.take().expect("the feed's output")))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start jobrun");
+    let output = wait_at_most(&mut import, Duration::from_secs(60), "import of NUL bytes");
+    let _ = feed.kill();
+    let _ = feed.wait();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_stderr_contains(&output, "<stdin>:3: no line end in the first 64 MiB");
+    assert_eq!(job.report_json()["total"], 2);
+}
+
+#[test]
+fn a_folder_given_as_the_list_is_refused_before_a_database_is_made() {
+    let job = Job::new();
+    std::fs::create_dir(job.dir().join("lists")).expect("make a folder");
+    let output = job.jobrun(&["import", "lists"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert_stderr_contains(&output, "lists is a folder, not a list of URLs");
+    assert!(
+        !job.db().exists(),
+        "a database was made for an import that could not read its list"
+    );
 }

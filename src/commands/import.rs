@@ -189,7 +189,13 @@ pub fn run(db: &Database, args: ImportArgs) -> Result<Status> {
     let input = if from_stdin {
         Input::Stdin
     } else {
-        Input::File(File::open(&args.file).with_context(|| format!("cannot open {name}"))?)
+        let file = File::open(&args.file).with_context(|| format!("cannot open {name}"))?;
+        // A folder opens, and fails only at the first read: after the
+        // database was made. It is refused before.
+        if file.metadata().is_ok_and(|meta| meta.is_dir()) {
+            anyhow::bail!("{name} is a folder, not a list of URLs: give the file inside it");
+        }
+        Input::File(file)
     };
     let suffix = if args.ext.is_empty() {
         String::new()
@@ -379,23 +385,31 @@ fn read_list(
             Input::File(file) => handoff(Box::new(file)),
         },
     );
-    if let Err(error) = parse_lines(&mut reader, suffix, format) {
+    if let Err(error) = parse_lines(&mut reader, name, suffix, format) {
         let _ = reader.get_mut().hand_over();
-        let _ = tx.send(Err(error.context(format!("cannot read {name}"))));
+        let _ = tx.send(Err(error));
         return;
     }
     let _ = reader.get_mut().hand_over();
 }
 
+/// Parses the lines of `reader`; an error says where in the list, `name`.
 fn parse_lines(
     reader: &mut BufReader<Handoff>,
+    name: &str,
     suffix: &str,
     mut format: Option<Format>,
 ) -> Result<()> {
     let mut buf = Vec::new();
     let mut line = 0u64;
     let mut names = FileNames::new(suffix);
-    while let Some(complete) = urlfile::read_line(reader, &mut buf)? {
+    while let Some(complete) = urlfile::read_line(reader, &mut buf).map_err(|error| {
+        if error.kind() == io::ErrorKind::InvalidData {
+            anyhow!("{name}:{}: {error}", line + 1)
+        } else {
+            anyhow!(error).context(format!("cannot read {name}"))
+        }
+    })? {
         line += 1;
         if format.is_none() && complete {
             format = Format::detect(&buf);

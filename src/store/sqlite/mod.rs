@@ -654,7 +654,7 @@ fn create_private_file(path: &Path) -> Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(path) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => create_through_link(path),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => Err(e)
             .with_context(|| {
                 format!(
@@ -665,6 +665,40 @@ fn create_private_file(path: &Path) -> Result<()> {
             }),
         Err(e) => Err(e).with_context(|| format!("cannot create database {}", path.display())),
     }
+}
+
+/// Where `path` already exists: when it is a symbolic link to nothing yet,
+/// creates what it points to, private as `create_private_file` does
+/// (SQLite would create it readable by all); a link that cannot be followed
+/// (a loop, a missing folder) is refused, naming where it leads.
+fn create_through_link(path: &Path) -> Result<()> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_symlink());
+    let followed = match std::fs::metadata(path) {
+        Ok(_) => return Ok(()),
+        Err(_) if !is_link => return Ok(()),
+        Err(e) => e,
+    };
+    let target =
+        std::fs::read_link(path).map_or_else(|_| "?".to_string(), |to| to.display().to_string());
+    let display = path.display();
+    if followed.kind() != ErrorKind::NotFound {
+        return Err(Error::Refused(format!(
+            "{display} is a symbolic link to {target} that cannot be followed ({followed}); \
+             nothing was changed. Point --db at the database file itself"
+        )));
+    }
+    let mut options = std::fs::OpenOptions::new();
+    // Without create_new, the link is followed. Nonblocking, so that a FIFO
+    // put there meanwhile is not waited on.
+    options.write(true).create(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    options.open(path).map(drop).with_context(|| {
+        format!(
+            "cannot create database {display}, a symbolic link to {target}: make the \
+             folder it leads to, or point --db at another path"
+        )
+    })
 }
 
 /// The value recorded under `key`, if any.
