@@ -736,7 +736,20 @@ fn make_folder(at: BorrowedFd<'_>, name: &str, mode: u32) -> rustix::io::Result<
 /// Opens the folder `name` in `at` without following a symlink and without
 /// leaving `at`'s filesystem.
 fn open_child_folder(at: BorrowedFd<'_>, name: &str) -> rustix::io::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    open_no_symlinks(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+    )
+}
+
+/// Opens `name` beneath `at` with `flags`, following no symlink on the way
+/// and leaving neither `at` nor its filesystem (`XDEV` when it would).
+pub(crate) fn open_no_symlinks(
+    at: BorrowedFd<'_>,
+    name: &str,
+    flags: OFlags,
+) -> rustix::io::Result<OwnedFd> {
     #[cfg(target_os = "linux")]
     {
         use rustix::fs::ResolveFlags;

@@ -11,7 +11,7 @@ use std::io::{self, ErrorKind, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use rustix::fs::{FileType, Mode, OFlags};
+use rustix::fs::{FileType, OFlags};
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
@@ -20,6 +20,7 @@ use crate::cli::VerifyArgs;
 use crate::commands::Status;
 use crate::format::thousands;
 use crate::out_dir;
+use crate::output::open_no_symlinks;
 use crate::redact::redact_url;
 use crate::store::{Database, Open};
 
@@ -199,32 +200,4 @@ fn regular(fd: &OwnedFd) -> Result<(), Opened> {
         FileType::Unknown => "something other than a file",
     };
     Err(Opened::Not(kind))
-}
-
-fn open_no_symlinks(
-    root: BorrowedFd<'_>,
-    name: &str,
-    flags: OFlags,
-) -> rustix::io::Result<OwnedFd> {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::fs::ResolveFlags;
-        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV;
-        // openat2 asks to try again when a rename elsewhere raced it.
-        let mut tries = 0;
-        loop {
-            match rustix::fs::openat2(root, name, flags, Mode::empty(), resolve) {
-                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
-                other => return other,
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let fd = rustix::fs::openat(root, name, flags | OFlags::NOFOLLOW, Mode::empty())?;
-        if rustix::fs::fstat(&fd)?.st_dev != rustix::fs::fstat(root)?.st_dev {
-            return Err(rustix::io::Errno::XDEV);
-        }
-        Ok(fd)
-    }
 }
